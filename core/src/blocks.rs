@@ -1,0 +1,279 @@
+//! KV block pool with pin counts and owner epochs.
+//!
+//! Every allocation stamps a block with a fresh epoch. A transfer pins the blocks it reads or
+//! writes; freeing a pinned block only marks it, and the last unpin returns it to the free list
+//! (the KV-block use-after-free fix). Every write names the epoch it expects and
+//! [`BlockPool::check_write`] refuses a stale one, so a late writer gets an error, not a block.
+
+use crate::bugs::{Bug, BugSet};
+use crate::RequestId;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use thiserror::Error;
+
+/// Upper bound on blocks per pool; ids are `u32` on the wire.
+pub const MAX_BLOCKS: u32 = 1 << 24;
+/// Upper bound on concurrent pins of one block (one per transfer touching it).
+pub const MAX_PINS: u32 = 1 << 16;
+
+/// A block as a request holds it: its id and the epoch of the allocation that gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct BlockRef {
+    pub id: u32,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum BlockError {
+    #[error("block pool exhausted: wanted {wanted}, {free} free")]
+    Exhausted { wanted: usize, free: usize },
+    #[error("block {0} does not exist")]
+    Unknown(u32),
+    #[error("block {block}: stale epoch {expected}, block is at epoch {actual} (owner {owner:?})")]
+    StaleEpoch {
+        block: u32,
+        expected: u64,
+        actual: u64,
+        owner: Option<RequestId>,
+    },
+    #[error("block {block} is not owned by {request}")]
+    NotOwned { block: u32, request: RequestId },
+    #[error("block {0} has too many pins")]
+    TooManyPins(u32),
+}
+
+#[derive(Clone, Debug)]
+struct Meta {
+    owner: Option<RequestId>,
+    epoch: u64,
+    pins: u32,
+    /// Freed by its owner while pinned: goes back to the free list on the last unpin.
+    free_deferred: bool,
+}
+
+/// What `free` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeOutcome {
+    pub freed: usize,
+    pub deferred: usize,
+}
+
+#[derive(Debug)]
+pub struct BlockPool {
+    meta: Vec<Meta>,
+    free: VecDeque<u32>,
+    next_epoch: u64,
+    bugs: BugSet,
+}
+
+impl BlockPool {
+    pub fn new(blocks: u32) -> BlockPool {
+        BlockPool::with_bugs(blocks, BugSet::NONE)
+    }
+
+    pub fn with_bugs(blocks: u32, bugs: BugSet) -> BlockPool {
+        assert!(blocks <= MAX_BLOCKS, "{blocks} blocks exceed MAX_BLOCKS");
+        BlockPool {
+            meta: vec![
+                Meta {
+                    owner: None,
+                    epoch: 0,
+                    pins: 0,
+                    free_deferred: false,
+                };
+                blocks as usize
+            ],
+            free: (0..blocks).collect(),
+            next_epoch: 1,
+            bugs,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn pinned_count(&self) -> usize {
+        self.meta.iter().filter(|m| m.pins > 0).count()
+    }
+
+    /// Blocks freed by their owner but still pinned by a transfer.
+    pub fn deferred_count(&self) -> usize {
+        self.meta.iter().filter(|m| m.free_deferred).count()
+    }
+
+    /// All `n` blocks or none.
+    pub fn allocate(&mut self, owner: RequestId, n: usize) -> Result<Vec<BlockRef>, BlockError> {
+        if n > self.free.len() {
+            return Err(BlockError::Exhausted {
+                wanted: n,
+                free: self.free.len(),
+            });
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = self.free.pop_front().expect("checked length");
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            let m = &mut self.meta[id as usize];
+            assert!(m.owner.is_none() && m.pins == 0, "free list held a live block {id}");
+            *m = Meta {
+                owner: Some(owner),
+                epoch,
+                pins: 0,
+                free_deferred: false,
+            };
+            out.push(BlockRef { id, epoch });
+        }
+        Ok(out)
+    }
+
+    fn meta_for(&self, b: &BlockRef) -> Result<&Meta, BlockError> {
+        let m = self
+            .meta
+            .get(b.id as usize)
+            .ok_or(BlockError::Unknown(b.id))?;
+        if m.epoch != b.epoch || m.owner.is_none() {
+            return Err(BlockError::StaleEpoch {
+                block: b.id,
+                expected: b.epoch,
+                actual: m.epoch,
+                owner: m.owner,
+            });
+        }
+        Ok(m)
+    }
+
+    /// Ok if a write into `b` may land now: the block is still the allocation `b` names.
+    pub fn check_write(&self, b: &BlockRef) -> Result<(), BlockError> {
+        self.meta_for(b).map(|_| ())
+    }
+
+    /// Ok if `b` belongs to `request` in its current allocation (the serving check of I9).
+    pub fn check_owner(&self, b: &BlockRef, request: RequestId) -> Result<(), BlockError> {
+        let m = self.meta_for(b)?;
+        if m.owner != Some(request) {
+            return Err(BlockError::NotOwned {
+                block: b.id,
+                request,
+            });
+        }
+        Ok(())
+    }
+
+    /// Current allocation of a block id, if any.
+    pub fn current(&self, id: u32) -> Option<(RequestId, BlockRef)> {
+        let m = self.meta.get(id as usize)?;
+        m.owner.map(|o| (o, BlockRef { id, epoch: m.epoch }))
+    }
+
+    /// Pins every block or none.
+    pub fn pin(&mut self, blocks: &[BlockRef]) -> Result<(), BlockError> {
+        for b in blocks {
+            let m = self.meta_for(b)?;
+            if m.pins >= MAX_PINS {
+                return Err(BlockError::TooManyPins(b.id));
+            }
+        }
+        for b in blocks {
+            self.meta[b.id as usize].pins += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops one pin from each block; the last unpin of a freed block returns it to the pool.
+    /// Unpinning a block that is not pinned at that epoch is a bookkeeping bug and panics.
+    pub fn unpin(&mut self, blocks: &[BlockRef]) {
+        for b in blocks {
+            let m = &mut self.meta[b.id as usize];
+            if m.epoch != b.epoch {
+                // Only reachable when a bug switch freed the block under its pin.
+                assert!(
+                    self.bugs.has(Bug::FreeBlocksDuringTransfer),
+                    "unpin of block {} at stale epoch {} (now {})",
+                    b.id,
+                    b.epoch,
+                    m.epoch
+                );
+                continue;
+            }
+            assert!(m.pins > 0, "unpin of unpinned block {}", b.id);
+            m.pins -= 1;
+            if m.pins == 0 && m.free_deferred {
+                m.free_deferred = false;
+                m.owner = None;
+                self.free.push_back(b.id);
+            }
+        }
+    }
+
+    /// Frees the owner's blocks: immediately if unpinned, else when the last pin goes.
+    /// Blocks not currently held at that epoch are skipped (double free is harmless).
+    pub fn free(&mut self, blocks: &[BlockRef]) -> FreeOutcome {
+        let mut out = FreeOutcome::default();
+        for b in blocks {
+            let Some(m) = self.meta.get_mut(b.id as usize) else {
+                continue;
+            };
+            if m.epoch != b.epoch || m.owner.is_none() || m.free_deferred {
+                continue;
+            }
+            if m.pins > 0 && !self.bugs.has(Bug::FreeBlocksDuringTransfer) {
+                m.free_deferred = true;
+                out.deferred += 1;
+            } else {
+                m.owner = None;
+                m.pins = 0;
+                self.free.push_back(b.id);
+                out.freed += 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_while_pinned_is_deferred_until_unpin() {
+        let mut p = BlockPool::new(4);
+        let b = p.allocate(RequestId(1), 2).unwrap();
+        p.pin(&b).unwrap();
+        assert_eq!(p.free(&b), FreeOutcome { freed: 0, deferred: 2 });
+        assert_eq!(p.free_count(), 2);
+        // The pinned transfer may still write: the epoch is unchanged.
+        p.check_write(&b[0]).unwrap();
+        p.unpin(&b);
+        assert_eq!(p.free_count(), 4);
+        assert!(p.check_write(&b[0]).is_err());
+    }
+
+    #[test]
+    fn stale_epoch_write_is_an_error_after_reuse() {
+        let mut p = BlockPool::new(1);
+        let old = p.allocate(RequestId(1), 1).unwrap();
+        p.free(&old);
+        let new = p.allocate(RequestId(2), 1).unwrap();
+        assert_eq!(old[0].id, new[0].id);
+        assert!(matches!(
+            p.check_write(&old[0]),
+            Err(BlockError::StaleEpoch { .. })
+        ));
+        p.check_write(&new[0]).unwrap();
+        assert!(p.check_owner(&new[0], RequestId(1)).is_err());
+    }
+
+    #[test]
+    fn allocation_is_all_or_nothing() {
+        let mut p = BlockPool::new(3);
+        assert!(p.allocate(RequestId(1), 4).is_err());
+        assert_eq!(p.free_count(), 3);
+    }
+}

@@ -1,0 +1,161 @@
+//! Runtime bug switches.
+//!
+//! Each switch re-introduces one historical lifecycle bug so the simulator can prove that its
+//! invariant checker catches it. Switches are runtime flags, all off by default, and they can
+//! only be turned on when the crate is built with the `bug-switches` feature: cargo unifies
+//! features across a workspace, so a compile-time bug would leak into every test binary.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// One historical bug. The invariant it breaks is in `invariant()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bug {
+    /// Release a request's resources on terminate while its transfer still runs (I1).
+    ReleaseEarly,
+    /// Skip the staging-slot release when a transfer fails mid-way (I2).
+    LeakSlotOnError,
+    /// Tear the agent down on executor recycle while statuses are pending (I3).
+    DropAgentEarly,
+    /// Warn on every poll past the timeout, not once per enqueue (I4).
+    WarnNoDedup,
+    /// Check elapsed time before readiness, so ready transfers get warned (I4).
+    WarnBeforeReady,
+    /// Free a request's blocks on error while a transfer still writes into them (I5).
+    FreeBlocksDuringTransfer,
+    /// Put a poisoned staging slot straight back into circulation (I6).
+    ReusePoisonedSlot,
+    /// A rank with nothing to report skips the completion collective (I7).
+    SkipIdleCollective,
+    /// Serve blocks without checking the transfer token (I9).
+    SkipTokenCheck,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 9] = [
+        Bug::ReleaseEarly,
+        Bug::LeakSlotOnError,
+        Bug::DropAgentEarly,
+        Bug::WarnNoDedup,
+        Bug::WarnBeforeReady,
+        Bug::FreeBlocksDuringTransfer,
+        Bug::ReusePoisonedSlot,
+        Bug::SkipIdleCollective,
+        Bug::SkipTokenCheck,
+    ];
+
+    /// The CLI name (`kvferry sim --inject-bug NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::ReleaseEarly => "release-early",
+            Bug::LeakSlotOnError => "leak-slot-on-error",
+            Bug::DropAgentEarly => "drop-agent-early",
+            Bug::WarnNoDedup => "warn-no-dedup",
+            Bug::WarnBeforeReady => "warn-before-ready",
+            Bug::FreeBlocksDuringTransfer => "free-blocks-during-transfer",
+            Bug::ReusePoisonedSlot => "reuse-poisoned-slot",
+            Bug::SkipIdleCollective => "skip-idle-collective",
+            Bug::SkipTokenCheck => "skip-token-check",
+        }
+    }
+
+    /// The invariant of DESIGN.md that this bug violates.
+    pub fn invariant(self) -> &'static str {
+        match self {
+            Bug::ReleaseEarly => "I1",
+            Bug::LeakSlotOnError => "I2",
+            Bug::DropAgentEarly => "I3",
+            Bug::WarnNoDedup | Bug::WarnBeforeReady => "I4",
+            Bug::FreeBlocksDuringTransfer => "I5",
+            Bug::ReusePoisonedSlot => "I6",
+            Bug::SkipIdleCollective => "I7",
+            Bug::SkipTokenCheck => "I9",
+        }
+    }
+}
+
+impl fmt::Display for Bug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check")]
+pub struct UnknownBug(pub String);
+
+impl FromStr for Bug {
+    type Err = UnknownBug;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Bug::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| UnknownBug(s.to_string()))
+    }
+}
+
+/// The set of switches turned on for one component. Without the `bug-switches` feature it is
+/// always empty and `has` compiles to `false`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BugSet {
+    #[cfg(feature = "bug-switches")]
+    bits: u16,
+}
+
+impl BugSet {
+    pub const NONE: BugSet = BugSet {
+        #[cfg(feature = "bug-switches")]
+        bits: 0,
+    };
+
+    #[inline]
+    pub fn has(&self, bug: Bug) -> bool {
+        #[cfg(feature = "bug-switches")]
+        {
+            self.bits & (1 << bug as u16) != 0
+        }
+        #[cfg(not(feature = "bug-switches"))]
+        {
+            let _ = bug;
+            false
+        }
+    }
+
+    /// Turns one switch on. Only exists with the `bug-switches` feature.
+    #[cfg(feature = "bug-switches")]
+    pub fn with(self, bug: Bug) -> BugSet {
+        BugSet {
+            bits: self.bits | (1 << bug as u16),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        Bug::ALL.iter().all(|b| !self.has(*b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for b in Bug::ALL {
+            assert_eq!(b.name().parse::<Bug>(), Ok(b));
+        }
+        assert!("nope".parse::<Bug>().is_err());
+    }
+
+    #[test]
+    fn empty_set_has_nothing() {
+        assert!(Bug::ALL.iter().all(|b| !BugSet::NONE.has(*b)));
+    }
+
+    #[cfg(feature = "bug-switches")]
+    #[test]
+    fn with_turns_on_only_that_switch() {
+        let s = BugSet::NONE.with(Bug::SkipTokenCheck);
+        assert!(s.has(Bug::SkipTokenCheck));
+        assert!(!s.has(Bug::ReleaseEarly));
+    }
+}

@@ -1,0 +1,124 @@
+//! The completion collective: every rank of an instance enters it every step, including steps
+//! where it has nothing to report (invariant I7). A rank that returns early before a collective
+//! leaves its peers waiting forever.
+//!
+//! A request is finished on an instance only when every rank has finished it locally; it
+//! completes if every rank succeeded and fails if any rank failed. Until then its blocks stay
+//! held (invariant I1).
+
+use crate::RequestId;
+use std::collections::BTreeMap;
+use std::future::Future;
+use thiserror::Error;
+
+/// What one rank reports in one step: every request it has finished locally and not yet seen
+/// agreed. Bounded by the transfers a rank may hold in flight.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contribution {
+    pub rank: u32,
+    pub step: u64,
+    pub done: Vec<RequestId>,
+    pub failed: Vec<RequestId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum CollectiveError {
+    #[error("collective step {step} timed out waiting for ranks {missing:?}")]
+    Timeout { step: u64, missing: Vec<u32> },
+    #[error("rank {rank} contributed to step {got}, expected step {expected}")]
+    StepMismatch { rank: u32, expected: u64, got: u64 },
+    #[error("collective aborted: {0}")]
+    Aborted(String),
+}
+
+/// Supplied by the runtime (madsim in the simulator, a real group in production).
+pub trait CompletionCollective {
+    /// Gathers every rank's contribution for the same step, in rank order.
+    fn all_gather(
+        &mut self,
+        mine: Contribution,
+    ) -> impl Future<Output = Result<Vec<Contribution>, CollectiveError>> + Send;
+}
+
+/// The outcome agreed by one step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Agreed {
+    pub completed: Vec<RequestId>,
+    pub failed: Vec<RequestId>,
+}
+
+/// Requests every rank reported finished; failed if any rank reported failure. Deterministic
+/// (sorted) output. Contributions must all be of the same step.
+pub fn agree(all: &[Contribution], world: usize) -> Result<Agreed, CollectiveError> {
+    let step = all.first().map(|c| c.step).unwrap_or(0);
+    if let Some(bad) = all.iter().find(|c| c.step != step) {
+        return Err(CollectiveError::StepMismatch {
+            rank: bad.rank,
+            expected: step,
+            got: bad.step,
+        });
+    }
+    if all.len() != world {
+        let present: Vec<u32> = all.iter().map(|c| c.rank).collect();
+        let missing = (0..world as u32).filter(|r| !present.contains(r)).collect();
+        return Err(CollectiveError::Timeout { step, missing });
+    }
+    // request -> (ranks finished, any failed)
+    let mut seen: BTreeMap<RequestId, (usize, bool)> = BTreeMap::new();
+    for c in all {
+        for id in &c.done {
+            seen.entry(*id).or_default().0 += 1;
+        }
+        for id in &c.failed {
+            let e = seen.entry(*id).or_default();
+            e.0 += 1;
+            e.1 = true;
+        }
+    }
+    let mut out = Agreed::default();
+    for (id, (n, failed)) in seen {
+        if n == world {
+            if failed {
+                out.failed.push(id);
+            } else {
+                out.completed.push(id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(rank: u32, done: &[u64], failed: &[u64]) -> Contribution {
+        Contribution {
+            rank,
+            step: 3,
+            done: done.iter().map(|i| RequestId(*i)).collect(),
+            failed: failed.iter().map(|i| RequestId(*i)).collect(),
+        }
+    }
+
+    #[test]
+    fn finished_only_when_every_rank_finished() {
+        let a = agree(&[c(0, &[1, 2], &[]), c(1, &[2], &[1])], 2).unwrap();
+        assert_eq!(a.completed, vec![RequestId(2)]);
+        assert_eq!(a.failed, vec![RequestId(1)]);
+        let b = agree(&[c(0, &[1], &[]), c(1, &[], &[])], 2).unwrap();
+        assert_eq!(b, Agreed::default());
+    }
+
+    #[test]
+    fn missing_rank_is_reported() {
+        let e = agree(&[c(0, &[], &[])], 2).unwrap_err();
+        assert_eq!(
+            e,
+            CollectiveError::Timeout {
+                step: 3,
+                missing: vec![1]
+            }
+        );
+    }
+}

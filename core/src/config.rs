@@ -1,0 +1,177 @@
+//! Transceiver configuration. Field names follow the reference system (`backend`,
+//! `max_tokens_in_buffer`, `kv_transfer_timeout_ms`, `kv_transfer_sender_future_timeout_ms`)
+//! plus kvferry's own. Unknown fields are rejected so a typo is an error, not a default.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Bounds on configured values: anything outside is a typo, not a deployment.
+pub const MAX_STAGING_SLOTS: usize = crate::staging::MAX_SLOTS;
+pub const MAX_STAGING_SLOT_BYTES: u64 = 1 << 34;
+pub const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_IN_FLIGHT: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Host memory over TCP (the GPU-less node) or the simulator's agent.
+    Host,
+    /// CUDA IPC and NVLink peer copies.
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransceiverConfig {
+    pub backend: Backend,
+    /// Tokens a staging slot holds; with the layout it sizes `staging_slot_bytes` when that is 0.
+    pub max_tokens_in_buffer: u64,
+    /// Warn once per request per enqueue when a transfer is still pending past this. Unset: never.
+    pub kv_transfer_timeout_ms: Option<u64>,
+    /// Budget for a sender's whole job (respond to all gen ranks) before it fails. Unset: none.
+    pub kv_transfer_sender_future_timeout_ms: Option<u64>,
+    /// Opt-in: evict transfers past their deadline (poison the slot, fail closed).
+    pub inflight_cancel: bool,
+    pub staging_slots: usize,
+    /// 0 = derive from `max_tokens_in_buffer` and the layout.
+    pub staging_slot_bytes: u64,
+    /// When every slot is busy: use a one-off buffer (true) or queue with `staging_wait_ms`.
+    pub staging_fallback: bool,
+    /// Longest a transfer waits for a staging slot before it fails.
+    pub staging_wait_ms: u64,
+    /// Bound on transfers in flight on one rank; beyond it new requests fail at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for TransceiverConfig {
+    fn default() -> Self {
+        TransceiverConfig {
+            backend: Backend::Host,
+            max_tokens_in_buffer: 8192,
+            kv_transfer_timeout_ms: None,
+            kv_transfer_sender_future_timeout_ms: None,
+            inflight_cancel: false,
+            staging_slots: 16,
+            staging_slot_bytes: 0,
+            staging_fallback: false,
+            staging_wait_ms: 1000,
+            max_in_flight: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("config is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("config is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl TransceiverConfig {
+    pub fn from_toml_str(s: &str) -> Result<Self, ConfigError> {
+        let c: TransceiverConfig = toml::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn from_json_str(s: &str) -> Result<Self, ConfigError> {
+        let c: TransceiverConfig = serde_json::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_tokens_in_buffer == 0 {
+            return Err(invalid("max_tokens_in_buffer", "must be at least 1"));
+        }
+        for (field, v) in [
+            ("kv_transfer_timeout_ms", self.kv_transfer_timeout_ms),
+            (
+                "kv_transfer_sender_future_timeout_ms",
+                self.kv_transfer_sender_future_timeout_ms,
+            ),
+        ] {
+            match v {
+                Some(0) => return Err(invalid(field, "must be at least 1 ms (omit it to disable)")),
+                Some(ms) if ms > MAX_TIMEOUT_MS => {
+                    return Err(invalid(field, format!("{ms} ms exceeds {MAX_TIMEOUT_MS} ms")))
+                }
+                _ => {}
+            }
+        }
+        if self.staging_slots == 0 || self.staging_slots > MAX_STAGING_SLOTS {
+            return Err(invalid(
+                "staging_slots",
+                format!("must be in 1..={MAX_STAGING_SLOTS}, got {}", self.staging_slots),
+            ));
+        }
+        if self.staging_slot_bytes > MAX_STAGING_SLOT_BYTES {
+            return Err(invalid(
+                "staging_slot_bytes",
+                format!("exceeds {MAX_STAGING_SLOT_BYTES}"),
+            ));
+        }
+        if self.staging_wait_ms > MAX_TIMEOUT_MS {
+            return Err(invalid("staging_wait_ms", format!("exceeds {MAX_TIMEOUT_MS} ms")));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            return Err(invalid(
+                "max_in_flight",
+                format!("must be in 1..={MAX_IN_FLIGHT}, got {}", self.max_in_flight),
+            ));
+        }
+        if self.inflight_cancel && self.kv_transfer_timeout_ms.is_none() {
+            return Err(invalid(
+                "inflight_cancel",
+                "needs kv_transfer_timeout_ms: it evicts transfers past that budget",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Staging slot size for a rank whose blocks are `block_bytes` and hold `tokens_per_block`.
+    pub fn slot_bytes_for(&self, block_bytes: u64, tokens_per_block: u32) -> u64 {
+        if self.staging_slot_bytes > 0 {
+            return self.staging_slot_bytes;
+        }
+        let blocks = self.max_tokens_in_buffer.div_ceil(u64::from(tokens_per_block.max(1)));
+        blocks.max(1) * block_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_reference_names_parses() {
+        let c = TransceiverConfig::from_toml_str(
+            "backend = \"host\"\nmax_tokens_in_buffer = 4096\nkv_transfer_timeout_ms = 500\ninflight_cancel = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.kv_transfer_timeout_ms, Some(500));
+        assert!(c.inflight_cancel);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = TransceiverConfig::from_json_str(r#"{"staging_slots": 0}"#).unwrap_err();
+        assert!(e.to_string().contains("staging_slots"), "{e}");
+        let e = TransceiverConfig::from_toml_str("kv_transfer_timeout_ms = 0").unwrap_err();
+        assert!(e.to_string().contains("kv_transfer_timeout_ms"), "{e}");
+        let e = TransceiverConfig::from_toml_str("inflight_cancel = true").unwrap_err();
+        assert!(e.to_string().contains("inflight_cancel"), "{e}");
+        let e = TransceiverConfig::from_toml_str("stagin_slots = 3").unwrap_err();
+        assert!(e.to_string().contains("stagin_slots"), "{e}");
+    }
+}

@@ -1,0 +1,1 @@
+//! In-memory agent and transport for tests: no threads, no sockets; the test pumps them.
