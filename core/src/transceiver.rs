@@ -297,6 +297,17 @@ impl Transceiver {
         self.counters
     }
 
+    /// Executor recycle: new jobs go to `agent`. Jobs already submitted keep their old agent
+    /// alive through their statuses; it is torn down (dropped) when the last one completes.
+    pub fn replace_agent(&mut self, agent: Arc<dyn TransferAgent>) {
+        self.agent = agent;
+    }
+
+    /// The block pool this transceiver pins in.
+    pub fn blocks(&self) -> &Arc<Mutex<BlockPool>> {
+        &self.blocks
+    }
+
     /// Requests registered and not yet ended by the collective.
     pub fn active(&self) -> usize {
         self.entries.len()

@@ -1,1 +1,4 @@
-//! kvferry-sim
+//! kvferry-sim: deterministic madsim simulation of kvferry clusters.
+
+pub mod report;
+pub mod scenario;
