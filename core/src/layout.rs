@@ -61,12 +61,19 @@ pub enum LayoutError {
 
 impl CacheLayout {
     /// Checks every field; all other methods assume a validated layout.
+    // `u32::is_multiple_of` needs Rust 1.87; the workspace declares rust-version 1.85, which
+    // clippy does not see because this crate does not inherit `rust-version`.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn validate(&self) -> Result<(), LayoutError> {
         let bounded = [
             ("num_layers", self.num_layers, MAX_LAYERS),
             ("num_kv_heads", self.num_kv_heads, MAX_KV_HEADS),
             ("head_dim", self.head_dim, MAX_HEAD_DIM),
-            ("tokens_per_block", self.tokens_per_block, MAX_TOKENS_PER_BLOCK),
+            (
+                "tokens_per_block",
+                self.tokens_per_block,
+                MAX_TOKENS_PER_BLOCK,
+            ),
             ("dtype_bytes", self.dtype_bytes, MAX_DTYPE_BYTES),
             ("tp_size", self.tp_size, MAX_PARALLEL),
             ("pp_size", self.pp_size, MAX_PARALLEL),

@@ -37,6 +37,14 @@ pub enum PlanError {
     ModelMismatch { field: &'static str },
     #[error("{0} blocks exceed the plan limit {MAX_PLAN_BLOCKS}")]
     TooManyBlocks(usize),
+    /// Block ids arrive from the peer: `id * block_bytes` must not wrap around to an offset
+    /// that lands in another block.
+    #[error("{side} block {block} of {block_bytes} bytes ends beyond the 64-bit offset range")]
+    OffsetOverflow {
+        side: &'static str,
+        block: u32,
+        block_bytes: u64,
+    },
 }
 
 /// One (context rank, generation rank) pairing with the global layer and head ranges it carries.
@@ -62,11 +70,33 @@ fn mismatch(ctx: &CacheLayout, gen: &CacheLayout) -> Option<&'static str> {
         ("num_layers", ctx.num_layers == gen.num_layers),
         ("num_kv_heads", ctx.num_kv_heads == gen.num_kv_heads),
         ("head_dim", ctx.head_dim == gen.head_dim),
-        ("tokens_per_block", ctx.tokens_per_block == gen.tokens_per_block),
+        (
+            "tokens_per_block",
+            ctx.tokens_per_block == gen.tokens_per_block,
+        ),
         ("dtype_bytes", ctx.dtype_bytes == gen.dtype_bytes),
         ("mla", ctx.mla == gen.mla),
     ];
     fields.iter().find(|(_, same)| !same).map(|(f, _)| *f)
+}
+
+/// Every block `id` must end, `(id + 1) * block_bytes`, inside `u64`, so `fragments()` can
+/// compute absolute offsets without overflow checks.
+fn check_offsets(
+    side: &'static str,
+    ids: impl Iterator<Item = u32>,
+    block_bytes: u64,
+) -> Result<(), PlanError> {
+    match ids.max() {
+        Some(block) if (u64::from(block) + 1).checked_mul(block_bytes).is_none() => {
+            Err(PlanError::OffsetOverflow {
+                side,
+                block,
+                block_bytes,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The context rank that serves (layer, head) to generation TP rank `gen_tp_rank`.
@@ -100,6 +130,8 @@ impl TransferPlan {
         if blocks.len() > MAX_PLAN_BLOCKS {
             return Err(PlanError::TooManyBlocks(blocks.len()));
         }
+        check_offsets("context", blocks.iter().map(|b| b.0), ctx.block_bytes())?;
+        check_offsets("generation", blocks.iter().map(|b| b.1), gen.block_bytes())?;
         let mut template: Vec<Fragment> = Vec::new();
         for layer in gen.local_layers() {
             for kv in 0..gen.kv_factor() {
