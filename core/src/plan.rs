@@ -228,39 +228,45 @@ impl TransferPlan {
     /// one pair per (context rank, layer range) with a contiguous head range.
     pub fn pairs(&self) -> Vec<PlanPair> {
         let g = &self.gen;
-        let mut out: Vec<PlanPair> = Vec::new();
         let heads: Range<u32> = g.local_heads();
+        let mut done: Vec<PlanPair> = Vec::new();
+        // Pairs whose layer range ends at the current layer, in head order. Linear in
+        // layers x heads: a 1,024-layer, 1,024-head layout must not go quadratic.
+        let mut open: Vec<PlanPair> = Vec::new();
+        let mut runs: Vec<PlanPair> = Vec::new();
         for layer in g.local_layers() {
+            // This layer's heads, cut into runs served by one context rank each.
+            runs.clear();
             for head in heads.clone() {
                 let ctx_rank = source_rank(&self.ctx, layer, head, g.tp_rank);
-                // Extend the head range of this layer, else the layer range of a same-heads pair.
-                if let Some(p) = out.iter_mut().find(|p| {
-                    p.ctx_rank == ctx_rank && p.layers == [layer, layer + 1] && p.heads[1] == head
-                }) {
-                    p.heads[1] = head + 1;
-                    continue;
+                match runs.last_mut() {
+                    Some(r) if r.ctx_rank == ctx_rank && r.heads[1] == head => r.heads[1] += 1,
+                    _ => runs.push(PlanPair {
+                        gen_rank: g.rank(),
+                        ctx_rank,
+                        layers: [layer, layer + 1],
+                        heads: [head, head + 1],
+                    }),
                 }
-                out.push(PlanPair {
-                    gen_rank: g.rank(),
-                    ctx_rank,
-                    layers: [layer, layer + 1],
-                    heads: [head, head + 1],
-                });
+            }
+            // A run carrying the same heads from the same rank as the previous layer's run at
+            // the same position extends that pair; anything else closes it.
+            if runs.len() != open.len() {
+                done.append(&mut open);
+                std::mem::swap(&mut open, &mut runs);
+                continue;
+            }
+            for (p, run) in open.iter_mut().zip(runs.drain(..)) {
+                if p.ctx_rank == run.ctx_rank && p.heads == run.heads {
+                    p.layers[1] = layer + 1;
+                } else {
+                    done.push(std::mem::replace(p, run));
+                }
             }
         }
-        // Merge consecutive layers that carry the same heads from the same rank.
-        let mut merged: Vec<PlanPair> = Vec::new();
-        for p in out {
-            if let Some(m) = merged.iter_mut().find(|m| {
-                m.ctx_rank == p.ctx_rank && m.heads == p.heads && m.layers[1] == p.layers[0]
-            }) {
-                m.layers[1] = p.layers[1];
-            } else {
-                merged.push(p);
-            }
-        }
-        merged.sort_by_key(|p| (p.gen_rank, p.ctx_rank, p.layers[0], p.heads[0]));
-        merged
+        done.append(&mut open);
+        done.sort_by_key(|p| (p.gen_rank, p.ctx_rank, p.layers[0], p.heads[0]));
+        done
     }
 }
 

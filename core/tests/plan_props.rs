@@ -286,6 +286,20 @@ fn check_case(c: &Case) {
                 );
             }
         }
+        // And as few pairs as the ranges allow: none could be merged with another.
+        for (i, a) in pairs.iter().enumerate() {
+            for b in &pairs[i + 1..] {
+                let same = a.ctx_rank == b.ctx_rank;
+                let layer_join = a.heads == b.heads
+                    && (a.layers[1] == b.layers[0] || b.layers[1] == a.layers[0]);
+                let head_join =
+                    a.layers == b.layers && (a.heads[1] == b.heads[0] || b.heads[1] == a.heads[0]);
+                assert!(
+                    !(same && (layer_join || head_join)),
+                    "mergeable {a:?} {b:?}"
+                );
+            }
+        }
         let pair_ranks: BTreeSet<u32> = pairs.iter().map(|p| p.ctx_rank).collect();
         assert_eq!(pair_ranks, sources, "pairs() and sources() disagree");
 
@@ -691,4 +705,38 @@ fn replicated_sources_spread_over_replicas() {
         })
         .collect();
     assert_eq!(srcs, (0..4).collect());
+}
+
+/// The largest layout the limits allow still plans in well under a second (debug build): the
+/// plan and `pairs()` are linear in layers x heads.
+#[test]
+fn largest_layout_plans_quickly() {
+    let ctx = CacheLayout {
+        num_layers: 1024,
+        num_kv_heads: 1024,
+        head_dim: 1,
+        tokens_per_block: 1,
+        dtype_bytes: 1,
+        tp_size: 64,
+        tp_rank: 0,
+        pp_size: 64,
+        pp_rank: 0,
+        mla: false,
+    };
+    let gen = CacheLayout {
+        tp_size: 1,
+        pp_size: 1,
+        ..ctx
+    };
+    let t = std::time::Instant::now();
+    let plan = TransferPlan::new(&ctx, &gen, &[(0, 0)]).unwrap();
+    let pairs = plan.pairs();
+    // 64 stages x 64 TP ranks, each one pair of 16 layers x 16 heads.
+    assert_eq!(pairs.len(), 64 * 64);
+    assert!(pairs
+        .iter()
+        .all(|p| p.layers[1] - p.layers[0] == 16 && p.heads[1] - p.heads[0] == 16));
+    assert_eq!(plan.sources().len(), 64 * 64);
+    let elapsed = t.elapsed();
+    assert!(elapsed.as_secs() < 10, "took {elapsed:?}");
 }
