@@ -1,1 +1,316 @@
-fn main() {}
+//! kvferry-node: one rank of a ctx (prefill) or gen (decode) instance over TCP on host memory.
+//!
+//!   kvferry-node ctx --listen 127.0.0.1:0
+//!   kvferry-node gen --peer 127.0.0.1:PORT --requests 1000
+//!   kvferry-node bench
+//!
+//! Machine-readable lines on stdout: `listening ADDR`, `metrics ADDR`, `summary {json}`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kvferry_core::config::TransceiverConfig;
+use kvferry_cuda::node::bench::{self, BenchOptions};
+use kvferry_cuda::node::core::NodeCore;
+use kvferry_cuda::node::spec::{self, NodeSpec, MAX_POOL_BLOCKS};
+use kvferry_cuda::node::{ctx, gen, metrics};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "kvferry node: KV cache transfer between a ctx and a gen rank over TCP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Context (prefill) rank: serves KV blocks to gen peers.
+    Ctx {
+        /// Address to listen on (port 0 picks a free one; printed as `listening ADDR`).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Generation (decode) rank: runs a synthetic load against a ctx peer.
+    Gen {
+        /// The ctx node's address.
+        #[arg(long)]
+        peer: SocketAddr,
+        #[command(flatten)]
+        load: Load,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Loopback throughput and latency of the node path against a raw TCP copy.
+    Bench {
+        #[arg(long, default_value_t = 400)]
+        requests: u64,
+        /// Blocks per request (64 KiB each with the default layout).
+        #[arg(long, default_value_t = 16)]
+        blocks_per_request: u32,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Also verify every received byte (costs gen CPU the raw copy does not pay).
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// TransceiverConfig as TOML (field names as in the config reference).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (printed as `metrics ADDR`).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// KV blocks in this rank's host pool.
+    #[arg(long, default_value_t = 1024)]
+    blocks: u32,
+    #[arg(long, default_value_t = 4)]
+    layers: u32,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: u32,
+    #[arg(long, default_value_t = 128)]
+    head_dim: u32,
+    #[arg(long, default_value_t = 16)]
+    tokens_per_block: u32,
+    #[arg(long, default_value_t = 2)]
+    dtype_bytes: u32,
+}
+
+#[derive(Args)]
+struct Load {
+    #[arg(long, default_value_t = 100)]
+    requests: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1)]
+    min_blocks: u32,
+    #[arg(long, default_value_t = 16)]
+    max_blocks: u32,
+    /// Seed of block counts and request bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Skip the byte-for-byte check of received blocks.
+    #[arg(long)]
+    no_verify: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Common {
+    fn spec(&self) -> Result<NodeSpec> {
+        let config = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                TransceiverConfig::from_toml_str(&text)
+                    .with_context(|| format!("parsing config {}", p.display()))?
+            }
+            None => TransceiverConfig::default(),
+        };
+        if self.blocks == 0 || self.blocks > MAX_POOL_BLOCKS {
+            bail!("--blocks must be in 1..={MAX_POOL_BLOCKS}");
+        }
+        let layout = spec::layout(
+            self.layers,
+            self.kv_heads,
+            self.head_dim,
+            self.tokens_per_block,
+            self.dtype_bytes,
+        );
+        layout.validate().context("invalid layout flags")?;
+        Ok(NodeSpec {
+            layout,
+            pool_blocks: self.blocks,
+            config,
+        })
+    }
+}
+
+/// Prints a machine-readable line on stdout at once (tests wait for it).
+fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn start_metrics(addr: Option<SocketAddr>, core: &NodeCore) -> Result<()> {
+    if let Some(addr) = addr {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        announce(&format!("metrics {}", l.local_addr()?));
+        tokio::spawn(metrics::serve(l, core.metrics.clone()));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.role {
+        Role::Ctx { listen, common } => {
+            let spec = common.spec()?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let core = NodeCore::new(
+                kvferry_core::PeerId {
+                    instance: spec::CTX_INSTANCE,
+                    rank: 0,
+                },
+                kvferry_core::transceiver::Side::Context,
+                &spec,
+            );
+            start_metrics(common.metrics, &core).await?;
+            announce(&format!("listening {}", listener.local_addr()?));
+            ctx::run_with(listener, core).await.context("ctx node")
+        }
+        Role::Gen { peer, load, common } => {
+            let spec = common.spec()?;
+            if load.min_blocks == 0 || load.min_blocks > load.max_blocks {
+                bail!("need 1 <= --min-blocks <= --max-blocks");
+            }
+            if load.concurrency == 0 {
+                bail!("--concurrency must be at least 1");
+            }
+            let core = NodeCore::new(
+                kvferry_core::PeerId {
+                    instance: spec::GEN_INSTANCE_BASE,
+                    rank: 0,
+                },
+                kvferry_core::transceiver::Side::Generation,
+                &spec,
+            );
+            start_metrics(common.metrics, &core).await?;
+            let opts = gen::LoadOptions {
+                peer,
+                requests: load.requests,
+                concurrency: load.concurrency,
+                min_blocks: load.min_blocks,
+                max_blocks: load.max_blocks,
+                seed: load.seed,
+                verify: !load.no_verify,
+                progress: !load.quiet,
+            };
+            let s = gen::run_with(core, opts).await.context("gen node")?;
+            print_summary(&s)?;
+            if s.failed > 0 || s.skipped > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Role::Bench {
+            requests,
+            blocks_per_request,
+            concurrency,
+            rounds,
+            verify,
+            common,
+        } => {
+            let spec = common.spec()?;
+            let o = BenchOptions {
+                requests,
+                blocks_per_request,
+                concurrency,
+                rounds: rounds.max(1),
+                verify,
+            };
+            let rows = bench::run(&spec, &o).await.context("bench")?;
+            print_bench(&spec, &o, &rows);
+            Ok(())
+        }
+    }
+}
+
+fn print_summary(s: &gen::Summary) -> Result<()> {
+    println!(
+        "requests {} done {} failed {} skipped {} | {:.1} MiB in {:.2} s = {:.1} MiB/s | latency p50 {:.2} ms p99 {:.2} ms",
+        s.requests,
+        s.done,
+        s.failed,
+        s.skipped,
+        s.bytes as f64 / (1 << 20) as f64,
+        s.seconds,
+        s.throughput_mib_s,
+        s.p50_ms,
+        s.p99_ms
+    );
+    for (cause, n) in &s.errors {
+        println!("  failed {n}: {cause}");
+    }
+    println!(
+        "staging free {}/{} (poisoned {}) | blocks free {}/{} | reconnects {}",
+        s.staging_free,
+        s.staging_slots,
+        s.staging_poisoned,
+        s.blocks_free,
+        s.blocks_total,
+        s.reconnects
+    );
+    announce(&format!("summary {}", serde_json::to_string(s)?));
+    Ok(())
+}
+
+fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
+    println!(
+        "block {} KiB, {} requests x {} blocks, concurrency {}, verify {}",
+        spec.layout.block_bytes() >> 10,
+        o.requests,
+        o.blocks_per_request,
+        o.concurrency,
+        o.verify
+    );
+    println!("round  node MiB/s  raw MiB/s  ratio  p50 ms  p99 ms  failed");
+    for (i, r) in rows.iter().enumerate() {
+        println!(
+            "{:>5}  {:>10.1}  {:>9.1}  {:>5.2}  {:>6.2}  {:>6.2}  {:>6}",
+            i + 1,
+            r.node_mib_s,
+            r.raw_mib_s,
+            r.node_mib_s / r.raw_mib_s.max(1e-9),
+            r.p50_ms,
+            r.p99_ms,
+            r.failed
+        );
+    }
+    let node = bench::median(rows.iter().map(|r| r.node_mib_s).collect());
+    let raw = bench::median(rows.iter().map(|r| r.raw_mib_s).collect());
+    println!(
+        "median node {:.1} MiB/s, raw {:.1} MiB/s, ratio {:.2}, p50 {:.2} ms, p99 {:.2} ms",
+        node,
+        raw,
+        node / raw.max(1e-9),
+        bench::median(rows.iter().map(|r| r.p50_ms).collect()),
+        bench::median(rows.iter().map(|r| r.p99_ms).collect()),
+    );
+}

@@ -1,0 +1,339 @@
+//! The host `TransferAgent`: a send job gathers this rank's fragments from host memory into
+//! `Message::Data` chunks on the peer's link; a receive job lands incoming chunks in order at
+//! the plan's destination offsets and completes when every byte has arrived.
+//!
+//! Every job completes exactly once (its completion is the fence the transceiver waits for):
+//! a send when its task ends, a receive when its last byte lands, when it is cancelled, or when
+//! its peer's connection is lost. A receive job is removed from the table under the same lock
+//! that writes land under, so no byte is written after its completion is pushed.
+
+use super::kv::HostKv;
+use crate::node::link::Links;
+use bytes::{Bytes, BytesMut};
+use kvferry_core::agent::{
+    AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
+};
+use kvferry_core::plan::Fragment;
+use kvferry_core::wire::Message;
+use kvferry_core::{PeerId, RequestId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// Payload bytes per `Data` frame: large enough to amortise framing and CRC setup, small
+/// enough that a cancel or a control frame waits for little.
+pub const DATA_CHUNK: usize = 256 << 10;
+
+fn finish(wake: &Notify, done: &CompletionQueue, id: TransferId, result: Result<u64, AgentError>) {
+    done.push(Completion { id, result });
+    wake.notify_one();
+}
+
+/// Why an incoming data frame was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DataError {
+    #[error("{request} is received from {expected}, not from this peer")]
+    ForeignPeer {
+        request: RequestId,
+        expected: PeerId,
+    },
+    #[error("{request}: chunk at offset {offset} (+{len}) but {received} of {total} bytes landed")]
+    OutOfOrder {
+        request: RequestId,
+        offset: u64,
+        len: usize,
+        received: u64,
+        total: u64,
+    },
+}
+
+#[derive(Debug)]
+struct RecvJob {
+    id: TransferId,
+    from: PeerId,
+    frags: Vec<Fragment>,
+    total: u64,
+    received: u64,
+    /// Next fragment and the bytes of it already written.
+    cursor: (usize, u64),
+    done: CompletionQueue,
+}
+
+#[derive(Debug)]
+pub struct HostAgent {
+    rank: u32,
+    kv: Arc<HostKv>,
+    links: Links,
+    recv: Mutex<HashMap<(RequestId, u32), RecvJob>>,
+    /// Cancel flags of running send tasks.
+    sends: Arc<Mutex<HashMap<TransferId, Arc<AtomicBool>>>>,
+    /// Wakes the driver when a completion is pushed.
+    wake: Arc<Notify>,
+    rt: tokio::runtime::Handle,
+}
+
+impl HostAgent {
+    /// Must be created inside a tokio runtime: send jobs run as tasks on it.
+    pub fn new(rank: u32, kv: Arc<HostKv>, links: Links, wake: Arc<Notify>) -> HostAgent {
+        HostAgent {
+            rank,
+            kv,
+            links,
+            recv: Mutex::new(HashMap::new()),
+            sends: Arc::default(),
+            wake,
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn finish(&self, done: &CompletionQueue, id: TransferId, result: Result<u64, AgentError>) {
+        finish(&self.wake, done, id, result);
+    }
+
+    /// Receive jobs not completed yet.
+    pub fn receives_pending(&self) -> usize {
+        self.recv.lock().expect("recv lock").len()
+    }
+
+    /// Lands one data chunk from `from`. Chunks for a request no longer expected here (it was
+    /// cancelled or timed out) are dropped: `Ok(false)`.
+    pub fn on_data(
+        &self,
+        from: PeerId,
+        request: RequestId,
+        ctx_rank: u32,
+        offset: u64,
+        payload: &Bytes,
+    ) -> Result<bool, DataError> {
+        let mut recv = self.recv.lock().expect("recv lock");
+        let key = (request, ctx_rank);
+        let Some(job) = recv.get_mut(&key) else {
+            return Ok(false);
+        };
+        if job.from != from {
+            return Err(DataError::ForeignPeer {
+                request,
+                expected: job.from,
+            });
+        }
+        let len = payload.len() as u64;
+        if offset != job.received || job.received + len > job.total {
+            let err = DataError::OutOfOrder {
+                request,
+                offset,
+                len: payload.len(),
+                received: job.received,
+                total: job.total,
+            };
+            let job = recv.remove(&key).expect("present");
+            self.finish(
+                &job.done,
+                job.id,
+                Err(AgentError::Rejected(err.to_string())),
+            );
+            return Err(err);
+        }
+        let mut rest = &payload[..];
+        while !rest.is_empty() {
+            let (i, done) = job.cursor;
+            let f = job.frags[i];
+            let n = (f.len - done).min(rest.len() as u64) as usize;
+            self.kv.write(f.dst_offset + done, &rest[..n]);
+            rest = &rest[n..];
+            job.cursor = if done + n as u64 == f.len {
+                (i + 1, 0)
+            } else {
+                (i, done + n as u64)
+            };
+        }
+        job.received += len;
+        if job.received == job.total {
+            let job = recv.remove(&key).expect("present");
+            self.finish(&job.done, job.id, Ok(job.total));
+        }
+        Ok(true)
+    }
+
+    /// The connection to `peer` is gone: its receive jobs fail now (send jobs fail when their
+    /// next chunk finds the link closed).
+    pub fn peer_lost(&self, peer: PeerId) {
+        let mut recv = self.recv.lock().expect("recv lock");
+        let lost: Vec<_> = recv
+            .iter()
+            .filter(|(_, j)| j.from == peer)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in lost {
+            let job = recv.remove(&k).expect("present");
+            self.finish(&job.done, job.id, Err(AgentError::PeerUnreachable(peer)));
+        }
+    }
+
+    fn submit_receive(
+        &self,
+        job: TransferJob,
+        from: PeerId,
+        done: CompletionQueue,
+    ) -> Result<(), AgentError> {
+        // A receive from a peer already gone would wait forever: `peer_lost` has swept.
+        if self.links.get(from).is_none() {
+            return Err(AgentError::PeerUnreachable(from));
+        }
+        let frags: Vec<Fragment> = job.plan.fragments_from(from.rank).collect();
+        if let Some(f) = frags
+            .iter()
+            .find(|f| !self.kv.contains(f.dst_offset, f.len))
+        {
+            return Err(AgentError::StaleBlock(format!(
+                "fragment at {} (+{}) is outside the KV pool",
+                f.dst_offset, f.len
+            )));
+        }
+        let total: u64 = frags.iter().map(|f| f.len).sum();
+        let mut recv = self.recv.lock().expect("recv lock");
+        let key = (job.request, from.rank);
+        if recv.contains_key(&key) {
+            return Err(AgentError::Backend(format!(
+                "{} already has a receive from rank {}",
+                job.request, from.rank
+            )));
+        }
+        if total == 0 {
+            drop(recv);
+            self.finish(&done, job.id, Ok(0));
+            return Ok(());
+        }
+        recv.insert(
+            key,
+            RecvJob {
+                id: job.id,
+                from,
+                frags,
+                total,
+                received: 0,
+                cursor: (0, 0),
+                done,
+            },
+        );
+        Ok(())
+    }
+
+    fn submit_send(
+        &self,
+        job: TransferJob,
+        to: PeerId,
+        done: CompletionQueue,
+    ) -> Result<(), AgentError> {
+        let link = self.links.get(to).ok_or(AgentError::PeerUnreachable(to))?;
+        let frags: Vec<Fragment> = job.plan.fragments_from(self.rank).collect();
+        if let Some(f) = frags
+            .iter()
+            .find(|f| !self.kv.contains(f.src_offset, f.len))
+        {
+            return Err(AgentError::StaleBlock(format!(
+                "fragment at {} (+{}) is outside the KV pool",
+                f.src_offset, f.len
+            )));
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.sends
+            .lock()
+            .expect("sends lock")
+            .insert(job.id, cancel.clone());
+        let (kv, sends, wake, rank) = (
+            self.kv.clone(),
+            self.sends.clone(),
+            self.wake.clone(),
+            self.rank,
+        );
+        self.rt.spawn(async move {
+            let sender = ChunkSender {
+                kv: &kv,
+                data: &link.data,
+                request: job.request,
+                rank,
+                to,
+                cancel: &cancel,
+            };
+            let result = sender.run(&frags).await;
+            sends.lock().expect("sends lock").remove(&job.id);
+            finish(&wake, &done, job.id, result);
+        });
+        Ok(())
+    }
+}
+
+struct ChunkSender<'a> {
+    kv: &'a HostKv,
+    data: &'a tokio::sync::mpsc::Sender<Message>,
+    request: RequestId,
+    rank: u32,
+    to: PeerId,
+    cancel: &'a AtomicBool,
+}
+
+impl ChunkSender<'_> {
+    async fn run(&self, frags: &[Fragment]) -> Result<u64, AgentError> {
+        let total: u64 = frags.iter().map(|f| f.len).sum();
+        let mut sent = 0u64;
+        let mut chunk = BytesMut::with_capacity(DATA_CHUNK.min(total as usize));
+        for f in frags {
+            let mut pos = 0;
+            while pos < f.len {
+                let take = (f.len - pos).min((DATA_CHUNK - chunk.len()) as u64);
+                self.kv.read_into(f.src_offset + pos, take, &mut chunk);
+                pos += take;
+                if chunk.len() == DATA_CHUNK {
+                    sent = self.flush(&mut chunk, sent).await?;
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            sent = self.flush(&mut chunk, sent).await?;
+        }
+        Ok(sent)
+    }
+
+    async fn flush(&self, chunk: &mut BytesMut, sent: u64) -> Result<u64, AgentError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(AgentError::Cancelled);
+        }
+        let payload = chunk.split().freeze();
+        let len = payload.len() as u64;
+        let msg = Message::Data {
+            request: self.request,
+            ctx_rank: self.rank,
+            offset: sent,
+            payload,
+        };
+        self.data
+            .send(msg)
+            .await
+            .map_err(|_| AgentError::PeerUnreachable(self.to))?;
+        chunk.reserve(DATA_CHUNK);
+        Ok(sent + len)
+    }
+}
+
+impl TransferAgent for HostAgent {
+    fn submit(&self, job: TransferJob, done: CompletionQueue) -> Result<(), AgentError> {
+        match job.direction.clone() {
+            Direction::Send { to } => self.submit_send(job, to, done),
+            Direction::Receive { from } => self.submit_receive(job, from, done),
+        }
+    }
+
+    fn cancel(&self, id: TransferId) {
+        if let Some(flag) = self.sends.lock().expect("sends lock").get(&id) {
+            flag.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut recv = self.recv.lock().expect("recv lock");
+        let key = recv.iter().find(|(_, j)| j.id == id).map(|(k, _)| *k);
+        if let Some(job) = key.and_then(|k| recv.remove(&k)) {
+            self.finish(&job.done, job.id, Err(AgentError::Cancelled));
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! A rank's KV pool in host memory: one buffer per block, addressed by absolute pool offsets
+//! (`block_id * block_bytes + offset`), the same addressing as plan fragments.
+
+use bytes::BytesMut;
+use std::sync::{Mutex, MutexGuard};
+
+#[derive(Debug)]
+pub struct HostKv {
+    block_bytes: u64,
+    // One lock per block: a receive landing in one block never waits on a send reading another.
+    blocks: Vec<Mutex<Vec<u8>>>,
+}
+
+impl HostKv {
+    pub fn new(blocks: u32, block_bytes: u64) -> HostKv {
+        HostKv {
+            block_bytes,
+            blocks: (0..blocks)
+                .map(|_| Mutex::new(vec![0; block_bytes as usize]))
+                .collect(),
+        }
+    }
+
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+
+    pub fn block(&self, id: u32) -> MutexGuard<'_, Vec<u8>> {
+        self.blocks[id as usize]
+            .lock()
+            .expect("kv block lock poisoned")
+    }
+
+    /// Calls `f(block, offset in block, len)` for each block piece of `[offset, offset+len)`.
+    /// Panics past the pool: plans are validated against the pool size before they get here.
+    fn pieces(&self, mut offset: u64, mut len: u64, mut f: impl FnMut(u32, usize, usize)) {
+        while len > 0 {
+            let block = offset / self.block_bytes;
+            let within = offset % self.block_bytes;
+            let n = len.min(self.block_bytes - within);
+            f(block as u32, within as usize, n as usize);
+            offset += n;
+            len -= n;
+        }
+    }
+
+    /// Appends `len` bytes at pool offset `offset` to `out`.
+    pub fn read_into(&self, offset: u64, len: u64, out: &mut BytesMut) {
+        self.pieces(offset, len, |b, at, n| {
+            out.extend_from_slice(&self.block(b)[at..at + n])
+        });
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let mut pos = 0;
+        self.pieces(offset, data.len() as u64, |b, at, n| {
+            self.block(b)[at..at + n].copy_from_slice(&data[pos..pos + n]);
+            pos += n;
+        });
+    }
+
+    /// True if `[offset, offset+len)` lies inside the pool.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        let total = self.block_bytes * self.blocks.len() as u64;
+        offset.checked_add(len).is_some_and(|end| end <= total)
+    }
+}

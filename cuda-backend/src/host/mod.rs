@@ -1,0 +1,9 @@
+//! Host-memory backend: KV blocks in host buffers, bytes carried over the node's TCP links as
+//! `Message::Data` frames, behind the same `TransferAgent` trait as the CUDA agent.
+
+pub mod agent;
+pub mod kv;
+pub mod pattern;
+
+pub use agent::{DataError, HostAgent, DATA_CHUNK};
+pub use kv::HostKv;

@@ -1,0 +1,124 @@
+//! Loopback benchmark: the node path (ctx + gen in this process, TCP on 127.0.0.1) against a
+//! plain TCP copy of the same bytes, measured in the same run, round after round.
+
+use super::spec::NodeSpec;
+use super::{ctx, gen, NodeError};
+use crate::host::DATA_CHUNK;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub requests: u64,
+    pub blocks_per_request: u32,
+    pub concurrency: usize,
+    pub rounds: usize,
+    pub verify: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Round {
+    pub node_mib_s: f64,
+    pub raw_mib_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub failed: u64,
+}
+
+fn io(context: &str) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        context: context.to_string(),
+        source,
+    }
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes; returns MiB/s measured
+/// from connect to the receiver's last byte.
+pub async fn raw_copy(bytes: u64) -> Result<f64, NodeError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("bind raw"))?;
+    let addr = listener.local_addr().map_err(io("raw addr"))?;
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("raw sender hung up early"));
+            }
+            got += n as u64;
+        }
+        std::io::Result::Ok(Instant::now())
+    });
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
+    let chunk = vec![0x5Au8; DATA_CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(DATA_CHUNK as u64) as usize;
+        s.write_all(&chunk[..n]).await.map_err(io("raw write"))?;
+        sent += n as u64;
+    }
+    let end = receiver
+        .await
+        .map_err(|e| NodeError::Io {
+            context: "raw receiver".into(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(io("raw read"))?;
+    Ok(mib_s(bytes, end - start))
+}
+
+/// One node round: a ctx node and a gen load against it, both in this process.
+pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summary, NodeError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("bind ctx"))?;
+    let peer: SocketAddr = listener.local_addr().map_err(io("ctx addr"))?;
+    let ctx_task = tokio::spawn(ctx::run(listener, spec.clone()));
+    let load = gen::LoadOptions {
+        peer,
+        requests: o.requests,
+        concurrency: o.concurrency,
+        min_blocks: o.blocks_per_request,
+        max_blocks: o.blocks_per_request,
+        seed: 1,
+        verify: o.verify,
+        progress: false,
+    };
+    let summary = gen::run(spec.clone(), load).await;
+    ctx_task.abort();
+    summary
+}
+
+pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeError> {
+    let mut rounds = Vec::with_capacity(o.rounds);
+    for _ in 0..o.rounds {
+        let s = node_round(spec, o).await?;
+        let raw = raw_copy(s.bytes.max(1)).await?;
+        rounds.push(Round {
+            node_mib_s: s.throughput_mib_s,
+            raw_mib_s: raw,
+            p50_ms: s.p50_ms,
+            p99_ms: s.p99_ms,
+            failed: s.failed,
+        });
+    }
+    Ok(rounds)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -1,0 +1,209 @@
+//! One TCP connection: a reader that decodes frames (data chunks go straight to the host
+//! agent, everything else to the driver) and a writer that drains the link's queues.
+//!
+//! A peer that breaks the protocol (garbage, truncated or oversized frames, data for a request
+//! it does not serve) gets an `Error` frame when possible, a WARN naming it, and a closed
+//! connection; nobody else notices.
+
+use super::frame::{self, Frame};
+use super::link::{LinkQueues, Outgoing};
+use crate::host::{DataError, HostAgent};
+use bytes::BytesMut;
+use kvferry_core::wire::{ErrorCode, Message};
+use kvferry_core::{PeerId, RequestId};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 256 << 10;
+/// The writer coalesces queued frames up to this many bytes per write.
+const WRITE_BATCH: usize = 1 << 20;
+/// How long a closing connection may take to flush its last Error frame.
+const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
+
+/// What a connection hands its node's driver.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A connection to `peer` is up (dialing side only: accepted ones announce themselves
+    /// with their first frame).
+    Up {
+        peer: PeerId,
+    },
+    Frame {
+        peer: PeerId,
+        frame: Frame,
+    },
+    Down {
+        peer: PeerId,
+        reason: String,
+    },
+    /// The dialer stopped retrying.
+    GaveUp {
+        peer: PeerId,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+enum Closed {
+    /// The peer hung up cleanly between frames.
+    Eof,
+    Io(std::io::Error),
+    /// The peer broke the protocol: it is told why, then cut off.
+    Violation(String),
+}
+
+/// Who is on the other end and where its frames go.
+#[derive(Clone, Debug)]
+pub struct ConnCtx {
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+    pub agent: Arc<HostAgent>,
+    pub inbox: mpsc::Sender<Inbound>,
+    pub control: mpsc::Sender<Outgoing>,
+}
+
+/// Runs the connection until it ends; returns why, for the driver's `Down`.
+pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> String {
+    // Control frames are small and latency-bound; batching happens in the writer.
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut writer = tokio::spawn(write_loop(wr, queues));
+    let closed = tokio::select! {
+        c = read_loop(rd, &ctx) => c,
+        w = &mut writer => match w {
+            Ok(Ok(())) => Closed::Eof,
+            Ok(Err(e)) => Closed::Io(e),
+            Err(e) => Closed::Io(std::io::Error::other(e)),
+        },
+    };
+    match closed {
+        Closed::Eof => {
+            writer.abort();
+            "peer closed the connection".into()
+        }
+        Closed::Io(e) => {
+            writer.abort();
+            format!("connection error: {e}")
+        }
+        Closed::Violation(why) => {
+            tracing::warn!(peer = %ctx.peer, addr = %ctx.addr, error = %why, "protocol violation, closing the connection");
+            let bye = Message::Error {
+                request: RequestId(0),
+                code: ErrorCode::Malformed,
+                detail: why.clone(),
+            };
+            let _ = ctx.control.try_send(Outgoing::Frame(Frame::Core(bye)));
+            let _ = ctx.control.try_send(Outgoing::Close);
+            if tokio::time::timeout(FLUSH_ON_CLOSE, &mut writer)
+                .await
+                .is_err()
+            {
+                writer.abort();
+            }
+            format!("protocol violation: {why}")
+        }
+    }
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        loop {
+            match frame::decode(&mut buf) {
+                Ok(Some(f)) => {
+                    if let Err(c) = on_frame(ctx, f).await {
+                        return c;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Closed::Violation(e.to_string()),
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match rd.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => return Closed::Eof,
+            Ok(0) => {
+                return Closed::Violation(format!(
+                    "connection closed inside a frame ({} bytes of a truncated frame)",
+                    buf.len()
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Closed::Io(e),
+        }
+    }
+}
+
+async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
+    if let Frame::Core(Message::Data {
+        request,
+        ctx_rank,
+        offset,
+        payload,
+    }) = &f
+    {
+        return match ctx
+            .agent
+            .on_data(ctx.peer, *request, *ctx_rank, *offset, payload)
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::debug!(%request, peer = %ctx.peer, "data for a request no longer expected, dropped");
+                Ok(())
+            }
+            Err(e @ DataError::OutOfOrder { .. }) => {
+                tracing::warn!(%request, peer = %ctx.peer, addr = %ctx.addr, error = %e, "transfer failed on bad data");
+                Ok(())
+            }
+            Err(e) => Err(Closed::Violation(e.to_string())),
+        };
+    }
+    ctx.inbox
+        .send(Inbound::Frame {
+            peer: ctx.peer,
+            frame: f,
+        })
+        .await
+        .map_err(|_| Closed::Io(std::io::Error::other("node is shutting down")))
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            c = q.control.recv() => c,
+            d = q.data.recv() => d.map(|m| Outgoing::Frame(Frame::Core(m))),
+        };
+        let Some(mut item) = first else {
+            return Ok(()); // the link is gone
+        };
+        loop {
+            match item {
+                Outgoing::Frame(f) => frame::encode(&f, &mut out),
+                Outgoing::Close => {
+                    wr.write_all(&out).await?;
+                    return wr.shutdown().await;
+                }
+            }
+            if out.len() >= WRITE_BATCH {
+                break;
+            }
+            item = match q.control.try_recv() {
+                Ok(c) => c,
+                Err(_) => match q.data.try_recv() {
+                    Ok(m) => Outgoing::Frame(Frame::Core(m)),
+                    Err(_) => break,
+                },
+            };
+        }
+        wr.write_all(&out).await?;
+        out.clear();
+    }
+}

@@ -1,0 +1,146 @@
+//! The pieces both roles share: one rank's transceiver with its host agent, pools, links and
+//! metrics, and the completion step that every loop iteration runs.
+
+use super::collective::SoloCollective;
+use super::link::{Links, NetTransport};
+use super::metrics::Metrics;
+use super::spec::NodeSpec;
+use crate::host::{HostAgent, HostKv};
+use kvferry_core::agent::TransferAgent;
+use kvferry_core::blocks::BlockPool;
+use kvferry_core::bugs::BugSet;
+use kvferry_core::collective::CollectiveError;
+use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
+use kvferry_core::PeerId;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+#[derive(Debug)]
+pub struct NodeCore {
+    pub tx: Transceiver,
+    pub side: Side,
+    pub pool: Arc<Mutex<BlockPool>>,
+    pub kv: Arc<HostKv>,
+    pub agent: Arc<HostAgent>,
+    pub links: Links,
+    pub metrics: Arc<Metrics>,
+    /// Notified by the agent on every completion.
+    pub wake: Arc<Notify>,
+    collective: SoloCollective,
+    start: Instant,
+    timeout_ms: u64,
+}
+
+/// Occupancy of the pools, for summaries and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub staging_slots: usize,
+    pub staging_free: usize,
+    pub staging_poisoned: usize,
+    pub blocks_total: usize,
+    pub blocks_free: usize,
+}
+
+impl NodeCore {
+    /// Must run inside a tokio runtime (the agent spawns its send tasks on it).
+    pub fn new(me: PeerId, side: Side, spec: &NodeSpec) -> NodeCore {
+        let layout = spec.layout.with_rank(me.rank);
+        let kv = Arc::new(HostKv::new(spec.pool_blocks, layout.block_bytes()));
+        let links = Links::default();
+        let wake = Arc::new(Notify::new());
+        let agent = Arc::new(HostAgent::new(
+            me.rank,
+            kv.clone(),
+            links.clone(),
+            wake.clone(),
+        ));
+        let pool = Arc::new(Mutex::new(BlockPool::new(spec.pool_blocks)));
+        let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
+        let tx = Transceiver::new(TransceiverParts {
+            me,
+            layout,
+            config: spec.config.clone(),
+            bugs: BugSet::NONE,
+            agent: dyn_agent,
+            transport: Arc::new(NetTransport {
+                links: links.clone(),
+            }),
+            blocks: pool.clone(),
+        });
+        NodeCore {
+            tx,
+            side,
+            pool,
+            kv,
+            agent,
+            links,
+            metrics: Metrics::new(),
+            wake,
+            collective: SoloCollective,
+            start: Instant::now(),
+            timeout_ms: spec.config.kv_transfer_timeout_ms.unwrap_or(0),
+        }
+    }
+
+    /// The transceiver's clock: time since the node started.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// One completion step (status, collective, agreement), then metrics and events.
+    pub async fn step(&mut self) -> Result<(Vec<Finished>, Vec<TxEvent>), CollectiveError> {
+        let now = self.now();
+        let finished = self
+            .tx
+            .completion_step(now, self.side, 1, &mut self.collective)
+            .await?;
+        let events: Vec<TxEvent> = self.tx.drain_events().collect();
+        for e in &events {
+            if let TxEvent::Rejected {
+                peer,
+                request,
+                code,
+            } = e
+            {
+                tracing::warn!(peer = %self.links.describe(*peer), %request, ?code, "refused a peer's request info");
+            }
+        }
+        Ok((finished, events))
+    }
+
+    /// Frees a finished request's blocks (deferred by the pool while pins remain) and updates
+    /// the gauges.
+    pub fn release(&self, f: &Finished) {
+        self.pool.lock().expect("pool lock").free(&f.request.blocks);
+    }
+
+    pub fn occupancy(&self) -> Occupancy {
+        let s = self.tx.staging_counters();
+        let p = self.pool.lock().expect("pool lock");
+        Occupancy {
+            staging_slots: s.slots,
+            staging_free: s.free,
+            staging_poisoned: s.poisoned,
+            blocks_total: p.capacity(),
+            blocks_free: p.free_count(),
+        }
+    }
+
+    pub fn update_metrics(&self) {
+        let o = self.occupancy();
+        self.metrics.update(
+            &self.tx.counters(),
+            &self.tx.staging_counters(),
+            o.blocks_free,
+            o.blocks_total,
+        );
+    }
+}
+
+impl NodeCore {
+    /// The configured `kv_transfer_timeout_ms`, 0 when unset (for messages).
+    pub fn tx_timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+}

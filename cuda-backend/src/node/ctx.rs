@@ -1,0 +1,234 @@
+//! The ctx (prefill) role: accepts gen peers, prepares synthetic requests on their demand
+//! (blocks allocated and filled from a seed, `respond_and_send` registered), and serves their
+//! `RequestInfo`s. A request whose gen peer disconnects is cancelled; one never asked for
+//! fails after `kv_transfer_sender_future_timeout_ms`.
+
+use super::conn::{self, ConnCtx, Inbound};
+use super::core::NodeCore;
+use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
+use super::link::{Link, Links, Outgoing};
+use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
+use super::{NodeError, INBOX, INBOX_BATCH, TICK};
+use crate::host::{pattern, HostAgent};
+use kvferry_core::request::{Request, RequestState};
+use kvferry_core::transceiver::{Finished, Side};
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::Span;
+
+/// Gen peers connected at once; more are refused with a WARN.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+struct Owned {
+    peer: PeerId,
+    span: Span,
+}
+
+#[derive(Debug)]
+struct CtxNode {
+    core: NodeCore,
+    owned: HashMap<RequestId, Owned>,
+    next_id: u64,
+}
+
+/// Runs the ctx role on `listener` until the process ends (or the task is aborted).
+pub async fn run(listener: TcpListener, spec: NodeSpec) -> Result<(), NodeError> {
+    let me = PeerId {
+        instance: CTX_INSTANCE,
+        rank: 0,
+    };
+    let core = NodeCore::new(me, Side::Context, &spec);
+    run_with(listener, core).await
+}
+
+/// As `run`, with a core built by the caller (to share its metrics).
+pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeError> {
+    let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
+    tokio::spawn(accept_loop(
+        listener,
+        core.links.clone(),
+        core.agent.clone(),
+        inbox_tx,
+    ));
+    let mut node = CtxNode {
+        core,
+        owned: HashMap::new(),
+        // Ids from a fresh random base: a restarted ctx never reuses ids a gen still knows.
+        next_id: rand::random::<u64>() >> 2,
+    };
+    let wake = node.core.wake.clone();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            ev = inbox.recv() => {
+                let Some(ev) = ev else { return Ok(()) };
+                node.on_inbound(ev);
+                for _ in 0..INBOX_BATCH {
+                    match inbox.try_recv() {
+                        Ok(ev) => node.on_inbound(ev),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = wake.notified() => {}
+            _ = tick.tick() => {}
+        }
+        let (finished, _) = node.core.step().await?;
+        for f in finished {
+            node.on_finished(f);
+        }
+        node.core.update_metrics();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    links: Links,
+    agent: Arc<HostAgent>,
+    inbox: mpsc::Sender<Inbound>,
+) {
+    let mut n: u32 = 0;
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if links.len() >= MAX_CONNECTIONS {
+            tracing::warn!(%addr, limit = MAX_CONNECTIONS, "too many connections, refusing");
+            continue;
+        }
+        let peer = PeerId {
+            instance: GEN_INSTANCE_BASE + n,
+            rank: 0,
+        };
+        n = n.wrapping_add(1);
+        let (link, queues) = Link::new(addr);
+        let ctx = ConnCtx {
+            peer,
+            addr,
+            agent: agent.clone(),
+            inbox: inbox.clone(),
+            control: link.control.clone(),
+        };
+        links.insert(peer, link);
+        tracing::info!(%peer, %addr, "gen peer connected");
+        let (links, inbox) = (links.clone(), inbox.clone());
+        tokio::spawn(async move {
+            let reason = conn::serve(stream, ctx, queues).await;
+            links.remove(peer);
+            let _ = inbox.send(Inbound::Down { peer, reason }).await;
+        });
+    }
+}
+
+impl CtxNode {
+    fn on_inbound(&mut self, ev: Inbound) {
+        let now = self.core.now();
+        match ev {
+            Inbound::Frame {
+                peer,
+                frame: Frame::Core(msg),
+            } => self.core.tx.handle_message(now, peer, msg),
+            Inbound::Frame {
+                peer,
+                frame: Frame::Node(NodeFrame::Prepare { tag, blocks, seed }),
+            } => {
+                let reply = match self.prepare(peer, blocks, seed) {
+                    Ok((id, token, ctx_blocks)) => {
+                        NodeFrame::prepared(tag, id, token, ctx_blocks, *self.core.tx.layout())
+                    }
+                    Err(reason) => NodeFrame::PrepareFailed { tag, reason },
+                };
+                if let Err(e) = self.core.links.send_frame(peer, Frame::Node(reply)) {
+                    tracing::warn!(%peer, error = %e, "prepare reply not sent");
+                }
+            }
+            Inbound::Frame {
+                peer,
+                frame: Frame::Node(other),
+            } => {
+                tracing::warn!(peer = %self.core.links.describe(peer), frame = ?other, "unexpected node frame, closing");
+                if let Some(l) = self.core.links.get(peer) {
+                    let _ = l.control.try_send(Outgoing::Close);
+                }
+            }
+            Inbound::Down { peer, reason } => {
+                tracing::info!(%peer, %reason, "gen peer disconnected");
+                let ids: Vec<RequestId> = self
+                    .owned
+                    .iter()
+                    .filter(|(_, o)| o.peer == peer)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    self.core.tx.cancel(now, id);
+                }
+                self.core.agent.peer_lost(peer);
+            }
+            Inbound::Up { .. } | Inbound::GaveUp { .. } => {}
+        }
+    }
+
+    /// Allocates and fills a synthetic request and registers it for sending.
+    fn prepare(
+        &mut self,
+        peer: PeerId,
+        n: u32,
+        seed: u64,
+    ) -> Result<(RequestId, TransferToken, Vec<u32>), String> {
+        if n == 0 || n > MAX_PREPARE_BLOCKS {
+            return Err(format!("block count {n} outside 1..={MAX_PREPARE_BLOCKS}"));
+        }
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        let blocks = self
+            .core
+            .pool
+            .lock()
+            .expect("pool lock")
+            .allocate(id, n as usize)
+            .map_err(|e| format!("busy: {e}"))?;
+        for (i, b) in blocks.iter().enumerate() {
+            pattern::fill(seed, i as u32, &mut self.core.kv.block(b.id));
+        }
+        let token = TransferToken(rand::random());
+        let ids = blocks.iter().map(|b| b.id).collect();
+        let bytes = u64::from(n) * self.core.kv.block_bytes();
+        let req = Arc::new(Request::new_context(id, token, blocks.clone()));
+        if let Err(e) = self.core.tx.respond_and_send(self.core.now(), req) {
+            self.core.pool.lock().expect("pool lock").free(&blocks);
+            return Err(e.to_string());
+        }
+        let span = tracing::info_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
+        self.owned.insert(id, Owned { peer, span });
+        Ok((id, token, ids))
+    }
+
+    fn on_finished(&mut self, f: Finished) {
+        self.core.release(&f);
+        let id = f.request.id;
+        let counter = if f.state == RequestState::ContextComplete {
+            &self.core.metrics.requests_done
+        } else {
+            &self.core.metrics.requests_failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(o) = self.owned.remove(&id) {
+            o.span.record("outcome", tracing::field::debug(f.state));
+            o.span
+                .in_scope(|| tracing::debug!(state = ?f.state, "request finished"));
+        }
+    }
+}

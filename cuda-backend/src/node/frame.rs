@@ -1,0 +1,196 @@
+//! The node's own control frames (load setup between a gen node and a ctx node), and a reader
+//! that tells them apart from the core's wire frames on the same connection.
+//!
+//! Node frames live in a separate namespace so the core's wire format stays untouched:
+//! `magic "KVFN" u32 | version u8 | reserved u8 x3 | length u32 | JSON body`, big-endian.
+//! A connection carries both kinds; the first four bytes of each frame pick the decoder.
+
+use bytes::{Buf, BufMut, BytesMut};
+use kvferry_core::layout::CacheLayout;
+use kvferry_core::wire::{self, Decoder, Message, WireError};
+use kvferry_core::{RequestId, TransferToken};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const NODE_MAGIC: u32 = 0x4B56_464E; // "KVFN"
+pub const NODE_VERSION: u8 = 1;
+pub const NODE_HEADER_LEN: usize = 12;
+/// Bound on a node frame body: a `Prepared` naming `MAX_PREPARE_BLOCKS` ids fits easily.
+pub const MAX_NODE_BODY: usize = 64 << 10;
+/// Bound on the blocks one synthetic request may ask for.
+pub const MAX_PREPARE_BLOCKS: u32 = 1024;
+/// Bound on a core frame on a node connection: data chunks are far smaller.
+pub const MAX_CORE_FRAME: usize = 2 << 20;
+
+/// Load setup: the gen node asks the ctx node for one synthetic request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeFrame {
+    /// "Prepare a request of `blocks` blocks filled from `seed`; answer with `tag`."
+    Prepare {
+        tag: u64,
+        blocks: u32,
+        seed: u64,
+    },
+    /// The disaggregated params of a prepared request.
+    Prepared {
+        tag: u64,
+        request: RequestId,
+        /// Hex, so JSON carries all 128 bits.
+        token: String,
+        ctx_blocks: Vec<u32>,
+        layout: CacheLayout,
+    },
+    PrepareFailed {
+        tag: u64,
+        reason: String,
+    },
+}
+
+impl NodeFrame {
+    pub fn prepared(
+        tag: u64,
+        request: RequestId,
+        token: TransferToken,
+        ctx_blocks: Vec<u32>,
+        layout: CacheLayout,
+    ) -> NodeFrame {
+        NodeFrame::Prepared {
+            tag,
+            request,
+            token: format!("{:032x}", token.0),
+            ctx_blocks,
+            layout,
+        }
+    }
+}
+
+/// Parses the hex token of a `Prepared` frame.
+pub fn parse_token(hex: &str) -> Result<TransferToken, FrameError> {
+    u128::from_str_radix(hex, 16)
+        .map(TransferToken)
+        .map_err(|e| FrameError::Body(format!("token: {e}")))
+}
+
+/// Anything a node connection carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Core(Message),
+    Node(NodeFrame),
+}
+
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum FrameError {
+    #[error("core frame: {0}")]
+    Wire(#[from] WireError),
+    #[error("node frame version {0} unsupported")]
+    Version(u8),
+    #[error("node frame of {len} bytes exceeds the limit {MAX_NODE_BODY}")]
+    TooLarge { len: usize },
+    #[error("node frame body: {0}")]
+    Body(String),
+}
+
+pub fn encode_node(frame: &NodeFrame, out: &mut BytesMut) {
+    let body = serde_json::to_vec(frame).expect("node frames always serialize");
+    assert!(body.len() <= MAX_NODE_BODY, "node frame over its own bound");
+    out.reserve(NODE_HEADER_LEN + body.len());
+    out.put_u32(NODE_MAGIC);
+    out.put_u8(NODE_VERSION);
+    out.put_slice(&[0; 3]);
+    out.put_u32(body.len() as u32);
+    out.put_slice(&body);
+}
+
+pub fn encode(frame: &Frame, out: &mut BytesMut) {
+    match frame {
+        Frame::Core(m) => wire::encode(m, out),
+        Frame::Node(n) => encode_node(n, out),
+    }
+}
+
+/// Takes one whole frame of either namespace off the front of `buf`; `Ok(None)` when more
+/// bytes are needed. After an error the stream is unusable: close the connection.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    if u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) != NODE_MAGIC {
+        let d = Decoder {
+            max_frame: MAX_CORE_FRAME,
+        };
+        return Ok(d.decode(buf)?.map(Frame::Core));
+    }
+    if buf.len() < NODE_HEADER_LEN {
+        return Ok(None);
+    }
+    if buf[4] != NODE_VERSION {
+        return Err(FrameError::Version(buf[4]));
+    }
+    let len = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    // Checked before waiting for the body, so a lying length never makes us buffer it.
+    if len > MAX_NODE_BODY {
+        return Err(FrameError::TooLarge { len });
+    }
+    if buf.len() < NODE_HEADER_LEN + len {
+        return Ok(None);
+    }
+    buf.advance(NODE_HEADER_LEN);
+    let body = buf.split_to(len);
+    serde_json::from_slice(&body)
+        .map(|f| Some(Frame::Node(f)))
+        .map_err(|e| FrameError::Body(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_frame_round_trips_and_bounds_length() {
+        let f = NodeFrame::Prepare {
+            tag: 7,
+            blocks: 3,
+            seed: 9,
+        };
+        let mut b = BytesMut::new();
+        encode_node(&f, &mut b);
+        let mut half = b.split_to(5);
+        assert_eq!(decode(&mut half), Ok(None));
+        half.unsplit(b);
+        assert_eq!(decode(&mut half), Ok(Some(Frame::Node(f))));
+        assert!(half.is_empty());
+
+        let mut lie = BytesMut::new();
+        lie.put_u32(NODE_MAGIC);
+        lie.put_u8(NODE_VERSION);
+        lie.put_slice(&[0; 3]);
+        lie.put_u32(u32::MAX);
+        assert!(matches!(decode(&mut lie), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn token_survives_hex() {
+        let t = TransferToken(u128::MAX - 5);
+        let NodeFrame::Prepared { token, .. } =
+            NodeFrame::prepared(1, RequestId(2), t, vec![], test_layout())
+        else {
+            unreachable!()
+        };
+        assert_eq!(parse_token(&token).unwrap(), t);
+    }
+
+    fn test_layout() -> CacheLayout {
+        CacheLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 1,
+            tokens_per_block: 1,
+            dtype_bytes: 1,
+            tp_size: 1,
+            tp_rank: 0,
+            pp_size: 1,
+            pp_rank: 0,
+            mla: false,
+        }
+    }
+}

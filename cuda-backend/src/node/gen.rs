@@ -1,0 +1,590 @@
+//! The gen (decode) role in load mode: dials the ctx node (reconnecting with bounded backoff),
+//! asks it for synthetic requests, receives each through `request_and_receive`, verifies every
+//! byte, and returns a summary.
+
+use super::conn::{self, ConnCtx, Inbound};
+use super::core::{NodeCore, Occupancy};
+use super::frame::{parse_token, Frame, NodeFrame};
+use super::link::{Link, Links};
+use super::spec::{NodeSpec, CTX_INSTANCE};
+use super::{NodeError, INBOX, INBOX_BATCH, TICK};
+use crate::host::{pattern, HostAgent};
+use kvferry_core::request::{ContextSource, Request, RequestState};
+use kvferry_core::transceiver::{Finished, Side, TxEvent};
+use kvferry_core::wire::Message;
+use kvferry_core::{PeerId, RequestId};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::Span;
+
+/// Consecutive failed connects before the gen gives the ctx up.
+pub const MAX_RECONNECT_ATTEMPTS: u32 = 40;
+/// First reconnect delay; doubles per failure up to `RECONNECT_MAX`.
+const RECONNECT_BASE: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Distinct error causes kept in a summary; the rest are counted as "other".
+const MAX_ERROR_KINDS: usize = 16;
+/// After the last request ends, how long to wait for late fences before summarising.
+const FINAL_DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub peer: SocketAddr,
+    pub requests: u64,
+    pub concurrency: usize,
+    pub min_blocks: u32,
+    pub max_blocks: u32,
+    pub seed: u64,
+    /// Recompute and compare every received byte.
+    pub verify: bool,
+    /// Print progress on stderr.
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub requests: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// Never started because the ctx was given up.
+    pub skipped: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub throughput_mib_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Failure causes and how many requests each ended.
+    pub errors: BTreeMap<String, u64>,
+    pub reconnects: u64,
+    pub done_after_reconnect: u64,
+    pub staging_slots: usize,
+    pub staging_free: usize,
+    pub staging_poisoned: usize,
+    pub blocks_total: usize,
+    pub blocks_free: usize,
+}
+
+#[derive(Debug)]
+struct Launch {
+    blocks: u32,
+    seed: u64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct Active {
+    seed: u64,
+    at: Instant,
+    span: Span,
+    cause: Option<String>,
+}
+
+#[derive(Debug)]
+struct GenNode {
+    core: NodeCore,
+    opts: LoadOptions,
+    ctx: PeerId,
+    rng: StdRng,
+    connected: bool,
+    gave_up: bool,
+    launched: u64,
+    next_tag: u64,
+    pending: HashMap<u64, Launch>,
+    active: HashMap<RequestId, Active>,
+    /// Blocks promised to pending launches, so a `Prepared` always finds its blocks.
+    reserved: usize,
+    s: Summary,
+    latencies_us: Vec<u64>,
+    scratch: Vec<u8>,
+}
+
+/// Runs the load and returns its summary once every request has ended.
+pub async fn run(spec: NodeSpec, opts: LoadOptions) -> Result<Summary, NodeError> {
+    let me = PeerId {
+        instance: super::spec::GEN_INSTANCE_BASE,
+        rank: 0,
+    };
+    let core = NodeCore::new(me, Side::Generation, &spec);
+    run_with(core, opts).await
+}
+
+/// As `run`, with a core built by the caller (to share its metrics).
+pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, NodeError> {
+    let ctx = PeerId {
+        instance: CTX_INSTANCE,
+        rank: 0,
+    };
+    let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
+    let dialer = tokio::spawn(dial_loop(
+        opts.peer,
+        ctx,
+        core.links.clone(),
+        core.agent.clone(),
+        inbox_tx,
+    ));
+    let mut node = GenNode {
+        rng: StdRng::seed_from_u64(opts.seed),
+        s: Summary {
+            requests: opts.requests,
+            ..Summary::default()
+        },
+        core,
+        opts,
+        ctx,
+        connected: false,
+        gave_up: false,
+        launched: 0,
+        next_tag: 0,
+        pending: HashMap::new(),
+        active: HashMap::new(),
+        reserved: 0,
+        latencies_us: Vec::new(),
+        scratch: Vec::new(),
+    };
+    let started = Instant::now();
+    let mut progress = Progress::new(node.opts.progress);
+    let wake = node.core.wake.clone();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            ev = inbox.recv() => {
+                if let Some(ev) = ev {
+                    node.on_inbound(ev);
+                }
+                for _ in 0..INBOX_BATCH {
+                    match inbox.try_recv() {
+                        Ok(ev) => node.on_inbound(ev),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = wake.notified() => {}
+            _ = tick.tick() => {}
+        }
+        let (finished, events) = node.core.step().await?;
+        node.on_events(&events);
+        for f in finished {
+            node.on_finished(f);
+        }
+        node.launch_more();
+        node.core.update_metrics();
+        progress.maybe_print(&node.s, node.pending.len() + node.active.len());
+        if node.all_ended() {
+            let deadline = *drain_until.get_or_insert_with(|| Instant::now() + FINAL_DRAIN);
+            let o = node.core.occupancy();
+            let quiet = node.core.tx.jobs_in_flight() == 0 && o.staging_poisoned == 0;
+            if quiet || Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    dialer.abort();
+    progress.finish(&node.s);
+    Ok(node.summarize(started.elapsed()))
+}
+
+async fn dial_loop(
+    addr: SocketAddr,
+    peer: PeerId,
+    links: Links,
+    agent: Arc<HostAgent>,
+    inbox: mpsc::Sender<Inbound>,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                failures = 0;
+                let (link, queues) = Link::new(addr);
+                let ctx = ConnCtx {
+                    peer,
+                    addr,
+                    agent: agent.clone(),
+                    inbox: inbox.clone(),
+                    control: link.control.clone(),
+                };
+                links.insert(peer, link);
+                if inbox.send(Inbound::Up { peer }).await.is_err() {
+                    return;
+                }
+                let reason = conn::serve(stream, ctx, queues).await;
+                links.remove(peer);
+                if inbox.send(Inbound::Down { peer, reason }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(RECONNECT_BASE).await;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= MAX_RECONNECT_ATTEMPTS {
+                    let reason = format!("{addr}: {e} ({failures} attempts)");
+                    let _ = inbox.send(Inbound::GaveUp { peer, reason }).await;
+                    return;
+                }
+                let backoff = RECONNECT_BASE * 2u32.saturating_pow(failures.min(16));
+                tokio::time::sleep(backoff.min(RECONNECT_MAX)).await;
+            }
+        }
+    }
+}
+
+impl GenNode {
+    fn all_ended(&self) -> bool {
+        (self.launched == self.opts.requests || self.gave_up)
+            && self.pending.is_empty()
+            && self.active.is_empty()
+    }
+
+    fn record_error(&mut self, cause: String) {
+        self.s.failed += 1;
+        self.core
+            .metrics
+            .requests_failed
+            .fetch_add(1, Ordering::Relaxed);
+        let key = if self.s.errors.len() >= MAX_ERROR_KINDS && !self.s.errors.contains_key(&cause) {
+            "other".to_string()
+        } else {
+            cause
+        };
+        *self.s.errors.entry(key).or_default() += 1;
+    }
+
+    fn launch_more(&mut self) {
+        if !self.connected || self.gave_up {
+            return;
+        }
+        let max = self.opts.max_blocks as usize;
+        while self.launched < self.opts.requests
+            && self.pending.len() + self.active.len() < self.opts.concurrency
+        {
+            let free = self.core.pool.lock().expect("pool lock").free_count();
+            if free < self.reserved + max {
+                return;
+            }
+            let blocks = self
+                .rng
+                .random_range(self.opts.min_blocks..=self.opts.max_blocks);
+            let seed = self.rng.random();
+            let tag = self.next_tag;
+            let frame = Frame::Node(NodeFrame::Prepare { tag, blocks, seed });
+            if let Err(e) = self.core.links.send_frame(self.ctx, frame) {
+                tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
+                return;
+            }
+            self.next_tag += 1;
+            self.launched += 1;
+            self.reserved += blocks as usize;
+            self.pending.insert(
+                tag,
+                Launch {
+                    blocks,
+                    seed,
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
+
+    fn on_inbound(&mut self, ev: Inbound) {
+        let now = self.core.now();
+        match ev {
+            Inbound::Up { peer } => {
+                if self.s.done + self.s.failed > 0 {
+                    self.s.reconnects += 1;
+                }
+                tracing::info!(%peer, "connected to ctx");
+                self.connected = true;
+            }
+            Inbound::Down { peer, reason } => {
+                tracing::warn!(%peer, %reason, "lost the ctx connection");
+                self.connected = false;
+                self.abandon_all(&format!("ctx connection lost: {reason}"));
+                self.core.agent.peer_lost(peer);
+            }
+            Inbound::GaveUp { peer, reason } => {
+                tracing::error!(%peer, %reason, "ctx unreachable, giving up");
+                self.gave_up = true;
+                self.abandon_all(&format!("ctx unreachable: {reason}"));
+                self.s.skipped = self.opts.requests - self.launched;
+            }
+            Inbound::Frame {
+                peer,
+                frame: Frame::Core(msg),
+            } => {
+                if let Message::Error {
+                    request,
+                    code,
+                    detail,
+                } = &msg
+                {
+                    if let Some(a) = self.active.get_mut(request) {
+                        a.cause
+                            .get_or_insert_with(|| format!("ctx refused ({code:?}): {detail}"));
+                    }
+                }
+                self.core.tx.handle_message(now, peer, msg);
+            }
+            Inbound::Frame {
+                frame: Frame::Node(f),
+                ..
+            } => self.on_node_frame(f),
+        }
+    }
+
+    /// Fails every pending launch and cancels every active request with `cause`.
+    fn abandon_all(&mut self, cause: &str) {
+        let now = self.core.now();
+        for (_, l) in std::mem::take(&mut self.pending) {
+            self.reserved -= l.blocks as usize;
+            self.record_error(cause.to_string());
+        }
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        for id in ids {
+            if let Some(a) = self.active.get_mut(&id) {
+                a.cause.get_or_insert_with(|| cause.to_string());
+            }
+            self.core.tx.cancel(now, id);
+        }
+    }
+
+    fn on_node_frame(&mut self, f: NodeFrame) {
+        match f {
+            NodeFrame::Prepared {
+                tag,
+                request,
+                token,
+                ctx_blocks,
+                layout,
+            } => {
+                let Some(l) = self.pending.remove(&tag) else {
+                    tracing::warn!(tag, "prepared reply for no pending launch");
+                    return;
+                };
+                self.reserved -= l.blocks as usize;
+                if let Err(cause) = self.start(l, request, &token, ctx_blocks, layout) {
+                    self.record_error(cause);
+                }
+            }
+            NodeFrame::PrepareFailed { tag, reason } => {
+                if let Some(l) = self.pending.remove(&tag) {
+                    self.reserved -= l.blocks as usize;
+                    self.record_error(format!("ctx could not prepare: {reason}"));
+                }
+            }
+            NodeFrame::Prepare { .. } => {
+                tracing::warn!("ctx sent a prepare request to a gen node, ignored");
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        l: Launch,
+        id: RequestId,
+        token: &str,
+        ctx_blocks: Vec<u32>,
+        layout: kvferry_core::layout::CacheLayout,
+    ) -> Result<(), String> {
+        let token = parse_token(token).map_err(|e| e.to_string())?;
+        if ctx_blocks.len() != l.blocks as usize {
+            return Err(format!(
+                "ctx prepared {} blocks, {} asked",
+                ctx_blocks.len(),
+                l.blocks
+            ));
+        }
+        let blocks = self
+            .core
+            .pool
+            .lock()
+            .expect("pool lock")
+            .allocate(id, l.blocks as usize)
+            .map_err(|e| e.to_string())?;
+        let source = ContextSource {
+            instance: CTX_INSTANCE,
+            layout,
+            blocks: ctx_blocks,
+        };
+        let req = Arc::new(Request::new_generation(id, token, blocks.clone(), source));
+        let bytes = u64::from(l.blocks) * self.core.kv.block_bytes();
+        if let Err(e) = self.core.tx.request_and_receive(self.core.now(), req) {
+            self.core.pool.lock().expect("pool lock").free(&blocks);
+            return Err(e.to_string());
+        }
+        let span = tracing::info_span!("transfer", request = %id, side = "gen", bytes, outcome = tracing::field::Empty);
+        self.active.insert(
+            id,
+            Active {
+                seed: l.seed,
+                at: l.at,
+                span,
+                cause: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn on_events(&mut self, events: &[TxEvent]) {
+        let budget = self.core.tx_timeout_ms();
+        for e in events {
+            if let TxEvent::Evicted { request, .. } = e {
+                if let Some(a) = self.active.get_mut(request) {
+                    a.cause.get_or_insert_with(|| {
+                        format!("transfer timed out after {budget} ms (kv_transfer_timeout_ms)")
+                    });
+                }
+            }
+        }
+    }
+
+    fn verified(&mut self, f: &Finished, seed: u64) -> bool {
+        if !self.opts.verify {
+            return true;
+        }
+        f.request.blocks.iter().enumerate().all(|(i, b)| {
+            pattern::verify(seed, i as u32, &self.core.kv.block(b.id), &mut self.scratch)
+        })
+    }
+
+    fn on_finished(&mut self, f: Finished) {
+        let id = f.request.id;
+        let Some(a) = self.active.remove(&id) else {
+            self.core.release(&f);
+            return;
+        };
+        let outcome = if f.state != RequestState::GenComplete {
+            Err(a
+                .cause
+                .unwrap_or_else(|| format!("transfer ended {:?}", f.state)))
+        } else if !self.verified(&f, a.seed) {
+            Err("received bytes differ from the ctx's".to_string())
+        } else {
+            Ok(())
+        };
+        self.core.release(&f);
+        a.span.record("outcome", tracing::field::debug(f.state));
+        match outcome {
+            Ok(()) => {
+                let bytes = f.request.blocks.len() as u64 * self.core.kv.block_bytes();
+                let lat = a.at.elapsed();
+                self.s.done += 1;
+                self.s.bytes += bytes;
+                if self.s.reconnects > 0 {
+                    self.s.done_after_reconnect += 1;
+                }
+                self.latencies_us.push(lat.as_micros() as u64);
+                self.core
+                    .metrics
+                    .requests_done
+                    .fetch_add(1, Ordering::Relaxed);
+                self.core.metrics.observe_latency(lat);
+                a.span.in_scope(|| {
+                    tracing::debug!(latency_us = lat.as_micros() as u64, "request done")
+                });
+            }
+            Err(cause) => {
+                a.span.in_scope(|| tracing::warn!(%cause, "request failed"));
+                self.record_error(cause);
+            }
+        }
+    }
+
+    fn summarize(mut self, elapsed: Duration) -> Summary {
+        let Occupancy {
+            staging_slots,
+            staging_free,
+            staging_poisoned,
+            blocks_total,
+            blocks_free,
+        } = self.core.occupancy();
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            let v = &self.latencies_us;
+            if v.is_empty() {
+                return 0.0;
+            }
+            let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i] as f64 / 1000.0
+        };
+        let secs = elapsed.as_secs_f64();
+        Summary {
+            seconds: secs,
+            throughput_mib_s: self.s.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            staging_slots,
+            staging_free,
+            staging_poisoned,
+            blocks_total,
+            blocks_free,
+            ..self.s
+        }
+    }
+}
+
+/// Progress on stderr: a rewritten line on a terminal, plain lines otherwise.
+#[derive(Debug)]
+struct Progress {
+    enabled: bool,
+    tty: bool,
+    last: Instant,
+    every: Duration,
+}
+
+impl Progress {
+    fn new(enabled: bool) -> Progress {
+        let tty = std::io::stderr().is_terminal();
+        Progress {
+            enabled,
+            tty,
+            last: Instant::now(),
+            every: if tty {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(1)
+            },
+        }
+    }
+
+    fn line(s: &Summary, in_flight: usize) -> String {
+        format!(
+            "progress done={} failed={} in_flight={} of={} MiB={:.1}",
+            s.done,
+            s.failed,
+            in_flight,
+            s.requests,
+            s.bytes as f64 / (1 << 20) as f64
+        )
+    }
+
+    fn maybe_print(&mut self, s: &Summary, in_flight: usize) {
+        if !self.enabled || self.last.elapsed() < self.every {
+            return;
+        }
+        self.last = Instant::now();
+        let mut err = std::io::stderr().lock();
+        let line = Self::line(s, in_flight);
+        let _ = if self.tty {
+            write!(err, "\r{line}\x1b[K")
+        } else {
+            writeln!(err, "{line}")
+        };
+    }
+
+    fn finish(&self, s: &Summary) {
+        if self.enabled && self.tty {
+            let _ = writeln!(std::io::stderr(), "\r{}\x1b[K", Self::line(s, 0));
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The live connections of a node, keyed by the peer id the node gave each one, and the core
+//! `Transport` on top of them. Control frames and data frames queue separately (both bounded)
+//! so a bulk transfer cannot starve a Cancel or an Error.
+
+use super::frame::Frame;
+use kvferry_core::transport::{Transport, TransportError};
+use kvferry_core::wire::Message;
+use kvferry_core::PeerId;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+/// Control frames queued per connection before `send` reports backpressure.
+pub const CONTROL_QUEUE: usize = 1024;
+/// Data frames queued per connection; senders wait (bounded memory: this x `DATA_CHUNK`).
+pub const DATA_QUEUE: usize = 32;
+
+#[derive(Debug)]
+pub enum Outgoing {
+    Frame(Frame),
+    /// Flush what is queued, then close the connection.
+    Close,
+}
+
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub addr: SocketAddr,
+    pub control: mpsc::Sender<Outgoing>,
+    pub data: mpsc::Sender<Message>,
+}
+
+/// Receiving ends of a link, owned by its connection task.
+#[derive(Debug)]
+pub struct LinkQueues {
+    pub control: mpsc::Receiver<Outgoing>,
+    pub data: mpsc::Receiver<Message>,
+}
+
+impl Link {
+    pub fn new(addr: SocketAddr) -> (Link, LinkQueues) {
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        (
+            Link {
+                addr,
+                control: ctl_tx,
+                data: data_tx,
+            },
+            LinkQueues {
+                control: ctl_rx,
+                data: data_rx,
+            },
+        )
+    }
+
+    /// Queues a control frame without waiting.
+    pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), TransportError> {
+        self.control
+            .try_send(Outgoing::Frame(frame))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => TransportError::Backpressure(peer),
+                TrySendError::Closed(_) => TransportError::Unreachable(peer),
+            })
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Links {
+    inner: Arc<Mutex<HashMap<PeerId, Link>>>,
+}
+
+impl Links {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Link>> {
+        self.inner.lock().expect("links lock poisoned")
+    }
+
+    pub fn insert(&self, peer: PeerId, link: Link) {
+        self.lock().insert(peer, link);
+    }
+
+    pub fn remove(&self, peer: PeerId) -> Option<Link> {
+        self.lock().remove(&peer)
+    }
+
+    pub fn get(&self, peer: PeerId) -> Option<Link> {
+        self.lock().get(&peer).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// "i1r0 (127.0.0.1:5000)" when connected, else the bare id: for logs.
+    pub fn describe(&self, peer: PeerId) -> String {
+        match self.get(peer) {
+            Some(l) => format!("{peer} ({})", l.addr),
+            None => peer.to_string(),
+        }
+    }
+
+    pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), TransportError> {
+        self.get(peer)
+            .ok_or(TransportError::Unreachable(peer))?
+            .send_frame(peer, frame)
+    }
+}
+
+/// The core's `Transport` over the node's connections.
+#[derive(Clone, Debug)]
+pub struct NetTransport {
+    pub links: Links,
+}
+
+impl Transport for NetTransport {
+    fn send(&self, to: PeerId, msg: Message) -> Result<(), TransportError> {
+        self.links.send_frame(to, Frame::Core(msg))
+    }
+}

@@ -1,0 +1,39 @@
+//! kvferry-node: the core's state machines driven by tokio over TCP, one process per rank.
+//!
+//! A gen node dials a ctx node. One connection carries the core's wire frames (control and
+//! `Data` chunks) and the node's own load-setup frames (`frame::NodeFrame`). Each node runs one
+//! driver task that owns its `Transceiver`; connection tasks feed it frames, the host agent
+//! wakes it on completions, and a tick drives timeouts.
+
+pub mod bench;
+pub mod collective;
+pub mod conn;
+pub mod core;
+pub mod ctx;
+pub mod frame;
+pub mod gen;
+pub mod link;
+pub mod metrics;
+pub mod spec;
+
+use kvferry_core::collective::CollectiveError;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Driver inbox bound: connection readers wait when the driver falls behind.
+pub const INBOX: usize = 4096;
+/// Inbox events handled per completion step.
+pub const INBOX_BATCH: usize = 256;
+/// Timer resolution of the driver (timeouts, staging waits).
+pub const TICK: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("completion collective: {0}")]
+    Collective(#[from] CollectiveError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
