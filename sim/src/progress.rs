@@ -21,7 +21,7 @@ impl Progress {
         }
         let bar = ProgressBar::new(total);
         let style = ProgressStyle::with_template(
-            "[{elapsed_precise}] {wide_bar} {pos}/{len} seeds ({per_sec}, eta {eta}) {msg}",
+            "[{elapsed_precise}] {wide_bar} {pos}/{len} seeds, eta {eta} {msg}",
         )
         .expect("the template is valid");
         bar.set_style(style);
