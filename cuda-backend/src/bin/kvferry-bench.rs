@@ -1,1 +1,879 @@
-fn main() {}
+//! kvferry-bench: NVLink copy methods for KV fragments, and the two-process CUDA IPC path.
+//!
+//! `kvferry-bench` (no subcommand = `run`) measures, on one pair of GPUs and in one run:
+//! the contiguous 1 GiB `cuMemcpyPeerAsync` ceiling; per-fragment `cuMemcpyPeerAsync`, one
+//! `cuMemcpyBatchAsync` and the gather kernel (push and pull) for fragments of every other block;
+//! then the production shape: context ranks as child processes exporting their KV pools through
+//! CUDA IPC, the generation rank mapping them and pulling through `CudaAgent`. Every measured
+//! result is checked byte for byte against a host reference (random source, poisoned
+//! destination).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use cudarc::driver::sys;
+use kvferry_core::agent::{
+    Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
+};
+use kvferry_core::layout::CacheLayout;
+use kvferry_core::plan::TransferPlan;
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use kvferry_cuda::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
+use kvferry_cuda::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
+use kvferry_cuda::cuda::{
+    compile_ptx, CopyKernel, CopyPiece, CudaAgent, CudaAgentConfig, DeviceBuffer, Event, Gpu,
+    IpcMapping, KernelConfig, PinnedBuffer, PoolExport, Region, Stream,
+};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "NVLink KV-transfer benchmark (needs 2 GPUs)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Internal: a context rank that exports its KV pool over CUDA IPC (spawned by `run`).
+    #[command(hide = true)]
+    CtxChild(ChildArgs),
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Device of the context (source) side.
+    #[arg(long, default_value_t = 0)]
+    src_device: usize,
+    /// Device of the generation (destination) side.
+    #[arg(long, default_value_t = 1)]
+    dst_device: usize,
+    /// Timed iterations per measurement (after one verified warm-up).
+    #[arg(long, default_value_t = 7)]
+    iters: usize,
+    /// Fragment sizes in KiB for the fragmented copies.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
+    sizes_kib: Vec<u64>,
+    /// Buffer size in MiB of the fragmented copies (half of it is copied: every other block).
+    #[arg(long, default_value_t = 1024)]
+    buffer_mib: u64,
+    /// Two-process cases as ctx_tp:gen_tp.
+    #[arg(long, value_delimiter = ',', default_value = "1:1,2:1,4:1,1:2")]
+    cases: Vec<String>,
+    /// Tokens per request of the two-process cases.
+    #[arg(long, default_value_t = 2048)]
+    tokens: u32,
+    /// Blocks in each pool (more than a request uses, so untouched blocks are checked too).
+    #[arg(long, default_value_t = 80)]
+    pool_blocks: u32,
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    #[arg(long)]
+    skip_micro: bool,
+    #[arg(long)]
+    skip_two_process: bool,
+    /// Skip the kernel launch-shape sweep (use the defaults).
+    #[arg(long)]
+    no_sweep: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the result tables as Markdown here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChildArgs {
+    #[arg(long)]
+    device: usize,
+    #[arg(long)]
+    pool_bytes: usize,
+    #[arg(long)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::CtxChild(a)) => ctx_child(a),
+        None => run(cli.run),
+    }
+}
+
+/// Context rank: allocate and fill the pool, print its IPC export as one JSON line, hold the
+/// pool until the parent closes our stdin (the mapping's lifetime contract).
+fn ctx_child(a: ChildArgs) -> Result<()> {
+    let gpu = Gpu::open(a.device).context("open context device")?;
+    let buf = DeviceBuffer::alloc(&gpu, a.pool_bytes).context("allocate context KV pool")?;
+    let mut host = vec![0u8; a.pool_bytes];
+    fill_pattern(a.seed, &mut host);
+    buf.write(0, &host).context("fill context KV pool")?;
+    drop(host);
+    let export = buf.export().context("export KV pool")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&export)?)?;
+    out.flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(())
+}
+
+#[derive(Serialize, Clone)]
+struct Row {
+    method: String,
+    fragment_kib: u64,
+    fragments: usize,
+    bytes: u64,
+    median_ms: f64,
+    gbps: f64,
+    of_ceiling: f64,
+    verified: bool,
+    note: String,
+}
+
+#[derive(Serialize, Clone)]
+struct CaseRow {
+    case: String,
+    ctx_processes: u32,
+    gen_ranks: u32,
+    fragments: usize,
+    fragment_kib: String,
+    bytes: u64,
+    median_ms: f64,
+    best_ms: f64,
+    gbps: f64,
+    of_ceiling: f64,
+    verified: bool,
+}
+
+#[derive(Serialize, Default)]
+struct Report {
+    devices: Vec<String>,
+    driver_version: i32,
+    ceiling_gbps: f64,
+    kernel_push: Option<String>,
+    kernel_pull: Option<String>,
+    sweep: Vec<(String, String, f64)>,
+    micro: Vec<Row>,
+    two_process: Vec<CaseRow>,
+}
+
+fn gbps(bytes: u64, ms: f64) -> f64 {
+    bytes as f64 / (ms / 1e3) / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `op` on `stream` with events, `iters` times; returns per-iteration milliseconds.
+fn time_gpu(stream: &Stream, iters: usize, mut op: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let gpu = stream.gpu().clone();
+    let mut out = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let (a, b) = (Event::new(&gpu, true)?, Event::new(&gpu, true)?);
+        a.record(stream)?;
+        op()?;
+        b.record(stream)?;
+        b.synchronize()?;
+        out.push(f64::from(a.elapsed_ms(&b)?));
+    }
+    Ok(out)
+}
+
+type BatchFn = unsafe extern "C" fn(
+    *mut sys::CUdeviceptr,
+    *mut sys::CUdeviceptr,
+    *mut usize,
+    usize,
+    *mut sys::CUmemcpyAttributes,
+    *mut usize,
+    usize,
+    *mut usize,
+    sys::CUstream,
+) -> sys::CUresult;
+
+/// `cuMemcpyBatchAsync` with its CUDA 12.8 ABI (with `failIdx`), looked up through
+/// `cuGetProcAddress` so a driver without it is reported instead of panicking in the loader.
+fn batch_fn() -> Result<BatchFn, String> {
+    let mut pfn: *mut std::ffi::c_void = std::ptr::null_mut();
+    let mut status = sys::CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SUCCESS;
+    // SAFETY: out-pointers to locals, NUL-terminated symbol name.
+    let r = unsafe {
+        sys::cuGetProcAddress_v2(
+            c"cuMemcpyBatchAsync".as_ptr(),
+            &mut pfn,
+            12080,
+            sys::CUdriverProcAddress_flags::CU_GET_PROC_ADDRESS_DEFAULT as u64,
+            &mut status,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS || pfn.is_null() {
+        return Err(format!("cuGetProcAddress: {r:?} / {status:?}"));
+    }
+    // SAFETY: the driver returned the 12.8 ABI of this symbol, whose signature is `BatchFn`.
+    Ok(unsafe { std::mem::transmute::<*mut std::ffi::c_void, BatchFn>(pfn) })
+}
+
+fn cu(r: sys::CUresult, what: &str) -> Result<()> {
+    r.result().map_err(|e| anyhow!("{what}: {e}"))
+}
+
+/// Everything on one pair of devices in this process.
+struct Micro {
+    g0: Arc<Gpu>,
+    g1: Arc<Gpu>,
+    s0: Stream,
+    s1: Stream,
+    k0: CopyKernel,
+    k1: CopyKernel,
+    src: DeviceBuffer,
+    dst: DeviceBuffer,
+    host_src: Vec<u8>,
+    /// Interior mutability so `measure` can borrow `self` shared while `op` borrows kernels.
+    readback: std::cell::RefCell<Vec<u8>>,
+    iters: usize,
+}
+
+impl Micro {
+    /// Poisons the destination, runs `op` once on `stream`, checks the bytes, then times it.
+    fn measure(
+        &self,
+        on_dst: bool,
+        frag: Option<u64>,
+        mut op: impl FnMut(&Stream) -> Result<()>,
+    ) -> Result<(f64, bool)> {
+        self.dst.fill_byte(POISON)?;
+        let stream = if on_dst { &self.s1 } else { &self.s0 };
+        op(stream)?;
+        stream.synchronize()?;
+        let mut back = self.readback.borrow_mut();
+        self.dst.read(0, &mut back)?;
+        let ok = match frag {
+            None => compare(&self.host_src, &back).map_err(|m| anyhow!("{m}")),
+            Some(f) => check_every_other(&self.host_src, &back, f as usize),
+        };
+        drop(back);
+        ok.context("copied bytes differ from the host reference")?;
+        let stream = if on_dst { &self.s1 } else { &self.s0 };
+        let ms = median(time_gpu(stream, self.iters, || op(stream))?);
+        Ok((ms, true))
+    }
+}
+
+/// Fragments at every other block: [0,f) copied, [f,2f) untouched (poison), and so on.
+fn check_every_other(src: &[u8], got: &[u8], f: usize) -> Result<()> {
+    for (i, (s, g)) in src.chunks(2 * f).zip(got.chunks(2 * f)).enumerate() {
+        let n = f.min(s.len());
+        compare(&s[..n], &g[..n]).map_err(|m| anyhow!("fragment {i}: {m}"))?;
+        if let Some(p) = g[n..].iter().position(|&b| b != POISON) {
+            bail!("gap after fragment {i} written at +{p}");
+        }
+    }
+    Ok(())
+}
+
+fn kernel_pieces(m: &Micro, f: u64, piece: u64) -> Vec<CopyPiece> {
+    let mut pieces = Vec::new();
+    let n = m.src.len() as u64 / (2 * f);
+    for i in 0..n {
+        let off = 2 * i * f;
+        split_into_pieces(m.src.ptr() + off, m.dst.ptr() + off, f, piece, &mut pieces);
+    }
+    pieces
+}
+
+/// The kernel path as the agent runs it: upload descriptors from pinned memory, one launch.
+fn kernel_op<'a>(
+    k: &'a CopyKernel,
+    host: &'a PinnedBuffer,
+    dev: &'a DeviceBuffer,
+    n: usize,
+    cfg: KernelConfig,
+) -> impl FnMut(&Stream) -> Result<()> + 'a {
+    move |s: &Stream| {
+        host.upload(dev.ptr(), n * PIECE_BYTES, s)?;
+        k.launch(s, dev.ptr(), n as u64, &cfg)?;
+        Ok(())
+    }
+}
+
+fn stage_pieces(gpu: &Arc<Gpu>, pieces: &[CopyPiece]) -> Result<(PinnedBuffer, DeviceBuffer)> {
+    let len = pieces.len() * PIECE_BYTES;
+    let mut host = PinnedBuffer::alloc(gpu, len)?;
+    encode_pieces(pieces, host.as_mut_slice());
+    let dev = DeviceBuffer::alloc(gpu, len)?;
+    Ok((host, dev))
+}
+
+fn micro(a: &RunArgs, rep: &mut Report) -> Result<(KernelConfig, KernelConfig)> {
+    let g0 = Gpu::open(a.src_device)?;
+    let g1 = Gpu::open(a.dst_device)?;
+    g0.enable_peer_access(&g1)?;
+    g1.enable_peer_access(&g0)?;
+    let ptx = compile_ptx(g0.compute_capability()?).context("NVRTC compile")?;
+    let n = (a.buffer_mib << 20) as usize;
+    let mut host_src = vec![0u8; n];
+    fill_pattern(a.seed, &mut host_src);
+    let src = DeviceBuffer::alloc(&g0, n)?;
+    src.write(0, &host_src)?;
+    let m = Micro {
+        s0: Stream::new(&g0)?,
+        s1: Stream::new(&g1)?,
+        k0: CopyKernel::load(&g0, &ptx)?,
+        k1: CopyKernel::load(&g1, &ptx)?,
+        dst: DeviceBuffer::alloc(&g1, n)?,
+        src,
+        host_src,
+        readback: std::cell::RefCell::new(vec![0u8; n]),
+        iters: a.iters,
+        g0,
+        g1,
+    };
+    let (c0, c1) = (m.g0.raw_context(), m.g1.raw_context());
+    let (sp, dp) = (m.src.ptr(), m.dst.ptr());
+    // Ceiling: one contiguous peer copy of the whole buffer.
+    let (ms, ok) = m.measure(false, None, |s| {
+        // SAFETY: both buffers are n bytes on their devices; contexts retained.
+        cu(
+            unsafe { sys::cuMemcpyPeerAsync(dp, c1, sp, c0, n, s.raw()) },
+            "cuMemcpyPeerAsync",
+        )
+    })?;
+    let ceiling = gbps(n as u64, ms);
+    rep.ceiling_gbps = ceiling;
+    println!(
+        "ceiling: contiguous {} MiB cuMemcpyPeerAsync {:.1} GB/s",
+        a.buffer_mib, ceiling
+    );
+    rep.micro.push(Row {
+        method: "contiguous cuMemcpyPeerAsync (ceiling)".into(),
+        fragment_kib: n as u64 >> 10,
+        fragments: 1,
+        bytes: n as u64,
+        median_ms: ms,
+        gbps: ceiling,
+        of_ceiling: 1.0,
+        verified: ok,
+        note: String::new(),
+    });
+
+    // Launch-shape sweep at the smallest fragment, push and pull; unverified here, the chosen
+    // shapes are verified in the table below.
+    let mut best_push = (KernelConfig::default(), 0.0);
+    let mut best_pull = (KernelConfig::default(), 0.0);
+    let f0 = a.sizes_kib[0] << 10;
+    if !a.no_sweep {
+        let pieces = kernel_pieces(&m, f0, 64 << 10);
+        let bytes = (n as u64 / (2 * f0)) * f0;
+        for on_dst in [false, true] {
+            let (k, s, g) = if on_dst {
+                (&m.k1, &m.s1, &m.g1)
+            } else {
+                (&m.k0, &m.s0, &m.g0)
+            };
+            let (host, dev) = stage_pieces(g, &pieces)?;
+            for threads in [256, 512, 1024] {
+                for ctas in [1, 2, 4, 8] {
+                    for unroll in [4, 8] {
+                        if threads * ctas > 2048 {
+                            continue;
+                        }
+                        let cfg = KernelConfig {
+                            threads,
+                            ctas_per_sm: ctas,
+                            unroll,
+                            piece_bytes: 64 << 10,
+                        };
+                        let mut op = kernel_op(k, &host, &dev, pieces.len(), cfg);
+                        // A shape can exceed the register file (launch refused, not sticky):
+                        // note it and go on.
+                        let timed = op(s).and_then(|_| time_gpu(s, a.iters, || op(s)));
+                        let ms = match timed {
+                            Ok(t) => median(t),
+                            Err(e) => {
+                                println!("sweep {cfg:?}: {e:#}");
+                                continue;
+                            }
+                        };
+                        let r = gbps(bytes, ms);
+                        let dir = if on_dst { "pull" } else { "push" };
+                        rep.sweep.push((dir.into(), format!("{cfg:?}"), r));
+                        let best = if on_dst {
+                            &mut best_pull
+                        } else {
+                            &mut best_push
+                        };
+                        if r > best.1 {
+                            *best = (cfg, r);
+                        }
+                    }
+                }
+            }
+        }
+        println!("sweep best push {:?} {:.1} GB/s", best_push.0, best_push.1);
+        println!("sweep best pull {:?} {:.1} GB/s", best_pull.0, best_pull.1);
+    }
+    rep.kernel_push = Some(format!("{:?}", best_push.0));
+    rep.kernel_pull = Some(format!("{:?}", best_pull.0));
+
+    let batch = batch_fn();
+    for &kib in &a.sizes_kib {
+        let f = kib << 10;
+        let count = (n as u64 / (2 * f)) as usize;
+        let bytes = count as u64 * f;
+        let offs: Vec<u64> = (0..count as u64).map(|i| 2 * i * f).collect();
+        let mut row = |method: &str, r: Result<(f64, bool)>, note: String| {
+            let row = match r {
+                Ok((ms, ok)) => Row {
+                    method: method.into(),
+                    fragment_kib: kib,
+                    fragments: count,
+                    bytes,
+                    median_ms: ms,
+                    gbps: gbps(bytes, ms),
+                    of_ceiling: gbps(bytes, ms) / ceiling,
+                    verified: ok,
+                    note,
+                },
+                Err(e) => Row {
+                    method: method.into(),
+                    fragment_kib: kib,
+                    fragments: count,
+                    bytes,
+                    median_ms: f64::NAN,
+                    gbps: f64::NAN,
+                    of_ceiling: f64::NAN,
+                    verified: false,
+                    note: format!("{e:#}"),
+                },
+            };
+            println!(
+                "{:>5} KiB  {:<34} {:>8.1} GB/s  {:>5.1}% {}",
+                kib,
+                row.method,
+                row.gbps,
+                100.0 * row.of_ceiling,
+                row.note
+            );
+            rep.micro.push(row);
+        };
+        let r = m.measure(false, Some(f), |s| {
+            for &o in &offs {
+                // SAFETY: fragments inside both buffers.
+                cu(
+                    unsafe { sys::cuMemcpyPeerAsync(dp + o, c1, sp + o, c0, f as usize, s.raw()) },
+                    "cuMemcpyPeerAsync",
+                )?;
+            }
+            Ok(())
+        });
+        row("per-fragment cuMemcpyPeerAsync", r, String::new());
+        match &batch {
+            Ok(bf) => {
+                let mut dsts: Vec<u64> = offs.iter().map(|o| dp + o).collect();
+                let mut srcs: Vec<u64> = offs.iter().map(|o| sp + o).collect();
+                let mut sizes = vec![f as usize; count];
+                let loc = |id: usize| sys::CUmemLocation {
+                    type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                    id: id as i32,
+                };
+                let mut attr = sys::CUmemcpyAttributes {
+                    srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+                    srcLocHint: loc(a.src_device),
+                    dstLocHint: loc(a.dst_device),
+                    flags: 0,
+                };
+                let mut idx = 0usize;
+                let mut fail = 0usize;
+                let r = m.measure(false, Some(f), |s| {
+                    // SAFETY: arrays of `count` entries, one attribute applying from index 0.
+                    cu(
+                        unsafe {
+                            bf(
+                                dsts.as_mut_ptr(),
+                                srcs.as_mut_ptr(),
+                                sizes.as_mut_ptr(),
+                                count,
+                                &mut attr,
+                                &mut idx,
+                                1,
+                                &mut fail,
+                                s.raw(),
+                            )
+                        },
+                        "cuMemcpyBatchAsync",
+                    )
+                });
+                row("one cuMemcpyBatchAsync", r, String::new());
+            }
+            Err(e) => row(
+                "one cuMemcpyBatchAsync",
+                Err(anyhow!("not available: {e}")),
+                String::new(),
+            ),
+        }
+        for (on_dst, cfg) in [(false, best_push.0), (true, best_pull.0)] {
+            let g = if on_dst { m.g1.clone() } else { m.g0.clone() };
+            let pieces = kernel_pieces(&m, f, cfg.piece_bytes);
+            let (host, dev) = stage_pieces(&g, &pieces)?;
+            let k = if on_dst { &m.k1 } else { &m.k0 };
+            let mut op = kernel_op(k, &host, &dev, pieces.len(), cfg);
+            let r = m.measure(on_dst, Some(f), &mut op);
+            let name = if on_dst {
+                "gather kernel, pull (runs on dst)"
+            } else {
+                "gather kernel, push (runs on src)"
+            };
+            row(name, r, format!("{} pieces", pieces.len()));
+        }
+    }
+    Ok((best_push.0, best_pull.0))
+}
+
+fn llama70b(tp: u32, rank: u32) -> CacheLayout {
+    CacheLayout {
+        num_layers: 80,
+        num_kv_heads: 8,
+        head_dim: 128,
+        tokens_per_block: 32,
+        dtype_bytes: 2,
+        tp_size: tp,
+        tp_rank: rank,
+        pp_size: 1,
+        pp_rank: 0,
+        mla: false,
+    }
+}
+
+/// Children that exit (and free their pools) when dropped.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_ctx(device: usize, pool_bytes: usize, seed: u64) -> Result<(Child, PoolExport)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args([
+            "ctx-child",
+            "--device",
+            &device.to_string(),
+            "--pool-bytes",
+            &pool_bytes.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawn context child")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .context("read child export")?;
+    let export: PoolExport = serde_json::from_str(line.trim())
+        .with_context(|| format!("child sent {line:?} instead of a pool export"))?;
+    Ok((child, export))
+}
+
+fn two_process(
+    a: &RunArgs,
+    case: &str,
+    cfg: KernelConfig,
+    ceiling: f64,
+    ptx: &str,
+) -> Result<CaseRow> {
+    let (ctx_tp, gen_tp) = case
+        .split_once(':')
+        .and_then(|(c, g)| Some((c.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+        .ok_or_else(|| anyhow!("case {case:?} is not ctx_tp:gen_tp"))?;
+    let ctx = llama70b(ctx_tp, 0);
+    let nblocks = a.tokens / ctx.tokens_per_block;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0xb10c);
+    let mut ids: Vec<u32> = (0..a.pool_blocks).collect();
+    ids.shuffle(&mut rng);
+    let ctx_ids = ids[..nblocks as usize].to_vec();
+    ids.shuffle(&mut rng);
+    let blocks: Vec<(u32, u32)> = ctx_ids.into_iter().zip(ids.iter().copied()).collect();
+
+    // Context ranks: one process each, on the source device.
+    let ctx_pool = ctx.block_bytes() as usize * a.pool_blocks as usize;
+    let mut children = Children(Vec::new());
+    let mut exports = Vec::new();
+    for r in 0..ctx_tp {
+        let (child, export) = spawn_ctx(a.src_device, ctx_pool, a.seed + u64::from(r))?;
+        children.0.push(child);
+        exports.push(export);
+    }
+
+    // Generation ranks: in this process, on the destination device (one agent each).
+    let gpu = Gpu::open(a.dst_device)?;
+    let mut mapped = Vec::new();
+    for e in &exports {
+        mapped.push(Region::from_ipc(Arc::new(IpcMapping::open(&gpu, e)?)));
+    }
+    let mut host_ctx = Vec::new();
+    for r in 0..ctx_tp {
+        let mut h = vec![0u8; ctx_pool];
+        fill_pattern(a.seed + u64::from(r), &mut h);
+        host_ctx.push(h);
+    }
+    struct GenRank {
+        agent: Arc<CudaAgent>,
+        pool: Arc<DeviceBuffer>,
+        jobs: Vec<TransferJob>,
+        expected: Vec<u8>,
+    }
+    let config = CudaAgentConfig {
+        kernel: cfg,
+        ..CudaAgentConfig::default()
+    };
+    let mut ranks = Vec::new();
+    let mut frag_count = 0;
+    let mut frag_sizes = std::collections::BTreeSet::new();
+    let mut total = 0u64;
+    let mut next_id = 0u64;
+    for g in 0..gen_tp {
+        let gl = llama70b(gen_tp, g);
+        let plan = Arc::new(TransferPlan::new(&ctx, &gl, &blocks)?);
+        let pool_bytes = gl.block_bytes() as usize * a.pool_blocks as usize;
+        let pool = Arc::new(DeviceBuffer::alloc(&gpu, pool_bytes)?);
+        let agent = CudaAgent::with_kernel(
+            gpu.clone(),
+            CopyKernel::load(&gpu, ptx)?,
+            g,
+            Region::from_buffer(pool.clone()),
+            config.clone(),
+        )?;
+        let mut expected = vec![POISON; pool_bytes];
+        let mut jobs = Vec::new();
+        for c in plan.sources() {
+            let peer = PeerId {
+                instance: 0,
+                rank: c,
+            };
+            agent.register_peer(peer, mapped[c as usize].clone());
+            apply_fragments(&host_ctx[c as usize], &mut expected, plan.fragments_from(c));
+            frag_count += plan.fragments_from(c).count();
+            frag_sizes.extend(
+                plan.template()
+                    .iter()
+                    .filter(|f| f.src_rank == c)
+                    .map(|f| f.len),
+            );
+            total += plan.bytes_from(c);
+            jobs.push(TransferJob {
+                id: TransferId(next_id),
+                request: RequestId(1),
+                token: TransferToken(0x1234),
+                direction: Direction::Receive { from: peer },
+                plan: plan.clone(),
+                local_blocks: Vec::new(),
+                remote_blocks: Vec::new(),
+                bytes: plan.bytes_from(c),
+                staging: Default::default(),
+            });
+            next_id += 1;
+        }
+        ranks.push(GenRank {
+            agent,
+            pool,
+            jobs,
+            expected,
+        });
+    }
+    drop(host_ctx);
+
+    let done = CompletionQueue::new(1024);
+    let mut times = Vec::new();
+    for it in 0..=a.iters {
+        for r in &ranks {
+            r.pool.fill_byte(POISON)?;
+        }
+        let t0 = Instant::now();
+        let mut want = 0;
+        for r in &ranks {
+            for j in &r.jobs {
+                r.agent
+                    .submit(j.clone(), done.clone())
+                    .map_err(|e| anyhow!("submit: {e}"))?;
+                want += 1;
+            }
+        }
+        let mut got: Vec<Completion> = Vec::new();
+        let deadline = t0 + Duration::from_secs(30);
+        while got.len() < want {
+            done.drain_into(&mut got);
+            if Instant::now() > deadline {
+                bail!("transfer not complete after 30 s ({} of {want})", got.len());
+            }
+            std::hint::spin_loop();
+        }
+        let dt = t0.elapsed().as_secs_f64() * 1e3;
+        let moved: u64 = got
+            .iter()
+            .map(|c| c.result.clone().map_err(|e| anyhow!("job {:?}: {e}", c.id)))
+            .sum::<Result<u64>>()?;
+        if moved != total {
+            bail!("moved {moved} bytes, plan says {total}");
+        }
+        if it > 0 {
+            times.push(dt);
+        }
+    }
+    // The last iteration's bytes (written over fresh poison) against the host plan copy.
+    let mut back = Vec::new();
+    for (g, r) in ranks.iter().enumerate() {
+        back.resize(r.pool.len(), 0);
+        r.pool.read(0, &mut back)?;
+        compare(&r.expected, &back).map_err(|m| anyhow!("case {case} gen rank {g}: {m}"))?;
+    }
+    drop(ranks);
+    drop(mapped);
+    drop(children);
+    let med = median(times.clone());
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let sizes: Vec<String> = frag_sizes.iter().map(|s| format!("{}", s >> 10)).collect();
+    let row = CaseRow {
+        case: format!("ctx TP{ctx_tp} -> gen TP{gen_tp}"),
+        ctx_processes: ctx_tp,
+        gen_ranks: gen_tp,
+        fragments: frag_count,
+        fragment_kib: sizes.join("/"),
+        bytes: total,
+        median_ms: med,
+        best_ms: best,
+        gbps: gbps(total, med),
+        of_ceiling: gbps(total, med) / ceiling,
+        verified: true,
+    };
+    println!(
+        "two-process {:<22} {:>6} frags of {:>6} KiB  {:>7.1} MiB  {:>7.3} ms  {:>6.1} GB/s  {:>5.1}%",
+        row.case,
+        row.fragments,
+        row.fragment_kib,
+        row.bytes as f64 / (1 << 20) as f64,
+        row.median_ms,
+        row.gbps,
+        100.0 * row.of_ceiling
+    );
+    Ok(row)
+}
+
+fn markdown(rep: &Report) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "Devices: {}; driver API version {}\n\n",
+        rep.devices.join(", "),
+        rep.driver_version
+    );
+    s += &format!(
+        "Ceiling (contiguous peer copy, same run): {:.1} GB/s\n\n",
+        rep.ceiling_gbps
+    );
+    s += &format!(
+        "Kernel launch shapes chosen by the sweep: push {}, pull {}\n\n",
+        rep.kernel_push.as_deref().unwrap_or("-"),
+        rep.kernel_pull.as_deref().unwrap_or("-")
+    );
+    s += "| method | fragment | fragments | GB/s | of ceiling | bytes checked | note |\n";
+    s += "| --- | ---: | ---: | ---: | ---: | :---: | --- |\n";
+    for r in &rep.micro {
+        s += &format!(
+            "| {} | {} KiB | {} | {:.1} | {:.1}% | {} | {} |\n",
+            r.method,
+            r.fragment_kib,
+            r.fragments,
+            r.gbps,
+            100.0 * r.of_ceiling,
+            if r.verified { "yes" } else { "no" },
+            r.note
+        );
+    }
+    if !rep.two_process.is_empty() {
+        s += "\n| two-process case | fragments | fragment KiB | MiB | median ms | best ms | GB/s | of ceiling | bytes checked |\n";
+        s += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |\n";
+        for r in &rep.two_process {
+            s += &format!(
+                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {:.1}% | {} |\n",
+                r.case,
+                r.fragments,
+                r.fragment_kib,
+                r.bytes as f64 / (1 << 20) as f64,
+                r.median_ms,
+                r.best_ms,
+                r.gbps,
+                100.0 * r.of_ceiling,
+                if r.verified { "yes" } else { "no" }
+            );
+        }
+    }
+    s
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let n = kvferry_cuda::cuda::probe().context("no usable GPU")?;
+    if n <= a.src_device.max(a.dst_device) {
+        bail!(
+            "need devices {} and {}, found {n}",
+            a.src_device,
+            a.dst_device
+        );
+    }
+    let mut rep = Report::default();
+    let mut v = 0;
+    // SAFETY: out-pointer to a local.
+    cu(
+        unsafe { sys::cuDriverGetVersion(&mut v) },
+        "cuDriverGetVersion",
+    )?;
+    rep.driver_version = v;
+    for d in [a.src_device, a.dst_device] {
+        rep.devices.push(format!("{d}: {}", Gpu::open(d)?.name()?));
+    }
+    println!("devices {:?}, driver {}", rep.devices, v);
+    let (push, pull) = if a.skip_micro {
+        (KernelConfig::default(), KernelConfig::default())
+    } else {
+        micro(&a, &mut rep)?
+    };
+    if rep.ceiling_gbps == 0.0 {
+        bail!("the two-process path needs the ceiling: do not skip the micro bench");
+    }
+    if !a.skip_two_process {
+        let gpu = Gpu::open(a.dst_device)?;
+        let ptx = compile_ptx(gpu.compute_capability()?)?;
+        for case in &a.cases {
+            let row = two_process(&a, case, pull, rep.ceiling_gbps, &ptx)
+                .with_context(|| format!("two-process case {case}"))?;
+            rep.two_process.push(row);
+        }
+    }
+    let _ = push;
+    let md = markdown(&rep);
+    println!("\n{md}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rep)?)?;
+    }
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &md)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! `CudaAgent` against the core's plans: heterogeneous TP legs compared with a host copy made
+//! by the plan, typed errors, cancel, parked sends and teardown with work in flight.
+//! Skips (with a printed reason) where there is no GPU.
+#![cfg(feature = "cuda")]
+
+use kvferry_core::agent::{
+    AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
+};
+use kvferry_core::layout::CacheLayout;
+use kvferry_core::plan::TransferPlan;
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use kvferry_cuda::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
+use kvferry_cuda::cuda::{probe, CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, Region};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn gpus() -> Option<usize> {
+    match probe() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            println!("skipping: {e}");
+            None
+        }
+    }
+}
+
+fn layout(tp: u32, rank: u32) -> CacheLayout {
+    CacheLayout {
+        num_layers: 4,
+        num_kv_heads: 4,
+        head_dim: 64,
+        tokens_per_block: 16,
+        dtype_bytes: 2,
+        tp_size: tp,
+        tp_rank: rank,
+        pp_size: 1,
+        pp_rank: 0,
+        mla: false,
+    }
+}
+
+const POOL_BLOCKS: u32 = 24;
+
+fn blocks() -> Vec<(u32, u32)> {
+    (0..16u32)
+        .map(|i| ((i * 7 + 3) % POOL_BLOCKS, (i * 5 + 1) % POOL_BLOCKS))
+        .collect()
+}
+
+fn job(id: u64, direction: Direction, plan: &Arc<TransferPlan>, bytes: u64) -> TransferJob {
+    TransferJob {
+        id: TransferId(id),
+        request: RequestId(9),
+        token: TransferToken(1),
+        direction,
+        plan: plan.clone(),
+        local_blocks: Vec::new(),
+        remote_blocks: Vec::new(),
+        bytes,
+        staging: Default::default(),
+    }
+}
+
+fn wait(q: &CompletionQueue, n: usize) -> Vec<Completion> {
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.len() < n {
+        q.drain_into(&mut got);
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "completions missing"
+        );
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    q.drain_into(&mut got);
+    assert_eq!(got.len(), n, "a job completed more than once");
+    got
+}
+
+struct Setup {
+    ctx_gpu: Arc<Gpu>,
+    gen_gpu: Arc<Gpu>,
+}
+
+fn setup() -> Option<Setup> {
+    let n = gpus()?;
+    let ctx_gpu = Gpu::open(0).unwrap();
+    let gen_gpu = Gpu::open(if n > 1 { 1 } else { 0 }).unwrap();
+    ctx_gpu.enable_peer_access(&gen_gpu).unwrap();
+    gen_gpu.enable_peer_access(&ctx_gpu).unwrap();
+    Some(Setup { ctx_gpu, gen_gpu })
+}
+
+fn ctx_pools(s: &Setup, tp: u32) -> (Vec<Arc<DeviceBuffer>>, Vec<Vec<u8>>) {
+    let bytes = layout(tp, 0).block_bytes() as usize * POOL_BLOCKS as usize;
+    let (mut dev, mut host) = (Vec::new(), Vec::new());
+    for r in 0..tp {
+        let mut h = vec![0u8; bytes];
+        fill_pattern(100 + u64::from(r), &mut h);
+        let d = DeviceBuffer::alloc(&s.ctx_gpu, bytes).unwrap();
+        d.write(0, &h).unwrap();
+        dev.push(Arc::new(d));
+        host.push(h);
+    }
+    (dev, host)
+}
+
+fn pull_case(ctx_tp: u32, gen_tp: u32) {
+    let Some(s) = setup() else { return };
+    let (ctx_dev, ctx_host) = ctx_pools(&s, ctx_tp);
+    for g in 0..gen_tp {
+        let gl = layout(gen_tp, g);
+        let plan = Arc::new(TransferPlan::new(&layout(ctx_tp, 0), &gl, &blocks()).unwrap());
+        let pool_bytes = gl.block_bytes() as usize * POOL_BLOCKS as usize;
+        let pool = Arc::new(DeviceBuffer::alloc(&s.gen_gpu, pool_bytes).unwrap());
+        pool.fill_byte(POISON).unwrap();
+        let agent = CudaAgent::new(
+            s.gen_gpu.clone(),
+            g,
+            Region::from_buffer(pool.clone()),
+            CudaAgentConfig::default(),
+        )
+        .unwrap();
+        let q = CompletionQueue::new(16);
+        let mut expected = vec![POISON; pool_bytes];
+        let sources = plan.sources();
+        for &c in &sources {
+            let peer = PeerId {
+                instance: 0,
+                rank: c,
+            };
+            agent.register_peer(peer, Region::from_buffer(ctx_dev[c as usize].clone()));
+            apply_fragments(&ctx_host[c as usize], &mut expected, plan.fragments_from(c));
+            let j = job(u64::from(c), Direction::Receive { from: peer }, &plan, 0);
+            agent.submit(j, q.clone()).unwrap();
+        }
+        for c in wait(&q, sources.len()) {
+            let want = plan.bytes_from(c.id.0 as u32);
+            assert_eq!(c.result, Ok(want));
+        }
+        let mut got = vec![0u8; pool_bytes];
+        pool.read(0, &mut got).unwrap();
+        if let Err(m) = compare(&expected, &got) {
+            panic!("ctx TP{ctx_tp} -> gen TP{gen_tp} rank {g}: {m}");
+        }
+    }
+}
+
+#[test]
+fn gpu_agent_same_tp() {
+    pull_case(1, 1);
+}
+
+#[test]
+fn gpu_agent_concat_heads_ctx_tp2_to_gen_tp1() {
+    pull_case(2, 1);
+}
+
+#[test]
+fn gpu_agent_split_heads_ctx_tp1_to_gen_tp2() {
+    pull_case(1, 2);
+}
+
+#[test]
+fn gpu_agent_replicated_heads_ctx_tp8_to_gen_tp2() {
+    pull_case(8, 2);
+}
+
+#[test]
+fn gpu_agent_typed_errors_cancel_parking_and_teardown() {
+    let Some(s) = setup() else { return };
+    let (ctx_dev, _) = ctx_pools(&s, 1);
+    let gl = layout(1, 0);
+    let pool = Arc::new(
+        DeviceBuffer::alloc(&s.gen_gpu, gl.block_bytes() as usize * POOL_BLOCKS as usize).unwrap(),
+    );
+    let agent = CudaAgent::new(
+        s.gen_gpu.clone(),
+        0,
+        Region::from_buffer(pool.clone()),
+        CudaAgentConfig::default(),
+    )
+    .unwrap();
+    let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
+    let q = CompletionQueue::new(64);
+    let peer = PeerId {
+        instance: 0,
+        rank: 0,
+    };
+    let plan = Arc::new(TransferPlan::new(&layout(1, 0), &gl, &blocks()).unwrap());
+
+    // Unknown peer: typed, nothing queued.
+    let r = dyn_agent.submit(
+        job(1, Direction::Receive { from: peer }, &plan, 0),
+        q.clone(),
+    );
+    assert_eq!(r, Err(AgentError::PeerUnreachable(peer)));
+
+    // A plan naming blocks beyond the pool: rejected before any byte moves.
+    agent.register_peer(peer, Region::from_buffer(ctx_dev[0].clone()));
+    let far = Arc::new(TransferPlan::new(&layout(1, 0), &gl, &[(0, POOL_BLOCKS + 5)]).unwrap());
+    let r = dyn_agent.submit(
+        job(2, Direction::Receive { from: peer }, &far, 0),
+        q.clone(),
+    );
+    assert!(matches!(r, Err(AgentError::Rejected(_))), "{r:?}");
+    assert!(q.is_empty());
+
+    // Cancel after launch: exactly one completion, Cancelled (the kernel's end is the fence).
+    dyn_agent
+        .submit(
+            job(3, Direction::Receive { from: peer }, &plan, 0),
+            q.clone(),
+        )
+        .unwrap();
+    dyn_agent.cancel(TransferId(3));
+    let c = wait(&q, 1);
+    assert!(
+        c[0].result == Err(AgentError::Cancelled) || c[0].result.is_ok(),
+        "{c:?}"
+    );
+
+    // Pull mode send: parked until the control plane reports the peer's end.
+    let gen_peer = PeerId {
+        instance: 1,
+        rank: 0,
+    };
+    dyn_agent
+        .submit(
+            job(4, Direction::Send { to: gen_peer }, &plan, 0),
+            q.clone(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(q.is_empty(), "a parked send must not complete on its own");
+    assert!(agent.peer_finished(TransferId(4), Ok(77)));
+    assert_eq!(wait(&q, 1)[0].result, Ok(77));
+    assert!(!agent.peer_finished(TransferId(4), Ok(77)));
+
+    // Teardown with a launched job and a parked send: both complete exactly once.
+    dyn_agent
+        .submit(
+            job(5, Direction::Receive { from: peer }, &plan, 0),
+            q.clone(),
+        )
+        .unwrap();
+    dyn_agent
+        .submit(
+            job(6, Direction::Send { to: gen_peer }, &plan, 0),
+            q.clone(),
+        )
+        .unwrap();
+    drop(dyn_agent);
+    drop(agent);
+    let mut c = wait(&q, 2);
+    c.sort_by_key(|c| c.id);
+    assert_eq!(c[0].id, TransferId(5));
+    assert!(c[0].result.is_ok(), "{c:?}");
+    assert_eq!(c[1].result, Err(AgentError::ShutDown));
+}
