@@ -508,3 +508,109 @@ fn frames_append_to_existing_buffer() {
 // ---- Fuzz regressions (cargo fuzz run wire_decode / plan) ------------------------------------
 // None so far: the campaigns run for this change found no crash. Add one test per fixed finding,
 // feeding the minimised input (`cargo fuzz tmin`) as a byte literal; see fuzz/README.md.
+
+/// Writes the `wire_decode` fuzz seed corpus: one valid frame of each kind, a multi-frame
+/// stream, and a few near misses. Run once after a format change:
+/// `cargo test -p kvferry-core --test wire_props -- --ignored write_fuzz_seeds`
+#[test]
+#[ignore = "writes fuzz/corpus/wire_decode; run by hand"]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/wire_decode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let layout = CacheLayout {
+        num_layers: 80,
+        num_kv_heads: 8,
+        head_dim: 128,
+        tokens_per_block: 32,
+        dtype_bytes: 2,
+        tp_size: 4,
+        tp_rank: 1,
+        pp_size: 2,
+        pp_rank: 1,
+        mla: false,
+    };
+    let req = RequestId(0x0102_0304);
+    let seeds: Vec<(&str, Message)> = vec![
+        (
+            "request_info",
+            Message::RequestInfo(RequestInfo {
+                request: req,
+                token: TransferToken(0xfeed_beef_0000_1111_2222_3333_4444_5555),
+                gen_layout: layout,
+                ctx_blocks: vec![3, 1, 4, 1],
+                gen_blocks: (0..4)
+                    .map(|i| BlockRef {
+                        id: 10 + i,
+                        epoch: 7,
+                    })
+                    .collect(),
+            }),
+        ),
+        (
+            "request_info_empty_mla",
+            Message::RequestInfo(RequestInfo {
+                request: req,
+                token: TransferToken(1),
+                gen_layout: CacheLayout {
+                    num_kv_heads: 1,
+                    mla: true,
+                    ..layout
+                },
+                ctx_blocks: vec![],
+                gen_blocks: vec![],
+            }),
+        ),
+        (
+            "ready",
+            Message::Ready {
+                request: req,
+                ctx_rank: 3,
+            },
+        ),
+        (
+            "done",
+            Message::Done {
+                request: req,
+                ctx_rank: 3,
+                bytes: 1 << 30,
+                crc: 0xdead_beef,
+            },
+        ),
+        ("cancel", Message::Cancel { request: req }),
+        (
+            "error",
+            Message::Error {
+                request: req,
+                code: ErrorCode::ForeignBlocks,
+                detail: "block 9 is not owned by req#16909060 (épocha 3)".into(),
+            },
+        ),
+        (
+            "error_empty",
+            Message::Error {
+                request: req,
+                code: ErrorCode::Busy,
+                detail: String::new(),
+            },
+        ),
+        ("heartbeat", Message::Heartbeat { seq: 42 }),
+        (
+            "data",
+            Message::Data {
+                request: req,
+                ctx_rank: 1,
+                offset: 4096,
+                payload: Bytes::from((0..64u8).collect::<Vec<_>>()),
+            },
+        ),
+    ];
+    let mut stream = BytesMut::new();
+    for (name, msg) in &seeds {
+        std::fs::write(dir.join(name), encoded(msg)).unwrap();
+        encode(msg, &mut stream);
+    }
+    std::fs::write(dir.join("stream_all_kinds"), &stream).unwrap();
+    // Near misses the mutator can grow from: a frame cut short, and a header only.
+    std::fs::write(dir.join("truncated_request_info"), &stream[..40]).unwrap();
+    std::fs::write(dir.join("header_only"), &stream[..HEADER_LEN]).unwrap();
+}
