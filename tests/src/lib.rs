@@ -1,1 +1,251 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: node child processes that die with their guard,
+//! line capture of their output, raw frames over real sockets, and metrics scrapes.
+//!
+//! Every wait is bounded and generous: these tests must pass on a loaded 2-core CI machine.
+
+use bytes::BytesMut;
+use kvferry_cuda::node::frame::{self, Frame};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to print its address.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Poll period of every bounded wait.
+pub const POLL: Duration = Duration::from_millis(20);
+/// Small blocks (4 KiB) keep debug builds fast.
+pub const SMALL_LAYOUT: [&str; 10] = [
+    "--layers",
+    "1",
+    "--kv-heads",
+    "1",
+    "--head-dim",
+    "64",
+    "--tokens-per-block",
+    "16",
+    "--dtype-bytes",
+    "2",
+];
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// A node child process, SIGKILLed and reaped when dropped.
+pub struct NodeProc {
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+fn capture(r: impl Read + Send + 'static, echo: bool) -> Lines {
+    let lines: Lines = Arc::default();
+    let out = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("  | {line}");
+            }
+            out.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+impl NodeProc {
+    pub fn spawn(bin: &str, args: &[&str]) -> NodeProc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+        let stdout = capture(child.stdout.take().expect("piped"), false);
+        let stderr = capture(child.stderr.take().expect("piped"), false);
+        NodeProc {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first stdout line starting with `prefix` (the rest of it), within `timeout`.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.starts_with(prefix))
+            {
+                return l[prefix.len()..].trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{prefix}` line within {timeout:?}; stderr:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn addr(&self, prefix: &str) -> SocketAddr {
+        self.wait_line(prefix, START_TIMEOUT)
+            .parse()
+            .expect("node printed a socket address")
+    }
+
+    /// Waits until some stderr line satisfies `pred`.
+    pub fn wait_stderr(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stderr.lock().unwrap().iter().any(|l| pred(l)) {
+                return true;
+            }
+            std::thread::sleep(POLL);
+        }
+        false
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not exit within {timeout:?}; stderr tail:\n{}",
+                tail(&self.stderr_text(), 40)
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The gen's `summary {json}` line after it exited.
+    pub fn summary(&self) -> serde_json::Value {
+        let json = self.wait_line("summary ", Duration::from_secs(10));
+        serde_json::from_str(&json).expect("summary line is JSON")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// Writes `toml` to a fresh file under the temp dir.
+pub fn write_config(toml: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "kvferry-test-{}-{}.toml",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&p, toml).expect("writing a temp config");
+    p
+}
+
+/// Scrapes `GET /metrics` into name -> value (histogram buckets keep their labels).
+pub fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("metrics up");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("metrics response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A raw client socket speaking the node's frames.
+pub struct RawPeer {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawPeer {
+    pub fn connect(addr: SocketAddr) -> RawPeer {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        RawPeer {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().unwrap()
+    }
+
+    pub fn send(&mut self, f: &Frame) {
+        let mut b = BytesMut::new();
+        frame::encode(f, &mut b);
+        self.stream.write_all(&b).expect("write frame");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write bytes");
+    }
+
+    /// The next frame, or None once the node closed the connection.
+    pub fn recv(&mut self) -> Option<Frame> {
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            if let Some(f) = frame::decode(&mut self.buf).expect("node sends valid frames") {
+                return Some(f);
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("reading from the node: {e}"),
+            }
+        }
+    }
+
+    /// Reads frames until `pred` matches one (returned) or the connection closes (None).
+    pub fn recv_until(&mut self, pred: impl Fn(&Frame) -> bool) -> Option<Frame> {
+        while let Some(f) = self.recv() {
+            if pred(&f) {
+                return Some(f);
+            }
+        }
+        None
+    }
+}

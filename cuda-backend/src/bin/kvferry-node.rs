@@ -1,10 +1,10 @@
-//! kvferry-node: one rank of a ctx (prefill) or gen (decode) instance over TCP on host memory.
-//!
-//!   kvferry-node ctx --listen 127.0.0.1:0
-//!   kvferry-node gen --peer 127.0.0.1:PORT --requests 1000
-//!   kvferry-node bench
-//!
-//! Machine-readable lines on stdout: `listening ADDR`, `metrics ADDR`, `summary {json}`.
+// kvferry-node: one rank of a ctx (prefill) or gen (decode) instance over TCP on host memory.
+//
+//   kvferry-node ctx --listen 127.0.0.1:0
+//   kvferry-node gen --peer 127.0.0.1:PORT --requests 1000
+//   kvferry-node bench
+//
+// Machine-readable lines on stdout: `listening ADDR`, `metrics ADDR`, `summary {json}`.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -13,9 +13,10 @@ use kvferry_cuda::node::bench::{self, BenchOptions};
 use kvferry_cuda::node::core::NodeCore;
 use kvferry_cuda::node::spec::{self, NodeSpec, MAX_POOL_BLOCKS};
 use kvferry_cuda::node::{ctx, gen, metrics};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -110,6 +111,9 @@ struct Load {
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Progress period in ms (default: 200 on a terminal, 1000 otherwise).
+    #[arg(long)]
+    progress_ms: Option<u64>,
 }
 
 impl Common {
@@ -220,7 +224,7 @@ async fn run(cli: Cli) -> Result<()> {
                 max_blocks: load.max_blocks,
                 seed: load.seed,
                 verify: !load.no_verify,
-                progress: !load.quiet,
+                progress: progress_period(&load),
             };
             let s = gen::run_with(core, opts).await.context("gen node")?;
             print_summary(&s)?;
@@ -250,6 +254,20 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn progress_period(load: &Load) -> Option<Duration> {
+    if load.quiet {
+        return None;
+    }
+    let default_ms = if std::io::stderr().is_terminal() {
+        200
+    } else {
+        1000
+    };
+    Some(Duration::from_millis(
+        load.progress_ms.unwrap_or(default_ms),
+    ))
 }
 
 fn print_summary(s: &gen::Summary) -> Result<()> {

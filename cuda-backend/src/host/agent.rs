@@ -7,6 +7,7 @@
 //! its peer's connection is lost. A receive job is removed from the table under the same lock
 //! that writes land under, so no byte is written after its completion is pushed.
 
+use super::early::{Early, EarlyData, Key};
 use super::kv::HostKv;
 use crate::node::link::Links;
 use bytes::{Bytes, BytesMut};
@@ -66,7 +67,9 @@ pub struct HostAgent {
     rank: u32,
     kv: Arc<HostKv>,
     links: Links,
-    recv: Mutex<HashMap<(RequestId, u32), RecvJob>>,
+    recv: Mutex<HashMap<Key, RecvJob>>,
+    /// Chunks that arrived before their receive was posted. Lock order: `recv`, then `early`.
+    early: Mutex<EarlyData>,
     /// Cancel flags of running send tasks.
     sends: Arc<Mutex<HashMap<TransferId, Arc<AtomicBool>>>>,
     /// Wakes the driver when a completion is pushed.
@@ -82,6 +85,7 @@ impl HostAgent {
             kv,
             links,
             recv: Mutex::new(HashMap::new()),
+            early: Mutex::default(),
             sends: Arc::default(),
             wake,
             rt: tokio::runtime::Handle::current(),
@@ -109,6 +113,28 @@ impl HostAgent {
     ) -> Result<bool, DataError> {
         let mut recv = self.recv.lock().expect("recv lock");
         let key = (request, ctx_rank);
+        let landed = self.land(&mut recv, key, from, offset, payload)?;
+        if !landed {
+            self.early.lock().expect("early lock").push(Early {
+                key,
+                from,
+                offset,
+                payload: payload.clone(),
+            });
+        }
+        Ok(landed)
+    }
+
+    /// Writes one chunk into its receive job; `Ok(false)` if there is no such job.
+    fn land(
+        &self,
+        recv: &mut HashMap<Key, RecvJob>,
+        key: Key,
+        from: PeerId,
+        offset: u64,
+        payload: &Bytes,
+    ) -> Result<bool, DataError> {
+        let request = key.0;
         let Some(job) = recv.get_mut(&key) else {
             return Ok(false);
         };
@@ -169,6 +195,7 @@ impl HostAgent {
             let job = recv.remove(&k).expect("present");
             self.finish(&job.done, job.id, Err(AgentError::PeerUnreachable(peer)));
         }
+        self.early.lock().expect("early lock").forget_peer(peer);
     }
 
     fn submit_receive(
@@ -217,6 +244,15 @@ impl HostAgent {
                 done,
             },
         );
+        let early = self.early.lock().expect("early lock").take(key);
+        for e in early {
+            // Chunks of this request from another peer are foreign: drop them.
+            if e.from == from {
+                if let Err(err) = self.land(&mut recv, key, e.from, e.offset, &e.payload) {
+                    tracing::warn!(request = %key.0, peer = %from, error = %err, "early data refused");
+                }
+            }
+        }
         Ok(())
     }
 

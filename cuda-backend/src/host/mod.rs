@@ -2,6 +2,7 @@
 //! `Message::Data` frames, behind the same `TransferAgent` trait as the CUDA agent.
 
 pub mod agent;
+mod early;
 pub mod kv;
 pub mod pattern;
 

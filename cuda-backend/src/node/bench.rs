@@ -92,7 +92,7 @@ pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summar
         max_blocks: o.blocks_per_request,
         seed: 1,
         verify: o.verify,
-        progress: false,
+        progress: None,
     };
     let summary = gen::run(spec.clone(), load).await;
     ctx_task.abort();

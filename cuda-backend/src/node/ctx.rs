@@ -186,7 +186,7 @@ impl CtxNode {
         &mut self,
         peer: PeerId,
         n: u32,
-        seed: u64,
+        seed: Option<u64>,
     ) -> Result<(RequestId, TransferToken, Vec<u32>), String> {
         if n == 0 || n > MAX_PREPARE_BLOCKS {
             return Err(format!("block count {n} outside 1..={MAX_PREPARE_BLOCKS}"));
@@ -200,8 +200,10 @@ impl CtxNode {
             .expect("pool lock")
             .allocate(id, n as usize)
             .map_err(|e| format!("busy: {e}"))?;
-        for (i, b) in blocks.iter().enumerate() {
-            pattern::fill(seed, i as u32, &mut self.core.kv.block(b.id));
+        if let Some(seed) = seed {
+            for (i, b) in blocks.iter().enumerate() {
+                pattern::fill(seed, i as u32, &mut self.core.kv.block(b.id));
+            }
         }
         let token = TransferToken(rand::random());
         let ids = blocks.iter().map(|b| b.id).collect();

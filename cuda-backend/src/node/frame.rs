@@ -25,11 +25,12 @@ pub const MAX_CORE_FRAME: usize = 2 << 20;
 /// Load setup: the gen node asks the ctx node for one synthetic request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeFrame {
-    /// "Prepare a request of `blocks` blocks filled from `seed`; answer with `tag`."
+    /// "Prepare a request of `blocks` blocks filled from `seed`; answer with `tag`." Without
+    /// a seed the contents are left as they are (the asker will not verify them).
     Prepare {
         tag: u64,
         blocks: u32,
-        seed: u64,
+        seed: Option<u64>,
     },
     /// The disaggregated params of a prepared request.
     Prepared {
@@ -150,7 +151,7 @@ mod tests {
         let f = NodeFrame::Prepare {
             tag: 7,
             blocks: 3,
-            seed: 9,
+            seed: Some(9),
         };
         let mut b = BytesMut::new();
         encode_node(&f, &mut b);

@@ -46,8 +46,8 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Recompute and compare every received byte.
     pub verify: bool,
-    /// Print progress on stderr.
-    pub progress: bool,
+    /// Print progress on stderr this often (None: never).
+    pub progress: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -277,7 +277,11 @@ impl GenNode {
                 .random_range(self.opts.min_blocks..=self.opts.max_blocks);
             let seed = self.rng.random();
             let tag = self.next_tag;
-            let frame = Frame::Node(NodeFrame::Prepare { tag, blocks, seed });
+            let frame = Frame::Node(NodeFrame::Prepare {
+                tag,
+                blocks,
+                seed: self.opts.verify.then_some(seed),
+            });
             if let Err(e) = self.core.links.send_frame(self.ctx, frame) {
                 tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
                 return;
@@ -543,17 +547,12 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(enabled: bool) -> Progress {
-        let tty = std::io::stderr().is_terminal();
+    fn new(every: Option<Duration>) -> Progress {
         Progress {
-            enabled,
-            tty,
+            enabled: every.is_some(),
+            tty: std::io::stderr().is_terminal(),
             last: Instant::now(),
-            every: if tty {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_secs(1)
-            },
+            every: every.unwrap_or_default(),
         }
     }
 

@@ -1,0 +1,145 @@
+//! Hostile bytes over real sockets: garbage, a truncated frame, an oversized length field, a
+//! wrong transfer token and a request for blocks that are not the request's. Each gets a typed
+//! error frame or a closed connection and a WARN naming the peer; a legitimate gen is still
+//! served afterwards.
+
+use bytes::{BufMut, BytesMut};
+use kvferry_core::wire::{self, ErrorCode, Message, RequestInfo, HEADER_LEN, MAGIC, VERSION};
+use kvferry_cuda::node::frame::{parse_token, Frame, NodeFrame};
+use kvferry_tests::{scrape, NodeProc, RawPeer, SMALL_LAYOUT};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
+/// How long the node may take to log its WARN.
+const WARN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Expects the node to close the connection, optionally after a Malformed error frame.
+fn expect_closed(p: &mut RawPeer) {
+    while let Some(f) = p.recv() {
+        assert!(
+            matches!(
+                f,
+                Frame::Core(Message::Error {
+                    code: ErrorCode::Malformed,
+                    ..
+                })
+            ),
+            "unexpected frame before the close: {f:?}"
+        );
+    }
+}
+
+fn expect_warn(ctx: &NodeProc, who: SocketAddr) {
+    let who = who.to_string();
+    assert!(
+        ctx.wait_stderr(WARN_TIMEOUT, |l| l.contains("WARN") && l.contains(&who)),
+        "no WARN naming {who}:\n{}",
+        ctx.stderr_text()
+    );
+}
+
+fn error_code(f: Option<Frame>) -> ErrorCode {
+    match f {
+        Some(Frame::Core(Message::Error { code, .. })) => code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_peers_are_refused_and_others_still_served() {
+    let mut args = vec!["ctx", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
+    args.extend(SMALL_LAYOUT);
+    let ctx = NodeProc::spawn(BIN, &args);
+    let metrics = ctx.addr("metrics ");
+    let addr = ctx.addr("listening ");
+
+    // Garbage.
+    let mut p = RawPeer::connect(addr);
+    p.send_raw(&[0xAB; 64]);
+    expect_closed(&mut p);
+    expect_warn(&ctx, p.local_addr());
+
+    // A valid frame cut short, then end of stream.
+    let mut p = RawPeer::connect(addr);
+    let mut b = BytesMut::new();
+    wire::encode(&Message::Heartbeat { seq: 1 }, &mut b);
+    p.send_raw(&b[..b.len() - 3]);
+    p.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_closed(&mut p);
+    expect_warn(&ctx, p.local_addr());
+
+    // A header claiming a 4 GiB body: refused before any body is read.
+    let mut p = RawPeer::connect(addr);
+    let mut h = BytesMut::with_capacity(HEADER_LEN);
+    h.put_u32(MAGIC);
+    h.put_u8(VERSION);
+    h.put_u8(1);
+    h.put_u16(0);
+    h.put_u32(u32::MAX - 1);
+    h.put_u32(0);
+    p.send_raw(&h);
+    expect_closed(&mut p);
+    expect_warn(&ctx, p.local_addr());
+
+    // A real request, then a wrong token and foreign blocks for it: typed errors, no bytes.
+    let mut p = RawPeer::connect(addr);
+    p.send(&Frame::Node(NodeFrame::Prepare {
+        tag: 1,
+        blocks: 2,
+        seed: Some(3),
+    }));
+    let Some(Frame::Node(NodeFrame::Prepared {
+        request,
+        token,
+        ctx_blocks,
+        layout,
+        ..
+    })) = p.recv()
+    else {
+        panic!("prepare not answered");
+    };
+    let token = parse_token(&token).unwrap();
+    let gen_blocks = vec![
+        kvferry_core::blocks::BlockRef { id: 0, epoch: 1 },
+        kvferry_core::blocks::BlockRef { id: 1, epoch: 2 },
+    ];
+    let info = RequestInfo {
+        request,
+        token: kvferry_core::TransferToken(token.0 ^ 1),
+        gen_layout: layout,
+        ctx_blocks: ctx_blocks.clone(),
+        gen_blocks: gen_blocks.clone(),
+    };
+    p.send(&Frame::Core(Message::RequestInfo(info.clone())));
+    let is_error =
+        |f: &Frame| matches!(f, Frame::Core(Message::Error { .. } | Message::Data { .. }));
+    assert_eq!(error_code(p.recv_until(is_error)), ErrorCode::BadToken);
+    expect_warn(&ctx, p.local_addr());
+
+    let foreign: Vec<u32> = ctx_blocks.iter().map(|b| b + 100).collect();
+    let info = RequestInfo {
+        token,
+        ctx_blocks: foreign,
+        ..info
+    };
+    p.send(&Frame::Core(Message::RequestInfo(info)));
+    assert_eq!(error_code(p.recv_until(is_error)), ErrorCode::ForeignBlocks);
+    let m = scrape(metrics);
+    assert_eq!(m["kvferry_requests_rejected_total"], 2.0, "{m:?}");
+    assert_eq!(
+        m["kvferry_transfers_started_total"], 0.0,
+        "no byte served: {m:?}"
+    );
+    drop(p);
+
+    // Everyone else is still served.
+    let peer = addr.to_string();
+    let mut args = vec!["gen", "--peer", &peer, "--requests", "10"];
+    args.extend(SMALL_LAYOUT);
+    let mut g = NodeProc::spawn(BIN, &args);
+    let status = g.wait_exit(Duration::from_secs(120));
+    let s = g.summary();
+    assert!(status.success(), "{s}");
+    assert_eq!(s["done"], 10, "{s}");
+}
