@@ -13,6 +13,8 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
 /// How long the node may take to log its WARN.
 const WARN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Metrics scrapes (50 ms apart) before the counters must show what happened.
+const METRICS_POLLS: usize = 600;
 
 /// Expects the node to close the connection, optionally after a Malformed error frame.
 fn expect_closed(p: &mut RawPeer) {
@@ -125,7 +127,15 @@ fn hostile_peers_are_refused_and_others_still_served() {
     };
     p.send(&Frame::Core(Message::RequestInfo(info)));
     assert_eq!(error_code(p.recv_until(is_error)), ErrorCode::ForeignBlocks);
-    let m = scrape(metrics);
+    // Metrics are published after the step that sent the error frame: poll, bounded.
+    let mut m = scrape(metrics);
+    for _ in 0..METRICS_POLLS {
+        if m["kvferry_requests_rejected_total"] >= 2.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        m = scrape(metrics);
+    }
     assert_eq!(m["kvferry_requests_rejected_total"], 2.0, "{m:?}");
     assert_eq!(
         m["kvferry_transfers_started_total"], 0.0,

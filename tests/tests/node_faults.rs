@@ -95,23 +95,28 @@ fn killed_gen_makes_ctx_release_everything_and_serve_the_next() {
     let mut g1 = gen(addr, "100000", gen_cfg);
     wait_done(&g1, 30);
     g1.kill();
+    assert!(
+        c.wait_stderr(Duration::from_secs(60), |l| l
+            .contains("gen peer disconnected")),
+        "ctx did not notice the kill:\n{}",
+        c.stderr_text()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(60);
-    let m = loop {
+    loop {
         let m = scrape(metrics);
         let released = m["kvferry_blocks_free"] == m["kvferry_blocks_total"]
             && m["kvferry_staging_free"] == m["kvferry_staging_slots"]
             && m["kvferry_staging_poisoned"] == 0.0;
         if released {
-            break m;
+            break;
         }
         assert!(
             Instant::now() < deadline,
             "ctx still holds resources: {m:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(m["kvferry_requests_failed_total"] >= 1.0, "{m:?}");
+    }
 
     let mut g2 = gen(addr, "20", gen_cfg);
     let status = g2.wait_exit(GEN_TIMEOUT);

@@ -15,7 +15,7 @@ use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::plan::Fragment;
-use kvferry_core::wire::Message;
+use kvferry_core::wire::{self, Message};
 use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -303,7 +303,7 @@ impl HostAgent {
 
 struct ChunkSender<'a> {
     kv: &'a HostKv,
-    data: &'a tokio::sync::mpsc::Sender<Message>,
+    data: &'a tokio::sync::mpsc::Sender<Bytes>,
     request: RequestId,
     rank: u32,
     to: PeerId,
@@ -344,8 +344,10 @@ impl ChunkSender<'_> {
             offset: sent,
             payload,
         };
+        let mut frame = BytesMut::with_capacity(wire::HEADER_LEN + len as usize);
+        wire::encode(&msg, &mut frame);
         self.data
-            .send(msg)
+            .send(frame.freeze())
             .await
             .map_err(|_| AgentError::PeerUnreachable(self.to))?;
         chunk.reserve(DATA_CHUNK);

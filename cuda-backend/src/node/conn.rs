@@ -8,7 +8,7 @@
 use super::frame::{self, Frame};
 use super::link::{LinkQueues, Outgoing};
 use crate::host::{DataError, HostAgent};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use kvferry_core::wire::{ErrorCode, Message};
 use kvferry_core::{PeerId, RequestId};
 use std::net::SocketAddr;
@@ -173,37 +173,53 @@ async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
         .map_err(|_| Closed::Io(std::io::Error::other("node is shutting down")))
 }
 
+enum Item {
+    Control(Outgoing),
+    /// An encoded data frame, written as is.
+    Data(Bytes),
+}
+
 async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(WRITE_BATCH);
     loop {
         let first = tokio::select! {
             biased;
-            c = q.control.recv() => c,
-            d = q.data.recv() => d.map(|m| Outgoing::Frame(Frame::Core(m))),
+            c = q.control.recv() => c.map(Item::Control),
+            d = q.data.recv() => d.map(Item::Data),
         };
         let Some(mut item) = first else {
             return Ok(()); // the link is gone
         };
         loop {
             match item {
-                Outgoing::Frame(f) => frame::encode(&f, &mut out),
-                Outgoing::Close => {
+                Item::Control(Outgoing::Frame(f)) => frame::encode(&f, &mut out),
+                Item::Control(Outgoing::Close) => {
                     wr.write_all(&out).await?;
                     return wr.shutdown().await;
+                }
+                Item::Data(bytes) => {
+                    // Queued control frames go first; the data frame is not copied again.
+                    if !out.is_empty() {
+                        wr.write_all(&out).await?;
+                        out.clear();
+                    }
+                    wr.write_all(&bytes).await?;
                 }
             }
             if out.len() >= WRITE_BATCH {
                 break;
             }
             item = match q.control.try_recv() {
-                Ok(c) => c,
+                Ok(c) => Item::Control(c),
                 Err(_) => match q.data.try_recv() {
-                    Ok(m) => Outgoing::Frame(Frame::Core(m)),
+                    Ok(d) => Item::Data(d),
                     Err(_) => break,
                 },
             };
         }
-        wr.write_all(&out).await?;
-        out.clear();
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
     }
 }

@@ -109,6 +109,32 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     }
 }
 
+/// The length of the whole frame at the front of `buf` (either namespace), once its header
+/// is in; the length is checked against its bound first, so a lying header is never buffered.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let (header, max) = match magic {
+        NODE_MAGIC => (NODE_HEADER_LEN, MAX_NODE_BODY),
+        wire::MAGIC => (wire::HEADER_LEN, MAX_CORE_FRAME),
+        other => return Err(WireError::BadMagic(other).into()),
+    };
+    if buf.len() < header {
+        return Ok(None);
+    }
+    // Both headers keep the body length at bytes 8..12.
+    let len = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    if len > max {
+        return Err(match magic {
+            NODE_MAGIC => FrameError::TooLarge { len },
+            _ => WireError::TooLarge { len, max }.into(),
+        });
+    }
+    Ok(Some(header + len))
+}
+
 /// Takes one whole frame of either namespace off the front of `buf`; `Ok(None)` when more
 /// bytes are needed. After an error the stream is unusable: close the connection.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {

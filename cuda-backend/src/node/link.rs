@@ -1,8 +1,10 @@
 //! The live connections of a node, keyed by the peer id the node gave each one, and the core
 //! `Transport` on top of them. Control frames and data frames queue separately (both bounded)
-//! so a bulk transfer cannot starve a Cancel or an Error.
+//! so a bulk transfer cannot starve a Cancel or an Error. Data frames queue already encoded:
+//! the send tasks pay for the copy and the checksum in parallel, the writer only writes.
 
 use super::frame::Frame;
+use bytes::Bytes;
 use kvferry_core::transport::{Transport, TransportError};
 use kvferry_core::wire::Message;
 use kvferry_core::PeerId;
@@ -27,14 +29,14 @@ pub enum Outgoing {
 pub struct Link {
     pub addr: SocketAddr,
     pub control: mpsc::Sender<Outgoing>,
-    pub data: mpsc::Sender<Message>,
+    pub data: mpsc::Sender<Bytes>,
 }
 
 /// Receiving ends of a link, owned by its connection task.
 #[derive(Debug)]
 pub struct LinkQueues {
     pub control: mpsc::Receiver<Outgoing>,
-    pub data: mpsc::Receiver<Message>,
+    pub data: mpsc::Receiver<Bytes>,
 }
 
 impl Link {
