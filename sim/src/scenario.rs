@@ -28,3 +28,63 @@ pub struct Scenario {
 
 /// Names accepted by `--scenario`.
 pub const SCENARIOS: [&str; 5] = ["default", "crashy", "partition-heavy", "hetero-tp", "mla"];
+
+impl Scenario {
+    /// The named starting points of `--scenario`. All use tiny layouts (head dim 4, 4 tokens
+    /// per block, 2-byte dtype, 8 layers) so that a seed of 64 requests runs in well under a
+    /// second of wall time.
+    pub fn named(name: &str) -> Option<Scenario> {
+        let base = Scenario {
+            name: name.to_string(),
+            ctx_instances: 1,
+            gen_instances: 1,
+            ctx_tp: 2,
+            ctx_pp: 1,
+            gen_tp: 1,
+            gen_pp: 1,
+            mla: false,
+            requests: 64,
+            fault_rate: 1.0,
+            inflight_cancel: false,
+            timeout_ms: None,
+            bugs: BugSet::NONE,
+        };
+        Some(match name {
+            "default" => base,
+            "crashy" => Scenario {
+                ctx_instances: 2,
+                gen_instances: 2,
+                ..base
+            },
+            "partition-heavy" => Scenario {
+                ctx_instances: 2,
+                gen_instances: 1,
+                timeout_ms: Some(20),
+                ..base
+            },
+            "hetero-tp" => Scenario {
+                ctx_tp: 2,
+                ctx_pp: 2,
+                gen_tp: 4,
+                gen_pp: 1,
+                ..base
+            },
+            "mla" => Scenario {
+                mla: true,
+                ctx_tp: 2,
+                gen_tp: 2,
+                ..base
+            },
+            _ => return None,
+        })
+    }
+
+    /// KV heads of the simulated model: MLA has its single latent head.
+    pub fn kv_heads(&self) -> u32 {
+        if self.mla {
+            1
+        } else {
+            4
+        }
+    }
+}

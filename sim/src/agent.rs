@@ -1,0 +1,565 @@
+//! The simulated transfer agent: moves real bytes between ranks' simulated KV memories.
+//!
+//! The sender drives a job like a one-sided write engine: per chunk it gathers fragments into
+//! its staging slot, waits (copy time), ships the slot's bytes over the wire (latency and
+//! bandwidth, held while partitioned), and lands them in the receive job's staging slot, from
+//! which the receiver scatters into its blocks after another copy delay, checking every block's
+//! owner epoch (I5). The gaps between staging writes and reads are where a late writer into a
+//! reused slot corrupts bytes (I6), which is the point.
+//!
+//! Every submitted job completes exactly once (`finish` removes it from the table first), also
+//! on cancel, injected error and peer crash; cancel completes only once no chunk of the job is
+//! being scattered, so the completion really is a fence. Teardown (the agent's `Drop`, or the
+//! `drop-agent-early` bug) sets `torn_down`; a job that writes or completes after it is I3.
+
+use crate::checker::RankKey;
+use crate::cluster::{Sim, ROGUE_INSTANCE};
+use crate::memory::RankMemory;
+use crate::report::{Invariant, TraceKind};
+use kvferry_core::agent::{
+    AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
+};
+use kvferry_core::blocks::{BlockPool, BlockRef};
+use kvferry_core::plan::Fragment;
+use kvferry_core::staging::SlotBuffer;
+use kvferry_core::{PeerId, RequestId};
+use madsim::rand::Rng;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Copy time of a gather or scatter, microseconds.
+pub const COPY_US: (u64, u64) = (50, 400);
+/// Wire time per chunk beyond latency: nanoseconds per byte (about 100 MB/s: slow on purpose,
+/// so transfers overlap ticks, cancels and faults).
+pub const NS_PER_BYTE: u64 = 10;
+/// One-way data latency, microseconds.
+pub const DATA_LATENCY_US: (u64, u64) = (50, 300);
+/// Time a backend takes to stop a cancelled job, microseconds.
+pub const CANCEL_US: (u64, u64) = (100, 3000);
+/// Jobs one agent holds at once; beyond it `submit` refuses (the core fails the leg).
+pub const MAX_AGENT_JOBS: usize = 4096;
+
+#[derive(Debug)]
+struct JobRec {
+    request: RequestId,
+    direction: Direction,
+    done: CompletionQueue,
+    staging: SlotBuffer,
+    local: Vec<BlockRef>,
+    expected: u64,
+    landed: u64,
+    chunks: u32,
+    /// Injected error: fail after this many chunks.
+    fail_after: Option<u32>,
+    cancelling: bool,
+    /// Chunks landed and not yet scattered (receive) or mid-flight (send).
+    busy: u32,
+    trace_id: u64,
+}
+
+/// The agent's state, shared with its job tasks.
+#[derive(Debug)]
+pub struct AgentInner {
+    sim: Arc<Sim>,
+    pub me: PeerId,
+    rank_key: RankKey,
+    track: String,
+    number: u32,
+    alive: Arc<AtomicBool>,
+    torn_down: AtomicBool,
+    memory: Arc<Mutex<RankMemory>>,
+    pool: Arc<Mutex<BlockPool>>,
+    block_bytes: u64,
+    jobs: Mutex<BTreeMap<TransferId, JobRec>>,
+}
+
+/// What the transceiver holds. Its `Drop` is the agent's teardown.
+#[derive(Debug)]
+pub struct SimAgent {
+    inner: Arc<AgentInner>,
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        self.inner.teardown();
+    }
+}
+
+pub struct AgentParts {
+    pub sim: Arc<Sim>,
+    pub me: PeerId,
+    pub track: String,
+    pub number: u32,
+    pub alive: Arc<AtomicBool>,
+    pub memory: Arc<Mutex<RankMemory>>,
+    pub pool: Arc<Mutex<BlockPool>>,
+    pub block_bytes: u64,
+}
+
+impl SimAgent {
+    pub fn new(p: AgentParts) -> SimAgent {
+        SimAgent {
+            inner: Arc::new(AgentInner {
+                rank_key: (p.me.instance, p.me.rank),
+                sim: p.sim,
+                me: p.me,
+                track: p.track,
+                number: p.number,
+                alive: p.alive,
+                torn_down: AtomicBool::new(false),
+                memory: p.memory,
+                pool: p.pool,
+                block_bytes: p.block_bytes,
+                jobs: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    pub fn inner(&self) -> &Arc<AgentInner> {
+        &self.inner
+    }
+}
+
+fn rand_us(r: (u64, u64)) -> Duration {
+    Duration::from_micros(madsim::rand::thread_rng().gen_range(r.0..r.1))
+}
+
+impl AgentInner {
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed) && !self.sim.stopped()
+    }
+
+    pub fn is_torn_down(&self) -> bool {
+        self.torn_down.load(Ordering::Relaxed)
+    }
+
+    pub fn teardown(&self) {
+        if !self.torn_down.swap(true, Ordering::Relaxed) && self.alive() {
+            let at = self.sim.now_us();
+            let mut c = self.sim.checker.lock().expect("checker lock");
+            c.instant(at, &self.track, format!("agent {} torn down", self.number));
+        }
+    }
+
+    /// Jobs submitted and not completed.
+    pub fn in_flight(&self) -> usize {
+        self.jobs.lock().expect("agent jobs lock").len()
+    }
+
+    pub fn in_flight_for(&self, request: RequestId) -> usize {
+        let jobs = self.jobs.lock().expect("agent jobs lock");
+        jobs.values().filter(|j| j.request == request).count()
+    }
+
+    /// I3: something of this agent touched memory or completed after teardown.
+    fn check_alive_agent(&self, what: &str, id: TransferId) {
+        if self.is_torn_down() {
+            let at = self.sim.now_us();
+            self.sim.checker.lock().expect("checker lock").violate(
+                Invariant::I3,
+                at,
+                format!(
+                    "{}: agent {} torn down, then transfer {} {what}",
+                    self.track, self.number, id.0
+                ),
+            );
+        }
+    }
+
+    /// The one place a completion is pushed: exactly once per job.
+    fn finish(&self, id: TransferId, result: Result<u64, AgentError>) {
+        if !self.alive() {
+            return; // the instance crashed: its queue is gone with it
+        }
+        let Some(job) = self.jobs.lock().expect("agent jobs lock").remove(&id) else {
+            return;
+        };
+        self.check_alive_agent("pushed its completion", id);
+        let at = self.sim.now_us();
+        {
+            let mut c = self.sim.checker.lock().expect("checker lock");
+            c.job_pushed(self.rank_key, job.request, at);
+            let name = match &result {
+                Ok(b) => format!("ok {b} B"),
+                Err(e) => format!("{e}"),
+            };
+            c.event(at, &self.track, TraceKind::End { id: job.trace_id }, name);
+        }
+        job.done.push(Completion { id, result });
+    }
+
+    /// A peer instance crashed: its jobs fail like a reset connection.
+    pub fn peer_crashed(&self, instance: u32) {
+        let ids: Vec<TransferId> = {
+            let jobs = self.jobs.lock().expect("agent jobs lock");
+            jobs.iter()
+                .filter(|(_, j)| peer_of(&j.direction).instance == instance)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in ids {
+            let peer = {
+                let jobs = self.jobs.lock().expect("agent jobs lock");
+                jobs.get(&id).map(|j| peer_of(&j.direction))
+            };
+            if let Some(p) = peer {
+                self.finish(id, Err(AgentError::PeerUnreachable(p)));
+            }
+        }
+    }
+
+    /// Receiver side: a chunk from `from` for `request` arrives. Lands it in the job's staging
+    /// slot at once and scatters it into blocks after a copy delay.
+    fn land(
+        self: &Arc<Self>,
+        request: RequestId,
+        from: PeerId,
+        frags: Vec<Fragment>,
+        bytes: Vec<u8>,
+    ) -> bool {
+        let (id, staging) = {
+            let mut jobs = self.jobs.lock().expect("agent jobs lock");
+            let Some((id, job)) = jobs
+                .iter_mut()
+                .find(|(_, j)| j.request == request && j.direction == Direction::Receive { from })
+            else {
+                return false;
+            };
+            job.busy += 1;
+            (*id, job.staging.clone())
+        };
+        self.check_alive_agent("landed bytes", id);
+        {
+            let mut s = staging.lock().expect("slot buffer lock");
+            if s.len() < bytes.len() {
+                s.resize(bytes.len(), 0);
+            }
+            s[..bytes.len()].copy_from_slice(&bytes);
+        }
+        let me = self.clone();
+        let len = bytes.len();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(rand_us(COPY_US)).await;
+            me.scatter(id, staging, frags, len);
+        });
+        true
+    }
+
+    fn scatter(&self, id: TransferId, staging: SlotBuffer, frags: Vec<Fragment>, len: usize) {
+        if !self.alive() {
+            return;
+        }
+        let (request, local) = {
+            let jobs = self.jobs.lock().expect("agent jobs lock");
+            let Some(job) = jobs.get(&id) else {
+                return; // failed meanwhile (peer crash): the copy never lands
+            };
+            (job.request, job.local.clone())
+        };
+        self.check_alive_agent("scattered into blocks", id);
+        let data: Vec<u8> = staging.lock().expect("slot buffer lock")[..len].to_vec();
+        let mut at = 0usize;
+        {
+            let pool = self.pool.lock().expect("block pool lock");
+            let mut mem = self.memory.lock().expect("memory lock");
+            for f in &frags {
+                let block = (f.dst_offset / self.block_bytes) as u32;
+                let n = f.len as usize;
+                let bref = local.iter().find(|b| b.id == block).copied();
+                let ok = match bref {
+                    None => Err(format!("block {block} is not among the job's blocks")),
+                    Some(b) => pool
+                        .check_write(&b)
+                        .and_then(|_| pool.check_owner(&b, request))
+                        .map_err(|e| e.to_string()),
+                };
+                match ok {
+                    Ok(()) => mem.write(f.dst_offset, &data[at..at + n]),
+                    Err(e) => {
+                        let now = self.sim.now_us();
+                        self.sim.checker.lock().expect("checker lock").violate(
+                            Invariant::I5,
+                            now,
+                            format!(
+                                "{}: transfer {} for {request} wrote a block it does not own: {e}",
+                                self.track, id.0
+                            ),
+                        );
+                    }
+                }
+                at += n;
+            }
+        }
+        let outcome = {
+            let mut jobs = self.jobs.lock().expect("agent jobs lock");
+            let Some(job) = jobs.get_mut(&id) else {
+                return;
+            };
+            job.busy -= 1;
+            job.landed += len as u64;
+            job.chunks += 1;
+            if job.cancelling {
+                None
+            } else if job.fail_after.is_some_and(|k| job.chunks > k) {
+                Some(Err(AgentError::Backend(
+                    "injected failure after a partial write".into(),
+                )))
+            } else if job.landed >= job.expected {
+                Some(Ok(job.expected))
+            } else {
+                None
+            }
+        };
+        if let Some(r) = outcome {
+            self.finish(id, r);
+        }
+    }
+
+    /// Sender side: the whole job, chunk by chunk.
+    async fn run_send(self: Arc<Self>, id: TransferId, job: TransferJob, to: PeerId) {
+        let frags: Vec<Fragment> = job.plan.fragments_from(self.me.rank).collect();
+        let cap = job.staging.lock().expect("slot buffer lock").len().max(1);
+        let mut chunks: Vec<Vec<Fragment>> = Vec::new();
+        let mut cur: Vec<Fragment> = Vec::new();
+        let mut cur_len = 0usize;
+        for f in frags {
+            assert!(
+                f.len as usize <= cap,
+                "a fragment of {} B exceeds the {cap} B staging slot",
+                f.len
+            );
+            if cur_len + f.len as usize > cap {
+                chunks.push(std::mem::take(&mut cur));
+                cur_len = 0;
+            }
+            cur_len += f.len as usize;
+            cur.push(f);
+        }
+        if !cur.is_empty() {
+            chunks.push(cur);
+        }
+        let mut sent = 0u64;
+        for (k, chunk) in chunks.into_iter().enumerate() {
+            let fail = {
+                let mut jobs = self.jobs.lock().expect("agent jobs lock");
+                let Some(j) = jobs.get_mut(&id) else {
+                    return;
+                };
+                if j.cancelling {
+                    return; // its cancel task completes it
+                }
+                j.busy += 1;
+                j.fail_after.is_some_and(|n| k as u32 >= n)
+            };
+            if !self.alive() {
+                return;
+            }
+            if fail {
+                self.set_idle(id);
+                self.finish(
+                    id,
+                    Err(AgentError::Backend("injected failure mid-transfer".into())),
+                );
+                return;
+            }
+            // Gather into the staging slot, wait the copy, then ship what the slot holds then.
+            let len: usize = chunk.iter().map(|f| f.len as usize).sum();
+            self.check_alive_agent("gathered into staging", id);
+            {
+                let mem = self.memory.lock().expect("memory lock");
+                let mut s = job.staging.lock().expect("slot buffer lock");
+                let mut at = 0usize;
+                for f in &chunk {
+                    let n = f.len as usize;
+                    mem.read(f.src_offset, &mut s[at..at + n]);
+                    at += n;
+                }
+            }
+            madsim::time::sleep(rand_us(COPY_US)).await;
+            let bytes: Vec<u8> = job.staging.lock().expect("slot buffer lock")[..len].to_vec();
+            let spike = self.sim.fabric.lock().expect("fabric lock").spike_us;
+            let wire = rand_us(DATA_LATENCY_US)
+                + Duration::from_micros(spike + len as u64 * NS_PER_BYTE / 1000);
+            madsim::time::sleep(wire).await;
+            while self
+                .sim
+                .fabric
+                .lock()
+                .expect("fabric lock")
+                .blocked(self.me, to)
+            {
+                madsim::time::sleep(crate::net::PARTITION_POLL).await;
+            }
+            if !self.alive() {
+                return;
+            }
+            let landed = match self.sim.rank(to) {
+                Some(rank) => rank.land(job.request, self.me, chunk, bytes),
+                None => false,
+            };
+            self.set_idle(id);
+            if !landed {
+                let err = if self.sim.is_alive(to.instance) {
+                    AgentError::Rejected("no receive posted for this request".into())
+                } else {
+                    AgentError::PeerUnreachable(to)
+                };
+                self.finish(id, Err(err));
+                return;
+            }
+            sent += len as u64;
+        }
+        self.finish(id, Ok(sent));
+    }
+
+    fn set_idle(&self, id: TransferId) {
+        if let Some(j) = self.jobs.lock().expect("agent jobs lock").get_mut(&id) {
+            j.busy = j.busy.saturating_sub(1);
+        }
+    }
+
+    async fn run_cancel(self: Arc<Self>, id: TransferId) {
+        madsim::time::sleep(rand_us(CANCEL_US)).await;
+        loop {
+            let busy = match self.jobs.lock().expect("agent jobs lock").get(&id) {
+                None => return,
+                Some(j) => j.busy,
+            };
+            if busy == 0 || !self.alive() {
+                break;
+            }
+            madsim::time::sleep(rand_us(COPY_US)).await;
+        }
+        self.finish(id, Err(AgentError::Cancelled));
+    }
+}
+
+fn peer_of(d: &Direction) -> PeerId {
+    match d {
+        Direction::Send { to } => *to,
+        Direction::Receive { from } => *from,
+    }
+}
+
+impl TransferAgent for SimAgent {
+    fn submit(&self, job: TransferJob, done: CompletionQueue) -> Result<(), AgentError> {
+        let inner = &self.inner;
+        let sim = &inner.sim;
+        if inner.in_flight() >= MAX_AGENT_JOBS {
+            return Err(AgentError::Backend("agent job table full".into()));
+        }
+        let id = job.id;
+        let peer = peer_of(&job.direction);
+        let at = sim.now_us();
+        let trace_id = (u64::from(inner.me.instance) << 48)
+            ^ (u64::from(inner.me.rank) << 40)
+            ^ (u64::from(inner.number) << 32)
+            ^ id.0;
+        let fail_after = sim.draw_agent_error().then(|| {
+            let chunks = job
+                .bytes
+                .div_ceil(job.staging.lock().expect("slot buffer lock").len().max(1) as u64);
+            madsim::rand::thread_rng().gen_range(0..chunks.max(1)) as u32
+        });
+        {
+            let mut c = sim.checker.lock().expect("checker lock");
+            c.job_submitted(inner.rank_key, job.request);
+            let dir = if matches!(job.direction, Direction::Send { .. }) {
+                "send"
+            } else {
+                "recv"
+            };
+            c.event(
+                at,
+                &inner.track,
+                TraceKind::Begin { id: trace_id },
+                format!("{dir} {} {} B peer {peer}", job.request, job.bytes),
+            );
+            if fail_after.is_some() {
+                c.fault(
+                    at,
+                    "agent-error",
+                    format!("{} transfer {} of {}", inner.track, id.0, job.request),
+                );
+            }
+            if peer.instance == ROGUE_INSTANCE && matches!(job.direction, Direction::Send { .. }) {
+                c.violate(
+                    Invariant::I9,
+                    at,
+                    format!(
+                        "{}: send job for {} submitted towards rogue peer {peer}",
+                        inner.track, job.request
+                    ),
+                );
+            }
+        }
+        inner.jobs.lock().expect("agent jobs lock").insert(
+            id,
+            JobRec {
+                request: job.request,
+                direction: job.direction.clone(),
+                done,
+                staging: job.staging.clone(),
+                local: job.local_blocks.clone(),
+                expected: job.bytes,
+                landed: 0,
+                chunks: 0,
+                fail_after,
+                cancelling: false,
+                busy: 0,
+                trace_id,
+            },
+        );
+        let me = inner.clone();
+        if !sim.is_alive(peer.instance) {
+            // Connection refused: the peer is gone; fail soon, not inside submit.
+            madsim::task::spawn(async move {
+                madsim::time::sleep(rand_us(DATA_LATENCY_US)).await;
+                me.finish(id, Err(AgentError::PeerUnreachable(peer)));
+            });
+            return Ok(());
+        }
+        match job.direction.clone() {
+            Direction::Send { to } => {
+                madsim::task::spawn(me.run_send(id, job, to));
+            }
+            Direction::Receive { .. } => {
+                if fail_after == Some(0) {
+                    // Fails before any byte lands (e.g. registration error), a bit later.
+                    madsim::task::spawn(async move {
+                        madsim::time::sleep(rand_us(COPY_US)).await;
+                        me.finish(id, Err(AgentError::Backend("injected failure".into())));
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cancel(&self, id: TransferId) {
+        let inner = &self.inner;
+        let mut jobs = inner.jobs.lock().expect("agent jobs lock");
+        if let Some(j) = jobs.get_mut(&id) {
+            if !j.cancelling {
+                j.cancelling = true;
+                drop(jobs);
+                madsim::task::spawn(inner.clone().run_cancel(id));
+            }
+        }
+    }
+}
+
+impl AgentInner {
+    /// Entry point for a sender on another rank (see `RankShared::land`).
+    pub fn try_land(
+        self: &Arc<Self>,
+        request: RequestId,
+        from: PeerId,
+        frags: Vec<Fragment>,
+        bytes: Vec<u8>,
+    ) -> bool {
+        self.land(request, from, frags, bytes)
+    }
+}

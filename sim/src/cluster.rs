@@ -1,0 +1,704 @@
+//! One seed: the cluster, the client, the fault injector, and the run to quiescence.
+//!
+//! Time line of a seed (simulated): requests arrive during the load phase; faults strike until
+//! `HEAL_AT` when every partition, clog and spike heals (crashed instances restart within
+//! `MAX_RESTART_MS`, before it). Liveness bound (I7): every request that was not lost with a
+//! crashed instance reaches a terminal state on every instance it was started on within
+//! `DRAIN` after `HEAL_AT`. The seed ends as soon as everything is settled and idle.
+
+use crate::checker::Checker;
+use crate::faults::{FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
+use crate::net::{Barrier, Fabric};
+use crate::rank::{run_rank, Command, RankShared, TICK};
+use crate::report::{Invariant, SeedReport};
+use crate::router::{Router, SideState};
+use crate::scenario::Scenario;
+use kvferry_core::blocks::BlockPool;
+use kvferry_core::config::TransceiverConfig;
+use kvferry_core::layout::CacheLayout;
+use kvferry_core::request::RequestState;
+use kvferry_core::transceiver::Side;
+use kvferry_core::wire::{Message, RequestInfo};
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use madsim::rand::Rng;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The instance id a rogue peer claims; no real incarnation ever gets it.
+pub const ROGUE_INSTANCE: u32 = u32::MAX - 1;
+/// KV blocks per instance.
+pub const BLOCKS_PER_INSTANCE: u32 = 192;
+/// Blocks of one request (prompt length / tokens per block), drawn in 1..=this.
+pub const MAX_REQUEST_BLOCKS: usize = 8;
+/// Mean gap between request arrivals.
+pub const ARRIVAL_GAP_US: u64 = 3000;
+/// Prefill time before the generation side is asked.
+pub const PREFILL_US: (u64, u64) = (200, 3000);
+/// Faults stop and heal here.
+pub const HEAL_AT: Duration = Duration::from_millis(260);
+/// Liveness bound after `HEAL_AT` (see the module docs).
+pub const DRAIN: Duration = Duration::from_secs(3);
+/// How often the end-of-seed watcher looks for quiescence.
+pub const SETTLE_POLL: Duration = Duration::from_millis(5);
+
+/// One incarnation of a context or generation instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub side: Side,
+    pub index: u32,
+    pub uid: u32,
+    /// Rank 0's layout; `with_rank` gives the others.
+    pub layout: CacheLayout,
+    pub alive: Arc<AtomicBool>,
+    pub pool: Arc<Mutex<BlockPool>>,
+    pub barrier: Arc<Mutex<Barrier>>,
+    pub ranks: Vec<Arc<RankShared>>,
+    pub started_us: u64,
+}
+
+impl Instance {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    pub fn name(&self) -> String {
+        let k = if self.side == Side::Context {
+            "ctx"
+        } else {
+            "gen"
+        };
+        format!("{k}{}", self.index)
+    }
+}
+
+/// Everything of one seed that tasks share. Locks are leaves: no code holds one while it
+/// calls into a transceiver, an agent or another lock's owner.
+#[derive(Debug)]
+pub struct Sim {
+    pub scenario: Scenario,
+    pub tx_config: TransceiverConfig,
+    pub mix: FaultMix,
+    pub checker: Mutex<Checker>,
+    pub fabric: Mutex<Fabric>,
+    pub instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
+    pub router: Mutex<Router>,
+    next_uid: Mutex<u32>,
+    stop: AtomicBool,
+}
+
+impl Sim {
+    pub fn now_us(&self) -> u64 {
+        madsim::time::TimeHandle::current().elapsed().as_micros() as u64
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn is_alive(&self, uid: u32) -> bool {
+        self.instances
+            .lock()
+            .expect("instances lock")
+            .contains_key(&uid)
+    }
+
+    pub fn instance(&self, uid: u32) -> Option<Arc<Instance>> {
+        self.instances
+            .lock()
+            .expect("instances lock")
+            .get(&uid)
+            .cloned()
+    }
+
+    pub fn rank(&self, p: PeerId) -> Option<Arc<RankShared>> {
+        let inst = self.instance(p.instance)?;
+        inst.ranks.get(p.rank as usize).cloned()
+    }
+
+    pub fn trace(&self, track: &str, name: String) {
+        let at = self.now_us();
+        self.checker
+            .lock()
+            .expect("checker lock")
+            .instant(at, track, name);
+    }
+
+    pub fn violate(&self, inv: Invariant, detail: String) {
+        let at = self.now_us();
+        self.checker
+            .lock()
+            .expect("checker lock")
+            .violate(inv, at, detail);
+    }
+
+    pub fn fault(&self, kind: &str, detail: String) {
+        let at = self.now_us();
+        self.checker
+            .lock()
+            .expect("checker lock")
+            .fault(at, kind, detail);
+    }
+
+    pub fn faults_on(&self) -> bool {
+        !self.stopped() && self.now_us() < HEAL_AT.as_micros() as u64
+    }
+
+    pub fn draw_agent_error(&self) -> bool {
+        self.faults_on() && madsim::rand::thread_rng().gen_bool(self.mix.agent_error)
+    }
+
+    fn draw(&self, p: f64) -> bool {
+        self.faults_on() && p > 0.0 && madsim::rand::thread_rng().gen_bool(p)
+    }
+
+    /// An instance agreed a terminal state for a request (reported by each of its ranks).
+    pub fn on_terminal(
+        self: &Arc<Self>,
+        inst: &Instance,
+        rank: u32,
+        id: RequestId,
+        state: RequestState,
+    ) {
+        if rank != 0 {
+            return;
+        }
+        let cancel_ctx = {
+            let mut r = self.router.lock().expect("router lock");
+            r.terminal(inst.side, inst.uid, id, state)
+        };
+        if let Some(uid) = cancel_ctx {
+            self.command_all(uid, |_| Command::Cancel(id));
+        }
+    }
+
+    fn command_all(&self, uid: u32, mut f: impl FnMut(usize) -> Command) {
+        if let Some(inst) = self.instance(uid) {
+            for (i, r) in inst.ranks.iter().enumerate() {
+                r.command(f(i));
+            }
+        }
+    }
+
+    fn layout(&self, side: Side) -> CacheLayout {
+        let s = &self.scenario;
+        let (tp, pp) = match side {
+            Side::Context => (s.ctx_tp, s.ctx_pp),
+            Side::Generation => (s.gen_tp, s.gen_pp),
+        };
+        CacheLayout {
+            num_layers: 8,
+            num_kv_heads: s.kv_heads(),
+            head_dim: 4,
+            tokens_per_block: 4,
+            dtype_bytes: 2,
+            tp_size: tp,
+            tp_rank: 0,
+            pp_size: pp,
+            pp_rank: 0,
+            mla: s.mla,
+        }
+    }
+
+    /// Starts a fresh incarnation of instance `index` of `side`.
+    fn start_instance(self: &Arc<Self>, side: Side, index: u32) -> Arc<Instance> {
+        let uid = {
+            let mut n = self.next_uid.lock().expect("uid lock");
+            *n += 1;
+            *n
+        };
+        let layout = self.layout(side);
+        layout.validate().expect("scenario layout must be valid");
+        let k = if side == Side::Context { "ctx" } else { "gen" };
+        let ranks = (0..layout.world_size())
+            .map(|r| {
+                Arc::new(RankShared::new(
+                    PeerId {
+                        instance: uid,
+                        rank: r,
+                    },
+                    format!("{k}{index}/r{r}"),
+                    layout.with_rank(r),
+                    BLOCKS_PER_INSTANCE,
+                ))
+            })
+            .collect::<Vec<_>>();
+        let inst = Arc::new(Instance {
+            side,
+            index,
+            uid,
+            layout,
+            alive: Arc::new(AtomicBool::new(true)),
+            pool: Arc::new(Mutex::new(BlockPool::with_bugs(
+                BLOCKS_PER_INSTANCE,
+                self.scenario.bugs,
+            ))),
+            barrier: Arc::new(Mutex::new(Barrier::new(ranks.len()))),
+            ranks,
+            started_us: self.now_us(),
+        });
+        self.instances
+            .lock()
+            .expect("instances lock")
+            .insert(uid, inst.clone());
+        self.router
+            .lock()
+            .expect("router lock")
+            .set_slot(side, index, Some(uid));
+        for r in &inst.ranks {
+            madsim::task::spawn(run_rank(self.clone(), inst.clone(), r.clone()));
+        }
+        self.trace(&format!("{k}{index}"), format!("incarnation {uid} up"));
+        inst
+    }
+
+    /// Crash: the whole instance loses its state; peers see their transfers reset.
+    fn crash(self: &Arc<Self>, uid: u32) {
+        let Some(inst) = self.instances.lock().expect("instances lock").remove(&uid) else {
+            return;
+        };
+        inst.alive.store(false, Ordering::Relaxed);
+        self.fault("crash", format!("{} (incarnation {uid})", inst.name()));
+        self.router
+            .lock()
+            .expect("router lock")
+            .set_slot(inst.side, inst.index, None);
+        let others: Vec<Arc<Instance>> = self
+            .instances
+            .lock()
+            .expect("instances lock")
+            .values()
+            .cloned()
+            .collect();
+        for o in &others {
+            for r in &o.ranks {
+                let agents = r.agents.lock().expect("agents lock").clone();
+                for a in agents {
+                    a.peer_crashed(uid);
+                }
+            }
+        }
+        let cancels = self.router.lock().expect("router lock").instance_lost(uid);
+        for (ctx_uid, id) in cancels {
+            self.command_all(ctx_uid, |_| Command::Cancel(id));
+        }
+        let sim = self.clone();
+        let (side, index) = (inst.side, inst.index);
+        madsim::task::spawn(async move {
+            let ms = madsim::rand::thread_rng().gen_range(1..MAX_RESTART_MS);
+            madsim::time::sleep(Duration::from_millis(ms)).await;
+            if !sim.stopped() {
+                sim.start_instance(side, index);
+            }
+        });
+    }
+}
+
+fn rand_range(lo: u64, hi: u64) -> u64 {
+    madsim::rand::thread_rng().gen_range(lo..hi)
+}
+
+/// The client: submits requests, prefills them, asks a generation instance for them.
+async fn client(sim: Arc<Sim>) {
+    for i in 0..sim.scenario.requests {
+        madsim::time::sleep(Duration::from_micros(rand_range(0, 2 * ARRIVAL_GAP_US))).await;
+        let id = RequestId(u64::from(i) + 1);
+        let token = TransferToken(madsim::rand::thread_rng().gen::<u128>());
+        let n = rand_range(1, MAX_REQUEST_BLOCKS as u64 + 1) as usize;
+        sim.router.lock().expect("router lock").add(id, token, n);
+        let ctx_uid = sim.router.lock().expect("router lock").pick(Side::Context);
+        let Some(inst) = ctx_uid.and_then(|u| sim.instance(u)) else {
+            sim.router
+                .lock()
+                .expect("router lock")
+                .rejected(id, Side::Context);
+            continue;
+        };
+        if sim.draw(sim.mix.alloc_fail) {
+            sim.fault("alloc-fail", format!("{id} on {}", inst.name()));
+            sim.router
+                .lock()
+                .expect("router lock")
+                .rejected(id, Side::Context);
+            continue;
+        }
+        let blocks = inst.pool.lock().expect("block pool lock").allocate(id, n);
+        let Ok(blocks) = blocks else {
+            sim.trace("client", format!("{id}: no blocks on {}", inst.name()));
+            sim.router
+                .lock()
+                .expect("router lock")
+                .rejected(id, Side::Context);
+            continue;
+        };
+        let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
+        for r in &inst.ranks {
+            r.memory.lock().expect("memory lock").fill(id.0, &ids);
+            let req = kvferry_core::request::Request::new_context(id, token, blocks.clone());
+            r.command(Command::Start(Arc::new(req)));
+        }
+        sim.router
+            .lock()
+            .expect("router lock")
+            .started_ctx(id, inst.uid, ids, inst.layout);
+        sim.trace("client", format!("{id}: {n} blocks on {}", inst.name()));
+        let s = sim.clone();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(Duration::from_micros(rand_range(
+                PREFILL_US.0,
+                PREFILL_US.1,
+            )))
+            .await;
+            start_gen(&s, id);
+        });
+    }
+}
+
+fn start_gen(sim: &Arc<Sim>, id: RequestId) {
+    let Some((ctx_uid, ctx_ids, ctx_layout, token, n)) =
+        sim.router.lock().expect("router lock").gen_ready(id)
+    else {
+        return;
+    };
+    let gen_uid = sim
+        .router
+        .lock()
+        .expect("router lock")
+        .pick(Side::Generation);
+    let inst = gen_uid.and_then(|u| sim.instance(u));
+    let blocks = match &inst {
+        Some(inst) if !sim.draw(sim.mix.alloc_fail) => inst
+            .pool
+            .lock()
+            .expect("block pool lock")
+            .allocate(id, n)
+            .ok(),
+        Some(inst) => {
+            sim.fault("alloc-fail", format!("{id} on {}", inst.name()));
+            None
+        }
+        None => None,
+    };
+    let (Some(inst), Some(blocks)) = (inst, blocks) else {
+        sim.router
+            .lock()
+            .expect("router lock")
+            .rejected(id, Side::Generation);
+        sim.command_all(ctx_uid, |_| Command::Cancel(id));
+        return;
+    };
+    let source = kvferry_core::request::ContextSource {
+        instance: ctx_uid,
+        layout: ctx_layout,
+        blocks: ctx_ids,
+    };
+    for r in &inst.ranks {
+        let req = kvferry_core::request::Request::new_generation(
+            id,
+            token,
+            blocks.clone(),
+            source.clone(),
+        );
+        r.command(Command::Start(Arc::new(req)));
+    }
+    sim.router
+        .lock()
+        .expect("router lock")
+        .started_gen(id, inst.uid);
+}
+
+/// Strikes faults until `HEAL_AT`, then heals everything.
+async fn injector(sim: Arc<Sim>) {
+    while sim.faults_on() {
+        madsim::time::sleep(FAULT_TICK).await;
+        if !sim.faults_on() {
+            break;
+        }
+        let m = sim.mix;
+        let live: Vec<Arc<Instance>> = sim
+            .instances
+            .lock()
+            .expect("instances lock")
+            .values()
+            .cloned()
+            .collect();
+        let pick_inst = |side: Option<Side>| -> Option<Arc<Instance>> {
+            let c: Vec<&Arc<Instance>> = live
+                .iter()
+                .filter(|i| side.is_none_or(|s| i.side == s))
+                .collect();
+            (!c.is_empty()).then(|| c[rand_range(0, c.len() as u64) as usize].clone())
+        };
+        let restart_room = sim.now_us() + (MAX_RESTART_MS + 2) * 1000 < HEAL_AT.as_micros() as u64;
+        if sim.draw(m.crash) && restart_room {
+            if let Some(i) = pick_inst(None) {
+                sim.crash(i.uid);
+            }
+        }
+        if sim.draw(m.partition) {
+            if let (Some(a), Some(b)) = (
+                pick_inst(Some(Side::Context)),
+                pick_inst(Some(Side::Generation)),
+            ) {
+                sim.fabric
+                    .lock()
+                    .expect("fabric lock")
+                    .partition(a.uid, b.uid);
+                sim.fault("partition", format!("{} | {}", a.name(), b.name()));
+                let s = sim.clone();
+                madsim::task::spawn(async move {
+                    madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
+                        .await;
+                    s.fabric.lock().expect("fabric lock").heal(a.uid, b.uid);
+                    s.trace("faults", format!("heal {} | {}", a.name(), b.name()));
+                });
+            }
+        }
+        if sim.draw(m.clog) {
+            if let Some(i) = pick_inst(None) {
+                let r = i.ranks[rand_range(0, i.ranks.len() as u64) as usize].clone();
+                sim.fabric.lock().expect("fabric lock").clog(r.me);
+                sim.fault("clog", r.track.clone());
+                let s = sim.clone();
+                madsim::task::spawn(async move {
+                    madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
+                        .await;
+                    s.fabric.lock().expect("fabric lock").unclog(r.me);
+                    s.trace("faults", format!("unclog {}", r.track));
+                });
+            }
+        }
+        if sim.draw(m.latency) {
+            let us = rand_range(500, 5000);
+            sim.fabric.lock().expect("fabric lock").spike_us = us;
+            sim.fault("latency", format!("+{us} us"));
+            let s = sim.clone();
+            madsim::task::spawn(async move {
+                madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS))).await;
+                s.fabric.lock().expect("fabric lock").spike_us = 0;
+            });
+        }
+        if sim.draw(m.recycle) {
+            if let Some(i) = pick_inst(None) {
+                let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
+                r.recycle.store(true, Ordering::Relaxed);
+                sim.fault("recycle", r.track.clone());
+            }
+        }
+        if sim.draw(m.client_cancel) {
+            let pick = sim
+                .router
+                .lock()
+                .expect("router lock")
+                .pick_live(rand_range(0, 1 << 20));
+            if let Some((id, ctx, gen)) = pick {
+                sim.fault("client-cancel", format!("{id}"));
+                sim.router.lock().expect("router lock").client_cancel(id);
+                for uid in [ctx, gen].into_iter().flatten() {
+                    sim.command_all(uid, |_| Command::Cancel(id));
+                }
+            }
+        }
+        if sim.draw(m.rogue_peer) {
+            rogue(&sim);
+        }
+    }
+    sim.fabric.lock().expect("fabric lock").heal_all();
+    sim.trace("faults", "all faults healed".to_string());
+}
+
+/// A peer that never got the token asks a context instance for a live request's blocks.
+fn rogue(sim: &Arc<Sim>) {
+    let pick = sim
+        .router
+        .lock()
+        .expect("router lock")
+        .pick_ctx_live(rand_range(0, 1 << 20));
+    let Some((id, ctx_uid, ctx_ids)) = pick else {
+        return;
+    };
+    let Some(inst) = sim.instance(ctx_uid) else {
+        return;
+    };
+    let foreign = madsim::rand::thread_rng().gen_bool(0.3);
+    let ctx_blocks: Vec<u32> = if foreign {
+        ctx_ids
+            .iter()
+            .map(|b| (b + 1) % BLOCKS_PER_INSTANCE)
+            .collect()
+    } else {
+        ctx_ids.clone()
+    };
+    // A layout no real generation rank uses (TP4 x PP2, last rank), so its leg is new.
+    let gen_layout = CacheLayout {
+        tp_size: 4,
+        tp_rank: 3,
+        pp_size: 2,
+        pp_rank: 1,
+        ..inst.layout
+    };
+    let info = RequestInfo {
+        request: id,
+        token: TransferToken(madsim::rand::thread_rng().gen::<u128>()),
+        gen_layout,
+        ctx_blocks,
+        gen_blocks: (0..ctx_ids.len() as u32)
+            .map(|i| kvferry_core::blocks::BlockRef { id: i, epoch: 1 })
+            .collect(),
+    };
+    sim.fault(
+        "rogue-peer",
+        format!(
+            "{id} on {}{}",
+            inst.name(),
+            if foreign { " (foreign blocks)" } else { "" }
+        ),
+    );
+    let from = PeerId {
+        instance: ROGUE_INSTANCE,
+        rank: 7,
+    };
+    for r in &inst.ranks {
+        r.deliver(from, Message::RequestInfo(info.clone()));
+    }
+}
+
+/// Waits for quiescence after the heal, bounded by `DRAIN`; reports I7 and I2.
+async fn settle(sim: &Arc<Sim>) {
+    madsim::time::sleep(HEAL_AT + TICK).await;
+    let deadline = (HEAL_AT + DRAIN).as_micros() as u64;
+    loop {
+        let settled = sim
+            .router
+            .lock()
+            .expect("router lock")
+            .unsettled()
+            .is_empty();
+        let live: Vec<Arc<Instance>> = sim
+            .instances
+            .lock()
+            .expect("instances lock")
+            .values()
+            .cloned()
+            .collect();
+        let idle = live.iter().all(|i| {
+            i.ranks
+                .iter()
+                .all(|r| r.agent_jobs() == 0 && r.active.load(Ordering::Relaxed) == 0)
+        });
+        if settled && idle {
+            // Two more steps so every rank publishes its final counters.
+            madsim::time::sleep(3 * TICK).await;
+            for i in &live {
+                for r in &i.ranks {
+                    let c = *r.staging.lock().expect("staging lock");
+                    if c.in_use != 0 || c.poisoned != 0 || c.fallbacks_live != 0 {
+                        sim.violate(
+                            Invariant::I2,
+                            format!(
+                                "{} at quiescence: {} staging slots in use, {} poisoned, {} \
+                                 fallbacks live",
+                                r.track, c.in_use, c.poisoned, c.fallbacks_live
+                            ),
+                        );
+                    }
+                }
+            }
+            return;
+        }
+        if sim.now_us() >= deadline {
+            let stuck = sim.router.lock().expect("router lock").unsettled();
+            for (id, what) in stuck.iter().take(4) {
+                sim.violate(
+                    Invariant::I7,
+                    format!(
+                        "{id} not terminal {} ms after faults healed: {what}",
+                        DRAIN.as_millis()
+                    ),
+                );
+            }
+            if stuck.is_empty() {
+                sim.violate(
+                    Invariant::I7,
+                    "ranks still busy after the drain bound".to_string(),
+                );
+            }
+            return;
+        }
+        madsim::time::sleep(SETTLE_POLL).await;
+    }
+}
+
+async fn run(seed: u64, scenario: Scenario, keep_trace: bool) -> SeedReport {
+    let mix = if scenario.fault_rate > 0.0 {
+        FaultMix::draw(&scenario)
+    } else {
+        FaultMix::none()
+    };
+    let tx_config = TransceiverConfig {
+        max_tokens_in_buffer: 16,
+        kv_transfer_timeout_ms: scenario.timeout_ms,
+        inflight_cancel: scenario.inflight_cancel,
+        staging_slots: 4,
+        staging_wait_ms: 500,
+        ..TransceiverConfig::default()
+    };
+    tx_config
+        .validate()
+        .expect("scenario gives a valid transceiver config (inflight-cancel needs a timeout)");
+    let sim = Arc::new(Sim {
+        tx_config,
+        mix,
+        checker: Mutex::new(Checker::new(keep_trace)),
+        fabric: Mutex::new(Fabric::default()),
+        instances: Mutex::new(BTreeMap::new()),
+        router: Mutex::new(Router::new(scenario.ctx_instances, scenario.gen_instances)),
+        next_uid: Mutex::new(0),
+        stop: AtomicBool::new(false),
+        scenario,
+    });
+    sim.trace("faults", format!("mix {:?}", sim.mix));
+    for i in 0..sim.scenario.ctx_instances {
+        sim.start_instance(Side::Context, i);
+    }
+    for i in 0..sim.scenario.gen_instances {
+        sim.start_instance(Side::Generation, i);
+    }
+    madsim::task::spawn(client(sim.clone()));
+    madsim::task::spawn(injector(sim.clone()));
+    settle(&sim).await;
+    let sim_time_us = sim.now_us();
+    sim.stop.store(true, Ordering::Relaxed);
+    // Let every loop see the stop and exit.
+    madsim::time::sleep(4 * TICK).await;
+    let (completed, failed, cancelled) = sim.router.lock().expect("router lock").outcomes();
+    let checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    let (violations, trace, trace_hash, events, faults) = checker.into_parts();
+    SeedReport {
+        seed,
+        sim_time_us,
+        events,
+        requests_completed: completed,
+        requests_failed: failed,
+        requests_cancelled: cancelled,
+        faults,
+        violations,
+        trace_hash,
+        trace,
+    }
+}
+
+/// Simulates one seed of `scenario` to quiescence and checks every invariant.
+pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport {
+    let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+    let scenario = scenario.clone();
+    rt.block_on(run(seed, scenario, keep_trace))
+}
+
+impl Router {
+    /// Unused-state helper for the side enum (kept next to its users).
+    pub fn side_live(s: &SideState) -> bool {
+        matches!(s, SideState::Live(_))
+    }
+}

@@ -1,0 +1,66 @@
+//! Swarm fault mixes: each seed draws which fault kinds are on and how often they strike,
+//! scaled by the scenario's `fault_rate`. A seed with few kinds on reaches deep states that a
+//! uniform mix of everything never would.
+
+use crate::scenario::Scenario;
+use madsim::rand::Rng;
+use serde::Serialize;
+use std::time::Duration;
+
+/// How often the injector considers each kind of timed fault.
+pub const FAULT_TICK: Duration = Duration::from_millis(4);
+/// Longest partition, clog or latency spike (they also all end at the heal time).
+pub const MAX_FAULT_SPAN_MS: u64 = 30;
+/// A crashed instance restarts within this.
+pub const MAX_RESTART_MS: u64 = 20;
+
+/// Probabilities: per `FAULT_TICK` for timed faults, per event for the others.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct FaultMix {
+    pub crash: f64,
+    pub partition: f64,
+    pub clog: f64,
+    pub latency: f64,
+    /// Per submitted job.
+    pub agent_error: f64,
+    /// Per block allocation.
+    pub alloc_fail: f64,
+    pub recycle: f64,
+    pub client_cancel: f64,
+    pub rogue_peer: f64,
+}
+
+impl FaultMix {
+    /// Draws this seed's mix. Each kind is on with probability one half (always on where the
+    /// scenario is about it), at a rate up to its base rate times `fault_rate`.
+    pub fn draw(s: &Scenario) -> FaultMix {
+        let rng = &mut madsim::rand::thread_rng();
+        let scale = s.fault_rate.clamp(0.0, 10.0);
+        let mut pick = |base: f64, forced: bool| -> f64 {
+            let on = rng.gen_bool(0.5) || forced;
+            let level: f64 = rng.gen_range(0.2..1.0);
+            if on && scale > 0.0 {
+                (base * level * scale).min(0.95)
+            } else {
+                0.0
+            }
+        };
+        let crashy = s.name == "crashy";
+        let parts = s.name == "partition-heavy";
+        FaultMix {
+            crash: pick(if crashy { 0.05 } else { 0.012 }, crashy),
+            partition: pick(if parts { 0.15 } else { 0.04 }, parts),
+            clog: pick(if parts { 0.15 } else { 0.04 }, parts),
+            latency: pick(0.05, false),
+            agent_error: pick(0.08, false),
+            alloc_fail: pick(0.05, false),
+            recycle: pick(0.08, false),
+            client_cancel: pick(0.25, false),
+            rogue_peer: pick(0.15, false),
+        }
+    }
+
+    pub fn none() -> FaultMix {
+        FaultMix::default()
+    }
+}

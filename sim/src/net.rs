@@ -1,0 +1,242 @@
+//! The simulated network: control-message links between ranks and the completion collective.
+//!
+//! Links behave like TCP connections: per-link FIFO, a latency drawn per message from madsim's
+//! RNG, messages held (not lost) while a partition or clog blocks the link and delivered once it
+//! heals, and dropped when either end's instance incarnation is gone (connection reset).
+//! Time, tasks and randomness are madsim's, so a seed replays exactly.
+
+use crate::cluster::Sim;
+use kvferry_core::collective::{CollectiveError, CompletionCollective, Contribution};
+use kvferry_core::transport::{Transport, TransportError};
+use kvferry_core::wire::Message;
+use kvferry_core::PeerId;
+use madsim::rand::Rng;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Messages queued on one link; a full link refuses (backpressure), it never grows.
+pub const LINK_QUEUE_MAX: usize = 4096;
+/// How often a message held by a partition re-checks the link (TCP retransmit, coarsely).
+pub const PARTITION_POLL: Duration = Duration::from_micros(500);
+/// Base one-way latency range of a control message, microseconds.
+pub const LATENCY_US: (u64, u64) = (20, 200);
+/// A collective step fails if some rank has not contributed within this (a rank is missing).
+pub const COLLECTIVE_TIMEOUT_US: u64 = 400;
+/// How often a rank waiting in the collective looks for the step's outcome.
+pub const COLLECTIVE_POLL: Duration = Duration::from_micros(40);
+/// Collective rounds remembered behind the newest one.
+pub const COLLECTIVE_HISTORY: u64 = 64;
+
+#[derive(Debug, Default)]
+struct Link {
+    queue: VecDeque<(u64, Message)>,
+    pumping: bool,
+    last_at: u64,
+}
+
+/// Who may talk to whom, and the messages on their way.
+#[derive(Debug, Default)]
+pub struct Fabric {
+    /// Blocked instance pairs (by incarnation id, both directions).
+    partitions: BTreeSet<(u32, u32)>,
+    /// Ranks whose every link is clogged.
+    clogged: BTreeSet<PeerId>,
+    /// Extra latency of a latency spike, microseconds.
+    pub spike_us: u64,
+    links: BTreeMap<(PeerId, PeerId), Link>,
+}
+
+fn pair(a: u32, b: u32) -> (u32, u32) {
+    (a.min(b), a.max(b))
+}
+
+impl Fabric {
+    pub fn blocked(&self, from: PeerId, to: PeerId) -> bool {
+        self.partitions.contains(&pair(from.instance, to.instance))
+            || self.clogged.contains(&from)
+            || self.clogged.contains(&to)
+    }
+
+    pub fn partition(&mut self, a: u32, b: u32) {
+        self.partitions.insert(pair(a, b));
+    }
+
+    pub fn heal(&mut self, a: u32, b: u32) {
+        self.partitions.remove(&pair(a, b));
+    }
+
+    pub fn clog(&mut self, p: PeerId) {
+        self.clogged.insert(p);
+    }
+
+    pub fn unclog(&mut self, p: PeerId) {
+        self.clogged.remove(&p);
+    }
+
+    pub fn heal_all(&mut self) {
+        self.partitions.clear();
+        self.clogged.clear();
+        self.spike_us = 0;
+    }
+}
+
+/// One rank's sending side of the control plane.
+#[derive(Debug)]
+pub struct SimTransport {
+    pub sim: Arc<Sim>,
+    pub me: PeerId,
+}
+
+impl Transport for SimTransport {
+    fn send(&self, to: PeerId, msg: Message) -> Result<(), TransportError> {
+        let sim = &self.sim;
+        if !sim.is_alive(to.instance) {
+            return Err(TransportError::Unreachable(to));
+        }
+        let now = sim.now_us();
+        let lat = madsim::rand::thread_rng().gen_range(LATENCY_US.0..LATENCY_US.1);
+        let mut f = sim.fabric.lock().expect("fabric lock");
+        let at = now + lat + f.spike_us;
+        let link = f.links.entry((self.me, to)).or_default();
+        if link.queue.len() >= LINK_QUEUE_MAX {
+            return Err(TransportError::Backpressure(to));
+        }
+        let at = at.max(link.last_at + 1);
+        link.last_at = at;
+        link.queue.push_back((at, msg));
+        if !link.pumping {
+            link.pumping = true;
+            madsim::task::spawn(pump(sim.clone(), self.me, to));
+        }
+        Ok(())
+    }
+}
+
+/// Delivers one link's messages in order.
+async fn pump(sim: Arc<Sim>, from: PeerId, to: PeerId) {
+    loop {
+        let next = {
+            let mut f = sim.fabric.lock().expect("fabric lock");
+            let link = f.links.get_mut(&(from, to)).expect("pumped link exists");
+            match link.queue.pop_front() {
+                Some(m) => m,
+                None => {
+                    link.pumping = false;
+                    return;
+                }
+            }
+        };
+        let (at, msg) = next;
+        let now = sim.now_us();
+        if at > now {
+            madsim::time::sleep(Duration::from_micros(at - now)).await;
+        }
+        while sim.fabric.lock().expect("fabric lock").blocked(from, to) {
+            madsim::time::sleep(PARTITION_POLL).await;
+        }
+        // A reset connection loses what was in flight: either end gone drops the message.
+        if sim.is_alive(from.instance) || from.instance == crate::cluster::ROGUE_INSTANCE {
+            if let Some(rank) = sim.rank(to) {
+                rank.deliver(from, msg);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Round {
+    got: Vec<Option<Contribution>>,
+    deadline_us: u64,
+    outcome: Option<Result<Vec<Contribution>, CollectiveError>>,
+}
+
+/// Per-instance rendezvous of the completion collective. A round's outcome is decided once,
+/// for every rank alike: all contributions, or a timeout naming the missing ranks. Deciding
+/// once is what keeps ranks from disagreeing on which requests ended.
+#[derive(Debug)]
+pub struct Barrier {
+    world: usize,
+    rounds: BTreeMap<u64, Round>,
+}
+
+impl Barrier {
+    pub fn new(world: usize) -> Barrier {
+        Barrier {
+            world,
+            rounds: BTreeMap::new(),
+        }
+    }
+}
+
+/// One rank's handle on its instance's barrier. Rounds are counted per rank: a rank that
+/// skips a collective falls out of step with its peers for good, as with a real collective.
+#[derive(Debug)]
+pub struct SimCollective {
+    pub sim: Arc<Sim>,
+    pub barrier: Arc<Mutex<Barrier>>,
+    pub next_round: u64,
+}
+
+impl CompletionCollective for SimCollective {
+    fn all_gather(
+        &mut self,
+        mine: Contribution,
+    ) -> impl Future<Output = Result<Vec<Contribution>, CollectiveError>> + Send {
+        let round = self.next_round;
+        self.next_round += 1;
+        let barrier = self.barrier.clone();
+        let sim = self.sim.clone();
+        async move {
+            let now = sim.now_us();
+            {
+                let mut b = barrier.lock().expect("barrier lock");
+                let world = b.world;
+                let r = b.rounds.entry(round).or_insert_with(|| Round {
+                    got: vec![None; world],
+                    deadline_us: now + COLLECTIVE_TIMEOUT_US,
+                    outcome: None,
+                });
+                let rank = mine.rank as usize;
+                assert!(rank < world, "rank {rank} outside a world of {world}");
+                if r.outcome.is_none() {
+                    r.got[rank] = Some(mine);
+                    if r.got.iter().all(Option::is_some) {
+                        r.outcome = Some(Ok(r.got.iter().flatten().cloned().collect()));
+                    }
+                }
+                let newest = *b.rounds.keys().next_back().expect("just inserted");
+                while b
+                    .rounds
+                    .first_key_value()
+                    .is_some_and(|(k, _)| k + COLLECTIVE_HISTORY < newest)
+                {
+                    b.rounds.pop_first();
+                }
+            }
+            loop {
+                {
+                    let mut b = barrier.lock().expect("barrier lock");
+                    let now = sim.now_us();
+                    let Some(r) = b.rounds.get_mut(&round) else {
+                        return Err(CollectiveError::Aborted(format!("round {round} forgotten")));
+                    };
+                    if r.outcome.is_none() && now >= r.deadline_us {
+                        let missing = (0..r.got.len() as u32)
+                            .filter(|i| r.got[*i as usize].is_none())
+                            .collect();
+                        r.outcome = Some(Err(CollectiveError::Timeout {
+                            step: round,
+                            missing,
+                        }));
+                    }
+                    if let Some(o) = &r.outcome {
+                        return o.clone();
+                    }
+                }
+                madsim::time::sleep(COLLECTIVE_POLL).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The client's view of every request: where each side runs and how it ended. It decides the
+//! follow-ups a serving frontend makes: a context request whose generation side ended badly,
+//! was rejected or was lost with its instance is cancelled, so nothing waits forever.
+
+use kvferry_core::layout::CacheLayout;
+use kvferry_core::request::RequestState;
+use kvferry_core::transceiver::Side;
+use kvferry_core::{RequestId, TransferToken};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SideState {
+    NotStarted,
+    /// Running on this instance incarnation.
+    Live(u32),
+    Done(RequestState),
+    /// Its instance crashed: the request is gone with it.
+    Lost,
+    /// Not admitted (no instance, no blocks).
+    Rejected,
+    /// Never started because the request ended before it got there.
+    Skipped,
+}
+
+#[derive(Debug)]
+struct Req {
+    token: TransferToken,
+    blocks: usize,
+    ctx: SideState,
+    gen: SideState,
+    ctx_ids: Vec<u32>,
+    ctx_layout: Option<CacheLayout>,
+    cancelled: bool,
+}
+
+#[derive(Debug)]
+pub struct Router {
+    reqs: BTreeMap<RequestId, Req>,
+    ctx_slots: Vec<Option<u32>>,
+    gen_slots: Vec<Option<u32>>,
+    next_pick: u64,
+}
+
+impl Router {
+    pub fn new(ctx: u32, gen: u32) -> Router {
+        Router {
+            reqs: BTreeMap::new(),
+            ctx_slots: vec![None; ctx as usize],
+            gen_slots: vec![None; gen as usize],
+            next_pick: 0,
+        }
+    }
+
+    pub fn set_slot(&mut self, side: Side, index: u32, uid: Option<u32>) {
+        let slots = match side {
+            Side::Context => &mut self.ctx_slots,
+            Side::Generation => &mut self.gen_slots,
+        };
+        slots[index as usize] = uid;
+    }
+
+    /// Round-robin over the live incarnations of `side`.
+    pub fn pick(&mut self, side: Side) -> Option<u32> {
+        let slots = match side {
+            Side::Context => &self.ctx_slots,
+            Side::Generation => &self.gen_slots,
+        };
+        let live: Vec<u32> = slots.iter().flatten().copied().collect();
+        self.next_pick += 1;
+        (!live.is_empty()).then(|| live[(self.next_pick % live.len() as u64) as usize])
+    }
+
+    pub fn add(&mut self, id: RequestId, token: TransferToken, blocks: usize) {
+        self.reqs.insert(
+            id,
+            Req {
+                token,
+                blocks,
+                ctx: SideState::NotStarted,
+                gen: SideState::NotStarted,
+                ctx_ids: Vec::new(),
+                ctx_layout: None,
+                cancelled: false,
+            },
+        );
+    }
+
+    fn req(&mut self, id: RequestId) -> &mut Req {
+        self.reqs.get_mut(&id).expect("router knows every request")
+    }
+
+    pub fn rejected(&mut self, id: RequestId, side: Side) {
+        let r = self.req(id);
+        match side {
+            Side::Context => {
+                r.ctx = SideState::Rejected;
+                r.gen = SideState::Skipped;
+            }
+            Side::Generation => r.gen = SideState::Rejected,
+        }
+    }
+
+    pub fn started_ctx(&mut self, id: RequestId, uid: u32, ids: Vec<u32>, layout: CacheLayout) {
+        let r = self.req(id);
+        r.ctx = SideState::Live(uid);
+        r.ctx_ids = ids;
+        r.ctx_layout = Some(layout);
+    }
+
+    /// What the generation side needs, if the request should still go there.
+    #[allow(clippy::type_complexity)]
+    pub fn gen_ready(
+        &mut self,
+        id: RequestId,
+    ) -> Option<(u32, Vec<u32>, CacheLayout, TransferToken, usize)> {
+        let r = self.req(id);
+        match (&r.ctx, r.cancelled) {
+            (SideState::Live(uid), false) => Some((
+                *uid,
+                r.ctx_ids.clone(),
+                r.ctx_layout.expect("set with the context side"),
+                r.token,
+                r.blocks,
+            )),
+            _ => {
+                r.gen = SideState::Skipped;
+                None
+            }
+        }
+    }
+
+    pub fn started_gen(&mut self, id: RequestId, uid: u32) {
+        self.req(id).gen = SideState::Live(uid);
+    }
+
+    /// Records a terminal state; returns the context incarnation to cancel the request on.
+    pub fn terminal(
+        &mut self,
+        side: Side,
+        uid: u32,
+        id: RequestId,
+        state: RequestState,
+    ) -> Option<u32> {
+        let r = self.req(id);
+        let slot = match side {
+            Side::Context => &mut r.ctx,
+            Side::Generation => &mut r.gen,
+        };
+        if *slot != SideState::Live(uid) {
+            return None;
+        }
+        *slot = SideState::Done(state);
+        match (side, state, &r.ctx) {
+            (Side::Generation, s, SideState::Live(c)) if s != RequestState::GenComplete => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// An incarnation crashed: its requests are lost; context halves of lost generation
+    /// requests are returned for cancelling.
+    pub fn instance_lost(&mut self, uid: u32) -> Vec<(u32, RequestId)> {
+        let mut out = Vec::new();
+        for (id, r) in &mut self.reqs {
+            if r.ctx == SideState::Live(uid) {
+                r.ctx = SideState::Lost;
+            }
+            if r.gen == SideState::Live(uid) {
+                r.gen = SideState::Lost;
+                if let SideState::Live(c) = r.ctx {
+                    out.push((c, *id));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn client_cancel(&mut self, id: RequestId) {
+        self.req(id).cancelled = true;
+    }
+
+    fn live(&self) -> impl Iterator<Item = (&RequestId, &Req)> {
+        self.reqs.iter().filter(|(_, r)| {
+            matches!(r.ctx, SideState::Live(_)) || matches!(r.gen, SideState::Live(_))
+        })
+    }
+
+    /// A request with a live side, `(id, ctx incarnation, gen incarnation)`.
+    pub fn pick_live(&self, r: u64) -> Option<(RequestId, Option<u32>, Option<u32>)> {
+        let v: Vec<_> = self.live().collect();
+        if v.is_empty() {
+            return None;
+        }
+        let (id, q) = v[(r % v.len() as u64) as usize];
+        let uid = |s: &SideState| match s {
+            SideState::Live(u) => Some(*u),
+            _ => None,
+        };
+        Some((*id, uid(&q.ctx), uid(&q.gen)))
+    }
+
+    /// A request live on a context instance, with its block ids there.
+    pub fn pick_ctx_live(&self, r: u64) -> Option<(RequestId, u32, Vec<u32>)> {
+        let v: Vec<_> = self
+            .reqs
+            .iter()
+            .filter_map(|(id, q)| match q.ctx {
+                SideState::Live(u) => Some((*id, u, q.ctx_ids.clone())),
+                _ => None,
+            })
+            .collect();
+        (!v.is_empty()).then(|| v[(r % v.len() as u64) as usize].clone())
+    }
+
+    /// Requests with a side not yet ended, and which.
+    pub fn unsettled(&self) -> Vec<(RequestId, String)> {
+        self.live()
+            .map(|(id, r)| (*id, format!("context {:?}, generation {:?}", r.ctx, r.gen)))
+            .collect()
+    }
+
+    /// (completed, failed, cancelled) per request.
+    pub fn outcomes(&self) -> (u64, u64, u64) {
+        let (mut ok, mut failed, mut cancelled) = (0, 0, 0);
+        for r in self.reqs.values() {
+            if r.gen == SideState::Done(RequestState::GenComplete) {
+                ok += 1;
+            } else if r.cancelled {
+                cancelled += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        (ok, failed, cancelled)
+    }
+}
