@@ -1,0 +1,118 @@
+//! Each bug switch must be caught: a fail-fast campaign of at most 200 seeds finds a violation
+//! of the bug's invariant, and the failing seed comes with a replay command that turns the same
+//! switch back on.
+#![cfg(feature = "bug-switches")]
+
+use kvferry_core::bugs::Bug;
+use kvferry_sim::campaign::Campaign;
+use kvferry_sim::cli::{ScenarioArgs, TimeoutMs};
+use kvferry_sim::cluster::run_seed;
+
+const MAX_SEEDS: u64 = 200;
+/// Short enough that faults push transfers past it.
+const TIMEOUT_MS: u64 = 20;
+
+fn catches(bug: Bug, args: ScenarioArgs) {
+    let args = ScenarioArgs {
+        inject_bug: vec![bug],
+        ..args
+    };
+    let campaign = Campaign {
+        scenario: args.build().expect("valid scenario"),
+        seeds: 0..MAX_SEEDS,
+        jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        fail_fast: true,
+        recheck_every: 0,
+        replay_flags: args.to_flags(),
+    };
+    let summary = campaign.run(&run_seed, &mut |_| {});
+    let found: Vec<_> = summary.failing_seeds.iter().collect();
+    assert!(
+        !found.is_empty(),
+        "{bug}: no violation in {MAX_SEEDS} seeds"
+    );
+    let seed = found[0].seed;
+    assert!(
+        found.iter().any(|f| f.invariant.id() == bug.invariant()),
+        "{bug}: seed {seed} broke {:?}, expected {}",
+        found.iter().map(|f| f.invariant.id()).collect::<Vec<_>>(),
+        bug.invariant()
+    );
+    let replay = &found[0].replay;
+    for needle in [
+        format!("replay {seed} "),
+        format!("--inject-bug {bug}"),
+        "--features bug-switches".to_string(),
+    ] {
+        assert!(
+            replay.contains(&needle),
+            "{bug}: {replay:?} lacks {needle:?}"
+        );
+    }
+}
+
+fn default_args() -> ScenarioArgs {
+    ScenarioArgs {
+        scenario: "default".to_string(),
+        ..ScenarioArgs::default()
+    }
+}
+
+/// The default scenario with `kv_transfer_timeout_ms` set: the timeout WARN (I4) only exists
+/// with it, and deadline eviction (`inflight_cancel`) is what poisons slots (I6) and fails
+/// transfers while their blocks are still being written (I5).
+fn with_timeout(ms: u64, inflight_cancel: bool) -> ScenarioArgs {
+    ScenarioArgs {
+        timeout_ms: Some(TimeoutMs(Some(ms))),
+        inflight_cancel: Some(inflight_cancel),
+        ..default_args()
+    }
+}
+
+#[test]
+fn release_early_breaks_i1() {
+    catches(Bug::ReleaseEarly, default_args());
+}
+
+#[test]
+fn leak_slot_on_error_breaks_i2() {
+    catches(Bug::LeakSlotOnError, default_args());
+}
+
+#[test]
+fn drop_agent_early_breaks_i3() {
+    catches(Bug::DropAgentEarly, default_args());
+}
+
+#[test]
+fn warn_no_dedup_breaks_i4() {
+    catches(Bug::WarnNoDedup, with_timeout(TIMEOUT_MS, false));
+}
+
+#[test]
+fn warn_before_ready_breaks_i4() {
+    catches(Bug::WarnBeforeReady, with_timeout(TIMEOUT_MS, false));
+}
+
+#[test]
+fn free_blocks_during_transfer_breaks_i5() {
+    catches(
+        Bug::FreeBlocksDuringTransfer,
+        with_timeout(TIMEOUT_MS, true),
+    );
+}
+
+#[test]
+fn reuse_poisoned_slot_breaks_i6() {
+    catches(Bug::ReusePoisonedSlot, with_timeout(TIMEOUT_MS, true));
+}
+
+#[test]
+fn skip_idle_collective_breaks_i7() {
+    catches(Bug::SkipIdleCollective, default_args());
+}
+
+#[test]
+fn skip_token_check_breaks_i9() {
+    catches(Bug::SkipTokenCheck, default_args());
+}
