@@ -11,7 +11,7 @@ use crate::faults::{FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
 use crate::net::{Barrier, Fabric};
 use crate::rank::{run_rank, Command, RankShared, TICK};
 use crate::report::{Invariant, SeedReport};
-use crate::router::{Router, SideState};
+use crate::router::Router;
 use crate::scenario::Scenario;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::config::TransceiverConfig;
@@ -80,7 +80,7 @@ pub struct Sim {
     pub scenario: Scenario,
     pub tx_config: TransceiverConfig,
     pub mix: FaultMix,
-    pub checker: Mutex<Checker>,
+    pub checker: Arc<Mutex<Checker>>,
     pub fabric: Mutex<Fabric>,
     pub instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
     pub router: Mutex<Router>,
@@ -164,11 +164,11 @@ impl Sim {
         if rank != 0 {
             return;
         }
-        let cancel_ctx = {
+        let cancel_other = {
             let mut r = self.router.lock().expect("router lock");
             r.terminal(inst.side, inst.uid, id, state)
         };
-        if let Some(uid) = cancel_ctx {
+        if let Some(uid) = cancel_other {
             self.command_all(uid, |_| Command::Cancel(id));
         }
     }
@@ -630,7 +630,7 @@ async fn settle(sim: &Arc<Sim>) {
     }
 }
 
-async fn run(seed: u64, scenario: Scenario, keep_trace: bool) -> SeedReport {
+async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> SeedReport {
     let mix = if scenario.fault_rate > 0.0 {
         FaultMix::draw(&scenario)
     } else {
@@ -650,7 +650,7 @@ async fn run(seed: u64, scenario: Scenario, keep_trace: bool) -> SeedReport {
     let sim = Arc::new(Sim {
         tx_config,
         mix,
-        checker: Mutex::new(Checker::new(keep_trace)),
+        checker,
         fabric: Mutex::new(Fabric::default()),
         instances: Mutex::new(BTreeMap::new()),
         router: Mutex::new(Router::new(scenario.ctx_instances, scenario.gen_instances)),
@@ -674,14 +674,18 @@ async fn run(seed: u64, scenario: Scenario, keep_trace: bool) -> SeedReport {
     madsim::time::sleep(4 * TICK).await;
     let (completed, failed, cancelled) = sim.router.lock().expect("router lock").outcomes();
     let checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    report(seed, sim_time_us, (completed, failed, cancelled), checker)
+}
+
+fn report(seed: u64, sim_time_us: u64, outcomes: (u64, u64, u64), checker: Checker) -> SeedReport {
     let (violations, trace, trace_hash, events, faults) = checker.into_parts();
     SeedReport {
         seed,
         sim_time_us,
         events,
-        requests_completed: completed,
-        requests_failed: failed,
-        requests_cancelled: cancelled,
+        requests_completed: outcomes.0,
+        requests_failed: outcomes.1,
+        requests_cancelled: outcomes.2,
         faults,
         violations,
         trace_hash,
@@ -690,15 +694,38 @@ async fn run(seed: u64, scenario: Scenario, keep_trace: bool) -> SeedReport {
 }
 
 /// Simulates one seed of `scenario` to quiescence and checks every invariant.
+///
+/// A panic inside the simulation (a core assertion tripped by a state that an earlier
+/// violation created, e.g. a bug switch freeing pinned blocks) ends the seed: if the checker
+/// had already reported a violation, the report is returned with it (the panic is its
+/// consequence, noted in the trace); otherwise the panic propagates, a simulator bug.
 pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport {
-    let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+    let checker = Arc::new(Mutex::new(Checker::new(keep_trace)));
     let scenario = scenario.clone();
-    rt.block_on(run(seed, scenario, keep_trace))
-}
-
-impl Router {
-    /// Unused-state helper for the side enum (kept next to its users).
-    pub fn side_live(s: &SideState) -> bool {
-        matches!(s, SideState::Live(_))
+    let c = checker.clone();
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+        rt.block_on(run(seed, scenario, c))
+    }));
+    match res {
+        Ok(r) => r,
+        Err(payload) => {
+            let mut c = std::mem::take(&mut *checker.lock().unwrap_or_else(|e| e.into_inner()));
+            if c.violations.is_empty() {
+                std::panic::resume_unwind(payload);
+            }
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let at = c.violations.iter().map(|v| v.at_us).max().unwrap_or(0);
+            c.instant(
+                at,
+                "violations",
+                format!("simulation panicked after the violation: {msg}"),
+            );
+            report(seed, at, (0, 0, 0), c)
+        }
     }
 }

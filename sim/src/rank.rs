@@ -309,6 +309,19 @@ fn on_finished(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, f: Finished) 
         let outcome = pool.free(&f.request.blocks);
         (before, outcome, pool.pinned_count())
     };
+    if after < before {
+        // Pins held by running transfers were dropped by the free: their writers will land in
+        // a freed (soon reassigned) block. Reported here because the next write or unpin may
+        // never come, or trip a core assertion first.
+        sim.violate(
+            Invariant::I5,
+            format!(
+                "{}: {id} freed {} blocks still pinned by running transfers",
+                rank.track,
+                before - after
+            ),
+        );
+    }
     if outcome.freed > 0 && before == after {
         let running: usize = inst.ranks.iter().map(|r| r.agent_jobs_for(id)).sum();
         if running > 0 {

@@ -133,7 +133,7 @@ impl Router {
         self.req(id).gen = SideState::Live(uid);
     }
 
-    /// Records a terminal state; returns the context incarnation to cancel the request on.
+    /// Records a terminal state; returns the incarnation of the other side to cancel it on.
     pub fn terminal(
         &mut self,
         side: Side,
@@ -150,8 +150,16 @@ impl Router {
             return None;
         }
         *slot = SideState::Done(state);
-        match (side, state, &r.ctx) {
-            (Side::Generation, s, SideState::Live(c)) if s != RequestState::GenComplete => Some(*c),
+        // A side that ended badly takes the other down: the frontend saw the error. (A late
+        // RequestInfo for a context request that already ended would otherwise be parked by
+        // the context rank as "early" and never answered.)
+        match (side, state, &r.ctx, &r.gen) {
+            (Side::Generation, s, SideState::Live(c), _) if s != RequestState::GenComplete => {
+                Some(*c)
+            }
+            (Side::Context, s, _, SideState::Live(g)) if s != RequestState::ContextComplete => {
+                Some(*g)
+            }
             _ => None,
         }
     }
