@@ -1,1 +1,182 @@
-//! In-memory agent and transport for tests: no threads, no sockets; the test pumps them.
+//! In-memory agent and transport for tests and fuzzing: no threads, no sockets, no clock.
+//! The test pumps messages and decides when (and how) each transfer job completes.
+
+use crate::agent::{
+    AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
+};
+use crate::transport::{Transport, TransportError};
+use crate::wire::Message;
+use crate::PeerId;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// Bound on messages queued in a loopback net; a test that overflows it has a livelock.
+pub const MAX_QUEUED_MESSAGES: usize = 1 << 16;
+
+/// A message in flight between two peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub from: PeerId,
+    pub to: PeerId,
+    pub msg: Message,
+}
+
+/// A hub that every loopback transport of a test sends into.
+#[derive(Clone, Debug, Default)]
+pub struct LoopbackNet {
+    queue: Arc<Mutex<VecDeque<Envelope>>>,
+}
+
+impl LoopbackNet {
+    pub fn new() -> LoopbackNet {
+        LoopbackNet::default()
+    }
+
+    /// The transport that `me` sends through.
+    pub fn transport(&self, me: PeerId) -> Arc<dyn Transport> {
+        Arc::new(LoopbackTransport {
+            me,
+            queue: self.queue.clone(),
+        })
+    }
+
+    /// Oldest undelivered message.
+    pub fn pop(&self) -> Option<Envelope> {
+        self.queue.lock().expect("loopback lock").pop_front()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.lock().expect("loopback lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+struct LoopbackTransport {
+    me: PeerId,
+    queue: Arc<Mutex<VecDeque<Envelope>>>,
+}
+
+impl Transport for LoopbackTransport {
+    fn send(&self, to: PeerId, msg: Message) -> Result<(), TransportError> {
+        let mut q = self.queue.lock().expect("loopback lock");
+        if q.len() >= MAX_QUEUED_MESSAGES {
+            return Err(TransportError::Backpressure(to));
+        }
+        q.push_back(Envelope {
+            from: self.me,
+            to,
+            msg,
+        });
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    job: TransferJob,
+    done: CompletionQueue,
+    cancel_requested: bool,
+}
+
+/// An agent whose jobs complete only when the test says so. Moves no bytes.
+#[derive(Debug, Default)]
+pub struct ManualAgent {
+    pending: Mutex<BTreeMap<TransferId, Pending>>,
+    /// When set, `submit` refuses jobs (an agent that cannot start work).
+    refuse: Mutex<bool>,
+}
+
+impl ManualAgent {
+    pub fn new() -> Arc<ManualAgent> {
+        Arc::new(ManualAgent::default())
+    }
+
+    pub fn set_refuse(&self, refuse: bool) {
+        *self.refuse.lock().expect("agent lock") = refuse;
+    }
+
+    /// Jobs submitted and not completed, in id order.
+    pub fn pending(&self) -> Vec<TransferJob> {
+        self.pending
+            .lock()
+            .expect("agent lock")
+            .values()
+            .map(|p| p.job.clone())
+            .collect()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.lock().expect("agent lock").len()
+    }
+
+    pub fn cancel_requested(&self, id: TransferId) -> bool {
+        self.pending
+            .lock()
+            .expect("agent lock")
+            .get(&id)
+            .is_some_and(|p| p.cancel_requested)
+    }
+
+    /// Completes one job with `result`. Returns false if it was not pending.
+    pub fn complete(&self, id: TransferId, result: Result<u64, AgentError>) -> bool {
+        let Some(p) = self.pending.lock().expect("agent lock").remove(&id) else {
+            return false;
+        };
+        p.done.push(Completion { id, result });
+        true
+    }
+
+    /// Completes every pending job successfully with its full byte count.
+    pub fn complete_all(&self) -> usize {
+        let all: Vec<(TransferId, u64)> = self
+            .pending
+            .lock()
+            .expect("agent lock")
+            .values()
+            .map(|p| (p.job.id, p.job.bytes))
+            .collect();
+        for (id, bytes) in &all {
+            self.complete(*id, Ok(*bytes));
+        }
+        all.len()
+    }
+
+    /// Jobs sending to `to`.
+    pub fn sends_to(&self, to: PeerId) -> usize {
+        self.pending
+            .lock()
+            .expect("agent lock")
+            .values()
+            .filter(|p| p.job.direction == Direction::Send { to })
+            .count()
+    }
+}
+
+impl TransferAgent for ManualAgent {
+    fn submit(&self, job: TransferJob, done: CompletionQueue) -> Result<(), AgentError> {
+        if *self.refuse.lock().expect("agent lock") {
+            return Err(AgentError::Backend("manual agent refuses jobs".into()));
+        }
+        let mut p = self.pending.lock().expect("agent lock");
+        assert!(!p.contains_key(&job.id), "job {:?} submitted twice", job.id);
+        p.insert(
+            job.id,
+            Pending {
+                job,
+                done,
+                cancel_requested: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn cancel(&self, id: TransferId) {
+        if let Some(p) = self.pending.lock().expect("agent lock").get_mut(&id) {
+            p.cancel_requested = true;
+        }
+    }
+}

@@ -21,8 +21,7 @@
 //!   such leg is fenced by poison and pins (I1), and ends only when every rank agrees (I7).
 
 use crate::agent::{
-    Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
-    TransferStatus,
+    Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob, TransferStatus,
 };
 use crate::blocks::{BlockPool, BlockRef};
 use crate::bugs::{Bug, BugSet};
@@ -144,7 +143,10 @@ pub struct Finished {
 #[derive(Debug)]
 enum LegState {
     /// Known, waiting for a staging slot since the given time; `queued` once in the wait queue.
-    WaitingSlot { since: Duration, queued: bool },
+    WaitingSlot {
+        since: Duration,
+        queued: bool,
+    },
     InFlight {
         status: TransferStatus,
         slot: SlotGuard,
@@ -209,7 +211,9 @@ pub struct Transceiver {
     entries: BTreeMap<RequestId, Entry>,
     transfers: HashMap<TransferId, (RequestId, u32)>,
     /// Evicted jobs: pins to drop when their fence arrives.
-    abandoned: HashMap<TransferId, Vec<BlockRef>>,
+    /// Evicted jobs until their fence: the status keeps the agent alive under the still-running
+    /// writer (I3), the pins keep its blocks from reuse (I5).
+    abandoned: HashMap<TransferId, (TransferStatus, Vec<BlockRef>)>,
     early: BTreeMap<RequestId, Vec<(PeerId, RequestInfo)>>,
     early_count: usize,
     /// Requests a peer aborted before they registered here: they fail on registration.
@@ -237,6 +241,18 @@ pub struct TransceiverParts {
     pub blocks: Arc<Mutex<BlockPool>>,
 }
 
+/// What a side tells its peer when it gives a request up.
+fn abort_message(side: Side, id: RequestId) -> Message {
+    match side {
+        Side::Generation => Message::Cancel { request: id },
+        Side::Context => Message::Error {
+            request: id,
+            code: ErrorCode::Cancelled,
+            detail: "context side aborted the transfer".into(),
+        },
+    }
+}
+
 fn tokens_equal(a: u128, b: u128) -> bool {
     // No early exit on the first differing byte: the comparison time says nothing.
     let x = a ^ b;
@@ -245,8 +261,12 @@ fn tokens_equal(a: u128, b: u128) -> bool {
 
 impl Transceiver {
     pub fn new(p: TransceiverParts) -> Transceiver {
-        p.layout.validate().expect("transceiver layout must be valid");
-        p.config.validate().expect("transceiver config must be valid");
+        p.layout
+            .validate()
+            .expect("transceiver layout must be valid");
+        p.config
+            .validate()
+            .expect("transceiver config must be valid");
         let slot_bytes = p
             .config
             .slot_bytes_for(p.layout.block_bytes(), p.layout.tokens_per_block);
@@ -424,7 +444,10 @@ impl Transceiver {
         if self.entries.contains_key(&req.id) {
             return Ok(());
         }
-        let source = req.source.clone().ok_or(TransceiverError::NoSource(req.id))?;
+        let source = req
+            .source
+            .clone()
+            .ok_or(TransceiverError::NoSource(req.id))?;
         self.admit(&req)?;
         req.advance(RequestState::GenTransferring)
             .map_err(|_| TransceiverError::Terminal(req.id))?;
@@ -559,14 +582,18 @@ impl Transceiver {
             self.reject(from, id, ErrorCode::UnknownRequest, "not a context request");
             return;
         }
-        if !self.bugs.has(Bug::SkipTokenCheck) && !tokens_equal(info.token.0, entry.req.token.0)
-        {
+        if !self.bugs.has(Bug::SkipTokenCheck) && !tokens_equal(info.token.0, entry.req.token.0) {
             self.reject(from, id, ErrorCode::BadToken, "transfer token mismatch");
             return;
         }
         let own: Vec<u32> = entry.req.blocks.iter().map(|b| b.id).collect();
         if info.ctx_blocks != own || info.gen_blocks.len() != own.len() {
-            self.reject(from, id, ErrorCode::ForeignBlocks, "blocks are not the request's");
+            self.reject(
+                from,
+                id,
+                ErrorCode::ForeignBlocks,
+                "blocks are not the request's",
+            );
             return;
         }
         let gen_rank = info.gen_layout.rank();
@@ -578,7 +605,12 @@ impl Transceiver {
             return; // a retried RequestInfo: already known
         }
         if entry.failed || entry.cancelled {
-            self.reject(from, id, ErrorCode::Cancelled, "request already failed here");
+            self.reject(
+                from,
+                id,
+                ErrorCode::Cancelled,
+                "request already failed here",
+            );
             return;
         }
         let pairs: Vec<(u32, u32)> = own
@@ -600,9 +632,9 @@ impl Transceiver {
             LegState::Done
         } else {
             LegState::WaitingSlot {
-                        since: now,
-                        queued: false,
-                    }
+                since: now,
+                queued: false,
+            }
         };
         entry.legs.insert(
             gen_rank,
@@ -652,13 +684,16 @@ impl Transceiver {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
+        // Peers hear of an abort once. Telling them again on every echo would make two sides
+        // whose legs are both still fencing bounce Cancel and Error at each other forever.
+        let first_abort = !e.failed;
         e.failed = true;
         if by_cancel {
             e.cancelled = true;
         }
         let side = e.side;
         let mut notify: Vec<PeerId> = Vec::new();
-        let mut evicted: Vec<(TransferId, Vec<BlockRef>)> = Vec::new();
+        let mut evicted: Vec<(TransferStatus, Vec<BlockRef>)> = Vec::new();
         for leg in e.legs.values_mut() {
             match std::mem::replace(&mut leg.state, LegState::Failed) {
                 LegState::WaitingSlot { .. } => notify.push(leg.peer),
@@ -670,9 +705,8 @@ impl Transceiver {
                     status.cancel();
                     notify.push(leg.peer);
                     if evict {
-                        let tid = status.id();
-                        slot.poison(Fence(tid.0));
-                        evicted.push((tid, pinned));
+                        slot.poison(Fence(status.id().0));
+                        evicted.push((status, pinned));
                         leg.state = LegState::Abandoned;
                     } else if release_early {
                         // The historical bug: resources go back while the transfer runs.
@@ -690,9 +724,10 @@ impl Transceiver {
                 other => leg.state = other,
             }
         }
-        for (tid, pinned) in evicted {
+        for (status, pinned) in evicted {
+            let tid = status.id();
             self.counters.evictions += 1;
-            self.abandoned.insert(tid, pinned);
+            self.abandoned.insert(tid, (status, pinned));
             self.emit(TxEvent::Evicted {
                 transfer: tid,
                 request: id,
@@ -703,17 +738,10 @@ impl Transceiver {
             self.transfers.retain(|_, (r, _)| *r != id);
         }
         self.slot_waiters.retain(|(r, _)| *r != id);
-        for peer in notify {
-            let msg = if side == Side::Generation {
-                Message::Cancel { request: id }
-            } else {
-                Message::Error {
-                    request: id,
-                    code: ErrorCode::Cancelled,
-                    detail: "context side aborted the transfer".into(),
-                }
-            };
-            let _ = self.transport.send(peer, msg);
+        if first_abort {
+            for peer in notify {
+                let _ = self.transport.send(peer, abort_message(side, id));
+            }
         }
         self.check_finished(id);
     }
@@ -837,8 +865,8 @@ impl Transceiver {
     }
 
     fn on_completion(&mut self, now: Duration, c: Completion) {
-        if let Some(pinned) = self.abandoned.remove(&c.id) {
-            // The fence of an evicted job: its writer is gone.
+        if let Some((_status, pinned)) = self.abandoned.remove(&c.id) {
+            // The fence of an evicted job: its writer is gone, so its agent may go too.
             self.transfers.remove(&c.id);
             self.staging.fence_passed(Fence(c.id.0));
             self.blocks.lock().expect("block pool lock").unpin(&pinned);
@@ -897,6 +925,9 @@ impl Transceiver {
             Err(err) => {
                 self.counters.transfers_failed += 1;
                 tracing::warn!(request = %id, peer = %peer, error = %err, "transfer failed");
+                // The peer of the failed leg must hear it: its side cannot tell a slow sender
+                // from a dead one. Peers of still-open legs are told by `abort_entry`.
+                let _ = self.transport.send(peer, abort_message(side, id));
                 self.fail_entry(now, id);
             }
         }
@@ -952,7 +983,10 @@ impl Transceiver {
                 .config
                 .kv_transfer_sender_future_timeout_ms
                 .map(Duration::from_millis);
-            let warn_budget = self.config.kv_transfer_timeout_ms.map(Duration::from_millis);
+            let warn_budget = self
+                .config
+                .kv_transfer_timeout_ms
+                .map(Duration::from_millis);
             let warn_due = warn_budget.is_some_and(|b| elapsed >= b);
             if !warn_due {
                 // Not this entry's warn key (a deadline or the sender budget): keep the flag.

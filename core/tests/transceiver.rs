@@ -1,0 +1,463 @@
+//! Transceiver behaviour against the loopback agent and transport: the lifecycle promises of
+//! DESIGN.md exercised one at a time, deterministically.
+
+use kvferry_core::agent::{AgentError, TransferAgent};
+use kvferry_core::blocks::BlockPool;
+use kvferry_core::bugs::BugSet;
+use kvferry_core::collective::agree;
+use kvferry_core::config::TransceiverConfig;
+use kvferry_core::layout::CacheLayout;
+use kvferry_core::loopback::{LoopbackNet, ManualAgent};
+use kvferry_core::request::{ContextSource, Request, RequestState};
+use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
+use kvferry_core::wire::{ErrorCode, Message};
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const CTX: u32 = 0;
+const GEN: u32 = 1;
+const BLOCKS: u32 = 16;
+
+fn layout(tp: u32) -> CacheLayout {
+    CacheLayout {
+        num_layers: 4,
+        num_kv_heads: 2,
+        head_dim: 4,
+        tokens_per_block: 4,
+        dtype_bytes: 2,
+        tp_size: tp,
+        tp_rank: 0,
+        pp_size: 1,
+        pp_rank: 0,
+        mla: false,
+    }
+}
+
+struct Rank {
+    tx: Transceiver,
+    agent: Arc<ManualAgent>,
+    pool: Arc<Mutex<BlockPool>>,
+}
+
+struct Cluster {
+    net: LoopbackNet,
+    ctx: Vec<Rank>,
+    gen: Vec<Rank>,
+    now: Duration,
+}
+
+fn rank(net: &LoopbackNet, instance: u32, l: CacheLayout, config: &TransceiverConfig) -> Rank {
+    let agent = ManualAgent::new();
+    let pool = Arc::new(Mutex::new(BlockPool::new(BLOCKS)));
+    let me = PeerId {
+        instance,
+        rank: l.rank(),
+    };
+    let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
+    let tx = Transceiver::new(TransceiverParts {
+        me,
+        layout: l,
+        config: config.clone(),
+        bugs: BugSet::NONE,
+        agent: dyn_agent,
+        transport: net.transport(me),
+        blocks: pool.clone(),
+    });
+    Rank { tx, agent, pool }
+}
+
+impl Cluster {
+    fn new(ctx_tp: u32, gen_tp: u32, config: TransceiverConfig) -> Cluster {
+        let net = LoopbackNet::new();
+        let ctx = (0..ctx_tp)
+            .map(|r| rank(&net, CTX, layout(ctx_tp).with_rank(r), &config))
+            .collect();
+        let gen = (0..gen_tp)
+            .map(|r| rank(&net, GEN, layout(gen_tp).with_rank(r), &config))
+            .collect();
+        Cluster {
+            net,
+            ctx,
+            gen,
+            now: Duration::ZERO,
+        }
+    }
+
+    fn instance(&mut self, i: u32) -> &mut Vec<Rank> {
+        if i == CTX {
+            &mut self.ctx
+        } else {
+            &mut self.gen
+        }
+    }
+
+    /// Allocates `n` blocks on every rank of both instances and registers request `id`.
+    fn submit(&mut self, id: u64, n: usize, token: u128, gen_token: u128) -> RequestId {
+        let rid = RequestId(id);
+        let now = self.now;
+        let mut ctx_ids = Vec::new();
+        for r in &mut self.ctx {
+            let blocks = r.pool.lock().unwrap().allocate(rid, n).unwrap();
+            ctx_ids = blocks.iter().map(|b| b.id).collect();
+            let req = Arc::new(Request::new_context(rid, TransferToken(token), blocks));
+            r.tx.respond_and_send(now, req).unwrap();
+        }
+        let ctx_layout = self.ctx[0].tx.layout().with_rank(0);
+        for r in &mut self.gen {
+            let blocks = r.pool.lock().unwrap().allocate(rid, n).unwrap();
+            let source = ContextSource {
+                instance: CTX,
+                layout: ctx_layout,
+                blocks: ctx_ids.clone(),
+            };
+            let req = Arc::new(Request::new_generation(
+                rid,
+                TransferToken(gen_token),
+                blocks,
+                source,
+            ));
+            r.tx.request_and_receive(now, req).unwrap();
+        }
+        rid
+    }
+
+    fn pump(&mut self) {
+        let now = self.now;
+        let mut delivered = 0;
+        while let Some(env) = self.net.pop() {
+            // Control traffic of a handful of requests is tiny; more is a message storm.
+            delivered += 1;
+            assert!(delivered < 10_000, "livelock: control messages never stop");
+            let inst = self.instance(env.to.instance);
+            if let Some(r) = inst.get_mut(env.to.rank as usize) {
+                r.tx.handle_message(now, env.from, env.msg);
+            }
+        }
+    }
+
+    /// One collective step on an instance; frees the blocks of what finished.
+    fn step(&mut self, i: u32) -> Vec<Finished> {
+        let now = self.now;
+        let side = if i == CTX {
+            Side::Context
+        } else {
+            Side::Generation
+        };
+        let ranks = self.instance(i);
+        let all: Vec<_> = ranks
+            .iter_mut()
+            .map(|r| match side {
+                Side::Context => r.tx.check_context_status(now, 0).contribution,
+                Side::Generation => r.tx.check_gen_status(now, 0).contribution,
+            })
+            .collect();
+        let agreed = agree(&all, ranks.len()).unwrap();
+        let mut out = Vec::new();
+        for r in ranks.iter_mut() {
+            let fin = r.tx.apply_agreed(&agreed);
+            for f in &fin {
+                r.pool.lock().unwrap().free(&f.request.blocks);
+            }
+            out.extend(fin);
+        }
+        out
+    }
+
+    fn run_until_quiet(&mut self) -> Vec<Finished> {
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            self.pump();
+            for r in self.ctx.iter().chain(&self.gen) {
+                r.agent.complete_all();
+            }
+            out.extend(self.step(CTX));
+            out.extend(self.step(GEN));
+        }
+        out
+    }
+
+    fn assert_pools_full(&self) {
+        for r in self.ctx.iter().chain(&self.gen) {
+            let s = r.tx.staging_counters();
+            assert_eq!((s.in_use, s.poisoned, s.fallbacks_live), (0, 0, 0), "{s:?}");
+            assert_eq!(r.pool.lock().unwrap().free_count(), BLOCKS as usize);
+        }
+    }
+}
+
+fn states(f: &[Finished]) -> Vec<RequestState> {
+    f.iter().map(|f| f.state).collect()
+}
+
+#[test]
+fn hetero_tp_transfer_completes_on_every_rank_and_returns_resources() {
+    let mut c = Cluster::new(2, 1, TransceiverConfig::default());
+    c.submit(1, 3, 42, 42);
+    let fin = c.run_until_quiet();
+    let mut s = states(&fin);
+    s.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(
+        s,
+        vec![
+            RequestState::ContextComplete,
+            RequestState::ContextComplete,
+            RequestState::GenComplete
+        ]
+    );
+    c.assert_pools_full();
+}
+
+#[test]
+fn wrong_token_is_rejected_before_any_send() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.submit(7, 2, 42, 666);
+    c.pump();
+    assert_eq!(c.ctx[0].agent.pending_count(), 0, "nothing served");
+    let events: Vec<_> = c.ctx[0].tx.drain_events().collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        TxEvent::Rejected {
+            code: ErrorCode::BadToken,
+            ..
+        }
+    )));
+    // The gen side hears the error and fails; the receive it posted is cancelled.
+    c.pump();
+    let pending = c.gen[0].agent.pending();
+    assert_eq!(pending.len(), 1);
+    assert!(c.gen[0].agent.cancel_requested(pending[0].id));
+}
+
+#[test]
+fn foreign_blocks_are_rejected() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let rid = c.submit(3, 2, 5, 5);
+    // A second, forged info naming blocks that are not the request's.
+    let mut forged = None;
+    while let Some(env) = c.net.pop() {
+        if let Message::RequestInfo(mut info) = env.msg.clone() {
+            info.ctx_blocks = vec![9, 10];
+            forged = Some(info);
+        }
+        let now = c.now;
+        c.ctx[0].tx.handle_message(now, env.from, env.msg);
+    }
+    let attacker = PeerId {
+        instance: 9,
+        rank: 0,
+    };
+    let mut info = forged.unwrap();
+    info.gen_layout.tp_rank = 0;
+    let now = c.now;
+    c.ctx[0]
+        .tx
+        .handle_message(now, attacker, Message::RequestInfo(info));
+    assert_eq!(c.ctx[0].agent.sends_to(attacker), 0);
+    let reply = c.net.pop().unwrap();
+    assert_eq!(reply.to, attacker);
+    assert!(matches!(
+        reply.msg,
+        Message::Error {
+            request,
+            code: ErrorCode::ForeignBlocks,
+            ..
+        } if request == rid
+    ));
+}
+
+fn timeout_config(ms: u64) -> TransceiverConfig {
+    TransceiverConfig {
+        kv_transfer_timeout_ms: Some(ms),
+        ..TransceiverConfig::default()
+    }
+}
+
+fn warns(r: &mut Rank) -> usize {
+    r.tx.drain_events()
+        .filter(|e| matches!(e, TxEvent::TimeoutWarn { .. }))
+        .count()
+}
+
+#[test]
+fn timeout_warns_once_per_enqueue_and_never_for_ready_transfers() {
+    let mut c = Cluster::new(1, 1, timeout_config(100));
+    c.submit(1, 2, 1, 1);
+    c.pump();
+    for ms in [50, 150, 200, 5000] {
+        c.now = Duration::from_millis(ms);
+        c.gen[0].tx.poll(c.now);
+    }
+    assert_eq!(warns(&mut c.gen[0]), 1, "one WARN per request per enqueue");
+
+    // A transfer whose completion is queued before the deadline poll is ready: no WARN.
+    let mut c = Cluster::new(1, 1, timeout_config(100));
+    c.submit(2, 2, 1, 1);
+    c.pump();
+    c.gen[0].agent.complete_all();
+    c.now = Duration::from_millis(500);
+    c.gen[0].tx.poll(c.now);
+    assert_eq!(warns(&mut c.gen[0]), 0);
+
+    // Unconfigured: never.
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.submit(3, 2, 1, 1);
+    c.pump();
+    c.now = Duration::from_secs(3600);
+    c.gen[0].tx.poll(c.now);
+    assert_eq!(warns(&mut c.gen[0]), 0);
+}
+
+#[test]
+fn inflight_cancel_evicts_poisons_and_fences() {
+    let config = TransceiverConfig {
+        kv_transfer_timeout_ms: Some(100),
+        inflight_cancel: true,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    c.submit(1, 2, 1, 1);
+    c.pump();
+    let job = c.gen[0].agent.pending()[0].clone();
+    c.now = Duration::from_millis(150);
+    let fin = c.step(GEN);
+    assert_eq!(states(&fin), vec![RequestState::TransferError]);
+    let s = c.gen[0].tx.staging_counters();
+    assert_eq!((s.in_use, s.poisoned), (0, 1), "slot poisoned, not reused");
+    // Blocks were freed by the executor but stay pinned for the late writer.
+    {
+        let pool = c.gen[0].pool.lock().unwrap();
+        assert_eq!(pool.deferred_count(), 2);
+        pool.check_write(&job.local_blocks[0]).unwrap();
+    }
+    // The fence: the agent's completion arrives late.
+    c.gen[0].agent.complete(job.id, Err(AgentError::Cancelled));
+    c.gen[0].tx.poll(c.now);
+    let s = c.gen[0].tx.staging_counters();
+    assert_eq!((s.in_use, s.poisoned, s.free), (0, 0, s.slots));
+    assert_eq!(c.gen[0].pool.lock().unwrap().free_count(), BLOCKS as usize);
+}
+
+#[test]
+fn eviction_keeps_a_recycled_agent_alive_until_the_fence() {
+    let config = TransceiverConfig {
+        kv_transfer_timeout_ms: Some(100),
+        inflight_cancel: true,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    c.submit(1, 2, 1, 1);
+    c.pump();
+    let old = c.gen[0].agent.clone();
+    let job = old.pending()[0].clone();
+    c.now = Duration::from_millis(150);
+    assert_eq!(states(&c.step(GEN)), vec![RequestState::TransferError]);
+    // Executor recycle: new jobs go elsewhere; the evicted job's writer still runs on `old`.
+    let fresh: Arc<dyn TransferAgent> = ManualAgent::new();
+    c.gen[0].tx.replace_agent(fresh);
+    // The test holds two handles (`old` and the rank's); the third is the abandoned job's.
+    assert_eq!(
+        Arc::strong_count(&old),
+        3,
+        "the abandoned job still holds its agent (I3)"
+    );
+    old.complete(job.id, Err(AgentError::Cancelled));
+    c.gen[0].tx.poll(c.now);
+    assert_eq!(
+        Arc::strong_count(&old),
+        2,
+        "the fence lets the old agent go"
+    );
+}
+
+#[test]
+fn failure_mid_transfer_fails_every_rank_and_releases_everything() {
+    let mut c = Cluster::new(2, 1, TransceiverConfig::default());
+    c.submit(1, 3, 9, 9);
+    c.pump();
+    let job = c.ctx[1].agent.pending()[0].clone();
+    c.ctx[1]
+        .agent
+        .complete(job.id, Err(AgentError::Backend("NIC reset".into())));
+    // The failing rank tells the generation side before its receive could complete (a real
+    // receive cannot finish without the sender's bytes; the manual agent would let it).
+    let mut fin = c.step(CTX);
+    c.pump();
+    fin.extend(c.run_until_quiet());
+    assert_eq!(fin.len(), 3);
+    assert!(
+        fin.iter().all(|f| f.state == RequestState::TransferError),
+        "{:?}",
+        states(&fin)
+    );
+    c.assert_pools_full();
+}
+
+#[test]
+fn request_ends_only_when_every_rank_has_finished() {
+    let mut c = Cluster::new(2, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    c.ctx[0].agent.complete_all();
+    assert!(c.step(CTX).is_empty(), "rank 1 still sending");
+    c.ctx[1].agent.complete_all();
+    assert_eq!(c.step(CTX).len(), 2);
+}
+
+#[test]
+fn cancel_before_transfer_ends_at_once() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let rid = c.submit(1, 1, 3, 3);
+    assert!(c.ctx[0].tx.cancel(c.now, rid));
+    let fin = c.step(CTX);
+    assert_eq!(states(&fin), vec![RequestState::Cancelled]);
+    assert!(!c.ctx[0].tx.cancel(c.now, rid), "unknown once finished");
+}
+
+#[test]
+fn staging_exhaustion_waits_then_fails_within_the_bound() {
+    let config = TransceiverConfig {
+        staging_slots: 1,
+        staging_wait_ms: 100,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    c.submit(1, 1, 3, 3);
+    c.submit(2, 1, 4, 4);
+    c.pump();
+    assert_eq!(
+        c.gen[0].agent.pending_count(),
+        1,
+        "second waits for the slot"
+    );
+    c.now = Duration::from_millis(200);
+    let fin = c.step(GEN);
+    assert_eq!(states(&fin), vec![RequestState::TransferError]);
+    assert_eq!(fin[0].request.id, RequestId(2));
+}
+
+#[test]
+fn receive_is_idempotent_under_retry() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    let pending = c.gen[0].agent.pending_count();
+    let blocks = c.gen[0]
+        .pool
+        .lock()
+        .unwrap()
+        .allocate(RequestId(1), 1)
+        .unwrap();
+    let retry = Arc::new(Request::new_generation(
+        RequestId(1),
+        TransferToken(3),
+        blocks,
+        ContextSource {
+            instance: CTX,
+            layout: layout(1),
+            blocks: vec![0],
+        },
+    ));
+    let now = c.now;
+    c.gen[0].tx.request_and_receive(now, retry).unwrap();
+    assert_eq!(c.gen[0].agent.pending_count(), pending);
+}
