@@ -145,6 +145,23 @@ impl ManualAgent {
         all.len()
     }
 
+    /// Completes the `n` oldest pending jobs successfully; returns how many there were.
+    /// Costs O(n), so benches can complete a few jobs out of many thousands in flight.
+    pub fn complete_oldest(&self, n: usize) -> usize {
+        let oldest: Vec<(TransferId, u64)> = self
+            .pending
+            .lock()
+            .expect("agent lock")
+            .values()
+            .take(n)
+            .map(|p| (p.job.id, p.job.bytes))
+            .collect();
+        for (id, bytes) in &oldest {
+            self.complete(*id, Ok(*bytes));
+        }
+        oldest.len()
+    }
+
     /// Jobs sending to `to`.
     pub fn sends_to(&self, to: PeerId) -> usize {
         self.pending
