@@ -674,6 +674,9 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     madsim::time::sleep(4 * TICK).await;
     let (completed, failed, cancelled) = sim.router.lock().expect("router lock").outcomes();
     let checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    // Break the cycle Sim -> instances -> ranks -> agents -> Sim, or every seed of a campaign
+    // would leak its whole cluster (rank memories included).
+    sim.instances.lock().expect("instances lock").clear();
     report(seed, sim_time_us, (completed, failed, cancelled), checker)
 }
 
