@@ -105,7 +105,10 @@ impl CompletionQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("completion queue lock poisoned").len()
+        self.inner
+            .lock()
+            .expect("completion queue lock poisoned")
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -121,7 +121,10 @@ impl BlockPool {
             let epoch = self.next_epoch;
             self.next_epoch += 1;
             let m = &mut self.meta[id as usize];
-            assert!(m.owner.is_none() && m.pins == 0, "free list held a live block {id}");
+            assert!(
+                m.owner.is_none() && m.pins == 0,
+                "free list held a live block {id}"
+            );
             *m = Meta {
                 owner: Some(owner),
                 epoch,
@@ -246,7 +249,13 @@ mod tests {
         let mut p = BlockPool::new(4);
         let b = p.allocate(RequestId(1), 2).unwrap();
         p.pin(&b).unwrap();
-        assert_eq!(p.free(&b), FreeOutcome { freed: 0, deferred: 2 });
+        assert_eq!(
+            p.free(&b),
+            FreeOutcome {
+                freed: 0,
+                deferred: 2
+            }
+        );
         assert_eq!(p.free_count(), 2);
         // The pinned transfer may still write: the epoch is unchanged.
         p.check_write(&b[0]).unwrap();

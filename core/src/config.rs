@@ -102,9 +102,14 @@ impl TransceiverConfig {
             ),
         ] {
             match v {
-                Some(0) => return Err(invalid(field, "must be at least 1 ms (omit it to disable)")),
+                Some(0) => {
+                    return Err(invalid(field, "must be at least 1 ms (omit it to disable)"))
+                }
                 Some(ms) if ms > MAX_TIMEOUT_MS => {
-                    return Err(invalid(field, format!("{ms} ms exceeds {MAX_TIMEOUT_MS} ms")))
+                    return Err(invalid(
+                        field,
+                        format!("{ms} ms exceeds {MAX_TIMEOUT_MS} ms"),
+                    ))
                 }
                 _ => {}
             }
@@ -112,7 +117,10 @@ impl TransceiverConfig {
         if self.staging_slots == 0 || self.staging_slots > MAX_STAGING_SLOTS {
             return Err(invalid(
                 "staging_slots",
-                format!("must be in 1..={MAX_STAGING_SLOTS}, got {}", self.staging_slots),
+                format!(
+                    "must be in 1..={MAX_STAGING_SLOTS}, got {}",
+                    self.staging_slots
+                ),
             ));
         }
         if self.staging_slot_bytes > MAX_STAGING_SLOT_BYTES {
@@ -122,7 +130,10 @@ impl TransceiverConfig {
             ));
         }
         if self.staging_wait_ms > MAX_TIMEOUT_MS {
-            return Err(invalid("staging_wait_ms", format!("exceeds {MAX_TIMEOUT_MS} ms")));
+            return Err(invalid(
+                "staging_wait_ms",
+                format!("exceeds {MAX_TIMEOUT_MS} ms"),
+            ));
         }
         if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
             return Err(invalid(
@@ -144,7 +155,9 @@ impl TransceiverConfig {
         if self.staging_slot_bytes > 0 {
             return self.staging_slot_bytes;
         }
-        let blocks = self.max_tokens_in_buffer.div_ceil(u64::from(tokens_per_block.max(1)));
+        let blocks = self
+            .max_tokens_in_buffer
+            .div_ceil(u64::from(tokens_per_block.max(1)));
         blocks.max(1) * block_bytes
     }
 }

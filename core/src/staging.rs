@@ -186,7 +186,11 @@ impl StagingPool {
             g.counters.fallbacks_live -= 1;
             return;
         };
-        assert_eq!(g.state[slot], SlotState::InUse, "release of a slot not in use");
+        assert_eq!(
+            g.state[slot],
+            SlotState::InUse,
+            "release of a slot not in use"
+        );
         g.counters.in_use -= 1;
         match poison {
             Some(fence) if !g.bugs.has(Bug::ReusePoisonedSlot) => {

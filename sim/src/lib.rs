@@ -1,18 +1,18 @@
 //! kvferry-sim: deterministic madsim simulation of kvferry clusters.
 
-pub mod campaign;
-pub mod cli;
-pub mod plan_cmd;
-pub mod progress;
-pub mod render;
-pub mod report;
-pub mod scenario;
-pub mod trace;
 pub mod agent;
+pub mod campaign;
 pub mod checker;
+pub mod cli;
 pub mod cluster;
 pub mod faults;
 pub mod memory;
 pub mod net;
+pub mod plan_cmd;
+pub mod progress;
 pub mod rank;
+pub mod render;
+pub mod report;
 pub mod router;
+pub mod scenario;
+pub mod trace;

@@ -59,8 +59,12 @@ pub struct TraceEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum TraceKind {
     /// A transfer span starts (`id` pairs it with its end).
-    Begin { id: u64 },
-    End { id: u64 },
+    Begin {
+        id: u64,
+    },
+    End {
+        id: u64,
+    },
     /// A point event: fault, warning, violation, request state change.
     Instant,
 }
