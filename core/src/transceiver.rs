@@ -10,7 +10,9 @@
 //! generation rank sends a `RequestInfo` to every context rank of the source instance (so each
 //! context rank learns how many generation ranks to expect), after it has posted the receive
 //! jobs for the ranks its plan reads from. A context rank checks the token and the block list
-//! before it serves a byte (I9), then submits a send job for the ranks it serves.
+//! before it serves a byte (I9), then submits a send job for the ranks it serves. A context
+//! rank remembers the requests that ended on it (bounded), so a `RequestInfo` that arrives too
+//! late gets an error at once rather than parking until a timeout.
 //!
 //! Resource rules, each owned here:
 //! - a leg in flight holds a staging slot guard and pins on its blocks; both go back when the
@@ -33,7 +35,7 @@ use crate::request::{Request, RequestState, Role};
 use crate::staging::{Fence, SlotGuard, StagingCounters, StagingPool};
 use crate::transport::Transport;
 use crate::wire::{ErrorCode, Message, RequestInfo};
-use crate::{PeerId, RequestId};
+use crate::{PeerId, RequestId, TransferToken};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +47,9 @@ pub const MAX_EARLY_INFOS: usize = 4096;
 pub const MAX_SLOT_WAITERS: usize = 4096;
 /// Events buffered for the driver between drains; older ones are dropped (and counted).
 pub const MAX_EVENTS: usize = 65536;
+/// Context requests remembered after they ended, so a late `RequestInfo` is answered with an
+/// error instead of waiting in the early queue for a registration that never comes.
+pub const MAX_TOMBSTONES: usize = 4096;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TransceiverError {
@@ -210,7 +215,6 @@ pub struct Transceiver {
     next_transfer: u64,
     entries: BTreeMap<RequestId, Entry>,
     transfers: HashMap<TransferId, (RequestId, u32)>,
-    /// Evicted jobs: pins to drop when their fence arrives.
     /// Evicted jobs until their fence: the status keeps the agent alive under the still-running
     /// writer (I3), the pins keep its blocks from reuse (I5).
     abandoned: HashMap<TransferId, (TransferStatus, Vec<BlockRef>)>,
@@ -218,6 +222,9 @@ pub struct Transceiver {
     early_count: usize,
     /// Requests a peer aborted before they registered here: they fail on registration.
     early_aborted: BTreeSet<RequestId>,
+    /// Context requests that ended here (oldest first) and their tokens: see `MAX_TOMBSTONES`.
+    tombstones: VecDeque<RequestId>,
+    ended: HashMap<RequestId, TransferToken>,
     slot_waiters: VecDeque<(RequestId, u32)>,
     /// (warn time, request): the timeout wheel, popped in time order.
     timeouts: BTreeSet<(Duration, RequestId)>,
@@ -291,6 +298,8 @@ impl Transceiver {
             early: BTreeMap::new(),
             early_count: 0,
             early_aborted: BTreeSet::new(),
+            tombstones: VecDeque::new(),
+            ended: HashMap::new(),
             slot_waiters: VecDeque::new(),
             timeouts: BTreeSet::new(),
             finished_local: BTreeMap::new(),
@@ -352,6 +361,8 @@ impl Transceiver {
     }
 
     fn register(&mut self, now: Duration, req: Arc<Request>, side: Side) {
+        // An id registered again is live again (its old tombstone ages out of the queue).
+        self.ended.remove(&req.id);
         let mut timeout_keys = Vec::new();
         if let Some(ms) = self.config.kv_transfer_timeout_ms {
             timeout_keys.push(now + Duration::from_millis(ms));
@@ -570,6 +581,18 @@ impl Transceiver {
     fn on_request_info(&mut self, now: Duration, from: PeerId, info: RequestInfo) {
         let id = info.request;
         let Some(entry) = self.entries.get(&id) else {
+            if let Some(token) = self.ended.get(&id) {
+                // The request ended before this peer asked (e.g. cancelled first): say so, so
+                // the generation side fails now instead of waiting out its timeout. A peer
+                // without the token learns nothing more than for any other request.
+                let (code, detail) = if tokens_equal(info.token.0, token.0) {
+                    (ErrorCode::Cancelled, "request already ended here")
+                } else {
+                    (ErrorCode::BadToken, "transfer token mismatch")
+                };
+                self.reject(from, id, code, detail);
+                return;
+            }
             if self.early_count >= MAX_EARLY_INFOS {
                 self.reject(from, id, ErrorCode::Busy, "too many early requests");
                 return;
@@ -660,6 +683,9 @@ impl Transceiver {
     }
 
     fn on_peer_abort(&mut self, now: Duration, from: PeerId, id: RequestId) {
+        if self.ended.contains_key(&id) {
+            return; // already over here: nothing to stop, nothing to remember
+        }
         let Some(e) = self.entries.get(&id) else {
             // An abort for a request not registered yet: it fails when it registers.
             if let Some(v) = self.early.remove(&id) {
@@ -1076,6 +1102,16 @@ impl Transceiver {
         self.status(now, Side::Generation, at_least)
     }
 
+    fn bury(&mut self, id: RequestId, token: TransferToken) {
+        if self.tombstones.len() >= MAX_TOMBSTONES {
+            if let Some(old) = self.tombstones.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+        self.tombstones.push_back(id);
+        self.ended.insert(id, token);
+    }
+
     /// Applies what every rank agreed: those requests reach their terminal state here.
     pub fn apply_agreed(&mut self, agreed: &Agreed) -> Vec<Finished> {
         let mut out = Vec::new();
@@ -1101,6 +1137,9 @@ impl Transceiver {
             e.req
                 .advance(state)
                 .expect("a request reaches exactly one terminal state");
+            if e.side == Side::Context {
+                self.bury(id, e.req.token);
+            }
             self.emit(TxEvent::Finished { request: id, state });
             out.push(Finished {
                 request: e.req,

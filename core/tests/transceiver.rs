@@ -394,6 +394,40 @@ fn failure_mid_transfer_fails_every_rank_and_releases_everything() {
 }
 
 #[test]
+fn request_info_after_the_context_side_ended_fails_the_generation_side() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    // The generation side's RequestInfo is still in the network when the context side ends.
+    let rid = c.submit(1, 2, 5, 5);
+    assert!(c.ctx[0].tx.cancel(c.now, rid));
+    assert_eq!(states(&c.step(CTX)), vec![RequestState::Cancelled]);
+    let job = c.gen[0].agent.pending()[0].clone();
+    c.pump();
+    assert!(
+        c.gen[0].agent.cancel_requested(job.id),
+        "the late RequestInfo was answered with an error and the receive stopped"
+    );
+    c.gen[0].agent.complete(job.id, Err(AgentError::Cancelled));
+    assert_eq!(states(&c.step(GEN)), vec![RequestState::TransferError]);
+    c.assert_pools_full();
+}
+
+#[test]
+fn late_request_info_with_a_wrong_token_learns_nothing_more() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let rid = c.submit(1, 1, 5, 6);
+    assert!(c.ctx[0].tx.cancel(c.now, rid));
+    c.step(CTX);
+    c.pump();
+    assert!(c.ctx[0].tx.drain_events().any(|e| matches!(
+        e,
+        TxEvent::Rejected {
+            code: ErrorCode::BadToken,
+            ..
+        }
+    )));
+}
+
+#[test]
 fn request_ends_only_when_every_rank_has_finished() {
     let mut c = Cluster::new(2, 1, TransceiverConfig::default());
     c.submit(1, 1, 3, 3);
