@@ -2,6 +2,11 @@
 //! `Message::Data` chunks on the peer's link; a receive job lands incoming chunks in order at
 //! the plan's destination offsets and completes when every byte has arrived.
 //!
+//! A chunk is copied once on each side: gathered straight into its encoded frame (in a buffer
+//! the link recycles), and landed from the receive buffer. The gather copy is what lets a send
+//! job complete, and its blocks be freed and reused, while its frames still wait in the queue:
+//! writing from KV memory instead would tie every block's release to the socket.
+//!
 //! Every job completes exactly once (its completion is the fence the transceiver waits for):
 //! a send when its task ends, a receive when its last byte lands, when it is cancelled, or when
 //! its peer's connection is lost. A receive job is removed from the table under the same lock
@@ -9,13 +14,13 @@
 
 use super::early::{Early, EarlyData, Key};
 use super::kv::HostKv;
-use crate::node::link::Links;
+use crate::node::link::{Link, Links};
 use bytes::{Bytes, BytesMut};
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::plan::Fragment;
-use kvferry_core::wire::{self, Message};
+use kvferry_core::wire::DataFrame;
 use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -287,7 +292,7 @@ impl HostAgent {
         self.rt.spawn(async move {
             let sender = ChunkSender {
                 kv: &kv,
-                data: &link.data,
+                link: &link,
                 request: job.request,
                 rank,
                 to,
@@ -303,54 +308,63 @@ impl HostAgent {
 
 struct ChunkSender<'a> {
     kv: &'a HostKv,
-    data: &'a tokio::sync::mpsc::Sender<Bytes>,
+    link: &'a Link,
     request: RequestId,
     rank: u32,
     to: PeerId,
     cancel: &'a AtomicBool,
 }
 
+/// A `Data` frame whose payload is being gathered from KV memory straight into its buffer.
+struct Gather {
+    buf: BytesMut,
+    frame: DataFrame,
+}
+
 impl ChunkSender<'_> {
     async fn run(&self, frags: &[Fragment]) -> Result<u64, AgentError> {
         let total: u64 = frags.iter().map(|f| f.len).sum();
         let mut sent = 0u64;
-        let mut chunk = BytesMut::with_capacity(DATA_CHUNK.min(total as usize));
+        let mut pending: Option<Gather> = None;
         for f in frags {
             let mut pos = 0;
             while pos < f.len {
-                let take = (f.len - pos).min((DATA_CHUNK - chunk.len()) as u64);
-                self.kv.read_into(f.src_offset + pos, take, &mut chunk);
+                let g = pending.get_or_insert_with(|| self.start(sent, total - sent));
+                let room = DATA_CHUNK - g.frame.payload_len(&g.buf);
+                let take = (f.len - pos).min(room as u64);
+                self.kv.read_into(f.src_offset + pos, take, &mut g.buf);
                 pos += take;
-                if chunk.len() == DATA_CHUNK {
-                    sent = self.flush(&mut chunk, sent).await?;
+                if take == room as u64 {
+                    let full = pending.take().expect("just filled");
+                    sent = self.flush(full, sent).await?;
                 }
             }
         }
-        if !chunk.is_empty() {
-            sent = self.flush(&mut chunk, sent).await?;
+        if let Some(g) = pending {
+            sent = self.flush(g, sent).await?;
         }
         Ok(sent)
     }
 
-    async fn flush(&self, chunk: &mut BytesMut, sent: u64) -> Result<u64, AgentError> {
+    /// A frame for the chunk at `offset`, in a recycled buffer when the link has one.
+    fn start(&self, offset: u64, left: u64) -> Gather {
+        let mut buf = self.link.frames.take();
+        let hint = DATA_CHUNK.min(usize::try_from(left).unwrap_or(DATA_CHUNK));
+        let frame = DataFrame::start(&mut buf, self.request, self.rank, offset, hint);
+        Gather { buf, frame }
+    }
+
+    async fn flush(&self, mut g: Gather, sent: u64) -> Result<u64, AgentError> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
-        let payload = chunk.split().freeze();
-        let len = payload.len() as u64;
-        let msg = Message::Data {
-            request: self.request,
-            ctx_rank: self.rank,
-            offset: sent,
-            payload,
-        };
-        let mut frame = BytesMut::with_capacity(wire::HEADER_LEN + len as usize);
-        wire::encode(&msg, &mut frame);
-        self.data
-            .send(frame.freeze())
+        let len = g.frame.payload_len(&g.buf) as u64;
+        g.frame.finish(&mut g.buf);
+        self.link
+            .data
+            .send(g.buf)
             .await
             .map_err(|_| AgentError::PeerUnreachable(self.to))?;
-        chunk.reserve(DATA_CHUNK);
         Ok(sent + len)
     }
 }

@@ -7,8 +7,9 @@
 
 use super::frame::{self, Frame};
 use super::link::{LinkQueues, Outgoing};
+use super::OwnedTask;
 use crate::host::{DataError, HostAgent};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use kvferry_core::wire::{ErrorCode, Message};
 use kvferry_core::{PeerId, RequestId};
 use std::net::SocketAddr;
@@ -19,8 +20,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read (at most).
 const READ_CHUNK: usize = 256 << 10;
+/// Size of a connection's receive buffer: several data frames long. A read usually ends
+/// inside a frame; that partial frame is moved to the front only when the room behind it runs
+/// out, once per several frames, instead of on every read as a buffer of one read's size does
+/// (which copied about a third of all received bytes once more).
+const READ_BUFFER: usize = 1 << 20;
 /// The writer coalesces queued frames up to this many bytes per write.
 const WRITE_BATCH: usize = 1 << 20;
 /// How long a closing connection may take to flush its last Error frame.
@@ -73,24 +79,19 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
     // Control frames are small and latency-bound; batching happens in the writer.
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut writer = tokio::spawn(write_loop(wr, queues));
+    // Owned: if this future is dropped (its connection task aborted), the writer goes too.
+    let mut writer = OwnedTask(tokio::spawn(write_loop(wr, queues)));
     let closed = tokio::select! {
         c = read_loop(rd, &ctx) => c,
-        w = &mut writer => match w {
+        w = &mut writer.0 => match w {
             Ok(Ok(())) => Closed::Eof,
             Ok(Err(e)) => Closed::Io(e),
             Err(e) => Closed::Io(std::io::Error::other(e)),
         },
     };
     match closed {
-        Closed::Eof => {
-            writer.abort();
-            "peer closed the connection".into()
-        }
-        Closed::Io(e) => {
-            writer.abort();
-            format!("connection error: {e}")
-        }
+        Closed::Eof => "peer closed the connection".into(),
+        Closed::Io(e) => format!("connection error: {e}"),
         Closed::Violation(why) => {
             tracing::warn!(peer = %ctx.peer, addr = %ctx.addr, error = %why, "protocol violation, closing the connection");
             let bye = Message::Error {
@@ -100,19 +101,15 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
             };
             let _ = ctx.control.try_send(Outgoing::Frame(Frame::Core(bye)));
             let _ = ctx.control.try_send(Outgoing::Close);
-            if tokio::time::timeout(FLUSH_ON_CLOSE, &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-            }
+            // Past the timeout the writer is aborted when `writer` drops.
+            let _ = tokio::time::timeout(FLUSH_ON_CLOSE, &mut writer.0).await;
             format!("protocol violation: {why}")
         }
     }
 }
 
 async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     loop {
         loop {
             match frame::decode(&mut buf) {
@@ -125,8 +122,8 @@ async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
                 Err(e) => return Closed::Violation(e.to_string()),
             }
         }
-        buf.reserve(READ_CHUNK);
-        match rd.read_buf(&mut buf).await {
+        make_room(&mut buf);
+        match rd.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await {
             Ok(0) if buf.is_empty() => return Closed::Eof,
             Ok(0) => {
                 return Closed::Violation(format!(
@@ -137,6 +134,14 @@ async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
             Ok(_) => {}
             Err(e) => return Closed::Io(e),
         }
+    }
+}
+
+/// Ensures room for one read behind the buffered bytes (see `READ_BUFFER`).
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK {
+        // Once the frames split off earlier are dropped, this reuses the same allocation.
+        buf.reserve(READ_CHUNK.max(READ_BUFFER.saturating_sub(buf.len())));
     }
 }
 
@@ -176,7 +181,7 @@ async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
 enum Item {
     Control(Outgoing),
     /// An encoded data frame, written as is.
-    Data(Bytes),
+    Data(BytesMut),
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> std::io::Result<()> {
@@ -204,6 +209,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> std::io::Resul
                         out.clear();
                     }
                     wr.write_all(&bytes).await?;
+                    q.frames.give(bytes);
                 }
             }
             if out.len() >= WRITE_BATCH {

@@ -8,7 +8,7 @@ use super::core::NodeCore;
 use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
 use super::link::{Link, Links, Outgoing};
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
-use super::{NodeError, INBOX, INBOX_BATCH, TICK};
+use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
 use crate::host::{pattern, HostAgent};
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::Span;
 
 /// Gen peers connected at once; more are refused with a WARN.
@@ -40,23 +41,28 @@ struct CtxNode {
 
 /// Runs the ctx role on `listener` until the process ends (or the task is aborted).
 pub async fn run(listener: TcpListener, spec: NodeSpec) -> Result<(), NodeError> {
+    run_with(listener, new_core(&spec)).await
+}
+
+/// The core of a ctx rank (rank 0 of `CTX_INSTANCE`); must run inside a tokio runtime.
+pub fn new_core(spec: &NodeSpec) -> NodeCore {
     let me = PeerId {
         instance: CTX_INSTANCE,
         rank: 0,
     };
-    let core = NodeCore::new(me, Side::Context, &spec);
-    run_with(listener, core).await
+    NodeCore::new(me, Side::Context, spec)
 }
 
 /// As `run`, with a core built by the caller (to share its metrics).
 pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeError> {
     let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
-    tokio::spawn(accept_loop(
+    // Owned: aborting this role stops its accept loop and, with it, its connections.
+    let _accept = OwnedTask(tokio::spawn(accept_loop(
         listener,
         core.links.clone(),
         core.agent.clone(),
         inbox_tx,
-    ));
+    )));
     let mut node = CtxNode {
         core,
         owned: HashMap::new(),
@@ -96,7 +102,10 @@ async fn accept_loop(
     inbox: mpsc::Sender<Inbound>,
 ) {
     let mut n: u32 = 0;
+    // The connection tasks: aborted when this loop is (dropping a `JoinSet` aborts its tasks).
+    let mut conns = JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {} // reap the ended ones
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -125,7 +134,7 @@ async fn accept_loop(
         links.insert(peer, link);
         tracing::info!(%peer, %addr, "gen peer connected");
         let (links, inbox) = (links.clone(), inbox.clone());
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let reason = conn::serve(stream, ctx, queues).await;
             links.remove(peer);
             let _ = inbox.send(Inbound::Down { peer, reason }).await;
@@ -232,5 +241,44 @@ impl CtxNode {
             o.span
                 .in_scope(|| tracing::debug!(state = ?f.state, "request finished"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::spec;
+    use tokio::net::TcpStream;
+
+    /// An aborted ctx stops accepting: its listener is closed, not left to a detached accept
+    /// loop (which would also keep its connections and KV pool alive).
+    #[tokio::test]
+    async fn aborted_ctx_closes_its_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spec = NodeSpec {
+            layout: spec::layout(1, 1, 64, 16, 2),
+            pool_blocks: 4,
+            config: Default::default(),
+        };
+        let ctx_task = tokio::spawn(run(listener, spec));
+        let _conn = TcpStream::connect(addr)
+            .await
+            .expect("ctx accepts while running");
+        ctx_task.abort();
+        let _ = ctx_task.await;
+        // The accept loop's abort lands when it is next polled; give it a few turns.
+        let mut refused = false;
+        for _ in 0..50 {
+            if TcpStream::connect(addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            refused,
+            "the aborted ctx still accepts connections on {addr}"
+        );
     }
 }

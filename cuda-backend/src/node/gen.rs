@@ -7,7 +7,7 @@ use super::core::{NodeCore, Occupancy};
 use super::frame::{parse_token, Frame, NodeFrame};
 use super::link::{Link, Links};
 use super::spec::{NodeSpec, CTX_INSTANCE};
-use super::{NodeError, INBOX, INBOX_BATCH, TICK};
+use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
 use crate::host::{pattern, HostAgent};
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
@@ -124,13 +124,14 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         rank: 0,
     };
     let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
-    let dialer = tokio::spawn(dial_loop(
+    // Owned: the dialer and its connection end with this load, however it ends.
+    let dialer = OwnedTask(tokio::spawn(dial_loop(
         opts.peer,
         ctx,
         core.links.clone(),
         core.agent.clone(),
         inbox_tx,
-    ));
+    )));
     let mut node = GenNode {
         rng: StdRng::seed_from_u64(opts.seed),
         s: Summary {
@@ -189,7 +190,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
             }
         }
     }
-    dialer.abort();
+    drop(dialer);
     progress.finish(&node.s);
     Ok(node.summarize(started.elapsed()))
 }

@@ -19,6 +19,7 @@ pub mod spec;
 use kvferry_core::collective::CollectiveError;
 use std::time::Duration;
 use thiserror::Error;
+use tokio::task::JoinHandle;
 
 /// Driver inbox bound: connection readers wait when the driver falls behind.
 pub const INBOX: usize = 4096;
@@ -36,4 +37,17 @@ pub enum NodeError {
         context: String,
         source: std::io::Error,
     },
+}
+
+/// A spawned task that lives no longer than its owner. Dropping a tokio `JoinHandle` detaches
+/// the task; dropping this aborts it, so a role that is aborted (the bench ends each round's
+/// ctx that way) takes its accept loop, connections and their writers with it instead of
+/// leaking them, their sockets and their KV pool for the rest of the process.
+#[derive(Debug)]
+pub struct OwnedTask<T>(pub JoinHandle<T>);
+
+impl<T> Drop for OwnedTask<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
