@@ -266,6 +266,14 @@ fn foreign_blocks_are_rejected() {
     ));
 }
 
+/// Opt-in in-flight cancel with a 100 ms budget: a transfer past it is evicted.
+fn evicting_config() -> TransceiverConfig {
+    TransceiverConfig {
+        inflight_cancel: true,
+        ..timeout_config(100)
+    }
+}
+
 fn timeout_config(ms: u64) -> TransceiverConfig {
     TransceiverConfig {
         kv_transfer_timeout_ms: Some(ms),
@@ -310,12 +318,7 @@ fn timeout_warns_once_per_enqueue_and_never_for_ready_transfers() {
 
 #[test]
 fn inflight_cancel_evicts_poisons_and_fences() {
-    let config = TransceiverConfig {
-        kv_transfer_timeout_ms: Some(100),
-        inflight_cancel: true,
-        ..TransceiverConfig::default()
-    };
-    let mut c = Cluster::new(1, 1, config);
+    let mut c = Cluster::new(1, 1, evicting_config());
     c.submit(1, 2, 1, 1);
     c.pump();
     let job = c.gen[0].agent.pending()[0].clone();
@@ -340,12 +343,7 @@ fn inflight_cancel_evicts_poisons_and_fences() {
 
 #[test]
 fn eviction_keeps_a_recycled_agent_alive_until_the_fence() {
-    let config = TransceiverConfig {
-        kv_transfer_timeout_ms: Some(100),
-        inflight_cancel: true,
-        ..TransceiverConfig::default()
-    };
-    let mut c = Cluster::new(1, 1, config);
+    let mut c = Cluster::new(1, 1, evicting_config());
     c.submit(1, 2, 1, 1);
     c.pump();
     let old = c.gen[0].agent.clone();
