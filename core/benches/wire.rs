@@ -72,6 +72,11 @@ fn bench_wire(c: &mut Criterion) {
     g.bench_function("data_64KiB", |b| {
         b.iter(|| drop(black_box(round_trip(&d, &data, &mut buf))))
     });
+    // The checksum alone, for scale: a Data round trip computes it twice (encode, decode).
+    let payload = vec![0x5Au8; 64 << 10];
+    g.bench_function("crc32c_64KiB", |b| {
+        b.iter(|| black_box(crc32c::crc32c(black_box(&payload))))
+    });
     g.finish();
 }
 
