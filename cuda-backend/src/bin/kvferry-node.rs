@@ -1,14 +1,17 @@
-// kvferry-node: one rank of a ctx (prefill) or gen (decode) instance over TCP on host memory.
+// kvferry-node: one rank of a ctx (prefill) or gen (decode) instance over TCP, its KV pool in
+// host memory or (built with `--features cuda`, `--backend cuda`) on a GPU over CUDA IPC.
 //
 //   kvferry-node ctx --listen 127.0.0.1:0
 //   kvferry-node gen --peer 127.0.0.1:PORT --requests 1000
+//   kvferry-node ctx --backend cuda --device 0          (gen likewise, --device 1)
 //   kvferry-node bench
 //
 // Machine-readable lines on stdout: `listening ADDR`, `metrics ADDR`, `summary {json}`.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
-use kvferry_core::config::TransceiverConfig;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvferry_core::config::{self, TransceiverConfig};
+use kvferry_cuda::node::backend::BackendSpec;
 use kvferry_cuda::node::bench::{self, BenchOptions};
 use kvferry_cuda::node::core::NodeCore;
 use kvferry_cuda::node::spec::{self, NodeSpec, MAX_POOL_BLOCKS};
@@ -89,6 +92,20 @@ struct Common {
     tokens_per_block: u32,
     #[arg(long, default_value_t = 2)]
     dtype_bytes: u32,
+    /// Where the KV pool lives (default: the config's `backend`, else host).
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// CUDA device ordinal of the pool (with `--backend cuda`).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// Host memory, bytes over the TCP connection.
+    Host,
+    /// A GPU pool; the gen maps the ctx's pool with CUDA IPC and pulls over NVLink.
+    Cuda,
 }
 
 #[derive(Args)]
@@ -118,7 +135,7 @@ struct Load {
 
 impl Common {
     fn spec(&self) -> Result<NodeSpec> {
-        let config = match &self.config {
+        let mut config = match &self.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading config {}", p.display()))?;
@@ -138,12 +155,36 @@ impl Common {
             self.dtype_bytes,
         );
         layout.validate().context("invalid layout flags")?;
+        if let Some(b) = self.backend {
+            config.backend = match b {
+                BackendArg::Host => config::Backend::Host,
+                BackendArg::Cuda => config::Backend::Cuda,
+            };
+        }
         Ok(NodeSpec {
             layout,
             pool_blocks: self.blocks,
             config,
         })
     }
+}
+
+/// The backend `spec.config.backend` names, on `--device`.
+fn backend(spec: &NodeSpec, common: &Common) -> Result<BackendSpec> {
+    match spec.config.backend {
+        config::Backend::Host => Ok(BackendSpec::Host),
+        config::Backend::Cuda => cuda_backend(common.device),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend(device: usize) -> Result<BackendSpec> {
+    Ok(BackendSpec::Cuda { device })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(_device: usize) -> Result<BackendSpec> {
+    bail!("the CUDA backend is not in this build: rebuild with `--features cuda` (cargo build -p kvferry-cuda --features cuda)")
 }
 
 /// Prints a machine-readable line on stdout at once (tests wait for it).
@@ -187,14 +228,16 @@ async fn run(cli: Cli) -> Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            let core = NodeCore::new(
+            let core = NodeCore::with_backend(
                 kvferry_core::PeerId {
                     instance: spec::CTX_INSTANCE,
                     rank: 0,
                 },
                 kvferry_core::transceiver::Side::Context,
                 &spec,
-            );
+                backend(&spec, &common)?,
+            )
+            .context("building the ctx rank")?;
             start_metrics(common.metrics, &core).await?;
             announce(&format!("listening {}", listener.local_addr()?));
             ctx::run_with(listener, core).await.context("ctx node")
@@ -207,14 +250,16 @@ async fn run(cli: Cli) -> Result<()> {
             if load.concurrency == 0 {
                 bail!("--concurrency must be at least 1");
             }
-            let core = NodeCore::new(
+            let core = NodeCore::with_backend(
                 kvferry_core::PeerId {
                     instance: spec::GEN_INSTANCE_BASE,
                     rank: 0,
                 },
                 kvferry_core::transceiver::Side::Generation,
                 &spec,
-            );
+                backend(&spec, &common)?,
+            )
+            .context("building the gen rank")?;
             start_metrics(common.metrics, &core).await?;
             let opts = gen::LoadOptions {
                 peer,
@@ -242,6 +287,9 @@ async fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             let spec = common.spec()?;
+            if spec.config.backend != config::Backend::Host {
+                bail!("bench runs the host backend only (kvferry-bench measures the CUDA paths)");
+            }
             let o = BenchOptions {
                 requests,
                 blocks_per_request,

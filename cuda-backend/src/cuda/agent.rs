@@ -25,7 +25,7 @@ use kvferry_core::agent::{
 use kvferry_core::PeerId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -95,6 +95,9 @@ struct Inner {
     state: Mutex<State>,
     wake: Condvar,
     shutdown: AtomicBool,
+    /// Told after the poller pushed completions, so an event-driven owner (the tokio node)
+    /// wakes at once instead of at its next timer tick.
+    on_complete: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 pub struct CudaAgent {
@@ -148,6 +151,7 @@ impl CudaAgent {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            on_complete: OnceLock::new(),
         });
         let poller = if inner.config.poller_thread {
             let inner = inner.clone();
@@ -192,6 +196,12 @@ impl CudaAgent {
             }
             None => false,
         }
+    }
+
+    /// Sets the callback run after completions are pushed by `poll` (at most once per poll).
+    /// Returns false if one was set already.
+    pub fn set_on_complete(&self, f: impl Fn() + Send + Sync + 'static) -> bool {
+        self.inner.on_complete.set(Box::new(f)).is_ok()
     }
 
     /// Queries finished jobs and pushes their completions. Never blocks on the GPU. Returns the
@@ -240,11 +250,23 @@ impl Inner {
 
     fn poll(&self) -> usize {
         let mut st = self.lock();
+        let before = st.in_flight.len();
+        let left = self.poll_locked(&mut st);
+        drop(st);
+        if left < before {
+            if let Some(f) = self.on_complete.get() {
+                f();
+            }
+        }
+        left
+    }
+
+    fn poll_locked(&self, st: &mut State) -> usize {
         if st.in_flight.is_empty() {
             return 0;
         }
         if let Err(e) = self.gpu.bind() {
-            Self::fail_all(&mut st, e.to_string());
+            Self::fail_all(st, e.to_string());
             return 0;
         }
         while let Some(front) = st.in_flight.front() {
@@ -261,7 +283,7 @@ impl Inner {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    Self::fail_all(&mut st, e.to_string());
+                    Self::fail_all(st, e.to_string());
                     break;
                 }
             }

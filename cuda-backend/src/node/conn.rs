@@ -35,8 +35,8 @@ const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 /// What a connection hands its node's driver.
 #[derive(Debug)]
 pub enum Inbound {
-    /// A connection to `peer` is up (dialing side only: accepted ones announce themselves
-    /// with their first frame).
+    /// A connection to `peer` is up, before any of its frames (a ctx greets its gen peers
+    /// on it; a gen starts launching).
     Up {
         peer: PeerId,
     },
@@ -69,7 +69,8 @@ enum Closed {
 pub struct ConnCtx {
     pub peer: PeerId,
     pub addr: SocketAddr,
-    pub agent: Arc<HostAgent>,
+    /// Lands `Data` frames; `None` on a CUDA node, where a `Data` frame breaks the protocol.
+    pub agent: Option<Arc<HostAgent>>,
     pub inbox: mpsc::Sender<Inbound>,
     pub control: mpsc::Sender<Outgoing>,
 }
@@ -153,10 +154,12 @@ async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
         payload,
     }) = &f
     {
-        return match ctx
-            .agent
-            .on_data(ctx.peer, *request, *ctx_rank, *offset, payload)
-        {
+        let Some(agent) = &ctx.agent else {
+            return Err(Closed::Violation(format!(
+                "data frame for {request} on a CUDA connection (bytes move over CUDA IPC)"
+            )));
+        };
+        return match agent.on_data(ctx.peer, *request, *ctx_rank, *offset, payload) {
             Ok(true) => Ok(()),
             Ok(false) => {
                 tracing::debug!(%request, peer = %ctx.peer, "data for a request no longer expected, dropped");

@@ -1,12 +1,11 @@
-//! The pieces both roles share: one rank's transceiver with its host agent, pools, links and
-//! metrics, and the completion step that every loop iteration runs.
+//! The pieces both roles share: one rank's transceiver with its backend (host or CUDA), pools,
+//! links and metrics, and the completion step that every loop iteration runs.
 
+use super::backend::{Backend, BackendError, BackendParts, BackendSpec};
 use super::collective::SoloCollective;
 use super::link::{Links, NetTransport};
 use super::metrics::Metrics;
 use super::spec::NodeSpec;
-use crate::host::{HostAgent, HostKv};
-use kvferry_core::agent::TransferAgent;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::CollectiveError;
@@ -21,8 +20,7 @@ pub struct NodeCore {
     pub tx: Transceiver,
     pub side: Side,
     pub pool: Arc<Mutex<BlockPool>>,
-    pub kv: Arc<HostKv>,
-    pub agent: Arc<HostAgent>,
+    pub backend: Backend,
     pub links: Links,
     pub metrics: Arc<Metrics>,
     /// Notified by the agent on every completion.
@@ -43,44 +41,58 @@ pub struct Occupancy {
 }
 
 impl NodeCore {
-    /// Must run inside a tokio runtime (the agent spawns its send tasks on it).
+    /// A host-memory rank. Must run inside a tokio runtime (the agent spawns its send tasks).
     pub fn new(me: PeerId, side: Side, spec: &NodeSpec) -> NodeCore {
+        NodeCore::with_backend(me, side, spec, BackendSpec::Host)
+            .expect("the host backend cannot fail to build")
+    }
+
+    /// A rank on the given backend. Must run inside a tokio runtime.
+    pub fn with_backend(
+        me: PeerId,
+        side: Side,
+        spec: &NodeSpec,
+        backend: BackendSpec,
+    ) -> Result<NodeCore, BackendError> {
         let layout = spec.layout.with_rank(me.rank);
-        let kv = Arc::new(HostKv::new(spec.pool_blocks, layout.block_bytes()));
         let links = Links::default();
         let wake = Arc::new(Notify::new());
-        let agent = Arc::new(HostAgent::new(
-            me.rank,
-            kv.clone(),
-            links.clone(),
-            wake.clone(),
-        ));
+        let (backend, agent) = Backend::new(
+            backend,
+            BackendParts {
+                side,
+                rank: me.rank,
+                blocks: spec.pool_blocks,
+                block_bytes: layout.block_bytes(),
+                max_jobs: spec.config.max_in_flight,
+                links: links.clone(),
+                wake: wake.clone(),
+            },
+        )?;
         let pool = Arc::new(Mutex::new(BlockPool::new(spec.pool_blocks)));
-        let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
         let tx = Transceiver::new(TransceiverParts {
             me,
             layout,
             config: spec.config.clone(),
             bugs: BugSet::NONE,
-            agent: dyn_agent,
+            agent,
             transport: Arc::new(NetTransport {
                 links: links.clone(),
             }),
             blocks: pool.clone(),
         });
-        NodeCore {
+        Ok(NodeCore {
             tx,
             side,
             pool,
-            kv,
-            agent,
+            backend,
             links,
             metrics: Metrics::new(),
             wake,
             collective: SoloCollective,
             start: Instant::now(),
             timeout_ms: spec.config.kv_transfer_timeout_ms.unwrap_or(0),
-        }
+        })
     }
 
     /// The transceiver's clock: time since the node started.
@@ -90,6 +102,7 @@ impl NodeCore {
 
     /// One completion step (status, collective, agreement), then metrics and events.
     pub async fn step(&mut self) -> Result<(Vec<Finished>, Vec<TxEvent>), CollectiveError> {
+        self.backend.pump();
         let now = self.now();
         let finished = self
             .tx

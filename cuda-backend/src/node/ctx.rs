@@ -9,7 +9,7 @@ use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
 use super::link::{Link, Links, Outgoing};
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
-use crate::host::{pattern, HostAgent};
+use crate::host::HostAgent;
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
 use kvferry_core::{PeerId, RequestId, TransferToken};
@@ -60,7 +60,7 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
     let _accept = OwnedTask(tokio::spawn(accept_loop(
         listener,
         core.links.clone(),
-        core.agent.clone(),
+        core.backend.data_agent(),
         inbox_tx,
     )));
     let mut node = CtxNode {
@@ -98,7 +98,7 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
 async fn accept_loop(
     listener: TcpListener,
     links: Links,
-    agent: Arc<HostAgent>,
+    agent: Option<Arc<HostAgent>>,
     inbox: mpsc::Sender<Inbound>,
 ) {
     let mut n: u32 = 0;
@@ -133,6 +133,10 @@ async fn accept_loop(
         };
         links.insert(peer, link);
         tracing::info!(%peer, %addr, "gen peer connected");
+        // Before the connection task starts, so the driver greets the peer before any frame.
+        if inbox.send(Inbound::Up { peer }).await.is_err() {
+            return;
+        }
         let (links, inbox) = (links.clone(), inbox.clone());
         conns.spawn(async move {
             let reason = conn::serve(stream, ctx, queues).await;
@@ -166,12 +170,19 @@ impl CtxNode {
             }
             Inbound::Frame {
                 peer,
+                frame: Frame::Node(f @ NodeFrame::PullFinished { .. }),
+            } => {
+                if let Err(e) = self.core.backend.on_cuda_frame(peer, f) {
+                    tracing::warn!(peer = %self.core.links.describe(peer), error = %e, "closing");
+                    self.close(peer);
+                }
+            }
+            Inbound::Frame {
+                peer,
                 frame: Frame::Node(other),
             } => {
                 tracing::warn!(peer = %self.core.links.describe(peer), frame = ?other, "unexpected node frame, closing");
-                if let Some(l) = self.core.links.get(peer) {
-                    let _ = l.control.try_send(Outgoing::Close);
-                }
+                self.close(peer);
             }
             Inbound::Down { peer, reason } => {
                 tracing::info!(%peer, %reason, "gen peer disconnected");
@@ -184,9 +195,10 @@ impl CtxNode {
                 for id in ids {
                     self.core.tx.cancel(now, id);
                 }
-                self.core.agent.peer_lost(peer);
+                self.core.backend.peer_lost(peer);
             }
-            Inbound::Up { .. } | Inbound::GaveUp { .. } => {}
+            Inbound::Up { peer } => self.greet(peer),
+            Inbound::GaveUp { .. } => {}
         }
     }
 
@@ -209,14 +221,15 @@ impl CtxNode {
             .expect("pool lock")
             .allocate(id, n as usize)
             .map_err(|e| format!("busy: {e}"))?;
+        let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
         if let Some(seed) = seed {
-            for (i, b) in blocks.iter().enumerate() {
-                pattern::fill(seed, i as u32, &mut self.core.kv.block(b.id));
+            if let Err(e) = self.core.backend.fill(seed, &ids) {
+                self.core.pool.lock().expect("pool lock").free(&blocks);
+                return Err(format!("filling blocks: {e}"));
             }
         }
         let token = TransferToken(rand::random());
-        let ids = blocks.iter().map(|b| b.id).collect();
-        let bytes = u64::from(n) * self.core.kv.block_bytes();
+        let bytes = u64::from(n) * self.core.backend.block_bytes();
         let req = Arc::new(Request::new_context(id, token, blocks.clone()));
         if let Err(e) = self.core.tx.respond_and_send(self.core.now(), req) {
             self.core.pool.lock().expect("pool lock").free(&blocks);
@@ -225,6 +238,23 @@ impl CtxNode {
         let span = tracing::info_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
         self.owned.insert(id, Owned { peer, span });
         Ok((id, token, ids))
+    }
+
+    fn close(&self, peer: PeerId) {
+        if let Some(l) = self.core.links.get(peer) {
+            let _ = l.control.try_send(Outgoing::Close);
+        }
+    }
+
+    /// Sends a new gen peer what the backend needs it to know first (a CUDA pool's handle).
+    fn greet(&self, peer: PeerId) {
+        let Some(hello) = self.core.backend.greeting() else {
+            return;
+        };
+        if let Err(e) = self.core.links.send_frame(peer, Frame::Node(hello)) {
+            tracing::warn!(%peer, error = %e, "greeting not sent, closing");
+            self.close(peer);
+        }
     }
 
     fn on_finished(&mut self, f: Finished) {

@@ -45,9 +45,47 @@ pub enum NodeFrame {
         tag: u64,
         reason: String,
     },
+    /// CUDA backend, ctx to gen on connect: the ctx rank's KV pool as a CUDA IPC handle, so
+    /// the gen maps it and pulls fragments itself (no `Data` frames on this connection).
+    CudaPool {
+        ctx_rank: u32,
+        /// Exporting device ordinal (informational: the handle names the allocation).
+        device: u32,
+        pool_bytes: u64,
+        block_bytes: u64,
+        /// `cuIpcGetMemHandle` bytes as 128 hex digits.
+        handle: String,
+    },
+    /// CUDA backend, ctx to gen: the ctx's send job for the request is parked, so the
+    /// request's blocks are pinned and its token checked; only now may the gen read them.
+    PullReady {
+        request: RequestId,
+        ctx_rank: u32,
+    },
+    /// CUDA backend, gen to ctx: the gen's reads of the request's blocks are over (its kernel
+    /// fence passed, or it never launched). Answers every `PullReady` exactly once; the ctx
+    /// completes its parked send on it, which is what lets the blocks be unpinned.
+    PullFinished {
+        request: RequestId,
+        ctx_rank: u32,
+        /// Why the pull did not complete; `None` when every byte arrived.
+        error: Option<String>,
+    },
 }
 
 impl NodeFrame {
+    /// The variant's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NodeFrame::Prepare { .. } => "Prepare",
+            NodeFrame::Prepared { .. } => "Prepared",
+            NodeFrame::PrepareFailed { .. } => "PrepareFailed",
+            NodeFrame::CudaPool { .. } => "CudaPool",
+            NodeFrame::PullReady { .. } => "PullReady",
+            NodeFrame::PullFinished { .. } => "PullFinished",
+        }
+    }
+
     pub fn prepared(
         tag: u64,
         request: RequestId,

@@ -8,7 +8,7 @@ use super::frame::{parse_token, Frame, NodeFrame};
 use super::link::{Link, Links};
 use super::spec::{NodeSpec, CTX_INSTANCE};
 use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
-use crate::host::{pattern, HostAgent};
+use crate::host::HostAgent;
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
 use kvferry_core::wire::Message;
@@ -35,6 +35,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(1);
 const MAX_ERROR_KINDS: usize = 16;
 /// After the last request ends, how long to wait for late fences before summarising.
 const FINAL_DRAIN: Duration = Duration::from_secs(5);
+/// How long a CUDA gen waits for its ctx's pool after connecting. A ctx sends it first thing,
+/// so only a ctx on another backend (or not a kvferry ctx) keeps it waiting.
+const POOL_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -95,6 +98,8 @@ struct GenNode {
     ctx: PeerId,
     rng: StdRng,
     connected: bool,
+    /// Connected, waiting for the ctx's CUDA pool since then.
+    pool_wait: Option<Instant>,
     gave_up: bool,
     launched: u64,
     next_tag: u64,
@@ -129,7 +134,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         opts.peer,
         ctx,
         core.links.clone(),
-        core.agent.clone(),
+        core.backend.data_agent(),
         inbox_tx,
     )));
     let mut node = GenNode {
@@ -142,6 +147,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         opts,
         ctx,
         connected: false,
+        pool_wait: None,
         gave_up: false,
         launched: 0,
         next_tag: 0,
@@ -178,6 +184,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         for f in finished {
             node.on_finished(f);
         }
+        node.check_pool_wait();
         node.launch_more();
         node.core.update_metrics();
         progress.maybe_print(&node.s, node.pending.len() + node.active.len());
@@ -199,7 +206,7 @@ async fn dial_loop(
     addr: SocketAddr,
     peer: PeerId,
     links: Links,
-    agent: Arc<HostAgent>,
+    agent: Option<Arc<HostAgent>>,
     inbox: mpsc::Sender<Inbound>,
 ) {
     let mut failures: u32 = 0;
@@ -309,19 +316,19 @@ impl GenNode {
                     self.s.reconnects += 1;
                 }
                 tracing::info!(%peer, "connected to ctx");
-                self.connected = true;
+                // A CUDA gen launches once it has mapped the ctx's pool (its first frame).
+                self.connected = self.core.backend.ready_on_connect();
+                self.pool_wait = (!self.connected).then(Instant::now);
             }
             Inbound::Down { peer, reason } => {
                 tracing::warn!(%peer, %reason, "lost the ctx connection");
                 self.connected = false;
+                self.pool_wait = None;
                 self.abandon_all(&format!("ctx connection lost: {reason}"));
-                self.core.agent.peer_lost(peer);
+                self.core.backend.peer_lost(peer);
             }
             Inbound::GaveUp { peer, reason } => {
-                tracing::error!(%peer, %reason, "ctx unreachable, giving up");
-                self.gave_up = true;
-                self.abandon_all(&format!("ctx unreachable: {reason}"));
-                self.s.skipped = self.opts.requests - self.launched;
+                self.give_up(peer, &format!("ctx unreachable: {reason}"))
             }
             Inbound::Frame {
                 peer,
@@ -341,10 +348,29 @@ impl GenNode {
                 self.core.tx.handle_message(now, peer, msg);
             }
             Inbound::Frame {
+                peer,
                 frame: Frame::Node(f),
-                ..
-            } => self.on_node_frame(f),
+            } => self.on_node_frame(peer, f),
         }
+    }
+
+    fn check_pool_wait(&mut self) {
+        if self.gave_up || self.pool_wait.is_none_or(|t| t.elapsed() <= POOL_WAIT) {
+            return;
+        }
+        let cause = format!(
+            "the ctx sent no CUDA pool within {} s (is it running with --backend cuda?)",
+            POOL_WAIT.as_secs()
+        );
+        self.give_up(self.ctx, &cause);
+    }
+
+    /// Stops the load: what is in flight fails with `cause`, what is not launched is skipped.
+    fn give_up(&mut self, peer: PeerId, cause: &str) {
+        tracing::error!(%peer, %cause, "giving up on the ctx");
+        self.gave_up = true;
+        self.abandon_all(cause);
+        self.s.skipped = self.opts.requests - self.launched;
     }
 
     /// Fails every pending launch and cancels every active request with `cause`.
@@ -363,7 +389,7 @@ impl GenNode {
         }
     }
 
-    fn on_node_frame(&mut self, f: NodeFrame) {
+    fn on_node_frame(&mut self, peer: PeerId, f: NodeFrame) {
         match f {
             NodeFrame::Prepared {
                 tag,
@@ -389,6 +415,20 @@ impl GenNode {
             }
             NodeFrame::Prepare { .. } => {
                 tracing::warn!("ctx sent a prepare request to a gen node, ignored");
+            }
+            f @ NodeFrame::CudaPool { .. } => match self.core.backend.on_cuda_frame(peer, f) {
+                Ok(()) => {
+                    tracing::info!(%peer, "mapped the ctx's KV pool");
+                    self.connected = true;
+                    self.pool_wait = None;
+                }
+                // The ctx cannot be read from: nothing would ever complete, so give up now.
+                Err(e) => self.give_up(peer, &format!("ctx pool not usable: {e}")),
+            },
+            f @ (NodeFrame::PullReady { .. } | NodeFrame::PullFinished { .. }) => {
+                if let Err(e) = self.core.backend.on_cuda_frame(peer, f) {
+                    tracing::warn!(%peer, error = %e, "node frame refused");
+                }
             }
         }
     }
@@ -422,7 +462,7 @@ impl GenNode {
             blocks: ctx_blocks,
         };
         let req = Arc::new(Request::new_generation(id, token, blocks.clone(), source));
-        let bytes = u64::from(l.blocks) * self.core.kv.block_bytes();
+        let bytes = u64::from(l.blocks) * self.core.backend.block_bytes();
         if let Err(e) = self.core.tx.request_and_receive(self.core.now(), req) {
             self.core.pool.lock().expect("pool lock").free(&blocks);
             return Err(e.to_string());
@@ -453,13 +493,18 @@ impl GenNode {
         }
     }
 
-    fn verified(&mut self, f: &Finished, seed: u64) -> bool {
+    /// Compares the received blocks with the ctx's pattern; `Err` names why they differ or
+    /// could not be read.
+    fn verify(&mut self, f: &Finished, seed: u64) -> Result<(), String> {
         if !self.opts.verify {
-            return true;
+            return Ok(());
         }
-        f.request.blocks.iter().enumerate().all(|(i, b)| {
-            pattern::verify(seed, i as u32, &self.core.kv.block(b.id), &mut self.scratch)
-        })
+        let ids: Vec<u32> = f.request.blocks.iter().map(|b| b.id).collect();
+        match self.core.backend.verify(seed, &ids, &mut self.scratch) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("received bytes differ from the ctx's".to_string()),
+            Err(e) => Err(format!("verification failed: {e}")),
+        }
     }
 
     fn on_finished(&mut self, f: Finished) {
@@ -472,16 +517,14 @@ impl GenNode {
             Err(a
                 .cause
                 .unwrap_or_else(|| format!("transfer ended {:?}", f.state)))
-        } else if !self.verified(&f, a.seed) {
-            Err("received bytes differ from the ctx's".to_string())
         } else {
-            Ok(())
+            self.verify(&f, a.seed)
         };
         self.core.release(&f);
         a.span.record("outcome", tracing::field::debug(f.state));
         match outcome {
             Ok(()) => {
-                let bytes = f.request.blocks.len() as u64 * self.core.kv.block_bytes();
+                let bytes = f.request.blocks.len() as u64 * self.core.backend.block_bytes();
                 let lat = a.at.elapsed();
                 self.s.done += 1;
                 self.s.bytes += bytes;

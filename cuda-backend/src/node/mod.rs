@@ -1,10 +1,13 @@
 //! kvferry-node: the core's state machines driven by tokio over TCP, one process per rank.
 //!
 //! A gen node dials a ctx node. One connection carries the core's wire frames (control and
-//! `Data` chunks) and the node's own load-setup frames (`frame::NodeFrame`). Each node runs one
-//! driver task that owns its `Transceiver`; connection tasks feed it frames, the host agent
-//! wakes it on completions, and a tick drives timeouts.
+//! `Data` chunks) and the node's own load-setup frames (`frame::NodeFrame`). With feature
+//! `cuda` and `--backend cuda` the KV pools live on GPUs instead and the bytes move over CUDA
+//! IPC, not the connection (`gpu`). Each node runs one driver task that owns its
+//! `Transceiver`; connection tasks feed it frames, the agent wakes it on completions, and a
+//! tick drives timeouts.
 
+pub mod backend;
 pub mod bench;
 pub mod collective;
 pub mod conn;
@@ -12,6 +15,8 @@ pub mod core;
 pub mod ctx;
 pub mod frame;
 pub mod gen;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod link;
 pub mod metrics;
 pub mod spec;
@@ -32,6 +37,8 @@ pub const TICK: Duration = Duration::from_millis(5);
 pub enum NodeError {
     #[error("completion collective: {0}")]
     Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -1,0 +1,184 @@
+//! Where a node's KV bytes live and how they move: host memory over the TCP connection (the
+//! default, always built) or a GPU pool over CUDA IPC (feature `cuda`, see `node::gpu`).
+
+use super::frame::NodeFrame;
+#[cfg(feature = "cuda")]
+use super::gpu::{GpuBackend, GpuParts};
+use super::link::Links;
+use crate::host::{pattern, HostAgent, HostKv};
+use kvferry_core::agent::TransferAgent;
+use kvferry_core::transceiver::Side;
+use kvferry_core::PeerId;
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// Which backend a node is built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendSpec {
+    #[default]
+    Host,
+    /// The KV pool on this CUDA device ordinal.
+    #[cfg(feature = "cuda")]
+    Cuda { device: usize },
+}
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[cfg(feature = "cuda")]
+    #[error("CUDA backend: {0}")]
+    Gpu(#[from] super::gpu::GpuError),
+    #[error("{0} frame on a host-memory node")]
+    NotCuda(&'static str),
+}
+
+#[derive(Debug)]
+pub enum Backend {
+    Host {
+        kv: Arc<HostKv>,
+        agent: Arc<HostAgent>,
+    },
+    #[cfg(feature = "cuda")]
+    Gpu(GpuBackend),
+}
+
+/// What building a backend needs from its node.
+#[derive(Debug)]
+pub struct BackendParts {
+    pub side: Side,
+    pub rank: u32,
+    pub blocks: u32,
+    pub block_bytes: u64,
+    pub max_jobs: usize,
+    pub links: Links,
+    pub wake: Arc<Notify>,
+}
+
+impl Backend {
+    /// Must run inside a tokio runtime (the host agent spawns its send tasks on it).
+    pub fn new(
+        spec: BackendSpec,
+        p: BackendParts,
+    ) -> Result<(Backend, Arc<dyn TransferAgent>), BackendError> {
+        match spec {
+            BackendSpec::Host => {
+                let kv = Arc::new(HostKv::new(p.blocks, p.block_bytes));
+                let agent = Arc::new(HostAgent::new(p.rank, kv.clone(), p.links, p.wake));
+                Ok((
+                    Backend::Host {
+                        kv,
+                        agent: agent.clone(),
+                    },
+                    agent,
+                ))
+            }
+            #[cfg(feature = "cuda")]
+            BackendSpec::Cuda { device } => {
+                let (gpu, agent) = GpuBackend::new(GpuParts {
+                    device,
+                    side: p.side,
+                    rank: p.rank,
+                    blocks: p.blocks,
+                    block_bytes: p.block_bytes,
+                    max_jobs: p.max_jobs,
+                    links: p.links,
+                    wake: p.wake,
+                })?;
+                Ok((Backend::Gpu(gpu), agent))
+            }
+        }
+    }
+
+    /// The host agent that lands `Data` frames; `None` where bytes do not cross the connection.
+    pub fn data_agent(&self) -> Option<Arc<HostAgent>> {
+        match self {
+            Backend::Host { agent, .. } => Some(agent.clone()),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(_) => None,
+        }
+    }
+
+    pub fn block_bytes(&self) -> u64 {
+        match self {
+            Backend::Host { kv, .. } => kv.block_bytes(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => g.block_bytes(),
+        }
+    }
+
+    /// False while a gen must wait for its ctx's pool before launching requests.
+    pub fn ready_on_connect(&self) -> bool {
+        match self {
+            Backend::Host { .. } => true,
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => !g.awaits_pool(),
+        }
+    }
+
+    /// The node frame a ctx sends every gen that connects, if any.
+    pub fn greeting(&self) -> Option<NodeFrame> {
+        match self {
+            Backend::Host { .. } => None,
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => g.greeting(),
+        }
+    }
+
+    /// Writes the seeded pattern into `blocks` (a request's blocks, in order).
+    pub fn fill(&self, seed: u64, blocks: &[u32]) -> Result<(), BackendError> {
+        match self {
+            Backend::Host { kv, .. } => {
+                for (i, b) in blocks.iter().enumerate() {
+                    pattern::fill(seed, i as u32, &mut kv.block(*b));
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => Ok(g.fill(seed, blocks)?),
+        }
+    }
+
+    /// True if `blocks` hold exactly the seeded pattern.
+    pub fn verify(
+        &self,
+        seed: u64,
+        blocks: &[u32],
+        scratch: &mut Vec<u8>,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Backend::Host { kv, .. } => Ok(blocks
+                .iter()
+                .enumerate()
+                .all(|(i, b)| pattern::verify(seed, i as u32, &kv.block(*b), scratch))),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => Ok(g.verify(seed, blocks, scratch)?),
+        }
+    }
+
+    /// Handles a CUDA node frame (`CudaPool`, `PullReady`, `PullFinished`) from `peer`.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn on_cuda_frame(&self, peer: PeerId, frame: NodeFrame) -> Result<(), BackendError> {
+        match self {
+            Backend::Host { .. } => Err(BackendError::NotCuda(frame.name())),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => Ok(g.on_frame(peer, frame)?),
+        }
+    }
+
+    /// Moves backend completions into the core's queue; call before every completion step.
+    pub fn pump(&self) {
+        #[cfg(feature = "cuda")]
+        if let Backend::Gpu(g) = self {
+            g.pump();
+        }
+    }
+
+    /// Ends every transfer that depends on `peer`'s connection.
+    pub fn peer_lost(&self, peer: PeerId) {
+        match self {
+            Backend::Host { agent, .. } => agent.peer_lost(peer),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(g) => g.peer_lost(peer),
+        }
+    }
+}
