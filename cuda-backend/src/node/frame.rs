@@ -234,6 +234,36 @@ mod tests {
     }
 
     #[test]
+    fn cuda_frames_round_trip() {
+        let frames = [
+            NodeFrame::CudaPool {
+                ctx_rank: 0,
+                device: 1,
+                pool_bytes: 64 << 20,
+                block_bytes: 64 << 10,
+                handle: "ab".repeat(64),
+            },
+            NodeFrame::PullReady {
+                request: RequestId(u64::MAX),
+                ctx_rank: 3,
+            },
+            NodeFrame::PullFinished {
+                request: RequestId(7),
+                ctx_rank: 0,
+                error: Some("cancelled".into()),
+            },
+        ];
+        let mut b = BytesMut::new();
+        for f in &frames {
+            encode_node(f, &mut b);
+        }
+        for f in frames {
+            assert_eq!(decode(&mut b), Ok(Some(Frame::Node(f))));
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
     fn token_survives_hex() {
         let t = TransferToken(u128::MAX - 5);
         let NodeFrame::Prepared { token, .. } =

@@ -21,6 +21,11 @@
 //!    HBM on one device) into its own pool; at the kernel's fence its receive completes and it
 //!    sends `PullFinished`, on which the ctx completes the parked send and the core unpins.
 //!
+//! Bounds: at most `CudaAgentConfig::max_in_flight` (256) pulls on the GPU at once; more fail
+//! at launch rather than queue. Verification (the default; `--no-verify` skips it) fills and
+//! reads back every block with synchronous copies on the driver thread: it measures the
+//! pattern, not the link.
+//!
 //! A node frame and not the core's `Done` carries step 3's answer: `Done` means "the ctx
 //! finished sending" (ctx → gen), and this is the opposite direction and meaning.
 
