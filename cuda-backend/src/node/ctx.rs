@@ -37,6 +37,10 @@ struct CtxNode {
     core: NodeCore,
     owned: HashMap<RequestId, Owned>,
     next_id: u64,
+    /// Gen peers whose connection ended, handled after the next completion step: the
+    /// completions they sent before hanging up (a host send task's end, a CUDA pull's
+    /// `PullFinished`) are drained first, so requests that did finish are not cancelled.
+    lost: Vec<PeerId>,
 }
 
 /// Runs the ctx role on `listener` until the process ends (or the task is aborted).
@@ -68,6 +72,7 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
         owned: HashMap::new(),
         // Ids from a fresh random base: a restarted ctx never reuses ids a gen still knows.
         next_id: rand::random::<u64>() >> 2,
+        lost: Vec::new(),
     };
     let wake = node.core.wake.clone();
     let mut tick = tokio::time::interval(TICK);
@@ -91,6 +96,7 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
         for f in finished {
             node.on_finished(f);
         }
+        node.forget_lost_peers();
         node.core.update_metrics();
     }
 }
@@ -186,16 +192,7 @@ impl CtxNode {
             }
             Inbound::Down { peer, reason } => {
                 tracing::info!(%peer, %reason, "gen peer disconnected");
-                let ids: Vec<RequestId> = self
-                    .owned
-                    .iter()
-                    .filter(|(_, o)| o.peer == peer)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in ids {
-                    self.core.tx.cancel(now, id);
-                }
-                self.core.backend.peer_lost(peer);
+                self.lost.push(peer);
             }
             Inbound::Up { peer } => self.greet(peer),
             Inbound::GaveUp { .. } => {}
@@ -238,6 +235,23 @@ impl CtxNode {
         let span = tracing::info_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
         self.owned.insert(id, Owned { peer, span });
         Ok((id, token, ids))
+    }
+
+    /// Cancels what lost peers still own and fails their transfers (see `lost`).
+    fn forget_lost_peers(&mut self) {
+        let now = self.core.now();
+        for peer in std::mem::take(&mut self.lost) {
+            let ids: Vec<RequestId> = self
+                .owned
+                .iter()
+                .filter(|(_, o)| o.peer == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                self.core.tx.cancel(now, id);
+            }
+            self.core.backend.peer_lost(peer);
+        }
     }
 
     fn close(&self, peer: PeerId) {

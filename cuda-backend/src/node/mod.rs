@@ -37,8 +37,6 @@ pub const TICK: Duration = Duration::from_millis(5);
 pub enum NodeError {
     #[error("completion collective: {0}")]
     Collective(#[from] CollectiveError),
-    #[error(transparent)]
-    Backend(#[from] backend::BackendError),
     #[error("{context}: {source}")]
     Io {
         context: String,
