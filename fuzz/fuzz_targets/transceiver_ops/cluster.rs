@@ -7,7 +7,7 @@
 
 use kvferry_core::agent::{AgentError, TransferAgent, TransferJob};
 use kvferry_core::blocks::{BlockPool, BlockRef};
-use kvferry_core::bugs::BugSet;
+use kvferry_core::bugs::{Bug, BugSet};
 use kvferry_core::collective::agree;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
@@ -16,7 +16,7 @@ use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Side, Transceiver, TransceiverParts, TxEvent};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub const CTX: u32 = 0;
@@ -25,6 +25,23 @@ pub const GEN: u32 = 1;
 pub const BLOCKS: u32 = 12;
 /// A handful of requests exchange a few dozen control messages; more in one pump is a storm.
 pub const MAX_PUMP: usize = 10_000;
+
+/// Environment variable naming one core bug switch to turn on (e.g. `release-early`). Unset in
+/// every normal run; `fuzz/scripts/bug-switch-check` sets it to show that the model's checks
+/// catch each historical bug the core can re-introduce.
+pub const BUG_ENV: &str = "KVFERRY_FUZZ_BUG";
+
+/// The switches of this process, read once. An unknown name is a usage error: fail loudly.
+fn injected_bugs() -> BugSet {
+    static BUGS: OnceLock<BugSet> = OnceLock::new();
+    *BUGS.get_or_init(|| match std::env::var(BUG_ENV) {
+        Ok(name) => {
+            let bug: Bug = name.parse().unwrap_or_else(|e| panic!("{BUG_ENV}: {e}"));
+            BugSet::NONE.with(bug)
+        }
+        Err(_) => BugSet::NONE,
+    })
+}
 
 pub struct Rank {
     pub tx: Transceiver,
@@ -70,7 +87,8 @@ fn side_of(instance: u32) -> Side {
 impl Rank {
     fn new(net: &LoopbackNet, instance: u32, layout: CacheLayout, c: &TransceiverConfig) -> Rank {
         let agent = ManualAgent::new();
-        let pool = Arc::new(Mutex::new(BlockPool::new(BLOCKS)));
+        let bugs = injected_bugs();
+        let pool = Arc::new(Mutex::new(BlockPool::with_bugs(BLOCKS, bugs)));
         let me = PeerId {
             instance,
             rank: layout.rank(),
@@ -80,7 +98,7 @@ impl Rank {
             me,
             layout,
             config: c.clone(),
-            bugs: BugSet::NONE,
+            bugs,
             agent: dyn_agent,
             transport: net.transport(me),
             blocks: pool.clone(),
@@ -203,16 +221,47 @@ impl Rank {
         }
     }
 
+    /// Events since the last call come from one operation, so at most one poll of this rank.
+    /// A poll drains completions before it looks at elapsed time: a request that finishes
+    /// well in the same poll was ready, and must not have been warned first (I4).
     fn take_events(&mut self, warn_configured: bool) {
+        let mut warned_now = BTreeSet::new();
         for e in self.tx.drain_events() {
-            if let TxEvent::TimeoutWarn { request, .. } = e {
+            match e {
+                TxEvent::TimeoutWarn { request, .. } => {
+                    assert!(
+                        warn_configured,
+                        "timeout WARN with no timeout configured (I4)"
+                    );
+                    let n = self.warns.entry(request).or_default();
+                    *n += 1;
+                    assert_eq!(*n, 1, "{request}: second timeout WARN for one enqueue (I4)");
+                    warned_now.insert(request);
+                }
+                TxEvent::LocallyFinished { request, ok: true } => assert!(
+                    !warned_now.contains(&request),
+                    "{request}: timeout WARN for a transfer that was already complete (I4)"
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// I6: a staging buffer serves one writer at a time. An evicted job's slot stays poisoned
+    /// until its fence, so no pending job may share a buffer with another.
+    fn check_staging_exclusive(&self) {
+        let pending = self.pending();
+        for (i, (_, a)) in pending.iter().enumerate() {
+            for (_, b) in &pending[i + 1..] {
                 assert!(
-                    warn_configured,
-                    "timeout WARN with no timeout configured (I4)"
+                    !Arc::ptr_eq(&a.staging, &b.staging),
+                    "{:?}: jobs {:?} ({}) and {:?} ({}) share a staging buffer (I6)",
+                    self.tx.me(),
+                    a.id,
+                    a.request,
+                    b.id,
+                    b.request
                 );
-                let n = self.warns.entry(request).or_default();
-                *n += 1;
-                assert_eq!(*n, 1, "{request}: second timeout WARN for one enqueue (I4)");
             }
         }
     }
@@ -421,6 +470,7 @@ impl Cluster {
             r.take_events(warn_configured);
             r.check_agents();
             r.check_stale_refused();
+            r.check_staging_exclusive();
             assert_eq!(r.tx.active(), r.open.len(), "{:?}: active count", r.tx.me());
             for (_, job) in r.pending() {
                 // I9: nothing is served to a peer that did not present the token.
