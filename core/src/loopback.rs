@@ -132,17 +132,7 @@ impl ManualAgent {
 
     /// Completes every pending job successfully with its full byte count.
     pub fn complete_all(&self) -> usize {
-        let all: Vec<(TransferId, u64)> = self
-            .pending
-            .lock()
-            .expect("agent lock")
-            .values()
-            .map(|p| (p.job.id, p.job.bytes))
-            .collect();
-        for (id, bytes) in &all {
-            self.complete(*id, Ok(*bytes));
-        }
-        all.len()
+        self.complete_oldest(usize::MAX)
     }
 
     /// Completes the `n` oldest pending jobs successfully; returns how many there were.

@@ -118,6 +118,16 @@ impl NodeProc {
         false
     }
 
+    /// A ctx node: waits (60 s) until it logs that a gen peer went away.
+    pub fn assert_gen_disconnect_seen(&self) {
+        assert!(
+            self.wait_stderr(Duration::from_secs(60), |l| l
+                .contains("gen peer disconnected")),
+            "ctx did not notice the gen go away:\n{}",
+            self.stderr_text()
+        );
+    }
+
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }
@@ -189,6 +199,26 @@ pub fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
+}
+
+/// Waits (60 s) until a node's metrics show every block and staging slot free again and no
+/// slot poisoned.
+pub fn wait_released(metrics: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = scrape(metrics);
+        if m["kvferry_blocks_free"] == m["kvferry_blocks_total"]
+            && m["kvferry_staging_free"] == m["kvferry_staging_slots"]
+            && m["kvferry_staging_poisoned"] == 0.0
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node still holds resources: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A raw client socket speaking the node's frames.

@@ -4,9 +4,9 @@
 //! ctx on 0, gen on 1. Without a usable GPU each test prints `skipping: <reason>` and passes.
 #![cfg(feature = "cuda")]
 
-use kvferry_tests::{scrape, NodeProc, SMALL_LAYOUT};
+use kvferry_tests::{scrape, wait_released, NodeProc, SMALL_LAYOUT};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
 /// Bound on a whole gen run (NVRTC compile at start, debug build, loaded CI).
@@ -60,24 +60,6 @@ fn gen(device: &str, peer: SocketAddr, requests: &str, extra: &[&str]) -> NodePr
     NodeProc::spawn(BIN, &args)
 }
 
-/// Waits until the ctx's metrics show every block and staging slot free again.
-fn wait_released(metrics: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = scrape(metrics);
-        if m["kvferry_blocks_free"] == m["kvferry_blocks_total"]
-            && m["kvferry_staging_free"] == m["kvferry_staging_slots"]
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ctx still holds resources: {m:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn cuda_gen_pulls_a_verified_load_from_a_cuda_ctx() {
     let (ctx_dev, gen_dev) = match devices() {
@@ -117,12 +99,7 @@ fn killed_cuda_gen_fails_parked_sends_and_the_next_gen_is_served() {
     });
     assert!(progressed, "gen made no progress:\n{}", g1.stderr_text());
     g1.kill();
-    assert!(
-        c.wait_stderr(Duration::from_secs(60), |l| l
-            .contains("gen peer disconnected")),
-        "ctx did not notice the kill:\n{}",
-        c.stderr_text()
-    );
+    c.assert_gen_disconnect_seen();
     wait_released(metrics);
 
     let mut g2 = gen(gen_dev, addr, "20", &[]);

@@ -3,7 +3,7 @@
 
 use super::frame::NodeFrame;
 #[cfg(feature = "cuda")]
-use super::gpu::{GpuBackend, GpuParts};
+use super::gpu::GpuBackend;
 use super::link::Links;
 use crate::host::{pattern, HostAgent, HostKv};
 use kvferry_core::agent::TransferAgent;
@@ -74,16 +74,7 @@ impl Backend {
             }
             #[cfg(feature = "cuda")]
             BackendSpec::Cuda { device } => {
-                let (gpu, agent) = GpuBackend::new(GpuParts {
-                    device,
-                    side: p.side,
-                    rank: p.rank,
-                    blocks: p.blocks,
-                    block_bytes: p.block_bytes,
-                    max_jobs: p.max_jobs,
-                    links: p.links,
-                    wake: p.wake,
-                })?;
+                let (gpu, agent) = GpuBackend::new(device, p)?;
                 Ok((Backend::Gpu(gpu), agent))
             }
         }

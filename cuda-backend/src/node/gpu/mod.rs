@@ -35,8 +35,8 @@ pub mod serve;
 pub use pull::PullAgent;
 pub use serve::ServeAgent;
 
+use super::backend::BackendParts;
 use super::frame::NodeFrame;
-use super::link::Links;
 use crate::cuda::{CudaAgent, CudaAgentConfig, CudaError, DeviceBuffer, Gpu};
 use crate::cuda::{IpcMapping, PoolExport, Region};
 use crate::host::pattern;
@@ -45,7 +45,6 @@ use kvferry_core::transceiver::Side;
 use kvferry_core::PeerId;
 use std::sync::Arc;
 use thiserror::Error;
-use tokio::sync::Notify;
 
 #[derive(Debug, Error)]
 pub enum GpuError {
@@ -57,20 +56,6 @@ pub enum GpuError {
     Pool(String),
     #[error("{0} frame not expected by a CUDA {1} node")]
     Unexpected(&'static str, &'static str),
-}
-
-/// What a CUDA node is made of besides the core.
-#[derive(Debug)]
-pub struct GpuParts {
-    pub device: usize,
-    pub side: Side,
-    pub rank: u32,
-    pub blocks: u32,
-    pub block_bytes: u64,
-    /// The core's bound on transfers in flight.
-    pub max_jobs: usize,
-    pub links: Links,
-    pub wake: Arc<Notify>,
 }
 
 #[derive(Debug)]
@@ -91,8 +76,11 @@ pub struct GpuBackend {
 
 impl GpuBackend {
     /// Allocates the pool on `device` and builds the role's agent (compiling the kernel).
-    pub fn new(p: GpuParts) -> Result<(GpuBackend, Arc<dyn TransferAgent>), GpuError> {
-        let gpu = Gpu::open(p.device)?;
+    pub fn new(
+        device: usize,
+        p: BackendParts,
+    ) -> Result<(GpuBackend, Arc<dyn TransferAgent>), GpuError> {
+        let gpu = Gpu::open(device)?;
         let bytes = u64::from(p.blocks)
             .checked_mul(p.block_bytes)
             .and_then(|b| usize::try_from(b).ok())
