@@ -24,7 +24,7 @@ use kvferry_core::wire::DataFrame;
 use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 use tokio::sync::Notify;
 
@@ -56,8 +56,8 @@ pub enum DataError {
 }
 
 #[derive(Debug)]
-struct RecvJob {
-    id: TransferId,
+pub(super) struct RecvJob {
+    pub(super) id: TransferId,
     from: PeerId,
     frags: Vec<Fragment>,
     total: u64,
@@ -65,6 +65,26 @@ struct RecvJob {
     /// Next fragment and the bytes of it already written.
     cursor: (usize, u64),
     done: CompletionQueue,
+}
+
+impl RecvJob {
+    /// Where the next bytes land: the pool offset at `cursor` and how many bytes (at most
+    /// `max`) fit before its fragment ends. Skips finished fragments, moving `cursor` past them.
+    /// Panics past the last fragment: callers check a chunk against `total` first.
+    pub(super) fn next_piece(&self, cursor: &mut (usize, u64), max: u64) -> (u64, u64) {
+        while self.frags[cursor.0].len == cursor.1 {
+            *cursor = (cursor.0 + 1, 0);
+        }
+        let f = self.frags[cursor.0];
+        (f.dst_offset + cursor.1, (f.len - cursor.1).min(max))
+    }
+
+    /// The cursor after `n` more bytes of its fragment were written.
+    pub(super) fn advance(&self, cursor: (usize, u64), n: u64) -> (usize, u64) {
+        let done = cursor.1 + n;
+        assert!(done <= self.frags[cursor.0].len, "write past a fragment");
+        (cursor.0, done)
+    }
 }
 
 #[derive(Debug)]
@@ -103,7 +123,7 @@ impl HostAgent {
 
     /// Receive jobs not completed yet.
     pub fn receives_pending(&self) -> usize {
-        self.recv.lock().expect("recv lock").len()
+        self.recv_jobs().len()
     }
 
     /// Lands one data chunk from `from`. Chunks for a request no longer expected here (it was
@@ -116,7 +136,7 @@ impl HostAgent {
         offset: u64,
         payload: &Bytes,
     ) -> Result<bool, DataError> {
-        let mut recv = self.recv.lock().expect("recv lock");
+        let mut recv = self.recv_jobs();
         let key = (request, ctx_rank);
         let landed = self.land(&mut recv, key, from, offset, payload)?;
         if !landed {
@@ -139,9 +159,48 @@ impl HostAgent {
         offset: u64,
         payload: &Bytes,
     ) -> Result<bool, DataError> {
-        let request = key.0;
-        let Some(job) = recv.get_mut(&key) else {
+        let len = payload.len() as u64;
+        let Some((id, mut cursor)) = self.check_locked(recv, key, from, offset, len)? else {
             return Ok(false);
+        };
+        let job = recv.get(&key).expect("checked");
+        let mut rest = &payload[..];
+        while !rest.is_empty() {
+            let (at, max) = job.next_piece(&mut cursor, rest.len() as u64);
+            let n = self.kv.with_piece_mut(at, max, |dst| {
+                dst.copy_from_slice(&rest[..dst.len()]);
+                dst.len()
+            });
+            rest = &rest[n..];
+            cursor = job.advance(cursor, n as u64);
+        }
+        Ok(self.commit_locked(recv, key, id, cursor, len))
+    }
+
+    /// Whether a chunk of `len` bytes at `offset` from `from` may land in job `key`: the job's
+    /// id and its write cursor if so; `Ok(None)` if there is no such job (yet, or any more).
+    /// A chunk out of order fails the job.
+    pub(super) fn check_chunk(
+        &self,
+        key: Key,
+        from: PeerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(TransferId, (usize, u64))>, DataError> {
+        self.check_locked(&mut self.recv_jobs(), key, from, offset, len)
+    }
+
+    fn check_locked(
+        &self,
+        recv: &mut HashMap<Key, RecvJob>,
+        key: Key,
+        from: PeerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(TransferId, (usize, u64))>, DataError> {
+        let request = key.0;
+        let Some(job) = recv.get(&key) else {
+            return Ok(None);
         };
         if job.from != from {
             return Err(DataError::ForeignPeer {
@@ -149,12 +208,11 @@ impl HostAgent {
                 expected: job.from,
             });
         }
-        let len = payload.len() as u64;
         if offset != job.received || job.received + len > job.total {
             let err = DataError::OutOfOrder {
                 request,
                 offset,
-                len: payload.len(),
+                len: len as usize,
                 received: job.received,
                 total: job.total,
             };
@@ -166,31 +224,54 @@ impl HostAgent {
             );
             return Err(err);
         }
-        let mut rest = &payload[..];
-        while !rest.is_empty() {
-            let (i, done) = job.cursor;
-            let f = job.frags[i];
-            let n = (f.len - done).min(rest.len() as u64) as usize;
-            self.kv.write(f.dst_offset + done, &rest[..n]);
-            rest = &rest[n..];
-            job.cursor = if done + n as u64 == f.len {
-                (i + 1, 0)
-            } else {
-                (i, done + n as u64)
-            };
-        }
+        Ok(Some((job.id, job.cursor)))
+    }
+
+    /// Counts `len` bytes written up to `cursor` as received by job `id` (completing it on its
+    /// last byte); `false` if that job is gone.
+    pub(super) fn commit_chunk(
+        &self,
+        key: Key,
+        id: TransferId,
+        cursor: (usize, u64),
+        len: u64,
+    ) -> bool {
+        self.commit_locked(&mut self.recv_jobs(), key, id, cursor, len)
+    }
+
+    fn commit_locked(
+        &self,
+        recv: &mut HashMap<Key, RecvJob>,
+        key: Key,
+        id: TransferId,
+        cursor: (usize, u64),
+        len: u64,
+    ) -> bool {
+        let Some(job) = recv.get_mut(&key).filter(|j| j.id == id) else {
+            return false;
+        };
+        job.cursor = cursor;
         job.received += len;
         if job.received == job.total {
             let job = recv.remove(&key).expect("present");
             self.finish(&job.done, job.id, Ok(job.total));
         }
-        Ok(true)
+        true
+    }
+
+    /// The receive jobs; writes into their blocks happen under this lock (see the module docs).
+    pub(super) fn recv_jobs(&self) -> MutexGuard<'_, HashMap<Key, RecvJob>> {
+        self.recv.lock().expect("recv lock")
+    }
+
+    pub(super) fn kv(&self) -> &HostKv {
+        &self.kv
     }
 
     /// The connection to `peer` is gone: its receive jobs fail now (send jobs fail when their
     /// next chunk finds the link closed).
     pub fn peer_lost(&self, peer: PeerId) {
-        let mut recv = self.recv.lock().expect("recv lock");
+        let mut recv = self.recv_jobs();
         let lost: Vec<_> = recv
             .iter()
             .filter(|(_, j)| j.from == peer)
@@ -224,7 +305,7 @@ impl HostAgent {
             )));
         }
         let total: u64 = frags.iter().map(|f| f.len).sum();
-        let mut recv = self.recv.lock().expect("recv lock");
+        let mut recv = self.recv_jobs();
         let key = (job.request, from.rank);
         if recv.contains_key(&key) {
             return Err(AgentError::Backend(format!(
@@ -382,7 +463,7 @@ impl TransferAgent for HostAgent {
             flag.store(true, Ordering::Relaxed);
             return;
         }
-        let mut recv = self.recv.lock().expect("recv lock");
+        let mut recv = self.recv_jobs();
         let key = recv.iter().find(|(_, j)| j.id == id).map(|(k, _)| *k);
         if let Some(job) = key.and_then(|k| recv.remove(&k)) {
             self.finish(&job.done, job.id, Err(AgentError::Cancelled));

@@ -69,6 +69,15 @@ impl HostKv {
         });
     }
 
+    /// Runs `f` on the bytes from pool offset `offset` to the end of its block or `max` bytes,
+    /// whichever is shorter, with that block locked. Panics past the pool, as `write` does.
+    pub fn with_piece_mut<R>(&self, offset: u64, max: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let block = offset / self.block_bytes;
+        let within = (offset % self.block_bytes) as usize;
+        let n = max.min(self.block_bytes - within as u64) as usize;
+        f(&mut self.block(block as u32)[within..within + n])
+    }
+
     /// True if `[offset, offset+len)` lies inside the pool.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
         let total = self.block_bytes * self.blocks.len() as u64;

@@ -4,7 +4,9 @@
 pub mod agent;
 mod early;
 pub mod kv;
+pub mod landing;
 pub mod pattern;
 
 pub use agent::{DataError, HostAgent, DATA_CHUNK};
 pub use kv::HostKv;
+pub use landing::{LandError, Landing};

@@ -2,7 +2,7 @@
 //! plain TCP copy of the same bytes, measured in the same run, round after round.
 
 use super::spec::NodeSpec;
-use super::{ctx, gen, NodeError};
+use super::{cpu, ctx, gen, NodeError};
 use crate::host::DATA_CHUNK;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,6 +25,9 @@ pub struct Round {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub failed: u64,
+    /// CPU seconds per GiB of each path (this process: both ends of each).
+    pub node_cpu_s_per_gib: f64,
+    pub raw_cpu_s_per_gib: f64,
 }
 
 fn io(context: &str) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -38,9 +41,16 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9)
 }
 
-/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes; returns MiB/s measured
-/// from connect to the receiver's last byte.
-pub async fn raw_copy(bytes: u64) -> Result<f64, NodeError> {
+/// What the raw copy measured.
+#[derive(Clone, Copy, Debug)]
+pub struct RawCopy {
+    pub mib_s: f64,
+    pub cpu_s_per_gib: f64,
+}
+
+/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, measured from connect to
+/// the receiver's last byte.
+pub async fn raw_copy(bytes: u64) -> Result<RawCopy, NodeError> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(io("bind raw"))?;
@@ -59,6 +69,7 @@ pub async fn raw_copy(bytes: u64) -> Result<f64, NodeError> {
         std::io::Result::Ok(Instant::now())
     });
     let start = Instant::now();
+    let cpu_start = cpu::process_cpu();
     let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
     let chunk = vec![0x5Au8; DATA_CHUNK];
     let mut sent = 0u64;
@@ -74,7 +85,11 @@ pub async fn raw_copy(bytes: u64) -> Result<f64, NodeError> {
             source: std::io::Error::other(e),
         })?
         .map_err(io("raw read"))?;
-    Ok(mib_s(bytes, end - start))
+    let cpu = cpu::process_cpu() - cpu_start;
+    Ok(RawCopy {
+        mib_s: mib_s(bytes, end - start),
+        cpu_s_per_gib: cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64),
+    })
 }
 
 /// One node round: a ctx node and a gen load against it, both in this process.
@@ -111,7 +126,9 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
         let raw = raw_copy(s.bytes.max(1)).await?;
         rounds.push(Round {
             node_mib_s: s.throughput_mib_s,
-            raw_mib_s: raw,
+            raw_mib_s: raw.mib_s,
+            node_cpu_s_per_gib: s.cpu_s_per_gib,
+            raw_cpu_s_per_gib: raw.cpu_s_per_gib,
             p50_ms: s.p50_ms,
             p99_ms: s.p99_ms,
             failed: s.failed,

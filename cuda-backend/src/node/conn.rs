@@ -8,9 +8,9 @@
 use super::frame::{self, Frame};
 use super::link::{LinkQueues, Outgoing};
 use super::OwnedTask;
-use crate::host::{DataError, HostAgent};
-use bytes::{BufMut, BytesMut};
-use kvferry_core::wire::{ErrorCode, Message};
+use crate::host::{DataError, HostAgent, LandError};
+use bytes::{Buf, BufMut, BytesMut};
+use kvferry_core::wire::{DataHead, ErrorCode, Message};
 use kvferry_core::{PeerId, RequestId};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,13 +20,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// Bytes asked of the socket per read (at most).
-const READ_CHUNK: usize = 256 << 10;
-/// Size of a connection's receive buffer: several data frames long. A read usually ends
-/// inside a frame; that partial frame is moved to the front only when the room behind it runs
-/// out, once per several frames, instead of on every read as a buffer of one read's size does
-/// (which copied about a third of all received bytes once more).
-const READ_BUFFER: usize = 1 << 20;
+/// Bytes asked of the socket per buffered read (at most). Small: a data frame's payload is
+/// read straight into KV memory once its head is in (`land`), and every payload byte that a
+/// buffered read pulls in with the head costs a copy out of the buffer again.
+const READ_CHUNK: usize = 8 << 10;
+/// Size of a connection's receive buffer: many reads long. A read usually ends inside a frame;
+/// that partial frame is moved to the front only when the room behind it runs out, once per
+/// several reads, instead of on every read.
+const READ_BUFFER: usize = 128 << 10;
 /// The writer coalesces queued frames up to this many bytes per write.
 const WRITE_BATCH: usize = 1 << 20;
 /// How long a closing connection may take to flush its last Error frame.
@@ -113,6 +114,18 @@ async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     loop {
         loop {
+            if let Some(agent) = &ctx.agent {
+                match frame::decode_data_head(&mut buf) {
+                    Ok(Some(head)) => {
+                        if let Err(c) = land(&mut rd, &mut buf, ctx, agent, head).await {
+                            return c;
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Closed::Violation(e.to_string()),
+                }
+            }
             match frame::decode(&mut buf) {
                 Ok(Some(f)) => {
                     if let Err(c) = on_frame(ctx, f).await {
@@ -146,31 +159,76 @@ fn make_room(buf: &mut BytesMut) {
     }
 }
 
+/// Lands the payload of the data frame whose head was just taken off `buf`: first the bytes
+/// already buffered, then the rest straight from the socket into KV memory.
+async fn land(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    ctx: &ConnCtx,
+    agent: &HostAgent,
+    head: DataHead,
+) -> Result<(), Closed> {
+    let request = head.request;
+    let mut landing = agent.land_from(ctx.peer, head);
+    if let Some(e) = landing.refused() {
+        refused(ctx, request, e)?;
+    }
+    while landing.left() > 0 {
+        if !buf.is_empty() {
+            let n = landing
+                .fill(|dst| {
+                    let n = dst.len().min(buf.len());
+                    dst[..n].copy_from_slice(&buf[..n]);
+                    Ok(n)
+                })
+                .map_err(Closed::Io)?;
+            buf.advance(n);
+            continue;
+        }
+        match landing.fill(|dst| rd.try_read(dst)) {
+            Ok(0) => {
+                return Err(Closed::Violation(format!(
+                    "connection closed inside a data frame ({} payload bytes missing)",
+                    landing.left()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                rd.readable().await.map_err(Closed::Io)?
+            }
+            Err(e) => return Err(Closed::Io(e)),
+        }
+    }
+    match landing.finish() {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::debug!(%request, peer = %ctx.peer, "data for a request not receiving here, dropped or held");
+            Ok(())
+        }
+        Err(LandError::Wire(e)) => Err(Closed::Violation(e.to_string())),
+        Err(LandError::Data(e)) => refused(ctx, request, &e),
+    }
+}
+
+/// A data frame the agent would not land: out of order fails only its transfer; data for a
+/// request this peer does not serve breaks the protocol.
+fn refused(ctx: &ConnCtx, request: RequestId, e: &DataError) -> Result<(), Closed> {
+    match e {
+        DataError::OutOfOrder { .. } => {
+            tracing::warn!(%request, peer = %ctx.peer, addr = %ctx.addr, error = %e, "transfer failed on bad data");
+            Ok(())
+        }
+        DataError::ForeignPeer { .. } => Err(Closed::Violation(e.to_string())),
+    }
+}
+
 async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
-    if let Frame::Core(Message::Data {
-        request,
-        ctx_rank,
-        offset,
-        payload,
-    }) = &f
-    {
-        let Some(agent) = &ctx.agent else {
-            return Err(Closed::Violation(format!(
-                "data frame for {request} on a CUDA connection (bytes move over CUDA IPC)"
-            )));
-        };
-        return match agent.on_data(ctx.peer, *request, *ctx_rank, *offset, payload) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                tracing::debug!(%request, peer = %ctx.peer, "data for a request no longer expected, dropped");
-                Ok(())
-            }
-            Err(e @ DataError::OutOfOrder { .. }) => {
-                tracing::warn!(%request, peer = %ctx.peer, addr = %ctx.addr, error = %e, "transfer failed on bad data");
-                Ok(())
-            }
-            Err(e) => Err(Closed::Violation(e.to_string())),
-        };
+    if let Frame::Core(Message::Data { request, .. }) = &f {
+        // A host connection lands data frames head first (`land`), so one decoded whole is on
+        // a CUDA connection, where bytes move over CUDA IPC.
+        return Err(Closed::Violation(format!(
+            "data frame for {request} on a CUDA connection (bytes move over CUDA IPC)"
+        )));
     }
     ctx.inbox
         .send(Inbound::Frame {

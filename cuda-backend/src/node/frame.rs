@@ -7,7 +7,7 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 use kvferry_core::layout::CacheLayout;
-use kvferry_core::wire::{self, Decoder, Message, WireError};
+use kvferry_core::wire::{self, DataHead, Decoder, Message, WireError};
 use kvferry_core::{RequestId, TransferToken};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -171,6 +171,18 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
         });
     }
     Ok(Some(header + len))
+}
+
+/// If `buf` starts with a core `Data` frame whose head is in, takes the head off (see
+/// `Decoder::decode_data_head`); `Ok(None)` for anything else, which `decode` then takes.
+pub fn decode_data_head(buf: &mut BytesMut) -> Result<Option<DataHead>, FrameError> {
+    if buf.len() < 4 || u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) == NODE_MAGIC {
+        return Ok(None);
+    }
+    let d = Decoder {
+        max_frame: MAX_CORE_FRAME,
+    };
+    Ok(d.decode_data_head(buf)?)
 }
 
 /// Takes one whole frame of either namespace off the front of `buf`; `Ok(None)` when more

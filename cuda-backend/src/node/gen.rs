@@ -4,6 +4,7 @@
 
 use super::conn::{self, ConnCtx, Inbound};
 use super::core::{NodeCore, Occupancy};
+use super::cpu;
 use super::frame::{parse_token, Frame, NodeFrame};
 use super::link::{Link, Links};
 use super::spec::{NodeSpec, CTX_INSTANCE};
@@ -63,6 +64,9 @@ pub struct Summary {
     pub bytes: u64,
     pub seconds: f64,
     pub throughput_mib_s: f64,
+    /// CPU seconds this process spent per GiB moved, over the same window (in `bench`, both
+    /// nodes live in this process).
+    pub cpu_s_per_gib: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     /// Failure causes and how many requests each ended.
@@ -158,6 +162,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         scratch: Vec::new(),
     };
     let started = Instant::now();
+    let cpu_started = cpu::process_cpu();
     let mut progress = Progress::new(node.opts.progress);
     let wake = node.core.wake.clone();
     let mut tick = tokio::time::interval(TICK);
@@ -199,7 +204,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
     }
     drop(dialer);
     progress.finish(&node.s);
-    Ok(node.summarize(started.elapsed()))
+    Ok(node.summarize(started.elapsed(), cpu::process_cpu() - cpu_started))
 }
 
 async fn dial_loop(
@@ -548,7 +553,7 @@ impl GenNode {
         }
     }
 
-    fn summarize(mut self, elapsed: Duration) -> Summary {
+    fn summarize(mut self, elapsed: Duration, cpu: Duration) -> Summary {
         let Occupancy {
             staging_slots,
             staging_free,
@@ -569,6 +574,8 @@ impl GenNode {
         Summary {
             seconds: secs,
             throughput_mib_s: self.s.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+            cpu_s_per_gib: cpu.as_secs_f64()
+                / (self.s.bytes as f64 / (1u64 << 30) as f64).max(1e-9),
             p50_ms: pct(0.50),
             p99_ms: pct(0.99),
             staging_slots,

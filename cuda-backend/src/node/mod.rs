@@ -12,6 +12,7 @@ pub mod bench;
 pub mod collective;
 pub mod conn;
 pub mod core;
+pub mod cpu;
 pub mod ctx;
 pub mod frame;
 pub mod gen;

@@ -29,6 +29,9 @@ use crate::{RequestId, TransferToken};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+mod data;
+pub use data::{DataFrame, DataHead, DATA_HEAD_LEN};
+
 pub const MAGIC: u32 = 0x4B56_4652; // "KVFR"
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 16;
@@ -270,45 +273,6 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
         }
     }
     seal(out, start);
-}
-
-/// A `Data` frame being written in place: its header and fixed fields are in the buffer, the
-/// payload is appended by the caller, and [`DataFrame::finish`] seals it. A sender that
-/// gathers its payload from scattered memory writes it once, straight into the frame, instead
-/// of into a chunk that `encode` then copies again.
-#[derive(Debug)]
-#[must_use = "an unfinished frame has no length or checksum"]
-pub struct DataFrame {
-    start: usize,
-}
-
-impl DataFrame {
-    /// Appends the header and fixed fields of a `Data` frame to `out`, reserving room for
-    /// `payload_hint` payload bytes.
-    pub fn start(
-        out: &mut BytesMut,
-        request: RequestId,
-        ctx_rank: u32,
-        offset: u64,
-        payload_hint: usize,
-    ) -> DataFrame {
-        let start = put_header(out, kind::DATA, DATA_PREFIX_LEN + payload_hint);
-        out.put_u64(request.0);
-        out.put_u32(ctx_rank);
-        out.put_u64(offset);
-        DataFrame { start }
-    }
-
-    /// Payload bytes appended so far.
-    pub fn payload_len(&self, out: &BytesMut) -> usize {
-        out.len() - self.start - HEADER_LEN - DATA_PREFIX_LEN
-    }
-
-    /// Patches length and checksum: `out` now ends with a frame identical to what `encode`
-    /// writes for the same `Message::Data`. Panics as `encode` does past `u32::MAX` bytes.
-    pub fn finish(self, out: &mut BytesMut) {
-        seal(out, self.start);
-    }
 }
 
 /// Appends a header whose length and checksum are zero (patched by `seal`); returns where the
@@ -598,6 +562,28 @@ impl Decoder {
     /// Takes one whole frame off the front of `buf`: `Ok(None)` if more bytes are needed.
     /// After an error the stream is unusable (framing is lost): close the connection.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Message>, WireError> {
+        let Some(len) = self.check_header(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() - HEADER_LEN < len {
+            return Ok(None);
+        }
+        let expected = u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]);
+        let actual = frame_crc(&buf[..12], &buf[HEADER_LEN..HEADER_LEN + len]);
+        if expected != actual {
+            return Err(WireError::Checksum { expected, actual });
+        }
+        let frame_kind = buf[5];
+        // `split_to` hands over the frame without copying; the rest of `buf` stays for the
+        // next call.
+        let mut frame = buf.split_to(HEADER_LEN + len);
+        frame.advance(HEADER_LEN);
+        decode_body(frame_kind, frame).map(Some)
+    }
+
+    /// Checks the header at the front of `buf` as far as its bytes have arrived; returns the
+    /// body length once the whole header is in.
+    fn check_header(&self, buf: &[u8]) -> Result<Option<usize>, WireError> {
         // Header fields are checked as soon as their bytes arrive, so a stream of garbage fails
         // on its first bytes instead of after a header's worth.
         if buf.len() >= 4 {
@@ -630,48 +616,6 @@ impl Decoder {
                 max: self.max_frame,
             });
         }
-        if buf.len() - HEADER_LEN < len {
-            return Ok(None);
-        }
-        let expected = u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]);
-        let actual = frame_crc(&buf[..12], &buf[HEADER_LEN..HEADER_LEN + len]);
-        if expected != actual {
-            return Err(WireError::Checksum { expected, actual });
-        }
-        let frame_kind = buf[5];
-        // `split_to` hands over the frame without copying; the rest of `buf` stays for the
-        // next call.
-        let mut frame = buf.split_to(HEADER_LEN + len);
-        frame.advance(HEADER_LEN);
-        decode_body(frame_kind, frame).map(Some)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn data_frame_in_place_matches_encode() {
-        let payload = Bytes::from((0..1000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        let msg = Message::Data {
-            request: RequestId(42),
-            ctx_rank: 3,
-            offset: 4096,
-            payload: payload.clone(),
-        };
-        let mut expected = BytesMut::from(&b"prefix"[..]);
-        encode(&msg, &mut expected);
-
-        let mut out = BytesMut::from(&b"prefix"[..]);
-        let f = DataFrame::start(&mut out, RequestId(42), 3, 4096, 10);
-        out.extend_from_slice(&payload[..300]);
-        assert_eq!(f.payload_len(&out), 300);
-        out.extend_from_slice(&payload[300..]);
-        f.finish(&mut out);
-        assert_eq!(out, expected);
-
-        out.advance(6);
-        assert_eq!(Decoder::default().decode(&mut out), Ok(Some(msg)));
+        Ok(Some(len))
     }
 }

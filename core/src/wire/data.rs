@@ -1,0 +1,271 @@
+//! `Data` frames in pieces, for the host data plane's bulk path: a sender writes the payload
+//! straight into its frame ([`DataFrame`]), and a receiver decodes the header and fixed fields
+//! first ([`Decoder::decode_data_head`]), lands the payload wherever it belongs as it comes off
+//! the socket, and checks the frame's CRC over the landed bytes ([`DataHead`]). Both produce and
+//! accept exactly the bytes `encode` and `decode` do.
+
+use super::{frame_crc, kind, put_header, seal, Decoder, WireError, DATA_PREFIX_LEN, HEADER_LEN};
+use crate::RequestId;
+use bytes::{Buf, BufMut, BytesMut};
+
+/// Header plus fixed fields: what a receiver needs before it can place a payload.
+pub const DATA_HEAD_LEN: usize = HEADER_LEN + DATA_PREFIX_LEN;
+
+/// A `Data` frame being written in place: its header and fixed fields are in the buffer, the
+/// payload is appended by the caller, and [`DataFrame::finish`] seals it. A sender that
+/// gathers its payload from scattered memory writes it once, straight into the frame, instead
+/// of into a chunk that `encode` then copies again.
+#[derive(Debug)]
+#[must_use = "an unfinished frame has no length or checksum"]
+pub struct DataFrame {
+    start: usize,
+}
+
+impl DataFrame {
+    /// Appends the header and fixed fields of a `Data` frame to `out`, reserving room for
+    /// `payload_hint` payload bytes.
+    pub fn start(
+        out: &mut BytesMut,
+        request: RequestId,
+        ctx_rank: u32,
+        offset: u64,
+        payload_hint: usize,
+    ) -> DataFrame {
+        let start = put_header(out, kind::DATA, DATA_PREFIX_LEN + payload_hint);
+        out.put_u64(request.0);
+        out.put_u32(ctx_rank);
+        out.put_u64(offset);
+        DataFrame { start }
+    }
+
+    /// Payload bytes appended so far.
+    pub fn payload_len(&self, out: &BytesMut) -> usize {
+        out.len() - self.start - HEADER_LEN - DATA_PREFIX_LEN
+    }
+
+    /// Patches length and checksum: `out` now ends with a frame identical to what `encode`
+    /// writes for the same `Message::Data`. Panics as `encode` does past `u32::MAX` bytes.
+    pub fn finish(self, out: &mut BytesMut) {
+        seal(out, self.start);
+    }
+}
+
+/// The header and fixed fields of a `Data` frame whose payload has not been consumed yet.
+/// The payload is fed through [`DataHead::update`] as it lands (in order, each byte once), and
+/// [`DataHead::verify`] accepts it only if the frame's CRC matches: until then the landed bytes
+/// are unchecked, so a receiver must not report them complete before `verify` passes.
+#[derive(Debug)]
+#[must_use = "a payload is unchecked until `verify`"]
+pub struct DataHead {
+    pub request: RequestId,
+    pub ctx_rank: u32,
+    pub offset: u64,
+    pub payload_len: usize,
+    expected: u32,
+    /// CRC over the header's first 12 bytes, the fixed fields and the payload seen so far.
+    crc: u32,
+    seen: usize,
+}
+
+impl DataHead {
+    /// Payload bytes not fed to `update` yet.
+    pub fn left(&self) -> usize {
+        self.payload_len - self.seen
+    }
+
+    /// Feeds the next payload bytes, in order. Panics past the payload's length: the caller
+    /// reads exactly `left()` more bytes of this frame off the stream, never the next frame's.
+    pub fn update(&mut self, payload: &[u8]) {
+        assert!(
+            payload.len() <= self.left(),
+            "{} payload bytes fed to a data frame with {} left",
+            payload.len(),
+            self.left()
+        );
+        self.crc = crc32c::crc32c_append(self.crc, payload);
+        self.seen += payload.len();
+    }
+
+    /// Checks the frame's CRC once the whole payload has been fed.
+    pub fn verify(self) -> Result<(), WireError> {
+        assert_eq!(self.left(), 0, "verify before the whole payload was fed");
+        if self.crc != self.expected {
+            return Err(WireError::Checksum {
+                expected: self.expected,
+                actual: self.crc,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Decoder {
+    /// If `buf` starts with a `Data` frame whose header and fixed fields are in, takes those
+    /// `DATA_HEAD_LEN` bytes off and returns them decoded; the payload follows in `buf` and on
+    /// the stream. `Ok(None)` when the front is another kind of frame (take it with `decode`)
+    /// or too little of it is in to tell. Header errors are the ones `decode` reports.
+    pub fn decode_data_head(&self, buf: &mut BytesMut) -> Result<Option<DataHead>, WireError> {
+        let Some(len) = self.check_header(buf)? else {
+            return Ok(None);
+        };
+        if buf[5] != kind::DATA {
+            return Ok(None);
+        }
+        if len < DATA_PREFIX_LEN {
+            // Reported as `decode` would, once the (short) body is in.
+            if buf.len() - HEADER_LEN < len {
+                return Ok(None);
+            }
+            return Err(WireError::Truncated("data frame fixed fields"));
+        }
+        if buf.len() < DATA_HEAD_LEN {
+            return Ok(None);
+        }
+        let mut r = super::Reader {
+            buf: &buf[HEADER_LEN..DATA_HEAD_LEN],
+        };
+        let request = RequestId(r.u64("request")?);
+        let ctx_rank = r.u32("ctx_rank")?;
+        let offset = r.u64("offset")?;
+        let head = DataHead {
+            request,
+            ctx_rank,
+            offset,
+            payload_len: len - DATA_PREFIX_LEN,
+            expected: u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]),
+            crc: frame_crc(&buf[..12], &buf[HEADER_LEN..DATA_HEAD_LEN]),
+            seen: 0,
+        };
+        buf.advance(DATA_HEAD_LEN);
+        Ok(Some(head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{encode, Message};
+    use bytes::Bytes;
+
+    #[test]
+    fn data_frame_in_place_matches_encode() {
+        let payload = Bytes::from((0..1000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let msg = Message::Data {
+            request: RequestId(42),
+            ctx_rank: 3,
+            offset: 4096,
+            payload: payload.clone(),
+        };
+        let mut expected = BytesMut::from(&b"prefix"[..]);
+        encode(&msg, &mut expected);
+
+        let mut out = BytesMut::from(&b"prefix"[..]);
+        let f = DataFrame::start(&mut out, RequestId(42), 3, 4096, 10);
+        out.extend_from_slice(&payload[..300]);
+        assert_eq!(f.payload_len(&out), 300);
+        out.extend_from_slice(&payload[300..]);
+        f.finish(&mut out);
+        assert_eq!(out, expected);
+
+        out.advance(6);
+        assert_eq!(Decoder::default().decode(&mut out), Ok(Some(msg)));
+    }
+
+    fn data_frame(payload_len: usize) -> (Message, BytesMut) {
+        let payload = Bytes::from((0..payload_len).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let msg = Message::Data {
+            request: RequestId(9),
+            ctx_rank: 2,
+            offset: 1 << 20,
+            payload,
+        };
+        let mut out = BytesMut::new();
+        encode(&msg, &mut out);
+        (msg, out)
+    }
+
+    #[test]
+    fn data_head_then_payload_in_pieces_verifies() {
+        let (msg, mut buf) = data_frame(5000);
+        let Message::Data { payload, .. } = msg else {
+            unreachable!()
+        };
+        let d = Decoder::default();
+        let mut short = BytesMut::from(&buf[..DATA_HEAD_LEN - 1]);
+        assert_eq!(
+            d.decode_data_head(&mut short).map(|h| h.is_some()),
+            Ok(false)
+        );
+        let mut head = d.decode_data_head(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            (head.request, head.ctx_rank, head.offset, head.payload_len),
+            (RequestId(9), 2, 1 << 20, 5000)
+        );
+        assert_eq!(&buf[..], &payload[..], "only the head was taken");
+        for piece in payload.chunks(777) {
+            head.update(piece);
+        }
+        assert_eq!(head.left(), 0);
+        assert_eq!(head.verify(), Ok(()));
+    }
+
+    #[test]
+    fn data_head_catches_a_flipped_payload_byte() {
+        let (_, mut buf) = data_frame(300);
+        let mut head = Decoder::default()
+            .decode_data_head(&mut buf)
+            .unwrap()
+            .unwrap();
+        buf[123] ^= 0x10;
+        head.update(&buf);
+        assert!(matches!(head.verify(), Err(WireError::Checksum { .. })));
+    }
+
+    #[test]
+    fn data_head_leaves_other_frames_and_rejects_what_decode_rejects() {
+        let d = Decoder::default();
+        let mut hb = BytesMut::new();
+        encode(&Message::Heartbeat { seq: 1 }, &mut hb);
+        assert_eq!(d.decode_data_head(&mut hb).map(|h| h.is_some()), Ok(false));
+        assert_eq!(hb.len(), HEADER_LEN + 8, "a non-data frame is left whole");
+
+        let (_, mut bad) = data_frame(10);
+        bad[0] ^= 1;
+        assert!(matches!(
+            d.decode_data_head(&mut bad),
+            Err(WireError::BadMagic(_))
+        ));
+
+        // A data frame whose body is too short for the fixed fields.
+        let (_, good) = data_frame(0);
+        let mut short = BytesMut::from(&good[..HEADER_LEN]);
+        short[8..12].copy_from_slice(&4u32.to_be_bytes());
+        short.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            d.decode_data_head(&mut short),
+            Err(WireError::Truncated(_))
+        ));
+        assert!(matches!(
+            d.decode(&mut short),
+            Err(WireError::Checksum { .. } | WireError::Truncated(_))
+        ));
+
+        let tight = Decoder { max_frame: 100 };
+        let (_, mut big) = data_frame(200);
+        assert!(matches!(
+            tight.decode_data_head(&mut big),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "payload bytes fed")]
+    fn data_head_refuses_bytes_past_its_payload() {
+        let (_, mut buf) = data_frame(10);
+        let mut head = Decoder::default()
+            .decode_data_head(&mut buf)
+            .unwrap()
+            .unwrap();
+        head.update(&[0; 11]);
+    }
+}
