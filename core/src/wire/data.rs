@@ -1,52 +1,68 @@
-//! `Data` frames in pieces, for the host data plane's bulk path: a sender writes the payload
-//! straight into its frame ([`DataFrame`]), and a receiver decodes the header and fixed fields
-//! first ([`Decoder::decode_data_head`]), lands the payload wherever it belongs as it comes off
-//! the socket, and checks the frame's CRC over the landed bytes ([`DataHead`]). Both produce and
-//! accept exactly the bytes `encode` and `decode` do.
+//! `Data` frames in pieces, for the host data plane's bulk path, where the payload never sits in
+//! a frame buffer: a sender computes the head over the payload where it lies and writes both to
+//! the socket ([`DataSeal`]); a receiver decodes the head first
+//! ([`Decoder::decode_data_head`]), lands the payload wherever it belongs as it comes off the
+//! socket, and checks the CRC over the landed bytes ([`DataHead`]). Both produce and accept
+//! exactly the bytes `encode` and `decode` do.
 
-use super::{frame_crc, kind, put_header, seal, Decoder, WireError, DATA_PREFIX_LEN, HEADER_LEN};
+use super::{frame_crc, kind, put_header, Decoder, WireError, DATA_PREFIX_LEN, HEADER_LEN};
 use crate::RequestId;
 use bytes::{Buf, BufMut, BytesMut};
 
 /// Header plus fixed fields: what a receiver needs before it can place a payload.
 pub const DATA_HEAD_LEN: usize = HEADER_LEN + DATA_PREFIX_LEN;
 
-/// A `Data` frame being written in place: its header and fixed fields are in the buffer, the
-/// payload is appended by the caller, and [`DataFrame::finish`] seals it. A sender that
-/// gathers its payload from scattered memory writes it once, straight into the frame, instead
-/// of into a chunk that `encode` then copies again.
+/// The head of a `Data` frame whose payload is sent from elsewhere: a sender that writes the
+/// payload to the socket straight from scattered memory feeds it through [`DataSeal::update`]
+/// first (the CRC goes in the header, in front of the payload), then sends the head that
+/// [`DataSeal::finish`] returns and the same bytes behind it.
 #[derive(Debug)]
-#[must_use = "an unfinished frame has no length or checksum"]
-pub struct DataFrame {
-    start: usize,
+#[must_use = "a frame needs its head"]
+pub struct DataSeal {
+    head: [u8; DATA_HEAD_LEN],
+    crc: u32,
+    left: usize,
 }
 
-impl DataFrame {
-    /// Appends the header and fixed fields of a `Data` frame to `out`, reserving room for
-    /// `payload_hint` payload bytes.
-    pub fn start(
-        out: &mut BytesMut,
-        request: RequestId,
-        ctx_rank: u32,
-        offset: u64,
-        payload_hint: usize,
-    ) -> DataFrame {
-        let start = put_header(out, kind::DATA, DATA_PREFIX_LEN + payload_hint);
+impl DataSeal {
+    /// Panics if the body would exceed `u32::MAX` bytes, as `encode` does.
+    pub fn new(request: RequestId, ctx_rank: u32, offset: u64, payload_len: usize) -> DataSeal {
+        let body = payload_len
+            .checked_add(DATA_PREFIX_LEN)
+            .and_then(|b| u32::try_from(b).ok())
+            .expect("wire frame body exceeds u32::MAX bytes");
+        let mut out = BytesMut::with_capacity(DATA_HEAD_LEN);
+        put_header(&mut out, kind::DATA, DATA_PREFIX_LEN);
         out.put_u64(request.0);
         out.put_u32(ctx_rank);
         out.put_u64(offset);
-        DataFrame { start }
+        out[8..12].copy_from_slice(&body.to_be_bytes());
+        let mut head = [0; DATA_HEAD_LEN];
+        head.copy_from_slice(&out);
+        DataSeal {
+            crc: frame_crc(&head[..12], &head[HEADER_LEN..]),
+            head,
+            left: payload_len,
+        }
     }
 
-    /// Payload bytes appended so far.
-    pub fn payload_len(&self, out: &BytesMut) -> usize {
-        out.len() - self.start - HEADER_LEN - DATA_PREFIX_LEN
+    /// Feeds the next payload bytes, in order. Panics past the payload's length.
+    pub fn update(&mut self, payload: &[u8]) {
+        assert!(
+            payload.len() <= self.left,
+            "{} payload bytes fed to a data frame with {} left",
+            payload.len(),
+            self.left
+        );
+        self.crc = crc32c::crc32c_append(self.crc, payload);
+        self.left -= payload.len();
     }
 
-    /// Patches length and checksum: `out` now ends with a frame identical to what `encode`
-    /// writes for the same `Message::Data`. Panics as `encode` does past `u32::MAX` bytes.
-    pub fn finish(self, out: &mut BytesMut) {
-        seal(out, self.start);
+    /// The frame's head, once the whole payload has been fed.
+    pub fn finish(mut self) -> [u8; DATA_HEAD_LEN] {
+        assert_eq!(self.left, 0, "finish before the whole payload was fed");
+        self.head[12..16].copy_from_slice(&self.crc.to_be_bytes());
+        self.head
     }
 }
 
@@ -148,27 +164,18 @@ mod tests {
     use bytes::Bytes;
 
     #[test]
-    fn data_frame_in_place_matches_encode() {
-        let payload = Bytes::from((0..1000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        let msg = Message::Data {
-            request: RequestId(42),
-            ctx_rank: 3,
-            offset: 4096,
-            payload: payload.clone(),
+    fn data_seal_head_and_payload_match_encode() {
+        let (msg, expected) = data_frame(1000);
+        let Message::Data { payload, .. } = msg else {
+            unreachable!()
         };
-        let mut expected = BytesMut::from(&b"prefix"[..]);
-        encode(&msg, &mut expected);
-
-        let mut out = BytesMut::from(&b"prefix"[..]);
-        let f = DataFrame::start(&mut out, RequestId(42), 3, 4096, 10);
-        out.extend_from_slice(&payload[..300]);
-        assert_eq!(f.payload_len(&out), 300);
-        out.extend_from_slice(&payload[300..]);
-        f.finish(&mut out);
+        let mut seal = DataSeal::new(RequestId(9), 2, 1 << 20, payload.len());
+        for piece in payload.chunks(300) {
+            seal.update(piece);
+        }
+        let mut out = BytesMut::from(&seal.finish()[..]);
+        out.extend_from_slice(&payload);
         assert_eq!(out, expected);
-
-        out.advance(6);
-        assert_eq!(Decoder::default().decode(&mut out), Ok(Some(msg)));
     }
 
     fn data_frame(payload_len: usize) -> (Message, BytesMut) {

@@ -30,7 +30,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 mod data;
-pub use data::{DataFrame, DataHead, DATA_HEAD_LEN};
+pub use data::{DataHead, DataSeal, DATA_HEAD_LEN};
 
 pub const MAGIC: u32 = 0x4B56_4652; // "KVFR"
 pub const VERSION: u8 = 1;

@@ -1,11 +1,12 @@
-//! The host `TransferAgent`: a send job gathers this rank's fragments from host memory into
-//! `Message::Data` chunks on the peer's link; a receive job lands incoming chunks in order at
-//! the plan's destination offsets and completes when every byte has arrived.
+//! The host `TransferAgent`: a send job queues this rank's fragments as `Message::Data` chunks
+//! on the peer's link; a receive job lands incoming chunks in order at the plan's destination
+//! offsets and completes when every byte has arrived.
 //!
-//! A chunk is copied once on each side: gathered straight into its encoded frame (in a buffer
-//! the link recycles), and landed from the receive buffer. The gather copy is what lets a send
-//! job complete, and its blocks be freed and reused, while its frames still wait in the queue:
-//! writing from KV memory instead would tie every block's release to the socket.
+//! Payload bytes are never copied in user space: the link's writer hands them to the kernel
+//! straight from the sender's KV blocks (`node::writer`), and the connection's reader has the
+//! kernel copy them straight into the receiver's (`landing`). So a send job completes only
+//! once its last frame is written: until then its blocks are still being read, and they stay
+//! pinned exactly as long as that.
 //!
 //! Every job completes exactly once (its completion is the fence the transceiver waits for):
 //! a send when its task ends, a receive when its last byte lands, when it is cancelled, or when
@@ -14,19 +15,18 @@
 
 use super::early::{Early, EarlyData, Key};
 use super::kv::HostKv;
-use crate::node::link::{Link, Links};
-use bytes::{Bytes, BytesMut};
+use crate::node::link::{DataOut, Link, Links};
+use bytes::Bytes;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::plan::Fragment;
-use kvferry_core::wire::DataFrame;
 use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 /// Payload bytes per `Data` frame: large enough to amortise framing and CRC setup, small
 /// enough that a cancel or a control frame waits for little.
@@ -55,6 +55,9 @@ pub enum DataError {
     },
 }
 
+/// Where a receive job's next byte goes: its fragment, and the bytes of it already written.
+pub(super) type Cursor = (usize, u64);
+
 #[derive(Debug)]
 pub(super) struct RecvJob {
     pub(super) id: TransferId,
@@ -62,8 +65,7 @@ pub(super) struct RecvJob {
     frags: Vec<Fragment>,
     total: u64,
     received: u64,
-    /// Next fragment and the bytes of it already written.
-    cursor: (usize, u64),
+    cursor: Cursor,
     done: CompletionQueue,
 }
 
@@ -71,7 +73,7 @@ impl RecvJob {
     /// Where the next bytes land: the pool offset at `cursor` and how many bytes (at most
     /// `max`) fit before its fragment ends. Skips finished fragments, moving `cursor` past them.
     /// Panics past the last fragment: callers check a chunk against `total` first.
-    pub(super) fn next_piece(&self, cursor: &mut (usize, u64), max: u64) -> (u64, u64) {
+    pub(super) fn next_piece(&self, cursor: &mut Cursor, max: u64) -> (u64, u64) {
         while self.frags[cursor.0].len == cursor.1 {
             *cursor = (cursor.0 + 1, 0);
         }
@@ -80,7 +82,7 @@ impl RecvJob {
     }
 
     /// The cursor after `n` more bytes of its fragment were written.
-    pub(super) fn advance(&self, cursor: (usize, u64), n: u64) -> (usize, u64) {
+    pub(super) fn advance(&self, cursor: Cursor, n: u64) -> Cursor {
         let done = cursor.1 + n;
         assert!(done <= self.frags[cursor.0].len, "write past a fragment");
         (cursor.0, done)
@@ -186,7 +188,7 @@ impl HostAgent {
         from: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(TransferId, (usize, u64))>, DataError> {
+    ) -> Result<Option<(TransferId, Cursor)>, DataError> {
         self.check_locked(&mut self.recv_jobs(), key, from, offset, len)
     }
 
@@ -197,7 +199,7 @@ impl HostAgent {
         from: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(TransferId, (usize, u64))>, DataError> {
+    ) -> Result<Option<(TransferId, Cursor)>, DataError> {
         let request = key.0;
         let Some(job) = recv.get(&key) else {
             return Ok(None);
@@ -229,13 +231,7 @@ impl HostAgent {
 
     /// Counts `len` bytes written up to `cursor` as received by job `id` (completing it on its
     /// last byte); `false` if that job is gone.
-    pub(super) fn commit_chunk(
-        &self,
-        key: Key,
-        id: TransferId,
-        cursor: (usize, u64),
-        len: u64,
-    ) -> bool {
+    pub(super) fn commit_chunk(&self, key: Key, id: TransferId, cursor: Cursor, len: u64) -> bool {
         self.commit_locked(&mut self.recv_jobs(), key, id, cursor, len)
     }
 
@@ -244,7 +240,7 @@ impl HostAgent {
         recv: &mut HashMap<Key, RecvJob>,
         key: Key,
         id: TransferId,
-        cursor: (usize, u64),
+        cursor: Cursor,
         len: u64,
     ) -> bool {
         let Some(job) = recv.get_mut(&key).filter(|j| j.id == id) else {
@@ -388,7 +384,7 @@ impl HostAgent {
 }
 
 struct ChunkSender<'a> {
-    kv: &'a HostKv,
+    kv: &'a Arc<HostKv>,
     link: &'a Link,
     request: RequestId,
     rank: u32,
@@ -396,57 +392,75 @@ struct ChunkSender<'a> {
     cancel: &'a AtomicBool,
 }
 
-/// A `Data` frame whose payload is being gathered from KV memory straight into its buffer.
-struct Gather {
-    buf: BytesMut,
-    frame: DataFrame,
-}
-
 impl ChunkSender<'_> {
+    /// Queues the fragments as `DATA_CHUNK`-sized frames, then waits until the last one is in
+    /// the kernel: the writer sends them in order, so then every byte is out of the blocks.
     async fn run(&self, frags: &[Fragment]) -> Result<u64, AgentError> {
-        let total: u64 = frags.iter().map(|f| f.len).sum();
         let mut sent = 0u64;
-        let mut pending: Option<Gather> = None;
-        for f in frags {
+        let mut chunk: Vec<(u64, u64)> = Vec::new();
+        let mut chunk_len = 0u64;
+        let mut last = None;
+        let mut result = Ok(());
+        'frags: for f in frags {
             let mut pos = 0;
             while pos < f.len {
-                let g = pending.get_or_insert_with(|| self.start(sent, total - sent));
-                let room = DATA_CHUNK - g.frame.payload_len(&g.buf);
-                let take = (f.len - pos).min(room as u64);
-                self.kv.read_into(f.src_offset + pos, take, &mut g.buf);
+                let take = (f.len - pos).min(DATA_CHUNK as u64 - chunk_len);
+                chunk.push((f.src_offset + pos, take));
+                chunk_len += take;
                 pos += take;
-                if take == room as u64 {
-                    let full = pending.take().expect("just filled");
-                    sent = self.flush(full, sent).await?;
+                if chunk_len == DATA_CHUNK as u64 {
+                    match self.queue(std::mem::take(&mut chunk), sent).await {
+                        Ok(written) => last = Some(written),
+                        Err(e) => {
+                            result = Err(e);
+                            break 'frags;
+                        }
+                    }
+                    sent += chunk_len;
+                    chunk_len = 0;
                 }
             }
         }
-        if let Some(g) = pending {
-            sent = self.flush(g, sent).await?;
+        if result.is_ok() && chunk_len > 0 {
+            match self.queue(chunk, sent).await {
+                Ok(written) => last = Some(written),
+                Err(e) => result = Err(e),
+            }
+            sent += chunk_len;
         }
-        Ok(sent)
+        // Even a failed or cancelled send waits: its queued frames still read its blocks.
+        if let Some(written) = last {
+            if written.await.is_err() && result.is_ok() {
+                result = Err(AgentError::PeerUnreachable(self.to));
+            }
+        }
+        result.map(|()| sent)
     }
 
-    /// A frame for the chunk at `offset`, in a recycled buffer when the link has one.
-    fn start(&self, offset: u64, left: u64) -> Gather {
-        let mut buf = self.link.frames.take();
-        let hint = DATA_CHUNK.min(usize::try_from(left).unwrap_or(DATA_CHUNK));
-        let frame = DataFrame::start(&mut buf, self.request, self.rank, offset, hint);
-        Gather { buf, frame }
-    }
-
-    async fn flush(&self, mut g: Gather, sent: u64) -> Result<u64, AgentError> {
+    /// Queues one frame of `pieces` at `offset`; returns what fires once it is written.
+    async fn queue(
+        &self,
+        pieces: Vec<(u64, u64)>,
+        offset: u64,
+    ) -> Result<oneshot::Receiver<()>, AgentError> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
-        let len = g.frame.payload_len(&g.buf) as u64;
-        g.frame.finish(&mut g.buf);
+        let (tx, rx) = oneshot::channel();
+        let frame = DataOut {
+            request: self.request,
+            ctx_rank: self.rank,
+            offset,
+            pieces,
+            kv: self.kv.clone(),
+            written: tx,
+        };
         self.link
             .data
-            .send(g.buf)
+            .send(frame)
             .await
             .map_err(|_| AgentError::PeerUnreachable(self.to))?;
-        Ok(sent + len)
+        Ok(rx)
     }
 }
 

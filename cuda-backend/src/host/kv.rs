@@ -1,7 +1,6 @@
 //! A rank's KV pool in host memory: one buffer per block, addressed by absolute pool offsets
 //! (`block_id * block_bytes + offset`), the same addressing as plan fragments.
 
-use bytes::BytesMut;
 use std::sync::{Mutex, MutexGuard};
 
 /// A zeroed block whose pages are mapped now. `vec![0; n]` may return untouched zero pages
@@ -54,28 +53,34 @@ impl HostKv {
         }
     }
 
-    /// Appends `len` bytes at pool offset `offset` to `out`.
-    pub fn read_into(&self, offset: u64, len: u64, out: &mut BytesMut) {
-        self.pieces(offset, len, |b, at, n| {
-            out.extend_from_slice(&self.block(b)[at..at + n])
-        });
-    }
-
-    pub fn write(&self, offset: u64, data: &[u8]) {
-        let mut pos = 0;
-        self.pieces(offset, data.len() as u64, |b, at, n| {
-            self.block(b)[at..at + n].copy_from_slice(&data[pos..pos + n]);
-            pos += n;
-        });
+    /// Calls `f` on each block piece of `[offset, offset+len)` in order, each block locked only
+    /// during its call.
+    pub fn for_each_piece(&self, offset: u64, len: u64, mut f: impl FnMut(&[u8])) {
+        self.pieces(offset, len, |b, at, n| f(&self.block(b)[at..at + n]));
     }
 
     /// Runs `f` on the bytes from pool offset `offset` to the end of its block or `max` bytes,
-    /// whichever is shorter, with that block locked. Panics past the pool, as `write` does.
+    /// whichever is shorter, with that block locked. Panics past the pool.
+    pub fn with_piece<R>(&self, offset: u64, max: u64, f: impl FnOnce(&[u8]) -> R) -> R {
+        let (block, within, n) = self.piece(offset, max);
+        f(&self.block(block)[within..within + n])
+    }
+
+    /// `with_piece`, for writing.
     pub fn with_piece_mut<R>(&self, offset: u64, max: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        let block = offset / self.block_bytes;
-        let within = (offset % self.block_bytes) as usize;
-        let n = max.min(self.block_bytes - within as u64) as usize;
-        f(&mut self.block(block as u32)[within..within + n])
+        let (block, within, n) = self.piece(offset, max);
+        f(&mut self.block(block)[within..within + n])
+    }
+
+    /// Block, offset in it and length of the piece at pool offset `offset` (at most `max`).
+    fn piece(&self, offset: u64, max: u64) -> (u32, usize, usize) {
+        let within = offset % self.block_bytes;
+        let n = max.min(self.block_bytes - within);
+        (
+            (offset / self.block_bytes) as u32,
+            within as usize,
+            n as usize,
+        )
     }
 
     /// True if `[offset, offset+len)` lies inside the pool.

@@ -9,7 +9,7 @@
 //! counted as received only once the frame's CRC verifies, so a corrupt frame never completes
 //! a job (the connection is closed, which fails it).
 
-use super::agent::{DataError, HostAgent};
+use super::agent::{Cursor, DataError, HostAgent};
 use super::early::Key;
 use bytes::Bytes;
 use kvferry_core::agent::TransferId;
@@ -37,7 +37,7 @@ enum Sink {
     Job {
         key: Key,
         id: TransferId,
-        cursor: (usize, u64),
+        cursor: Cursor,
     },
     /// No receive posted yet: kept whole, then landed or parked by `on_data`.
     Early(Vec<u8>),

@@ -1,5 +1,6 @@
-//! One TCP connection: a reader that decodes frames (data chunks go straight to the host
-//! agent, everything else to the driver) and a writer that drains the link's queues.
+//! One TCP connection: a reader that decodes frames (data payloads land straight in the host
+//! agent's KV memory, everything else goes to the driver) and a writer (`writer`) that drains
+//! the link's queues.
 //!
 //! A peer that breaks the protocol (garbage, truncated or oversized frames, data for a request
 //! it does not serve) gets an `Error` frame when possible, a WARN naming it, and a closed
@@ -7,6 +8,7 @@
 
 use super::frame::{self, Frame};
 use super::link::{LinkQueues, Outgoing};
+use super::writer;
 use super::OwnedTask;
 use crate::host::{DataError, HostAgent, LandError};
 use bytes::{Buf, BufMut, BytesMut};
@@ -15,8 +17,8 @@ use kvferry_core::{PeerId, RequestId};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -28,8 +30,6 @@ const READ_CHUNK: usize = 8 << 10;
 /// that partial frame is moved to the front only when the room behind it runs out, once per
 /// several reads, instead of on every read.
 const READ_BUFFER: usize = 128 << 10;
-/// The writer coalesces queued frames up to this many bytes per write.
-const WRITE_BATCH: usize = 1 << 20;
 /// How long a closing connection may take to flush its last Error frame.
 const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
@@ -82,7 +82,7 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     // Owned: if this future is dropped (its connection task aborted), the writer goes too.
-    let mut writer = OwnedTask(tokio::spawn(write_loop(wr, queues)));
+    let mut writer = OwnedTask(tokio::spawn(writer::write_loop(wr, queues)));
     let closed = tokio::select! {
         c = read_loop(rd, &ctx) => c,
         w = &mut writer.0 => match w {
@@ -237,56 +237,4 @@ async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
         })
         .await
         .map_err(|_| Closed::Io(std::io::Error::other("node is shutting down")))
-}
-
-enum Item {
-    Control(Outgoing),
-    /// An encoded data frame, written as is.
-    Data(BytesMut),
-}
-
-async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> std::io::Result<()> {
-    let mut out = BytesMut::with_capacity(WRITE_BATCH);
-    loop {
-        let first = tokio::select! {
-            biased;
-            c = q.control.recv() => c.map(Item::Control),
-            d = q.data.recv() => d.map(Item::Data),
-        };
-        let Some(mut item) = first else {
-            return Ok(()); // the link is gone
-        };
-        loop {
-            match item {
-                Item::Control(Outgoing::Frame(f)) => frame::encode(&f, &mut out),
-                Item::Control(Outgoing::Close) => {
-                    wr.write_all(&out).await?;
-                    return wr.shutdown().await;
-                }
-                Item::Data(bytes) => {
-                    // Queued control frames go first; the data frame is not copied again.
-                    if !out.is_empty() {
-                        wr.write_all(&out).await?;
-                        out.clear();
-                    }
-                    wr.write_all(&bytes).await?;
-                    q.frames.give(bytes);
-                }
-            }
-            if out.len() >= WRITE_BATCH {
-                break;
-            }
-            item = match q.control.try_recv() {
-                Ok(c) => Item::Control(c),
-                Err(_) => match q.data.try_recv() {
-                    Ok(d) => Item::Data(d),
-                    Err(_) => break,
-                },
-            };
-        }
-        if !out.is_empty() {
-            wr.write_all(&out).await?;
-            out.clear();
-        }
-    }
 }

@@ -1,53 +1,38 @@
 //! The live connections of a node, keyed by the peer id the node gave each one, and the core
 //! `Transport` on top of them. Control frames and data frames queue separately (both bounded)
-//! so a bulk transfer cannot starve a Cancel or an Error. Data frames queue already encoded:
-//! the send tasks pay for the copy and the checksum in parallel, the writer only writes, then
-//! hands the frame's buffer back to the link's `FramePool` for the next chunk.
+//! so a bulk transfer cannot starve a Cancel or an Error. A data frame queues as a
+//! description of where its payload lies in KV memory (`DataOut`); the connection's writer
+//! sends it from there (see `writer`), so payload bytes are never copied in user space.
 
 use super::frame::Frame;
-use bytes::BytesMut;
+use crate::host::HostKv;
 use kvferry_core::transport::{Transport, TransportError};
 use kvferry_core::wire::Message;
-use kvferry_core::PeerId;
+use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::oneshot;
 
 /// Control frames queued per connection before `send` reports backpressure.
 pub const CONTROL_QUEUE: usize = 1024;
-/// Data frames queued per connection; senders wait (bounded memory: this x `DATA_CHUNK`).
+/// Data frames queued per connection; senders wait. Each pins no memory of its own (the
+/// payload stays in KV memory), so this only bounds how far sends run ahead of the socket.
 pub const DATA_QUEUE: usize = 32;
-/// Idle frame buffers a link keeps for reuse (bounded memory: this x `DATA_CHUNK`). Buffers in
-/// flight are bounded by the data queue and the send tasks; the pool only holds the surplus
-/// between a write and the next gather, so a few suffice.
-pub const POOLED_FRAMES: usize = 8;
 
-/// Recycled data frame buffers. A fresh quarter-MiB allocation is served by `mmap` and costs
-/// page faults to fill and an `munmap` (TLB shootdown) to free; reused ones cost neither.
-#[derive(Debug, Default)]
-pub struct FramePool {
-    free: Mutex<Vec<BytesMut>>,
-}
-
-impl FramePool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<BytesMut>> {
-        self.free.lock().expect("frame pool lock poisoned")
-    }
-
-    /// An empty buffer, with the capacity of an earlier frame when one is idle.
-    pub fn take(&self) -> BytesMut {
-        self.lock().pop().unwrap_or_default()
-    }
-
-    /// Returns a written frame's buffer; dropped when the pool already holds enough.
-    pub fn give(&self, mut buf: BytesMut) {
-        buf.clear();
-        let mut free = self.lock();
-        if free.len() < POOLED_FRAMES {
-            free.push(buf);
-        }
-    }
+/// A `Data` frame whose payload is written to the socket straight from KV memory.
+#[derive(Debug)]
+pub struct DataOut {
+    pub request: RequestId,
+    pub ctx_rank: u32,
+    pub offset: u64,
+    /// Pool ranges (offset, length) of the payload, in order.
+    pub pieces: Vec<(u64, u64)>,
+    pub kv: Arc<HostKv>,
+    /// Fired once the whole frame is in the kernel; dropped unfired if the connection ends
+    /// first. Until then the payload's blocks are still being read.
+    pub written: oneshot::Sender<()>,
 }
 
 #[derive(Debug)]
@@ -61,36 +46,29 @@ pub enum Outgoing {
 pub struct Link {
     pub addr: SocketAddr,
     pub control: mpsc::Sender<Outgoing>,
-    /// Encoded `Data` frames, written as they are.
-    pub data: mpsc::Sender<BytesMut>,
-    /// Where data frame buffers come from and go back to once written.
-    pub frames: Arc<FramePool>,
+    pub data: mpsc::Sender<DataOut>,
 }
 
 /// Receiving ends of a link, owned by its connection task.
 #[derive(Debug)]
 pub struct LinkQueues {
     pub control: mpsc::Receiver<Outgoing>,
-    pub data: mpsc::Receiver<BytesMut>,
-    pub frames: Arc<FramePool>,
+    pub data: mpsc::Receiver<DataOut>,
 }
 
 impl Link {
     pub fn new(addr: SocketAddr) -> (Link, LinkQueues) {
         let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-        let frames = Arc::new(FramePool::default());
         (
             Link {
                 addr,
                 control: ctl_tx,
                 data: data_tx,
-                frames: frames.clone(),
             },
             LinkQueues {
                 control: ctl_rx,
                 data: data_rx,
-                frames,
             },
         )
     }

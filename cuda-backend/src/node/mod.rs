@@ -21,6 +21,7 @@ pub mod gpu;
 pub mod link;
 pub mod metrics;
 pub mod spec;
+pub mod writer;
 
 use kvferry_core::collective::CollectiveError;
 use std::time::Duration;

@@ -1,0 +1,96 @@
+//! A connection's writer: drains the link's control queue (coalescing frames into one write)
+//! and its data queue, sending each data frame straight from KV memory.
+
+use super::frame;
+use super::link::{DataOut, LinkQueues, Outgoing};
+use bytes::{Buf, BytesMut};
+use kvferry_core::wire::DataSeal;
+use std::io::{self, IoSlice};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+
+/// The writer coalesces queued control frames up to this many bytes per write.
+const WRITE_BATCH: usize = 1 << 20;
+
+enum Item {
+    Control(Outgoing),
+    Data(DataOut),
+}
+
+pub async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> io::Result<()> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            c = q.control.recv() => c.map(Item::Control),
+            d = q.data.recv() => d.map(Item::Data),
+        };
+        let Some(mut item) = first else {
+            return Ok(()); // the link is gone
+        };
+        loop {
+            match item {
+                Item::Control(Outgoing::Frame(f)) => frame::encode(&f, &mut out),
+                Item::Control(Outgoing::Close) => {
+                    wr.write_all(&out).await?;
+                    return wr.shutdown().await;
+                }
+                // Queued control frames go out with the frame's head, in front of it.
+                Item::Data(d) => write_data(&wr, &mut out, d).await?,
+            }
+            if out.len() >= WRITE_BATCH {
+                break;
+            }
+            item = match q.control.try_recv() {
+                Ok(c) => Item::Control(c),
+                Err(_) => match q.data.try_recv() {
+                    Ok(d) => Item::Data(d),
+                    Err(_) => break,
+                },
+            };
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+}
+
+/// Writes `out`, then data frame `d` from KV memory. The head's CRC is computed over the
+/// payload where it lies (a pass that also leaves it in cache for the kernel's copy); then
+/// head and payload go to the socket a block piece at a time, each block locked only while
+/// the kernel copies out of it, never across an await.
+async fn write_data(wr: &OwnedWriteHalf, out: &mut BytesMut, d: DataOut) -> io::Result<()> {
+    let len: u64 = d.pieces.iter().map(|p| p.1).sum();
+    let len = usize::try_from(len).expect("a data chunk fits in memory");
+    let mut seal = DataSeal::new(d.request, d.ctx_rank, d.offset, len);
+    for &(at, n) in &d.pieces {
+        d.kv.for_each_piece(at, n, |s| seal.update(s));
+    }
+    out.extend_from_slice(&seal.finish());
+    for &(at, n) in &d.pieces {
+        let mut done = 0;
+        while done < n {
+            let wrote = d.kv.with_piece(at + done, n - done, |s| {
+                if out.is_empty() {
+                    wr.try_write(s)
+                } else {
+                    wr.try_write_vectored(&[IoSlice::new(out), IoSlice::new(s)])
+                }
+            });
+            match wrote {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    let head = k.min(out.len());
+                    out.advance(head);
+                    done += (k - head) as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    // Every payload byte is in the kernel: the sender may let its blocks go.
+    let _ = d.written.send(());
+    Ok(())
+}
