@@ -5,7 +5,7 @@
 //! socket, and checks the CRC over the landed bytes ([`DataHead`]). Both produce and accept
 //! exactly the bytes `encode` and `decode` do.
 
-use super::{frame_crc, kind, put_header, Decoder, WireError, DATA_PREFIX_LEN, HEADER_LEN};
+use super::{kind, put_header, Crc32c, Decoder, WireError, DATA_PREFIX_LEN, HEADER_LEN};
 use crate::RequestId;
 use bytes::{Buf, BufMut, BytesMut};
 
@@ -20,7 +20,7 @@ pub const DATA_HEAD_LEN: usize = HEADER_LEN + DATA_PREFIX_LEN;
 #[must_use = "a frame needs its head"]
 pub struct DataSeal {
     head: [u8; DATA_HEAD_LEN],
-    crc: u32,
+    crc: Crc32c,
     left: usize,
 }
 
@@ -39,8 +39,11 @@ impl DataSeal {
         out[8..12].copy_from_slice(&body.to_be_bytes());
         let mut head = [0; DATA_HEAD_LEN];
         head.copy_from_slice(&out);
+        let mut crc = Crc32c::new();
+        crc.update(&head[..12]);
+        crc.update(&head[HEADER_LEN..]);
         DataSeal {
-            crc: frame_crc(&head[..12], &head[HEADER_LEN..]),
+            crc,
             head,
             left: payload_len,
         }
@@ -54,14 +57,14 @@ impl DataSeal {
             payload.len(),
             self.left
         );
-        self.crc = crc32c::crc32c_append(self.crc, payload);
+        self.crc.update(payload);
         self.left -= payload.len();
     }
 
     /// The frame's head, once the whole payload has been fed.
     pub fn finish(mut self) -> [u8; DATA_HEAD_LEN] {
         assert_eq!(self.left, 0, "finish before the whole payload was fed");
-        self.head[12..16].copy_from_slice(&self.crc.to_be_bytes());
+        self.head[12..16].copy_from_slice(&self.crc.value().to_be_bytes());
         self.head
     }
 }
@@ -79,7 +82,7 @@ pub struct DataHead {
     pub payload_len: usize,
     expected: u32,
     /// CRC over the header's first 12 bytes, the fixed fields and the payload seen so far.
-    crc: u32,
+    crc: Crc32c,
     seen: usize,
 }
 
@@ -98,17 +101,18 @@ impl DataHead {
             payload.len(),
             self.left()
         );
-        self.crc = crc32c::crc32c_append(self.crc, payload);
+        self.crc.update(payload);
         self.seen += payload.len();
     }
 
     /// Checks the frame's CRC once the whole payload has been fed.
     pub fn verify(self) -> Result<(), WireError> {
         assert_eq!(self.left(), 0, "verify before the whole payload was fed");
-        if self.crc != self.expected {
+        let actual = self.crc.value();
+        if actual != self.expected {
             return Err(WireError::Checksum {
                 expected: self.expected,
-                actual: self.crc,
+                actual,
             });
         }
         Ok(())
@@ -149,7 +153,12 @@ impl Decoder {
             offset,
             payload_len: len - DATA_PREFIX_LEN,
             expected: u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]),
-            crc: frame_crc(&buf[..12], &buf[HEADER_LEN..DATA_HEAD_LEN]),
+            crc: {
+                let mut c = Crc32c::new();
+                c.update(&buf[..12]);
+                c.update(&buf[HEADER_LEN..DATA_HEAD_LEN]);
+                c
+            },
             seen: 0,
         };
         buf.advance(DATA_HEAD_LEN);

@@ -29,7 +29,9 @@ use crate::{RequestId, TransferToken};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+mod crc;
 mod data;
+pub use crc::{crc32c, Crc32c};
 pub use data::{DataHead, DataSeal, DATA_HEAD_LEN};
 
 pub const MAGIC: u32 = 0x4B56_4652; // "KVFR"
@@ -344,7 +346,7 @@ fn put_layout(out: &mut BytesMut, l: &CacheLayout) {
 /// covered too: otherwise a flipped kind byte could turn e.g. a valid `Cancel` body into a
 /// valid `Heartbeat` of the same size, undetected.
 fn frame_crc(header12: &[u8], body: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(header12), body)
+    crc32c(&[header12, body])
 }
 
 /// Bounds-checked big-endian reads over a frame body. Every read checks the remaining length

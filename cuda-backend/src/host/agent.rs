@@ -15,6 +15,7 @@
 
 use super::early::{Early, EarlyData, Key};
 use super::kv::HostKv;
+use super::landing::copy_into;
 use crate::node::link::{DataOut, Link, Links};
 use bytes::Bytes;
 use kvferry_core::agent::{
@@ -70,22 +71,35 @@ pub(super) struct RecvJob {
 }
 
 impl RecvJob {
-    /// Where the next bytes land: the pool offset at `cursor` and how many bytes (at most
-    /// `max`) fit before its fragment ends. Skips finished fragments, moving `cursor` past them.
-    /// Panics past the last fragment: callers check a chunk against `total` first.
-    pub(super) fn next_piece(&self, cursor: &mut Cursor, max: u64) -> (u64, u64) {
-        while self.frags[cursor.0].len == cursor.1 {
-            *cursor = (cursor.0 + 1, 0);
+    /// Pool ranges of the next `len` bytes from `cursor` on (fewer bytes if `max` ranges come
+    /// first). Panics past the last fragment: callers check a chunk against `total` first.
+    pub(super) fn ranges(&self, mut cursor: Cursor, mut len: u64, max: usize) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        while len > 0 && out.len() < max {
+            let f = self.frags[cursor.0];
+            let n = (f.len - cursor.1).min(len);
+            if n > 0 {
+                out.push((f.dst_offset + cursor.1, n));
+            }
+            len -= n;
+            cursor = (cursor.0 + 1, 0);
         }
-        let f = self.frags[cursor.0];
-        (f.dst_offset + cursor.1, (f.len - cursor.1).min(max))
+        out
     }
 
-    /// The cursor after `n` more bytes of its fragment were written.
-    pub(super) fn advance(&self, cursor: Cursor, n: u64) -> Cursor {
-        let done = cursor.1 + n;
-        assert!(done <= self.frags[cursor.0].len, "write past a fragment");
-        (cursor.0, done)
+    /// The cursor `n` bytes further on.
+    pub(super) fn advance(&self, mut cursor: Cursor, mut n: u64) -> Cursor {
+        while n > 0 {
+            let f = self.frags[cursor.0];
+            let step = (f.len - cursor.1).min(n);
+            n -= step;
+            cursor = if cursor.1 + step == f.len {
+                (cursor.0 + 1, 0)
+            } else {
+                (cursor.0, cursor.1 + step)
+            };
+        }
+        cursor
     }
 }
 
@@ -166,16 +180,12 @@ impl HostAgent {
             return Ok(false);
         };
         let job = recv.get(&key).expect("checked");
-        let mut rest = &payload[..];
-        while !rest.is_empty() {
-            let (at, max) = job.next_piece(&mut cursor, rest.len() as u64);
-            let n = self.kv.with_piece_mut(at, max, |dst| {
-                dst.copy_from_slice(&rest[..dst.len()]);
-                dst.len()
-            });
-            rest = &rest[n..];
-            cursor = job.advance(cursor, n as u64);
-        }
+        let ranges = job.ranges(cursor, len, usize::MAX);
+        let n = self
+            .kv
+            .with_ranges_mut(&ranges, |bufs| copy_into(bufs, payload));
+        assert_eq!(n, payload.len(), "ranges cover the chunk");
+        cursor = job.advance(cursor, len);
         Ok(self.commit_locked(recv, key, id, cursor, len))
     }
 

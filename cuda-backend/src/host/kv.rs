@@ -1,6 +1,7 @@
 //! A rank's KV pool in host memory: one buffer per block, addressed by absolute pool offsets
 //! (`block_id * block_bytes + offset`), the same addressing as plan fragments.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Mutex, MutexGuard};
 
 /// A zeroed block whose pages are mapped now. `vec![0; n]` may return untouched zero pages
@@ -59,33 +60,138 @@ impl HostKv {
         self.pieces(offset, len, |b, at, n| f(&self.block(b)[at..at + n]));
     }
 
-    /// Runs `f` on the bytes from pool offset `offset` to the end of its block or `max` bytes,
-    /// whichever is shorter, with that block locked. Panics past the pool.
-    pub fn with_piece<R>(&self, offset: u64, max: u64, f: impl FnOnce(&[u8]) -> R) -> R {
-        let (block, within, n) = self.piece(offset, max);
-        f(&self.block(block)[within..within + n])
+    /// Runs `f` on the bytes of `ranges` (pool offset, length), in order, as slices split at
+    /// block boundaries, with every block they touch locked for the call (see `lock_all`).
+    /// Panics past the pool.
+    pub fn with_ranges<R>(&self, ranges: &[(u64, u64)], f: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+        let pieces = self.split(ranges);
+        let (ids, guards) = self.lock_all(&pieces);
+        let slices: Vec<IoSlice<'_>> = pieces
+            .iter()
+            .map(|&(b, at, n)| IoSlice::new(&guards[slot(&ids, b)][at..at + n]))
+            .collect();
+        f(&slices)
     }
 
-    /// `with_piece`, for writing.
-    pub fn with_piece_mut<R>(&self, offset: u64, max: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        let (block, within, n) = self.piece(offset, max);
-        f(&mut self.block(block)[within..within + n])
+    /// `with_ranges`, for writing. Panics if two ranges overlap.
+    pub fn with_ranges_mut<R>(
+        &self,
+        ranges: &[(u64, u64)],
+        f: impl FnOnce(&mut [IoSliceMut<'_>]) -> R,
+    ) -> R {
+        let pieces = self.split(ranges);
+        let (ids, mut guards) = self.lock_all(&pieces);
+        // Disjoint mutable slices out of each block: its pieces in address order, each split
+        // off the front of what is left of the block.
+        let mut by_address: Vec<usize> = (0..pieces.len()).collect();
+        by_address.sort_unstable_by_key(|&i| (pieces[i].0, pieces[i].1));
+        let mut slices: Vec<Option<IoSliceMut<'_>>> = pieces.iter().map(|_| None).collect();
+        let mut next = by_address.into_iter().peekable();
+        for (&b, guard) in ids.iter().zip(guards.iter_mut()) {
+            let mut rest: &mut [u8] = &mut guard[..];
+            let mut base = 0;
+            while let Some(i) = next.next_if(|&i| pieces[i].0 == b) {
+                let (_, at, n) = pieces[i];
+                assert!(at >= base, "overlapping ranges in block {b}");
+                let (piece, tail) = std::mem::take(&mut rest)[at - base..].split_at_mut(n);
+                slices[i] = Some(IoSliceMut::new(piece));
+                rest = tail;
+                base = at + n;
+            }
+        }
+        let mut slices: Vec<IoSliceMut<'_>> = slices
+            .into_iter()
+            .map(|s| s.expect("every piece lies in a locked block"))
+            .collect();
+        f(&mut slices)
     }
 
-    /// Block, offset in it and length of the piece at pool offset `offset` (at most `max`).
-    fn piece(&self, offset: u64, max: u64) -> (u32, usize, usize) {
-        let within = offset % self.block_bytes;
-        let n = max.min(self.block_bytes - within);
-        (
-            (offset / self.block_bytes) as u32,
-            within as usize,
-            n as usize,
-        )
+    /// (block, offset in block, length) for each block piece of `ranges`, in order.
+    fn split(&self, ranges: &[(u64, u64)]) -> Vec<(u32, usize, usize)> {
+        let mut out = Vec::with_capacity(ranges.len() + 2);
+        for &(offset, len) in ranges {
+            self.pieces(offset, len, |b, at, n| out.push((b, at, n)));
+        }
+        out
+    }
+
+    /// Locks every block `pieces` touch, in ascending id order: the only way this pool takes
+    /// more than one block lock at a time, so two holders of several never deadlock (others
+    /// hold one lock at a time and wait for nothing while they do).
+    fn lock_all(&self, pieces: &[(u32, usize, usize)]) -> (Vec<u32>, Vec<MutexGuard<'_, Vec<u8>>>) {
+        let mut ids: Vec<u32> = pieces.iter().map(|p| p.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let guards = ids.iter().map(|&b| self.block(b)).collect();
+        (ids, guards)
     }
 
     /// True if `[offset, offset+len)` lies inside the pool.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
         let total = self.block_bytes * self.blocks.len() as u64;
         offset.checked_add(len).is_some_and(|end| end <= total)
+    }
+}
+
+/// Index of block `b` in the sorted ids `lock_all` returned.
+fn slot(ids: &[u32], b: u32) -> usize {
+    ids.binary_search(&b)
+        .expect("every piece's block is locked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> HostKv {
+        let kv = HostKv::new(4, 16);
+        for b in 0..4u32 {
+            for (i, x) in kv.block(b).iter_mut().enumerate() {
+                *x = (b * 16 + i as u32) as u8;
+            }
+        }
+        kv
+    }
+
+    #[test]
+    fn ranges_come_out_in_order_split_at_blocks() {
+        let kv = pool();
+        // Out of address order, across a block boundary, and two pieces of one block.
+        let ranges = [(40, 12), (2, 3), (8, 4)];
+        let got: Vec<Vec<u8>> = kv.with_ranges(&ranges, |s| s.iter().map(|x| x.to_vec()).collect());
+        let want: Vec<Vec<u8>> = vec![
+            (40..48).collect(),
+            (48..52).collect(),
+            (2..5).collect(),
+            (8..12).collect(),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn mutable_ranges_write_where_they_say() {
+        let kv = HostKv::new(4, 16);
+        let ranges = [(40, 12), (2, 3), (8, 4)];
+        kv.with_ranges_mut(&ranges, |s| {
+            let mut v = 1u8;
+            for slice in s.iter_mut() {
+                for x in slice.iter_mut() {
+                    *x = v;
+                    v += 1;
+                }
+            }
+        });
+        let all: Vec<u8> = (0..4u32).flat_map(|b| kv.block(b).clone()).collect();
+        assert_eq!(&all[40..52], &(1..=12).collect::<Vec<u8>>()[..]);
+        assert_eq!(&all[2..5], &[13, 14, 15]);
+        assert_eq!(&all[8..12], &[16, 17, 18, 19]);
+        let written: usize = all.iter().filter(|&&x| x != 0).count();
+        assert_eq!(written, 19, "nothing outside the ranges");
+    }
+
+    #[test]
+    #[should_panic(expected = "overlapping")]
+    fn overlapping_mutable_ranges_are_refused() {
+        HostKv::new(2, 16).with_ranges_mut(&[(0, 8), (4, 8)], |_| ());
     }
 }

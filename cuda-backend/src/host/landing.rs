@@ -15,11 +15,33 @@ use bytes::Bytes;
 use kvferry_core::agent::TransferId;
 use kvferry_core::wire::{DataHead, WireError};
 use kvferry_core::PeerId;
-use std::io;
+use std::io::{self, IoSliceMut};
 use thiserror::Error;
 
 /// Largest piece of a dropped payload read at once.
 const DISCARD_CHUNK: usize = 64 << 10;
+/// Fragments one read may land in (one `readv`; Linux takes up to 1024 slices).
+const MAX_RANGES_PER_FILL: usize = 64;
+
+/// Copies the front of `src` into `bufs`, in order; returns how many bytes fit.
+pub fn copy_into(bufs: &mut [IoSliceMut<'_>], src: &[u8]) -> usize {
+    let mut done = 0;
+    for b in bufs.iter_mut() {
+        let n = b.len().min(src.len() - done);
+        b[..n].copy_from_slice(&src[done..done + n]);
+        done += n;
+    }
+    done
+}
+
+/// Feeds the first `n` bytes of `bufs` (just read into them) to the frame's checksum.
+fn checksum(head: &mut DataHead, bufs: &[IoSliceMut<'_>], mut n: usize) {
+    for b in bufs {
+        let k = n.min(b.len());
+        head.update(&b[..k]);
+        n -= k;
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum LandError {
@@ -91,26 +113,29 @@ impl Landing<'_> {
         self.head.left()
     }
 
-    /// Lands the next payload bytes: `fill` writes into the slice it is given (never empty)
-    /// and returns how many bytes it wrote, as `Read::read` does. Returns that count; `Ok(0)`
-    /// means `fill` had nothing (end of stream). Panics if called with nothing `left`.
-    pub fn fill(&mut self, fill: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
+    /// Lands the next payload bytes: `read` fills the slices it is given (in order, never all
+    /// empty) and returns how many bytes it wrote, as `Read::read_vectored` does. Returns that
+    /// count; `Ok(0)` means `read` had nothing (end of stream). Panics with nothing `left`.
+    pub fn fill(
+        &mut self,
+        read: impl FnOnce(&mut [IoSliceMut<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         let left = self.head.left();
         assert!(left > 0, "fill past the end of the payload");
         let (agent, head) = (self.agent, &mut self.head);
         match &mut self.sink {
             Sink::Job { key, id, cursor } => {
-                let mut recv = agent.recv_jobs();
-                let Some(job) = recv.get_mut(key).filter(|j| j.id == *id) else {
+                let recv = agent.recv_jobs();
+                let Some(job) = recv.get(key).filter(|j| j.id == *id) else {
                     // Completed (cancelled, its peer lost) since the last piece.
                     drop(recv);
                     self.sink = Sink::Discard(Vec::new());
-                    return self.fill(fill);
+                    return self.fill(read);
                 };
-                let (at, max) = job.next_piece(cursor, left as u64);
-                let n = agent.kv().with_piece_mut(at, max, |dst| {
-                    let n = fill(dst)?;
-                    head.update(&dst[..n]);
+                let ranges = job.ranges(*cursor, left as u64, MAX_RANGES_PER_FILL);
+                let n = agent.kv().with_ranges_mut(&ranges, |bufs| {
+                    let n = read(bufs)?;
+                    checksum(head, bufs, n);
                     io::Result::Ok(n)
                 })?;
                 *cursor = job.advance(*cursor, n as u64);
@@ -121,7 +146,7 @@ impl Landing<'_> {
                     kept.resize(left, 0);
                 }
                 let at = kept.len() - left;
-                let n = fill(&mut kept[at..])?;
+                let n = read(&mut [IoSliceMut::new(&mut kept[at..])])?;
                 head.update(&kept[at..at + n]);
                 Ok(n)
             }
@@ -130,7 +155,7 @@ impl Landing<'_> {
                     scratch.resize(left.min(DISCARD_CHUNK), 0);
                 }
                 let max = left.min(scratch.len());
-                let n = fill(&mut scratch[..max])?;
+                let n = read(&mut [IoSliceMut::new(&mut scratch[..max])])?;
                 head.update(&scratch[..n]);
                 Ok(n)
             }
@@ -265,12 +290,9 @@ mod tests {
             assert!(l.refused().is_none());
             let mut at = 0;
             while l.left() > 0 {
+                let end = (at + step).min(payload.len());
                 let n = l
-                    .fill(|dst| {
-                        let n = dst.len().min(step).min(payload.len() - at);
-                        dst[..n].copy_from_slice(&payload[at..at + n]);
-                        Ok(n)
-                    })
+                    .fill(|bufs| Ok(copy_into(bufs, &payload[at..end])))
                     .unwrap();
                 at += n;
             }
@@ -314,23 +336,13 @@ mod tests {
         r.post();
         let (head, payload) = r.frame(0, r.bytes.len());
         let mut l = r.agent.land_from(FROM, head);
-        let first = l
-            .fill(|dst| {
-                dst[..100].copy_from_slice(&payload[..100]);
-                Ok(100)
-            })
-            .unwrap();
+        let first = l.fill(|bufs| Ok(copy_into(bufs, &payload[..100]))).unwrap();
         assert_eq!(first, 100);
         r.agent.cancel(TransferId(7));
         let before = r.landed();
         while l.left() > 0 {
             let at = payload.len() - l.left();
-            l.fill(|dst| {
-                let n = dst.len().min(payload.len() - at);
-                dst[..n].copy_from_slice(&payload[at..at + n]);
-                Ok(n)
-            })
-            .unwrap();
+            l.fill(|bufs| Ok(copy_into(bufs, &payload[at..]))).unwrap();
         }
         assert!(!l.finish().unwrap(), "a cancelled job takes nothing");
         assert_eq!(

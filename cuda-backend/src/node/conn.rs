@@ -10,6 +10,7 @@ use super::frame::{self, Frame};
 use super::link::{LinkQueues, Outgoing};
 use super::writer;
 use super::OwnedTask;
+use crate::host::landing::copy_into;
 use crate::host::{DataError, HostAgent, LandError};
 use bytes::{Buf, BufMut, BytesMut};
 use kvferry_core::wire::{DataHead, ErrorCode, Message};
@@ -176,16 +177,12 @@ async fn land(
     while landing.left() > 0 {
         if !buf.is_empty() {
             let n = landing
-                .fill(|dst| {
-                    let n = dst.len().min(buf.len());
-                    dst[..n].copy_from_slice(&buf[..n]);
-                    Ok(n)
-                })
+                .fill(|bufs| Ok(copy_into(bufs, buf)))
                 .map_err(Closed::Io)?;
             buf.advance(n);
             continue;
         }
-        match landing.fill(|dst| rd.try_read(dst)) {
+        match landing.fill(|bufs| rd.try_read_vectored(bufs)) {
             Ok(0) => {
                 return Err(Closed::Violation(format!(
                     "connection closed inside a data frame ({} payload bytes missing)",

@@ -58,8 +58,8 @@ pub async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> io::Result
 
 /// Writes `out`, then data frame `d` from KV memory. The head's CRC is computed over the
 /// payload where it lies (a pass that also leaves it in cache for the kernel's copy); then
-/// head and payload go to the socket a block piece at a time, each block locked only while
-/// the kernel copies out of it, never across an await.
+/// control bytes, head and payload go to the socket in one vectored write, with the payload's
+/// blocks locked only while the kernel copies out of them, never across an await.
 async fn write_data(wr: &OwnedWriteHalf, out: &mut BytesMut, d: DataOut) -> io::Result<()> {
     let len: u64 = d.pieces.iter().map(|p| p.1).sum();
     let len = usize::try_from(len).expect("a data chunk fits in memory");
@@ -68,26 +68,32 @@ async fn write_data(wr: &OwnedWriteHalf, out: &mut BytesMut, d: DataOut) -> io::
         d.kv.for_each_piece(at, n, |s| seal.update(s));
     }
     out.extend_from_slice(&seal.finish());
-    for &(at, n) in &d.pieces {
-        let mut done = 0;
-        while done < n {
-            let wrote = d.kv.with_piece(at + done, n - done, |s| {
-                if out.is_empty() {
-                    wr.try_write(s)
-                } else {
-                    wr.try_write_vectored(&[IoSlice::new(out), IoSlice::new(s)])
+    let mut rest = d.pieces;
+    let mut first = 0;
+    while !out.is_empty() || first < rest.len() {
+        let wrote = d.kv.with_ranges(&rest[first..], |payload| {
+            let mut all = Vec::with_capacity(payload.len() + 1);
+            all.push(IoSlice::new(out));
+            all.extend_from_slice(payload);
+            wr.try_write_vectored(&all)
+        });
+        match wrote {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => {
+                let from_out = k.min(out.len());
+                out.advance(from_out);
+                let mut k = (k - from_out) as u64;
+                while k > 0 {
+                    let r = &mut rest[first];
+                    let n = k.min(r.1);
+                    (r.0, r.1, k) = (r.0 + n, r.1 - n, k - n);
+                    if r.1 == 0 {
+                        first += 1;
+                    }
                 }
-            });
-            match wrote {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(k) => {
-                    let head = k.min(out.len());
-                    out.advance(head);
-                    done += (k - head) as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.writable().await?,
-                Err(e) => return Err(e),
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.writable().await?,
+            Err(e) => return Err(e),
         }
     }
     // Every payload byte is in the kernel: the sender may let its blocks go.
