@@ -15,7 +15,7 @@ use kvferry_cuda::node::backend::BackendSpec;
 use kvferry_cuda::node::bench::{self, BenchOptions};
 use kvferry_cuda::node::core::NodeCore;
 use kvferry_cuda::node::spec::{self, NodeSpec, MAX_POOL_BLOCKS};
-use kvferry_cuda::node::{ctx, gen, metrics};
+use kvferry_cuda::node::{ctx, gen, metrics, runtime};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,6 +98,11 @@ struct Common {
     /// CUDA device ordinal of the pool (with `--backend cuda`).
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Runtime threads (0: one per core). One drives a connection without cross-thread
+    /// wakeups, the fastest on loopback (see BENCHMARKS.md); more help a node with many peers.
+    /// `bench` gives each side its own runtime of this many threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,6 +136,16 @@ struct Load {
     /// Progress period in ms (default: 200 on a terminal, 1000 otherwise).
     #[arg(long)]
     progress_ms: Option<u64>,
+}
+
+impl Role {
+    fn common(&self) -> &Common {
+        match self {
+            Role::Ctx { common, .. } | Role::Gen { common, .. } | Role::Bench { common, .. } => {
+                common
+            }
+        }
+    }
 }
 
 impl Common {
@@ -214,10 +229,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let rt = runtime(cli.role.common().threads).context("starting the tokio runtime")?;
     rt.block_on(run(cli))
 }
 
@@ -296,6 +308,7 @@ async fn run(cli: Cli) -> Result<()> {
                 concurrency,
                 rounds: rounds.max(1),
                 verify,
+                threads: common.threads,
             };
             let rows = bench::run(&spec, &o).await.context("bench")?;
             print_bench(&spec, &o, &rows);

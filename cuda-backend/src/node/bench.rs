@@ -1,13 +1,19 @@
 //! Loopback benchmark: the node path (ctx + gen in this process, TCP on 127.0.0.1) against a
 //! plain TCP copy of the same bytes, measured in the same run, round after round.
+//!
+//! Both are set up alike: each side (ctx and gen; raw sender and raw receiver) runs on its own
+//! OS thread with its own runtime of `threads` threads, as two node processes would, and the
+//! raw copy reads and writes `DATA_CHUNK` at a time, the node's frame size.
 
 use super::spec::NodeSpec;
 use super::{cpu, ctx, gen, NodeError};
 use crate::host::DATA_CHUNK;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -16,6 +22,8 @@ pub struct BenchOptions {
     pub concurrency: usize,
     pub rounds: usize,
     pub verify: bool,
+    /// Runtime threads of each side (see `node::runtime`).
+    pub threads: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -48,26 +56,62 @@ pub struct RawCopy {
     pub cpu_s_per_gib: f64,
 }
 
-/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, measured from connect to
-/// the receiver's last byte.
-pub async fn raw_copy(bytes: u64) -> Result<RawCopy, NodeError> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(io("bind raw"))?;
-    let addr = listener.local_addr().map_err(io("raw addr"))?;
-    let receiver = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await?;
+/// Runs `side` on a new OS thread, on its own runtime of `threads` threads; its result comes
+/// back through the returned receiver (an error if it panicked).
+fn spawn_side<T, F>(
+    threads: usize,
+    side: impl FnOnce() -> F + Send + 'static,
+) -> oneshot::Receiver<Result<T, NodeError>>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, NodeError>>,
+{
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let result = match super::runtime(threads) {
+            Ok(rt) => rt.block_on(side()),
+            Err(e) => Err(io("bench side runtime")(e)),
+        };
+        let _ = tx.send(result);
+    });
+    rx
+}
+
+/// Waits for a side spawned by `spawn_side`.
+async fn joined<T>(
+    rx: oneshot::Receiver<Result<T, NodeError>>,
+    what: &str,
+) -> Result<T, NodeError> {
+    rx.await
+        .map_err(|_| io(what)(std::io::Error::other("the side's thread panicked")))?
+}
+
+/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, from this runtime to a
+/// receiver on its own thread; measured from connect to the receiver's last byte.
+pub async fn raw_copy(bytes: u64, threads: usize) -> Result<RawCopy, NodeError> {
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let receiver = spawn_side(threads, move || async move {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io("bind raw"))?;
+        let _ = addr_tx.send(listener.local_addr().map_err(io("raw addr"))?);
+        let (mut s, _) = listener.accept().await.map_err(io("raw accept"))?;
         let mut buf = vec![0u8; DATA_CHUNK];
         let mut got = 0u64;
         while got < bytes {
-            let n = s.read(&mut buf).await?;
+            let n = s.read(&mut buf).await.map_err(io("raw read"))?;
             if n == 0 {
-                return Err(std::io::Error::other("raw sender hung up early"));
+                return Err(io("raw read")(std::io::Error::other(
+                    "raw sender hung up early",
+                )));
             }
             got += n as u64;
         }
-        std::io::Result::Ok(Instant::now())
+        Ok(Instant::now())
     });
+    let addr = addr_rx
+        .await
+        .map_err(|_| io("raw receiver")(std::io::Error::other("no address")))?;
     let start = Instant::now();
     let cpu_start = cpu::process_cpu();
     let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
@@ -78,13 +122,7 @@ pub async fn raw_copy(bytes: u64) -> Result<RawCopy, NodeError> {
         s.write_all(&chunk[..n]).await.map_err(io("raw write"))?;
         sent += n as u64;
     }
-    let end = receiver
-        .await
-        .map_err(|e| NodeError::Io {
-            context: "raw receiver".into(),
-            source: std::io::Error::other(e),
-        })?
-        .map_err(io("raw read"))?;
+    let end = joined(receiver, "raw receiver").await?;
     let cpu = cpu::process_cpu() - cpu_start;
     Ok(RawCopy {
         mib_s: mib_s(bytes, end - start),
@@ -92,15 +130,28 @@ pub async fn raw_copy(bytes: u64) -> Result<RawCopy, NodeError> {
     })
 }
 
-/// One node round: a ctx node and a gen load against it, both in this process.
+/// One node round: a ctx node on its own thread and a gen load on this runtime.
 pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summary, NodeError> {
-    let listener = TcpListener::bind("127.0.0.1:0")
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let ctx_spec = spec.clone();
+    let ctx_side = spawn_side(o.threads, move || async move {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io("bind ctx"))?;
+        // Built before the load starts: the gen's clock starts after its own core is built,
+        // so the ctx's (its KV pool above all) is kept out of the measurement the same way.
+        let core = ctx::new_core(&ctx_spec);
+        let _ = addr_tx.send(listener.local_addr().map_err(io("ctx addr"))?);
+        tokio::select! {
+            r = ctx::run_with(listener, core) => r,
+            _ = stop_rx => Ok(()),
+        }
+        // The runtime goes with the thread: listener, connections and KV pool with it.
+    });
+    let peer: SocketAddr = addr_rx
         .await
-        .map_err(io("bind ctx"))?;
-    let peer: SocketAddr = listener.local_addr().map_err(io("ctx addr"))?;
-    // Built before the load starts: the gen's clock starts after its own core is built, so
-    // the ctx's (its KV pool above all) is kept out of the measurement the same way.
-    let ctx_task = tokio::spawn(ctx::run_with(listener, ctx::new_core(spec)));
+        .map_err(|_| io("ctx side")(std::io::Error::other("no address")))?;
     let load = gen::LoadOptions {
         peer,
         requests: o.requests,
@@ -112,10 +163,10 @@ pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summar
         progress: None,
     };
     let summary = gen::run(spec.clone(), load).await;
-    // Wait for the ctx to be gone (listener, connections, KV pool) so the next measurement
-    // does not share the CPU with its teardown, and no round leaks into the next.
-    ctx_task.abort();
-    let _ = ctx_task.await;
+    // Wait for the ctx to be gone so the next measurement does not share the CPU with its
+    // teardown, and no round leaks into the next.
+    let _ = stop_tx.send(());
+    joined(ctx_side, "ctx side").await?;
     summary
 }
 
@@ -123,7 +174,7 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
     let mut rounds = Vec::with_capacity(o.rounds);
     for _ in 0..o.rounds {
         let s = node_round(spec, o).await?;
-        let raw = raw_copy(s.bytes.max(1)).await?;
+        let raw = raw_copy(s.bytes.max(1), o.threads).await?;
         rounds.push(Round {
             node_mib_s: s.throughput_mib_s,
             raw_mib_s: raw.mib_s,

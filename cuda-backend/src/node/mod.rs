@@ -46,6 +46,19 @@ pub enum NodeError {
     },
 }
 
+/// A tokio runtime of `threads` threads: one is a current-thread runtime (a node's tasks then
+/// hand work to each other without waking another thread), 0 is one per core.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}
+
 /// A spawned task that lives no longer than its owner. Dropping a tokio `JoinHandle` detaches
 /// the task; dropping this aborts it, so a role that is aborted (the bench ends each round's
 /// ctx that way) takes its accept loop, connections and their writers with it instead of
