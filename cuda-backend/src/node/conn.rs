@@ -31,8 +31,8 @@ const READ_CHUNK: usize = 8 << 10;
 /// that partial frame is moved to the front only when the room behind it runs out, once per
 /// several reads, instead of on every read.
 const READ_BUFFER: usize = 128 << 10;
-/// How long a closing connection may take to flush its last Error frame.
-const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
+/// How long a closing connection may take to flush its last frames.
+pub const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
 /// What a connection hands its node's driver.
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use super::conn::{self, ConnCtx, Inbound};
 use super::core::{NodeCore, Occupancy};
 use super::cpu;
 use super::frame::{parse_token, Frame, NodeFrame};
-use super::link::{Link, Links};
+use super::link::{Link, Links, Outgoing};
 use super::spec::{NodeSpec, CTX_INSTANCE};
 use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
 use crate::host::HostAgent;
@@ -202,9 +202,11 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
             }
         }
     }
+    let (elapsed, cpu) = (started.elapsed(), cpu::process_cpu() - cpu_started);
+    node.hang_up(&mut inbox).await;
     drop(dialer);
     progress.finish(&node.s);
-    Ok(node.summarize(started.elapsed(), cpu::process_cpu() - cpu_started))
+    Ok(node.summarize(elapsed, cpu))
 }
 
 async fn dial_loop(
@@ -550,6 +552,28 @@ impl GenNode {
                 a.span.in_scope(|| tracing::warn!(%cause, "request failed"));
                 self.record_error(cause);
             }
+        }
+    }
+
+    /// Hangs up cleanly: whatever the connection still owes the ctx is written before it
+    /// closes (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
+    /// for them, and would fail on the disconnect instead).
+    async fn hang_up(&self, inbox: &mut mpsc::Receiver<Inbound>) {
+        let Some(link) = self.core.links.get(self.ctx) else {
+            return;
+        };
+        let closed = async {
+            if link.control.send(Outgoing::Close).await.is_err() {
+                return;
+            }
+            while let Some(ev) = inbox.recv().await {
+                if matches!(ev, Inbound::Down { .. } | Inbound::GaveUp { .. }) {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(conn::FLUSH_ON_CLOSE, closed).await.is_err() {
+            tracing::warn!(peer = %self.ctx, "connection did not close in time, dropping it");
         }
     }
 
