@@ -369,14 +369,16 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
         o.concurrency,
         o.verify
     );
-    println!("round  node MiB/s  raw MiB/s  ratio  p50 ms  p99 ms  failed  cpu s/GiB node  raw");
+    println!("round  node MiB/s  raw MiB/s  ratio  raw pool MiB/s  ratio  p50 ms  p99 ms  failed  cpu s/GiB node  raw");
     for (i, r) in rows.iter().enumerate() {
         println!(
-            "{:>5}  {:>10.1}  {:>9.1}  {:>5.2}  {:>6.2}  {:>6.2}  {:>6}  {:>14.2}  {:>4.2}",
+            "{:>5}  {:>10.1}  {:>9.1}  {:>5.2}  {:>14.1}  {:>5.2}  {:>6.2}  {:>6.2}  {:>6}  {:>14.2}  {:>4.2}",
             i + 1,
             r.node_mib_s,
             r.raw_mib_s,
             r.node_mib_s / r.raw_mib_s.max(1e-9),
+            r.raw_pool_mib_s,
+            r.node_mib_s / r.raw_pool_mib_s.max(1e-9),
             r.p50_ms,
             r.p99_ms,
             r.failed,
@@ -386,11 +388,14 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
     }
     let node = bench::median(rows.iter().map(|r| r.node_mib_s).collect());
     let raw = bench::median(rows.iter().map(|r| r.raw_mib_s).collect());
+    let raw_pool = bench::median(rows.iter().map(|r| r.raw_pool_mib_s).collect());
     println!(
-        "median node {:.1} MiB/s, raw {:.1} MiB/s, ratio {:.2}, p50 {:.2} ms, p99 {:.2} ms, cpu s/GiB node {:.2} raw {:.2}",
+        "median node {:.1} MiB/s, raw {:.1} MiB/s, ratio {:.2}, raw pool {:.1} MiB/s, ratio {:.2}, p50 {:.2} ms, p99 {:.2} ms, cpu s/GiB node {:.2} raw {:.2}",
         node,
         raw,
         node / raw.max(1e-9),
+        raw_pool,
+        node / raw_pool.max(1e-9),
         bench::median(rows.iter().map(|r| r.p50_ms).collect()),
         bench::median(rows.iter().map(|r| r.p99_ms).collect()),
         bench::median(rows.iter().map(|r| r.node_cpu_s_per_gib).collect()),

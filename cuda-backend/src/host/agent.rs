@@ -22,6 +22,7 @@ use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::plan::Fragment;
+use kvferry_core::wire::DataSeal;
 use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -456,11 +457,17 @@ impl ChunkSender<'_> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
+        // The CRC pass is done here, not by the connection's writer: on a runtime of several
+        // threads, sends checksum their next frames while the writer copies earlier ones.
+        let len: u64 = pieces.iter().map(|p| p.1).sum();
+        let len = usize::try_from(len).expect("a data chunk fits in memory");
+        let mut seal = DataSeal::new(self.request, self.rank, offset, len);
+        for &(at, n) in &pieces {
+            self.kv.for_each_piece(at, n, |s| seal.update(s));
+        }
         let (tx, rx) = oneshot::channel();
         let frame = DataOut {
-            request: self.request,
-            ctx_rank: self.rank,
-            offset,
+            head: seal.finish(),
             pieces,
             kv: self.kv.clone(),
             written: tx,

@@ -29,7 +29,11 @@ pub struct BenchOptions {
 #[derive(Clone, Debug)]
 pub struct Round {
     pub node_mib_s: f64,
+    /// The plain raw copy: one buffer per side, always in cache. The target is against this.
     pub raw_mib_s: f64,
+    /// A raw copy that cycles through KV-pool-sized buffers, touching as much memory as the
+    /// node: what is left between it and the node is the node's own cost.
+    pub raw_pool_mib_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub failed: u64,
@@ -86,20 +90,34 @@ async fn joined<T>(
         .map_err(|_| io(what)(std::io::Error::other("the side's thread panicked")))?
 }
 
+/// A buffer of `len` bytes whose pages are all mapped (so no page fault lands in a
+/// measurement).
+fn touched(len: usize) -> Vec<u8> {
+    let mut v = std::hint::black_box(vec![0u8; len]);
+    v.fill(0x5A);
+    v
+}
+
 /// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, from this runtime to a
-/// receiver on its own thread; measured from connect to the receiver's last byte.
-pub async fn raw_copy(bytes: u64, threads: usize) -> Result<RawCopy, NodeError> {
+/// receiver on its own thread; measured from connect to the receiver's last byte. Each side
+/// cycles through a buffer of `span` bytes: `DATA_CHUNK` is the plain copy (one buffer, always
+/// in cache); the KV pool's size touches as much memory as the node does.
+pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy, NodeError> {
+    let span = span.max(DATA_CHUNK);
     let (addr_tx, addr_rx) = oneshot::channel();
     let receiver = spawn_side(threads, move || async move {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind raw"))?;
+        let mut buf = touched(span);
         let _ = addr_tx.send(listener.local_addr().map_err(io("raw addr"))?);
         let (mut s, _) = listener.accept().await.map_err(io("raw accept"))?;
-        let mut buf = vec![0u8; DATA_CHUNK];
         let mut got = 0u64;
+        let mut at = 0;
         while got < bytes {
-            let n = s.read(&mut buf).await.map_err(io("raw read"))?;
+            let end = (at + DATA_CHUNK).min(span);
+            let n = s.read(&mut buf[at..end]).await.map_err(io("raw read"))?;
+            at = if at + n == span { 0 } else { at + n };
             if n == 0 {
                 return Err(io("raw read")(std::io::Error::other(
                     "raw sender hung up early",
@@ -112,15 +130,21 @@ pub async fn raw_copy(bytes: u64, threads: usize) -> Result<RawCopy, NodeError> 
     let addr = addr_rx
         .await
         .map_err(|_| io("raw receiver")(std::io::Error::other("no address")))?;
+    let source = touched(span);
     let start = Instant::now();
     let cpu_start = cpu::process_cpu();
     let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
-    let chunk = vec![0x5Au8; DATA_CHUNK];
     let mut sent = 0u64;
+    let mut at = 0;
     while sent < bytes {
-        let n = (bytes - sent).min(DATA_CHUNK as u64) as usize;
-        s.write_all(&chunk[..n]).await.map_err(io("raw write"))?;
+        let n = (bytes - sent)
+            .min(DATA_CHUNK as u64)
+            .min((span - at) as u64) as usize;
+        s.write_all(&source[at..at + n])
+            .await
+            .map_err(io("raw write"))?;
         sent += n as u64;
+        at = (at + n) % span;
     }
     let end = joined(receiver, "raw receiver").await?;
     let cpu = cpu::process_cpu() - cpu_start;
@@ -174,10 +198,13 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
     let mut rounds = Vec::with_capacity(o.rounds);
     for _ in 0..o.rounds {
         let s = node_round(spec, o).await?;
-        let raw = raw_copy(s.bytes.max(1), o.threads).await?;
+        let raw = raw_copy(s.bytes.max(1), o.threads, DATA_CHUNK).await?;
+        let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
+        let raw_pool = raw_copy(s.bytes.max(1), o.threads, pool_bytes).await?;
         rounds.push(Round {
             node_mib_s: s.throughput_mib_s,
             raw_mib_s: raw.mib_s,
+            raw_pool_mib_s: raw_pool.mib_s,
             node_cpu_s_per_gib: s.cpu_s_per_gib,
             raw_cpu_s_per_gib: raw.cpu_s_per_gib,
             p50_ms: s.p50_ms,

@@ -572,7 +572,10 @@ impl GenNode {
                 }
             }
         };
-        if tokio::time::timeout(conn::FLUSH_ON_CLOSE, closed).await.is_err() {
+        if tokio::time::timeout(conn::FLUSH_ON_CLOSE, closed)
+            .await
+            .is_err()
+        {
             tracing::warn!(peer = %self.ctx, "connection did not close in time, dropping it");
         }
     }

@@ -7,8 +7,8 @@
 use super::frame::Frame;
 use crate::host::HostKv;
 use kvferry_core::transport::{Transport, TransportError};
-use kvferry_core::wire::Message;
-use kvferry_core::{PeerId, RequestId};
+use kvferry_core::wire::{Message, DATA_HEAD_LEN};
+use kvferry_core::PeerId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -24,9 +24,8 @@ pub const DATA_QUEUE: usize = 32;
 /// A `Data` frame whose payload is written to the socket straight from KV memory.
 #[derive(Debug)]
 pub struct DataOut {
-    pub request: RequestId,
-    pub ctx_rank: u32,
-    pub offset: u64,
+    /// Header and fixed fields, CRC included (`wire::DataSeal` over the payload).
+    pub head: [u8; DATA_HEAD_LEN],
     /// Pool ranges (offset, length) of the payload, in order.
     pub pieces: Vec<(u64, u64)>,
     pub kv: Arc<HostKv>,

@@ -4,7 +4,6 @@
 use super::frame;
 use super::link::{DataOut, LinkQueues, Outgoing};
 use bytes::{Buf, BytesMut};
-use kvferry_core::wire::DataSeal;
 use std::io::{self, IoSlice};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -56,18 +55,11 @@ pub async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> io::Result
     }
 }
 
-/// Writes `out`, then data frame `d` from KV memory. The head's CRC is computed over the
-/// payload where it lies (a pass that also leaves it in cache for the kernel's copy); then
-/// control bytes, head and payload go to the socket in one vectored write, with the payload's
-/// blocks locked only while the kernel copies out of them, never across an await.
+/// Writes `out`, then data frame `d` from KV memory: control bytes, head and payload go to
+/// the socket in one vectored write, with the payload's blocks locked only while the kernel
+/// copies out of them, never across an await.
 async fn write_data(wr: &OwnedWriteHalf, out: &mut BytesMut, d: DataOut) -> io::Result<()> {
-    let len: u64 = d.pieces.iter().map(|p| p.1).sum();
-    let len = usize::try_from(len).expect("a data chunk fits in memory");
-    let mut seal = DataSeal::new(d.request, d.ctx_rank, d.offset, len);
-    for &(at, n) in &d.pieces {
-        d.kv.for_each_piece(at, n, |s| seal.update(s));
-    }
-    out.extend_from_slice(&seal.finish());
+    out.extend_from_slice(&d.head);
     let mut rest = d.pieces;
     let mut first = 0;
     while !out.is_empty() || first < rest.len() {
