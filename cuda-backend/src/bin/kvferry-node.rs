@@ -98,11 +98,12 @@ struct Common {
     /// CUDA device ordinal of the pool (with `--backend cuda`).
     #[arg(long, default_value_t = 0)]
     device: usize,
-    /// Runtime threads (0: one per core). One drives a connection without cross-thread
-    /// wakeups, the fastest on loopback (see BENCHMARKS.md); more help a node with many peers.
-    /// `bench` gives each side its own runtime of this many threads.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Runtime threads (0: one per core). Default: 1 on a machine of fewer than 4 cores, else
+    /// 2. One thread drives a connection without cross-thread wakeups; a second lets send
+    /// tasks checksum frames while the writer copies, which pays where cores are not scarce
+    /// (BENCHMARKS.md, host node). `bench` gives each side its own runtime of this size.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -149,6 +150,17 @@ impl Role {
 }
 
 impl Common {
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if cores < 4 {
+                1
+            } else {
+                2
+            }
+        })
+    }
+
     fn spec(&self) -> Result<NodeSpec> {
         let mut config = match &self.config {
             Some(p) => {
@@ -229,7 +241,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let rt = runtime(cli.role.common().threads).context("starting the tokio runtime")?;
+    let rt = runtime(cli.role.common().threads()).context("starting the tokio runtime")?;
     rt.block_on(run(cli))
 }
 
@@ -308,7 +320,7 @@ async fn run(cli: Cli) -> Result<()> {
                 concurrency,
                 rounds: rounds.max(1),
                 verify,
-                threads: common.threads,
+                threads: common.threads(),
             };
             let rows = bench::run(&spec, &o).await.context("bench")?;
             print_bench(&spec, &o, &rows);
