@@ -6,6 +6,8 @@ mod early;
 pub mod kv;
 pub mod landing;
 pub mod pattern;
+#[cfg(test)]
+mod send_tests;
 
 pub use agent::{DataError, HostAgent, DATA_CHUNK};
 pub use kv::HostKv;
