@@ -31,6 +31,8 @@ const READ_CHUNK: usize = 8 << 10;
 /// that partial frame is moved to the front only when the room behind it runs out, once per
 /// several reads, instead of on every read.
 const READ_BUFFER: usize = 128 << 10;
+/// How long the socket may take no byte before the connection is given up (see `writer`).
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
 /// How long a closing connection may take to flush its last frames.
 pub const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
@@ -83,7 +85,7 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     // Owned: if this future is dropped (its connection task aborted), the writer goes too.
-    let mut writer = OwnedTask(tokio::spawn(writer::write_loop(wr, queues)));
+    let mut writer = OwnedTask(tokio::spawn(writer::write_loop(wr, queues, WRITE_STALL)));
     let closed = tokio::select! {
         c = read_loop(rd, &ctx) => c,
         w = &mut writer.0 => match w {

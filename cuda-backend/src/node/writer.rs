@@ -1,10 +1,16 @@
 //! A connection's writer: drains the link's control queue (coalescing frames into one write)
 //! and its data queue, sending each data frame straight from KV memory.
+//!
+//! A peer that stops reading stalls the writer, and a send job waits for its frames to be
+//! written: so a socket that takes no byte for `stall` ends the connection (its frames are
+//! dropped, its sends fail, its transfers' fences pass) instead of wedging them for as long
+//! as TCP would keep a silent connection open.
 
 use super::frame;
 use super::link::{DataOut, LinkQueues, Outgoing};
 use bytes::{Buf, BytesMut};
 use std::io::{self, IoSlice};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 
@@ -16,7 +22,12 @@ enum Item {
     Data(DataOut),
 }
 
-pub async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> io::Result<()> {
+/// Runs until the link is gone (`Ok`), it is closed, or a write fails or stalls past `stall`.
+pub async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut q: LinkQueues,
+    stall: Duration,
+) -> io::Result<()> {
     let mut out = BytesMut::with_capacity(WRITE_BATCH);
     loop {
         let first = tokio::select! {
@@ -31,11 +42,11 @@ pub async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> io::Result
             match item {
                 Item::Control(Outgoing::Frame(f)) => frame::encode(&f, &mut out),
                 Item::Control(Outgoing::Close) => {
-                    wr.write_all(&out).await?;
+                    write_out(&wr, &mut out, stall).await?;
                     return wr.shutdown().await;
                 }
                 // Queued control frames go out with the frame's head, in front of it.
-                Item::Data(d) => write_data(&wr, &mut out, d).await?,
+                Item::Data(d) => write_data(&wr, &mut out, d, stall).await?,
             }
             if out.len() >= WRITE_BATCH {
                 break;
@@ -48,17 +59,43 @@ pub async fn write_loop(mut wr: OwnedWriteHalf, mut q: LinkQueues) -> io::Result
                 },
             };
         }
-        if !out.is_empty() {
-            wr.write_all(&out).await?;
-            out.clear();
+        write_out(&wr, &mut out, stall).await?;
+    }
+}
+
+/// Waits until the socket takes bytes again, for at most `stall`.
+async fn writable(wr: &OwnedWriteHalf, stall: Duration) -> io::Result<()> {
+    match tokio::time::timeout(stall, wr.writable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took no byte for {stall:?}"),
+        )),
+    }
+}
+
+/// Writes all of `out` (and empties it).
+async fn write_out(wr: &OwnedWriteHalf, out: &mut BytesMut, stall: Duration) -> io::Result<()> {
+    while !out.is_empty() {
+        match wr.try_write(out) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(wr, stall).await?,
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 /// Writes `out`, then data frame `d` from KV memory: control bytes, head and payload go to
 /// the socket in one vectored write, with the payload's blocks locked only while the kernel
 /// copies out of them, never across an await.
-async fn write_data(wr: &OwnedWriteHalf, out: &mut BytesMut, d: DataOut) -> io::Result<()> {
+async fn write_data(
+    wr: &OwnedWriteHalf,
+    out: &mut BytesMut,
+    d: DataOut,
+    stall: Duration,
+) -> io::Result<()> {
     out.extend_from_slice(&d.head);
     let mut rest = d.pieces;
     let mut first = 0;
@@ -84,7 +121,7 @@ async fn write_data(wr: &OwnedWriteHalf, out: &mut BytesMut, d: DataOut) -> io::
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wr.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(wr, stall).await?,
             Err(e) => return Err(e),
         }
     }
@@ -102,7 +139,6 @@ mod tests {
     use kvferry_core::wire::{DataSeal, Decoder, Message};
     use kvferry_core::RequestId;
     use std::sync::Arc;
-    use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpSocket};
     use tokio::sync::oneshot;
@@ -148,7 +184,7 @@ mod tests {
                 written: tx,
             })
             .unwrap();
-        let writer = tokio::spawn(write_loop(wr, queues));
+        let writer = tokio::spawn(write_loop(wr, queues, Duration::from_secs(10)));
 
         // Read slowly at first, so the writer meets a full send buffer.
         let mut got = Vec::new();
@@ -181,5 +217,45 @@ mod tests {
         assert_eq!((request, ctx_rank, offset), (RequestId(3), 1, 4096));
         assert_eq!(&landed[..], &payload[..]);
         assert!(wire.is_empty(), "nothing after the close");
+    }
+
+    /// A peer that accepts and never reads: the writer gives up after `stall` without
+    /// progress, and the frame it could not finish is dropped unwritten (its send fails).
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_ends_the_connection_after_the_stall() {
+        let kv = Arc::new(HostKv::new(64, 64 << 10));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(4096).unwrap();
+        let stream = sock.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (_silent, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = stream.into_split();
+        let (link, queues) = Link::new(listener.local_addr().unwrap());
+        // 4 MiB: more than loopback buffers hold.
+        let pieces = vec![(0, 4 << 20)];
+        let mut seal = DataSeal::new(RequestId(1), 0, 0, 4 << 20);
+        kv.for_each_piece(0, 4 << 20, |s| seal.update(s));
+        let (tx, written) = oneshot::channel();
+        link.data
+            .try_send(DataOut {
+                head: seal.finish(),
+                pieces,
+                kv,
+                written: tx,
+            })
+            .unwrap();
+        let stall = Duration::from_millis(200);
+        let t0 = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), write_loop(wr, queues, stall))
+            .await
+            .expect("the writer gives up");
+        let e = r.expect_err("a stalled peer is an error");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t0.elapsed() >= stall);
+        assert!(
+            written.await.is_err(),
+            "the unfinished frame is dropped unwritten"
+        );
+        drop(link);
     }
 }
