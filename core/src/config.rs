@@ -41,6 +41,9 @@ pub struct TransceiverConfig {
     pub staging_wait_ms: u64,
     /// Bound on transfers in flight on one rank; beyond it new requests fail at once.
     pub max_in_flight: usize,
+    /// How long a context rank holds a `RequestInfo` for a request not registered there yet;
+    /// past it the asking rank is told `UnknownRequest` instead of waiting on.
+    pub early_info_ttl_ms: u64,
 }
 
 impl Default for TransceiverConfig {
@@ -56,6 +59,7 @@ impl Default for TransceiverConfig {
             staging_fallback: false,
             staging_wait_ms: 1000,
             max_in_flight: 4096,
+            early_info_ttl_ms: 30_000,
         }
     }
 }
@@ -129,6 +133,12 @@ impl TransceiverConfig {
                 format!("exceeds {MAX_STAGING_SLOT_BYTES}"),
             ));
         }
+        if self.early_info_ttl_ms == 0 || self.early_info_ttl_ms > MAX_TIMEOUT_MS {
+            return Err(invalid(
+                "early_info_ttl_ms",
+                format!("must be in 1..={MAX_TIMEOUT_MS} ms"),
+            ));
+        }
         if self.staging_wait_ms > MAX_TIMEOUT_MS {
             return Err(invalid(
                 "staging_wait_ms",
@@ -184,6 +194,8 @@ mod tests {
         assert!(e.to_string().contains("kv_transfer_timeout_ms"), "{e}");
         let e = TransceiverConfig::from_toml_str("inflight_cancel = true").unwrap_err();
         assert!(e.to_string().contains("inflight_cancel"), "{e}");
+        let e = TransceiverConfig::from_toml_str("early_info_ttl_ms = 0").unwrap_err();
+        assert!(e.to_string().contains("early_info_ttl_ms"), "{e}");
         let e = TransceiverConfig::from_toml_str("stagin_slots = 3").unwrap_err();
         assert!(e.to_string().contains("stagin_slots"), "{e}");
     }

@@ -218,8 +218,11 @@ pub struct Transceiver {
     /// Evicted jobs until their fence: the status keeps the agent alive under the still-running
     /// writer (I3), the pins keep its blocks from reuse (I5).
     abandoned: HashMap<TransferId, (TransferStatus, Vec<BlockRef>)>,
-    early: BTreeMap<RequestId, Vec<(PeerId, RequestInfo)>>,
+    /// RequestInfos waiting for their context request to register, with when the first came.
+    early: BTreeMap<RequestId, (Duration, Vec<(PeerId, RequestInfo)>)>,
     early_count: usize,
+    /// (first arrival, request) of every entry of `early`: expired past `early_info_ttl_ms`.
+    early_by_age: BTreeSet<(Duration, RequestId)>,
     /// Requests a peer aborted before they registered here: they fail on registration.
     early_aborted: BTreeSet<RequestId>,
     /// Context requests that ended here (oldest first) and their tokens: see `MAX_TOMBSTONES`.
@@ -297,6 +300,7 @@ impl Transceiver {
             abandoned: HashMap::new(),
             early: BTreeMap::new(),
             early_count: 0,
+            early_by_age: BTreeSet::new(),
             early_aborted: BTreeSet::new(),
             tombstones: VecDeque::new(),
             ended: HashMap::new(),
@@ -430,11 +434,8 @@ impl Transceiver {
             .map_err(|_| TransceiverError::Terminal(req.id))?;
         let id = req.id;
         self.register(now, req, Side::Context);
-        if let Some(infos) = self.early.remove(&id) {
-            self.early_count -= infos.len();
-            for (from, info) in infos {
-                self.on_request_info(now, from, info);
-            }
+        for (from, info) in self.take_early(id) {
+            self.on_request_info(now, from, info);
         }
         if self.early_aborted.remove(&id) {
             self.fail_entry(now, id);
@@ -560,6 +561,36 @@ impl Transceiver {
         }
     }
 
+    /// Removes the early infos of `id`, if any.
+    fn take_early(&mut self, id: RequestId) -> Vec<(PeerId, RequestInfo)> {
+        let Some((since, infos)) = self.early.remove(&id) else {
+            return Vec::new();
+        };
+        self.early_by_age.remove(&(since, id));
+        self.early_count -= infos.len();
+        infos
+    }
+
+    /// Answers early infos whose request has not registered within `early_info_ttl_ms`: the
+    /// asking ranks fail now instead of waiting for a request this rank may never see.
+    fn expire_early(&mut self, now: Duration) {
+        let ttl = Duration::from_millis(self.config.early_info_ttl_ms);
+        while let Some(&(since, id)) = self.early_by_age.first() {
+            if since + ttl > now {
+                break;
+            }
+            for (from, _) in self.take_early(id) {
+                self.reject(
+                    from,
+                    id,
+                    ErrorCode::UnknownRequest,
+                    "not registered here within early_info_ttl_ms",
+                );
+            }
+        }
+        debug_assert_eq!(self.early.len(), self.early_by_age.len());
+    }
+
     fn reject(&mut self, from: PeerId, request: RequestId, code: ErrorCode, detail: &str) {
         tracing::warn!(request = %request, peer = %from, ?code, detail, "refusing request info");
         self.counters.rejected += 1;
@@ -598,7 +629,9 @@ impl Transceiver {
                 return;
             }
             self.early_count += 1;
-            self.early.entry(id).or_default().push((from, info));
+            let (since, infos) = self.early.entry(id).or_insert((now, Vec::new()));
+            self.early_by_age.insert((*since, id));
+            infos.push((from, info));
             return;
         };
         if entry.side != Side::Context {
@@ -688,9 +721,7 @@ impl Transceiver {
         }
         let Some(e) = self.entries.get(&id) else {
             // An abort for a request not registered yet: it fails when it registers.
-            if let Some(v) = self.early.remove(&id) {
-                self.early_count -= v.len();
-            }
+            self.take_early(id);
             if self.early_aborted.len() < MAX_EARLY_INFOS {
                 self.early_aborted.insert(id);
             }
@@ -878,6 +909,7 @@ impl Transceiver {
             self.drain_completions(now);
             self.check_timeouts(now);
         }
+        self.expire_early(now);
         self.serve_slot_waiters(now);
     }
 

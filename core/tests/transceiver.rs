@@ -425,6 +425,84 @@ fn late_request_info_with_a_wrong_token_learns_nothing_more() {
     )));
 }
 
+/// Registers request `id` on the generation side only: its RequestInfo reaches a context rank
+/// where the request is not (yet) registered.
+fn ask_unregistered(c: &mut Cluster, id: u64, n: usize) -> RequestId {
+    let rid = RequestId(id);
+    let blocks = c.gen[0].pool.lock().unwrap().allocate(rid, n).unwrap();
+    let source = ContextSource {
+        instance: CTX,
+        layout: c.ctx[0].tx.layout().with_rank(0),
+        blocks: (0..n as u32).collect(),
+    };
+    let req = Arc::new(Request::new_generation(
+        rid,
+        TransferToken(5),
+        blocks,
+        source,
+    ));
+    c.gen[0].tx.request_and_receive(c.now, req).unwrap();
+    c.pump();
+    rid
+}
+
+fn early_ttl_config(ms: u64) -> TransceiverConfig {
+    TransceiverConfig {
+        early_info_ttl_ms: ms,
+        ..TransceiverConfig::default()
+    }
+}
+
+#[test]
+fn request_info_for_a_request_never_registered_is_refused_after_the_ttl() {
+    let mut c = Cluster::new(1, 1, early_ttl_config(200));
+    ask_unregistered(&mut c, 1, 2);
+    let job = c.gen[0].agent.pending()[0].clone();
+    c.now = Duration::from_millis(199);
+    c.ctx[0].tx.poll(c.now);
+    c.pump();
+    assert!(
+        !c.gen[0].agent.cancel_requested(job.id),
+        "held within the ttl"
+    );
+    c.now = Duration::from_millis(200);
+    c.ctx[0].tx.poll(c.now);
+    assert!(c.ctx[0].tx.drain_events().any(|e| matches!(
+        e,
+        TxEvent::Rejected {
+            code: ErrorCode::UnknownRequest,
+            ..
+        }
+    )));
+    c.pump();
+    assert!(
+        c.gen[0].agent.cancel_requested(job.id),
+        "the asking rank is told, and stops its receive"
+    );
+    c.gen[0].agent.complete(job.id, Err(AgentError::Cancelled));
+    assert_eq!(states(&c.step(GEN)), vec![RequestState::TransferError]);
+    c.assert_pools_full();
+}
+
+#[test]
+fn request_info_held_early_is_served_when_the_request_registers_within_the_ttl() {
+    let mut c = Cluster::new(1, 1, early_ttl_config(200));
+    let rid = ask_unregistered(&mut c, 1, 2);
+    c.now = Duration::from_millis(150);
+    c.ctx[0].tx.poll(c.now);
+    let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, 2).unwrap();
+    let req = Arc::new(Request::new_context(rid, TransferToken(5), blocks));
+    c.ctx[0].tx.respond_and_send(c.now, req).unwrap();
+    c.now = Duration::from_millis(1000);
+    c.ctx[0].tx.poll(c.now);
+    let fin = c.run_until_quiet();
+    assert_eq!(
+        states(&fin),
+        vec![RequestState::ContextComplete, RequestState::GenComplete]
+    );
+    c.assert_pools_full();
+}
+
 #[test]
 fn request_ends_only_when_every_rank_has_finished() {
     let mut c = Cluster::new(2, 1, TransceiverConfig::default());
