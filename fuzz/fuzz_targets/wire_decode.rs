@@ -5,7 +5,10 @@
 //! 2. the same bytes with each frame's checksum recomputed, so mutations reach the body parsers
 //!    instead of dying at the CRC (libFuzzer cannot solve a CRC32C);
 //! 3. the bytes read as a structured `Message` (via `arbitrary`): encode then decode must give
-//!    the message back.
+//!    the message back;
+//! 4. the stream taken the host data plane's way (each `Data` frame head first, its payload fed
+//!    in pieces, the CRC checked at the end): the same frames, and an error where `decode`
+//!    has one.
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -114,8 +117,51 @@ fn fix_crcs(data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Decodes as the node's reader does: a `Data` frame's head first (`decode_data_head`), its
+/// payload in pieces of `piece` bytes, then `verify`; anything else with `decode`. Returns
+/// the frames and whether it stopped on an error.
+fn decode_by_heads(d: &Decoder, data: &[u8], piece: usize) -> (Vec<Message>, bool) {
+    let mut buf = BytesMut::from(data);
+    let mut out = Vec::new();
+    loop {
+        match d.decode_data_head(&mut buf) {
+            Err(_) => return (out, true),
+            Ok(Some(mut head)) => {
+                if buf.len() < head.payload_len {
+                    return (out, false);
+                }
+                let payload = buf.split_to(head.payload_len);
+                for p in payload.chunks(piece) {
+                    head.update(p);
+                }
+                let (request, ctx_rank, offset) = (head.request, head.ctx_rank, head.offset);
+                if head.verify().is_err() {
+                    return (out, true);
+                }
+                out.push(Message::Data {
+                    request,
+                    ctx_rank,
+                    offset,
+                    payload: payload.freeze(),
+                });
+            }
+            Ok(None) => match d.decode(&mut buf) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => return (out, false),
+                Err(_) => return (out, true),
+            },
+        }
+    }
+}
+
 fn check_stream(d: &Decoder, data: &[u8]) {
     let whole = decode_bounded(d, data);
+    let piece = 1 + data.last().map_or(0, |b| usize::from(*b));
+    assert_eq!(
+        decode_by_heads(d, data, piece),
+        (whole.0.clone(), whole.1.is_some()),
+        "head-first decode differs"
+    );
     let chunk = 1 + data.first().map_or(0, |b| usize::from(b % 7));
     assert_eq!(
         whole,
