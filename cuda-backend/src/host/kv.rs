@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 /// A zeroed block whose pages are mapped now. `vec![0; n]` may return untouched zero pages
 /// (calloc), and the first transfer into each block would then pay a page fault per 4 KiB on
 /// the data path; a KV pool is faulted in once, at startup, like pinned device staging.
-fn prefaulted(n: usize) -> Vec<u8> {
+pub(crate) fn prefaulted(n: usize) -> Vec<u8> {
     // Opaque to the optimizer, so the zero fill of "already zero" memory is not elided.
     let mut v = std::hint::black_box(vec![0u8; n]);
     v.fill(0);

@@ -190,6 +190,7 @@ mod tests {
     use super::*;
     use crate::host::HostKv;
     use crate::node::link::{Link, Links};
+    use crate::node::spec;
     use bytes::BytesMut;
     use kvferry_core::agent::{
         Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -207,18 +208,7 @@ mod tests {
     };
 
     fn layout() -> CacheLayout {
-        CacheLayout {
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 32,
-            tokens_per_block: 4,
-            dtype_bytes: 2,
-            tp_size: 1,
-            tp_rank: 0,
-            pp_size: 1,
-            pp_rank: 0,
-            mla: false,
-        }
+        spec::layout(2, 1, 32, 4, 2)
     }
 
     struct Rig {

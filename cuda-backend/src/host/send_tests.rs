@@ -4,6 +4,7 @@
 
 use super::{HostAgent, HostKv};
 use crate::node::link::{DataOut, Link, LinkQueues, Links};
+use crate::node::spec;
 use bytes::BytesMut;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -23,18 +24,7 @@ const TO: PeerId = PeerId {
 
 /// 256 KiB blocks: one block is one `DATA_CHUNK` frame.
 fn layout() -> CacheLayout {
-    CacheLayout {
-        num_layers: 4,
-        num_kv_heads: 2,
-        head_dim: 128,
-        tokens_per_block: 64,
-        dtype_bytes: 2,
-        tp_size: 1,
-        tp_rank: 0,
-        pp_size: 1,
-        pp_rank: 0,
-        mla: false,
-    }
+    spec::layout(4, 2, 128, 64, 2)
 }
 
 struct Rig {

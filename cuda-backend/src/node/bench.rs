@@ -7,6 +7,7 @@
 
 use super::spec::NodeSpec;
 use super::{cpu, ctx, gen, NodeError};
+use crate::host::kv::prefaulted;
 use crate::host::DATA_CHUNK;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,14 +91,6 @@ async fn joined<T>(
         .map_err(|_| io(what)(std::io::Error::other("the side's thread panicked")))?
 }
 
-/// A buffer of `len` bytes whose pages are all mapped (so no page fault lands in a
-/// measurement).
-fn touched(len: usize) -> Vec<u8> {
-    let mut v = std::hint::black_box(vec![0u8; len]);
-    v.fill(0x5A);
-    v
-}
-
 /// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, from this runtime to a
 /// receiver on its own thread; measured from connect to the receiver's last byte. Each side
 /// cycles through a buffer of `span` bytes: `DATA_CHUNK` is the plain copy (one buffer, always
@@ -109,7 +102,7 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind raw"))?;
-        let mut buf = touched(span);
+        let mut buf = prefaulted(span);
         let _ = addr_tx.send(listener.local_addr().map_err(io("raw addr"))?);
         let (mut s, _) = listener.accept().await.map_err(io("raw accept"))?;
         let mut got = 0u64;
@@ -130,7 +123,7 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
     let addr = addr_rx
         .await
         .map_err(|_| io("raw receiver")(std::io::Error::other("no address")))?;
-    let source = touched(span);
+    let source = prefaulted(span);
     let start = Instant::now();
     let cpu_start = cpu::process_cpu();
     let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
