@@ -373,13 +373,16 @@ fn print_summary(s: &gen::Summary) -> Result<()> {
 }
 
 fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
+    println!("machine {}", bench::machine());
     println!(
-        "block {} KiB, {} requests x {} blocks, concurrency {}, verify {}",
+        "block {} KiB, {} requests x {} blocks, concurrency {}, verify {}, pool {} blocks, {} runtime thread(s) a side",
         spec.layout.block_bytes() >> 10,
         o.requests,
         o.blocks_per_request,
         o.concurrency,
-        o.verify
+        o.verify,
+        spec.pool_blocks,
+        o.threads
     );
     println!("round  node MiB/s  raw MiB/s  ratio  raw pool MiB/s  ratio  p50 ms  p99 ms  failed  cpu s/GiB node  raw");
     for (i, r) in rows.iter().enumerate() {
