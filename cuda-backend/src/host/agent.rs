@@ -394,6 +394,30 @@ impl HostAgent {
     }
 }
 
+/// The fragments' source ranges, in order, cut into frames of `chunk` bytes (the last one
+/// shorter): each frame's (pool offset, length) pieces.
+fn frames(frags: &[Fragment], chunk: u64) -> Vec<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut frame = Vec::new();
+    let mut len = 0;
+    for f in frags {
+        let mut pos = 0;
+        while pos < f.len {
+            let take = (f.len - pos).min(chunk - len);
+            frame.push((f.src_offset + pos, take));
+            (pos, len) = (pos + take, len + take);
+            if len == chunk {
+                out.push(std::mem::take(&mut frame));
+                len = 0;
+            }
+        }
+    }
+    if len > 0 {
+        out.push(frame);
+    }
+    out
+}
+
 struct ChunkSender<'a> {
     kv: &'a Arc<HostKv>,
     link: &'a Link,
@@ -408,36 +432,18 @@ impl ChunkSender<'_> {
     /// the kernel: the writer sends them in order, so then every byte is out of the blocks.
     async fn run(&self, frags: &[Fragment]) -> Result<u64, AgentError> {
         let mut sent = 0u64;
-        let mut chunk: Vec<(u64, u64)> = Vec::new();
-        let mut chunk_len = 0u64;
         let mut last = None;
         let mut result = Ok(());
-        'frags: for f in frags {
-            let mut pos = 0;
-            while pos < f.len {
-                let take = (f.len - pos).min(DATA_CHUNK as u64 - chunk_len);
-                chunk.push((f.src_offset + pos, take));
-                chunk_len += take;
-                pos += take;
-                if chunk_len == DATA_CHUNK as u64 {
-                    match self.queue(std::mem::take(&mut chunk), sent).await {
-                        Ok(written) => last = Some(written),
-                        Err(e) => {
-                            result = Err(e);
-                            break 'frags;
-                        }
-                    }
-                    sent += chunk_len;
-                    chunk_len = 0;
+        for pieces in frames(frags, DATA_CHUNK as u64) {
+            let len: u64 = pieces.iter().map(|p| p.1).sum();
+            match self.queue(pieces, sent).await {
+                Ok(written) => last = Some(written),
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             }
-        }
-        if result.is_ok() && chunk_len > 0 {
-            match self.queue(chunk, sent).await {
-                Ok(written) => last = Some(written),
-                Err(e) => result = Err(e),
-            }
-            sent += chunk_len;
+            sent += len;
         }
         // Even a failed or cancelled send waits: its queued frames still read its blocks.
         if let Some(written) = last {
@@ -499,5 +505,33 @@ impl TransferAgent for HostAgent {
         if let Some(job) = key.and_then(|k| recv.remove(&k)) {
             self.finish(&job.done, job.id, Err(AgentError::Cancelled));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frag(src_offset: u64, len: u64) -> Fragment {
+        Fragment {
+            src_rank: 0,
+            src_offset,
+            dst_offset: 0,
+            len,
+        }
+    }
+
+    #[test]
+    fn fragments_are_cut_into_frames_in_order() {
+        let frags = [frag(100, 7), frag(0, 0), frag(50, 3), frag(200, 12)];
+        assert_eq!(
+            frames(&frags, 8),
+            vec![
+                vec![(100, 7), (50, 1)],
+                vec![(51, 2), (200, 6)],
+                vec![(206, 6)],
+            ]
+        );
+        assert!(frames(&[], 8).is_empty());
     }
 }
