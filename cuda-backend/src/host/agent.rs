@@ -276,7 +276,7 @@ impl HostAgent {
     }
 
     /// The connection to `peer` is gone: its receive jobs fail now (send jobs fail when their
-    /// next chunk finds the link closed).
+    /// next frame finds the link closed, or their queued frames are dropped unwritten).
     pub fn peer_lost(&self, peer: PeerId) {
         let mut recv = self.recv_jobs();
         let lost: Vec<_> = recv
@@ -436,7 +436,7 @@ impl ChunkSender<'_> {
         let mut result = Ok(());
         for pieces in frames(frags, DATA_CHUNK as u64) {
             let len: u64 = pieces.iter().map(|p| p.1).sum();
-            match self.queue(pieces, sent).await {
+            match self.queue(pieces, len, sent).await {
                 Ok(written) => last = Some(written),
                 Err(e) => {
                     result = Err(e);
@@ -454,10 +454,12 @@ impl ChunkSender<'_> {
         result.map(|()| sent)
     }
 
-    /// Queues one frame of `pieces` at `offset`; returns what fires once it is written.
+    /// Queues one frame of `pieces` (`len` bytes in all) at `offset`; returns what fires once
+    /// it is written.
     async fn queue(
         &self,
         pieces: Vec<(u64, u64)>,
+        len: u64,
         offset: u64,
     ) -> Result<oneshot::Receiver<()>, AgentError> {
         if self.cancel.load(Ordering::Relaxed) {
@@ -465,7 +467,6 @@ impl ChunkSender<'_> {
         }
         // The CRC pass is done here, not by the connection's writer: on a runtime of several
         // threads, sends checksum their next frames while the writer copies earlier ones.
-        let len: u64 = pieces.iter().map(|p| p.1).sum();
         let len = usize::try_from(len).expect("a data chunk fits in memory");
         let mut seal = DataSeal::new(self.request, self.rank, offset, len);
         for &(at, n) in &pieces {

@@ -110,13 +110,13 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
         while got < bytes {
             let end = (at + DATA_CHUNK).min(span);
             let n = s.read(&mut buf[at..end]).await.map_err(io("raw read"))?;
-            at = if at + n == span { 0 } else { at + n };
             if n == 0 {
                 return Err(io("raw read")(std::io::Error::other(
                     "raw sender hung up early",
                 )));
             }
             got += n as u64;
+            at = (at + n) % span;
         }
         Ok(Instant::now())
     });
@@ -140,10 +140,10 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
         at = (at + n) % span;
     }
     let end = joined(receiver, "raw receiver").await?;
-    let cpu = cpu::process_cpu() - cpu_start;
+    let cpu_time = cpu::process_cpu() - cpu_start;
     Ok(RawCopy {
         mib_s: mib_s(bytes, end - start),
-        cpu_s_per_gib: cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64),
+        cpu_s_per_gib: cpu::s_per_gib(cpu_time, bytes),
     })
 }
 

@@ -202,11 +202,11 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
             }
         }
     }
-    let (elapsed, cpu) = (started.elapsed(), cpu::process_cpu() - cpu_started);
+    let (elapsed, cpu_time) = (started.elapsed(), cpu::process_cpu() - cpu_started);
     node.hang_up(&mut inbox).await;
     drop(dialer);
     progress.finish(&node.s);
-    Ok(node.summarize(elapsed, cpu))
+    Ok(node.summarize(elapsed, cpu_time))
 }
 
 async fn dial_loop(
@@ -580,7 +580,7 @@ impl GenNode {
         }
     }
 
-    fn summarize(mut self, elapsed: Duration, cpu: Duration) -> Summary {
+    fn summarize(mut self, elapsed: Duration, cpu_time: Duration) -> Summary {
         let Occupancy {
             staging_slots,
             staging_free,
@@ -601,8 +601,7 @@ impl GenNode {
         Summary {
             seconds: secs,
             throughput_mib_s: self.s.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
-            cpu_s_per_gib: cpu.as_secs_f64()
-                / (self.s.bytes as f64 / (1u64 << 30) as f64).max(1e-9),
+            cpu_s_per_gib: cpu::s_per_gib(cpu_time, self.s.bytes),
             p50_ms: pct(0.50),
             p99_ms: pct(0.99),
             staging_slots,
