@@ -12,6 +12,15 @@ use bytes::{Buf, BufMut, BytesMut};
 /// Header plus fixed fields: what a receiver needs before it can place a payload.
 pub const DATA_HEAD_LEN: usize = HEADER_LEN + DATA_PREFIX_LEN;
 
+/// The frame CRC's running state over a `Data` head (`DATA_HEAD_LEN` bytes): the header's
+/// first 12 bytes and the fixed fields, as `frame_crc` covers them; the payload follows.
+fn head_crc(head: &[u8]) -> Crc32c {
+    let mut crc = Crc32c::new();
+    crc.update(&head[..12]);
+    crc.update(&head[HEADER_LEN..DATA_HEAD_LEN]);
+    crc
+}
+
 /// The head of a `Data` frame whose payload is sent from elsewhere: a sender that writes the
 /// payload to the socket straight from scattered memory feeds it through [`DataSeal::update`]
 /// first (the CRC goes in the header, in front of the payload), then sends the head that
@@ -39,11 +48,8 @@ impl DataSeal {
         out[8..12].copy_from_slice(&body.to_be_bytes());
         let mut head = [0; DATA_HEAD_LEN];
         head.copy_from_slice(&out);
-        let mut crc = Crc32c::new();
-        crc.update(&head[..12]);
-        crc.update(&head[HEADER_LEN..]);
         DataSeal {
-            crc,
+            crc: head_crc(&head),
             head,
             left: payload_len,
         }
@@ -153,12 +159,7 @@ impl Decoder {
             offset,
             payload_len: len - DATA_PREFIX_LEN,
             expected: u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]),
-            crc: {
-                let mut c = Crc32c::new();
-                c.update(&buf[..12]);
-                c.update(&buf[HEADER_LEN..DATA_HEAD_LEN]);
-                c
-            },
+            crc: head_crc(&buf[..DATA_HEAD_LEN]),
             seen: 0,
         };
         buf.advance(DATA_HEAD_LEN);
