@@ -591,6 +591,20 @@ impl Transceiver {
         debug_assert_eq!(self.early.len(), self.early_by_age.len());
     }
 
+    /// Refuses the RequestInfo of a peer that presented the request's token, and fails the
+    /// request: see `on_request_info`.
+    fn refuse_and_fail(
+        &mut self,
+        now: Duration,
+        from: PeerId,
+        id: RequestId,
+        code: ErrorCode,
+        detail: &str,
+    ) {
+        self.reject(from, id, code, detail);
+        self.fail_entry(now, id);
+    }
+
     fn reject(&mut self, from: PeerId, request: RequestId, code: ErrorCode, detail: &str) {
         tracing::warn!(request = %request, peer = %from, ?code, detail, "refusing request info");
         self.counters.rejected += 1;
@@ -642,9 +656,13 @@ impl Transceiver {
             self.reject(from, id, ErrorCode::BadToken, "transfer token mismatch");
             return;
         }
+        // Past the token check the asker is the request's own generation rank: if its info
+        // cannot be served, that rank never gets its bytes, so the request fails here too
+        // (it would otherwise wait for a leg that never comes; the asker, told why, fails).
         let own: Vec<u32> = entry.req.blocks.iter().map(|b| b.id).collect();
         if info.ctx_blocks != own || info.gen_blocks.len() != own.len() {
-            self.reject(
+            self.refuse_and_fail(
+                now,
                 from,
                 id,
                 ErrorCode::ForeignBlocks,
@@ -654,7 +672,13 @@ impl Transceiver {
         }
         let gen_rank = info.gen_layout.rank();
         if info.gen_layout.tp_rank >= info.gen_layout.tp_size.max(1) {
-            self.reject(from, id, ErrorCode::Layout, "invalid generation layout");
+            self.refuse_and_fail(
+                now,
+                from,
+                id,
+                ErrorCode::Layout,
+                "invalid generation layout",
+            );
             return;
         }
         if entry.legs.contains_key(&gen_rank) {
@@ -677,7 +701,7 @@ impl Transceiver {
         let plan = match TransferPlan::new(&self.layout, &info.gen_layout, &pairs) {
             Ok(p) => Arc::new(p),
             Err(e) => {
-                self.reject(from, id, ErrorCode::Layout, &e.to_string());
+                self.refuse_and_fail(now, from, id, ErrorCode::Layout, &e.to_string());
                 return;
             }
         };

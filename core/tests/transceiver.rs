@@ -266,6 +266,50 @@ fn foreign_blocks_are_rejected() {
     ));
 }
 
+/// A RequestInfo with the right token that the context side must refuse (here for its
+/// blocks) means that generation rank never gets its bytes: the context request fails too,
+/// instead of waiting forever for a leg that never comes (found by `transceiver_ops`, where
+/// one of two context ranks refused and was never told anything more). A peer without the
+/// token cannot end the request.
+#[test]
+fn refused_request_info_with_the_token_fails_the_request_on_both_sides() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let rid = RequestId(4);
+    let now = c.now;
+    let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, 2).unwrap();
+    let ctx_ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
+    let req = Arc::new(Request::new_context(rid, TransferToken(5), blocks));
+    c.ctx[0].tx.respond_and_send(now, req).unwrap();
+
+    let stranger = PeerId {
+        instance: 9,
+        rank: 0,
+    };
+    c.ctx[0]
+        .tx
+        .handle_message(now, stranger, Message::Cancel { request: rid });
+    assert!(
+        c.step(CTX).is_empty(),
+        "a peer without the token ends nothing"
+    );
+
+    let gen_blocks = c.gen[0].pool.lock().unwrap().allocate(rid, 2).unwrap();
+    let source = ContextSource {
+        instance: CTX,
+        layout: c.ctx[0].tx.layout().with_rank(0),
+        blocks: ctx_ids.iter().map(|b| b + 1).collect(),
+    };
+    let req = Request::new_generation(rid, TransferToken(5), gen_blocks, source);
+    c.gen[0].tx.request_and_receive(now, Arc::new(req)).unwrap();
+    let fin = c.run_until_quiet();
+    assert_eq!(
+        states(&fin),
+        vec![RequestState::TransferError, RequestState::TransferError],
+        "both sides end"
+    );
+    c.assert_pools_full();
+}
+
 /// Opt-in in-flight cancel with a 100 ms budget: a transfer past it is evicted.
 fn evicting_config() -> TransceiverConfig {
     TransceiverConfig {
