@@ -69,7 +69,8 @@ impl Harness {
             agent: agent.clone(),
             transport: net.transport(me),
             blocks: pool.clone(),
-        });
+        })
+        .expect("bench layout and config are valid");
         let mut h = Harness {
             tx,
             agent,

@@ -29,10 +29,15 @@ pub enum Bug {
     SkipIdleCollective,
     /// Serve blocks without checking the transfer token (I9).
     SkipTokenCheck,
+    /// End a request on any peer's abort, token or not (I9).
+    AcceptAnyAbort,
+    /// A generation rank asks the context rank for bytes before its receive is posted, so
+    /// the send can start first and be refused (I10).
+    AskBeforePosted,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 11] = [
         Bug::ReleaseEarly,
         Bug::LeakSlotOnError,
         Bug::DropAgentEarly,
@@ -42,6 +47,8 @@ impl Bug {
         Bug::ReusePoisonedSlot,
         Bug::SkipIdleCollective,
         Bug::SkipTokenCheck,
+        Bug::AcceptAnyAbort,
+        Bug::AskBeforePosted,
     ];
 
     /// The CLI name (`kvferry sim --inject-bug NAME`).
@@ -56,6 +63,8 @@ impl Bug {
             Bug::ReusePoisonedSlot => "reuse-poisoned-slot",
             Bug::SkipIdleCollective => "skip-idle-collective",
             Bug::SkipTokenCheck => "skip-token-check",
+            Bug::AcceptAnyAbort => "accept-any-abort",
+            Bug::AskBeforePosted => "ask-before-posted",
         }
     }
 
@@ -69,7 +78,8 @@ impl Bug {
             Bug::FreeBlocksDuringTransfer => "I5",
             Bug::ReusePoisonedSlot => "I6",
             Bug::SkipIdleCollective => "I7",
-            Bug::SkipTokenCheck => "I9",
+            Bug::SkipTokenCheck | Bug::AcceptAnyAbort => "I9",
+            Bug::AskBeforePosted => "I10",
         }
     }
 }
@@ -81,7 +91,7 @@ impl fmt::Display for Bug {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check")]
+#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted")]
 pub struct UnknownBug(pub String);
 
 impl FromStr for Bug {

@@ -10,6 +10,10 @@ pub const MAX_STAGING_SLOTS: usize = crate::staging::MAX_SLOTS;
 pub const MAX_STAGING_SLOT_BYTES: u64 = 1 << 34;
 pub const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_IN_FLIGHT: usize = 1 << 20;
+/// A staging slot of more tokens than this is a typo (a million-token context is 2^20).
+pub const MAX_TOKENS_IN_BUFFER: u64 = 1 << 24;
+/// The default `kv_transfer_sender_future_timeout_ms`: see that field.
+pub const DEFAULT_SENDER_FUTURE_TIMEOUT_MS: u64 = 60_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,7 +32,14 @@ pub struct TransceiverConfig {
     pub max_tokens_in_buffer: u64,
     /// Warn once per request per enqueue when a transfer is still pending past this. Unset: never.
     pub kv_transfer_timeout_ms: Option<u64>,
-    /// Budget for a sender's whole job (respond to all gen ranks) before it fails. Unset: none.
+    /// Budget for a sender's whole job (serve every generation rank) before it fails and its
+    /// blocks go back. Default 60 s ([`DEFAULT_SENDER_FUTURE_TIMEOUT_MS`]): a context request
+    /// holds KV blocks that only its generation side can release, so a generation side that
+    /// asks for nothing (crashed, hung, hostile) must not keep them for ever. 60 s is long
+    /// enough for a decode instance's admission queue under load and short enough that a
+    /// silent peer's blocks come back within a minute. (The reference system ships a 1 s
+    /// default for a related knob that only bounds one idle wait; here the budget is the
+    /// whole send.) `None` disables it: then only a lost connection or a cancel frees them.
     pub kv_transfer_sender_future_timeout_ms: Option<u64>,
     /// Opt-in: evict transfers past their deadline (poison the slot, fail closed).
     pub inflight_cancel: bool,
@@ -52,7 +63,7 @@ impl Default for TransceiverConfig {
             backend: Backend::Host,
             max_tokens_in_buffer: 8192,
             kv_transfer_timeout_ms: None,
-            kv_transfer_sender_future_timeout_ms: None,
+            kv_transfer_sender_future_timeout_ms: Some(DEFAULT_SENDER_FUTURE_TIMEOUT_MS),
             inflight_cancel: false,
             staging_slots: 16,
             staging_slot_bytes: 0,
@@ -95,8 +106,14 @@ impl TransceiverConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_tokens_in_buffer == 0 {
-            return Err(invalid("max_tokens_in_buffer", "must be at least 1"));
+        if self.max_tokens_in_buffer == 0 || self.max_tokens_in_buffer > MAX_TOKENS_IN_BUFFER {
+            return Err(invalid(
+                "max_tokens_in_buffer",
+                format!(
+                    "must be in 1..={MAX_TOKENS_IN_BUFFER}, got {}",
+                    self.max_tokens_in_buffer
+                ),
+            ));
         }
         for (field, v) in [
             ("kv_transfer_timeout_ms", self.kv_transfer_timeout_ms),
@@ -160,15 +177,31 @@ impl TransceiverConfig {
         Ok(())
     }
 
-    /// Staging slot size for a rank whose blocks are `block_bytes` and hold `tokens_per_block`.
-    pub fn slot_bytes_for(&self, block_bytes: u64, tokens_per_block: u32) -> u64 {
+    /// Staging slot size for a rank whose blocks are `block_bytes` and hold `tokens_per_block`:
+    /// `staging_slot_bytes`, or enough whole blocks for `max_tokens_in_buffer`. An error names
+    /// the field when the derived size exceeds `MAX_STAGING_SLOT_BYTES`.
+    pub fn slot_bytes_for(
+        &self,
+        block_bytes: u64,
+        tokens_per_block: u32,
+    ) -> Result<u64, ConfigError> {
         if self.staging_slot_bytes > 0 {
-            return self.staging_slot_bytes;
+            return Ok(self.staging_slot_bytes);
         }
         let blocks = self
             .max_tokens_in_buffer
-            .div_ceil(u64::from(tokens_per_block.max(1)));
-        blocks.max(1) * block_bytes
+            .div_ceil(u64::from(tokens_per_block.max(1)))
+            .max(1);
+        match blocks.checked_mul(block_bytes) {
+            Some(b) if b <= MAX_STAGING_SLOT_BYTES => Ok(b),
+            _ => Err(invalid(
+                "max_tokens_in_buffer",
+                format!(
+                    "{} tokens in blocks of {block_bytes} bytes exceed a slot of {MAX_STAGING_SLOT_BYTES} bytes",
+                    self.max_tokens_in_buffer
+                ),
+            )),
+        }
     }
 }
 

@@ -63,7 +63,8 @@ fn rank(net: &LoopbackNet, instance: u32, l: CacheLayout, config: &TransceiverCo
         agent: dyn_agent,
         transport: net.transport(me),
         blocks: pool.clone(),
-    });
+    })
+    .expect("test layout and config are valid");
     Rank { tx, agent, pool }
 }
 
@@ -285,9 +286,14 @@ fn refused_request_info_with_the_token_fails_the_request_on_both_sides() {
         instance: 9,
         rank: 0,
     };
-    c.ctx[0]
-        .tx
-        .handle_message(now, stranger, Message::Cancel { request: rid });
+    c.ctx[0].tx.handle_message(
+        now,
+        stranger,
+        Message::Cancel {
+            request: rid,
+            token: TransferToken(6),
+        },
+    );
     assert!(
         c.step(CTX).is_empty(),
         "a peer without the token ends nothing"

@@ -79,7 +79,10 @@ fn message() -> impl Strategy<Value = Message> {
                 crc
             }
         ),
-        req.clone().prop_map(|request| Message::Cancel { request }),
+        (req.clone(), any::<u128>()).prop_map(|(request, t)| Message::Cancel {
+            request,
+            token: TransferToken(t)
+        }),
         // Up to 64 chars of any plane: multi-byte UTF-8 included, always under the limit.
         (req.clone(), error_code(), "\\PC{0,64}").prop_map(|(request, code, detail)| {
             Message::Error {
@@ -310,6 +313,7 @@ fn frame_with_body(kind: u8, body: &[u8]) -> BytesMut {
 fn cancel() -> Message {
     Message::Cancel {
         request: RequestId(7),
+        token: TransferToken(0x5eed),
     }
 }
 
@@ -332,9 +336,12 @@ fn length_checked_before_the_body_arrives() {
 
 #[test]
 fn max_frame_is_inclusive() {
+    // A Cancel's body is 24 bytes (request u64, token u128): exactly at the bound it decodes.
     let msg = cancel();
-    let d = Decoder { max_frame: 8 };
-    assert_eq!(d.decode(&mut encoded(&msg)), Ok(Some(msg)));
+    let d = Decoder { max_frame: 24 };
+    assert_eq!(d.decode(&mut encoded(&msg)), Ok(Some(msg.clone())));
+    let d = Decoder { max_frame: 23 };
+    assert!(d.decode(&mut encoded(&msg)).is_err());
 }
 
 #[test]
@@ -528,7 +535,9 @@ fn mla_flag_must_be_zero_or_one() {
 
 #[test]
 fn trailing_bytes_are_rejected() {
+    // A Cancel body (request u64, token u128) and one byte more.
     let mut body = 7u64.to_be_bytes().to_vec();
+    body.extend_from_slice(&5u128.to_be_bytes());
     body.push(0);
     assert_eq!(
         Decoder::default().decode(&mut frame_with_body(4, &body)),
@@ -638,7 +647,13 @@ fn write_fuzz_seeds() {
                 crc: 0xdead_beef,
             },
         ),
-        ("cancel", Message::Cancel { request: req }),
+        (
+            "cancel",
+            Message::Cancel {
+                request: req,
+                token: TransferToken(u128::MAX - 1),
+            },
+        ),
         (
             "error",
             Message::Error {

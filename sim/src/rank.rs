@@ -150,7 +150,8 @@ pub async fn run_rank(sim: Arc<Sim>, inst: Arc<Instance>, rank: Arc<RankShared>)
             me: rank.me,
         }),
         blocks: inst.pool.clone(),
-    });
+    })
+    .expect("the scenario's layout and config are valid");
     let mut coll = SimCollective {
         sim: sim.clone(),
         barrier: inst.barrier.clone(),
@@ -249,7 +250,7 @@ fn handle_events(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, tx: &mut Tr
         match e {
             TxEvent::TimeoutWarn { request, .. } => {
                 let finished_after = events[i + 1..].iter().any(|l| {
-                    matches!(l, TxEvent::LocallyFinished { request: r, ok: true } if r == request)
+                    matches!(l, TxEvent::LocallyFinished { request: r, ok: true, .. } if r == request)
                 });
                 let at = sim.now_us();
                 sim.checker.lock().expect("checker lock").timeout_warn(

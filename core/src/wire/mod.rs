@@ -15,7 +15,7 @@
 //! | 1 | RequestInfo | request u64, token u128, layout (9 x u32 in field order, mla u8 0/1), ctx block count u32 + ids u32, gen block count u32 + (id u32, epoch u64) |
 //! | 2 | Ready | request u64, ctx_rank u32 |
 //! | 3 | Done | request u64, ctx_rank u32, bytes u64, crc u32 |
-//! | 4 | Cancel | request u64 |
+//! | 4 | Cancel | request u64, token u128 (the request's transfer token: the authority to end it) |
 //! | 5 | Error | request u64, code u16, detail length u16 (<= MAX_DETAIL_BYTES), UTF-8 detail |
 //! | 6 | Heartbeat | seq u64 |
 //! | 7 | Data | request u64, ctx_rank u32, offset u64, payload (rest of the body) |
@@ -35,7 +35,8 @@ pub use crc::{crc32c, Crc32c};
 pub use data::{DataHead, DataSeal, DATA_HEAD_LEN};
 
 pub const MAGIC: u32 = 0x4B56_4652; // "KVFR"
-pub const VERSION: u8 = 1;
+/// Version 2: `Cancel` carries the request's token.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Default bound on a frame body; a peer claiming more is cut off, not buffered.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -95,8 +96,11 @@ pub enum Message {
         bytes: u64,
         crc: u32,
     },
+    /// The generation side gives the request up. Only a `token` equal to the request's own
+    /// ends it: a peer that never held the token cannot end another's request (I9).
     Cancel {
         request: RequestId,
+        token: TransferToken,
     },
     Error {
         request: RequestId,
@@ -248,7 +252,10 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u64(*bytes);
             out.put_u32(*crc);
         }
-        Message::Cancel { request } => out.put_u64(request.0),
+        Message::Cancel { request, token } => {
+            out.put_u64(request.0);
+            out.put_u128(token.0);
+        }
         Message::Error {
             request,
             code,
@@ -313,7 +320,8 @@ fn body_len_hint(msg: &Message) -> usize {
         }
         Message::Ready { .. } => 12,
         Message::Done { .. } => 24,
-        Message::Cancel { .. } | Message::Heartbeat { .. } => 8,
+        Message::Cancel { .. } => 24,
+        Message::Heartbeat { .. } => 8,
         Message::Error { detail, .. } => 12 + detail.len().min(MAX_DETAIL_BYTES),
         Message::Data { payload, .. } => DATA_PREFIX_LEN + payload.len(),
     }
@@ -491,6 +499,7 @@ fn decode_body(frame_kind: u8, body: BytesMut) -> Result<Message, WireError> {
         },
         kind::CANCEL => Message::Cancel {
             request: RequestId(r.u64("request")?),
+            token: TransferToken(r.u128("token")?),
         },
         kind::ERROR => {
             let request = RequestId(r.u64("request")?);

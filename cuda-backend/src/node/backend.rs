@@ -30,6 +30,8 @@ pub enum BackendError {
     Gpu(#[from] super::gpu::GpuError),
     #[error("{0} frame on a host-memory node")]
     NotCuda(&'static str),
+    #[error("transceiver setup: {0}")]
+    Setup(#[from] kvferry_core::transceiver::SetupError),
 }
 
 #[derive(Debug)]

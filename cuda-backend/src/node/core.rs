@@ -80,7 +80,7 @@ impl NodeCore {
                 links: links.clone(),
             }),
             blocks: pool.clone(),
-        });
+        })?;
         Ok(NodeCore {
             tx,
             side,

@@ -102,7 +102,8 @@ impl Rank {
             agent: dyn_agent,
             transport: net.transport(me),
             blocks: pool.clone(),
-        });
+        })
+        .expect("the fuzz cluster's layout and config are valid");
         Rank {
             tx,
             agents: vec![agent],
@@ -238,7 +239,9 @@ impl Rank {
                     assert_eq!(*n, 1, "{request}: second timeout WARN for one enqueue (I4)");
                     warned_now.insert(request);
                 }
-                TxEvent::LocallyFinished { request, ok: true } => assert!(
+                TxEvent::LocallyFinished {
+                    request, ok: true, ..
+                } => assert!(
                     !warned_now.contains(&request),
                     "{request}: timeout WARN for a transfer that was already complete (I4)"
                 ),

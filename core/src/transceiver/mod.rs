@@ -37,12 +37,17 @@ use crate::transport::Transport;
 use crate::wire::{ErrorCode, Message, RequestInfo};
 use crate::{PeerId, RequestId, TransferToken};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+mod early;
+pub use early::{
+    EarlyCounts, MAX_EARLY_ABORTS, MAX_EARLY_ABORTS_PER_PEER, MAX_EARLY_INFOS,
+    MAX_EARLY_INFO_BYTES, MAX_EARLY_INFO_BYTES_PER_PEER,
+};
+use early::{EarlyQueue, Parked, Refused};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 
-/// RequestInfos that arrive before their context request is registered, kept at most this many.
-pub const MAX_EARLY_INFOS: usize = 4096;
 /// Legs waiting for a staging slot, at most this many per rank.
 pub const MAX_SLOT_WAITERS: usize = 4096;
 /// Events buffered for the driver between drains; older ones are dropped (and counted).
@@ -69,11 +74,60 @@ pub enum TransceiverError {
     Terminal(RequestId),
 }
 
+/// Why a transceiver could not be built.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("invalid layout: {0}")]
+    Layout(#[from] crate::layout::LayoutError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
 /// Which side of a transfer a request is on here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
     Context,
     Generation,
+}
+
+/// Why a request failed on this rank: the first thing that ended it. A driver's summary and the
+/// simulator's progress check (I10) name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailCause {
+    /// The caller cancelled it here (`cancel`).
+    Cancelled,
+    /// A peer ended it: a `Cancel` with the request's token, or an `Error` from a peer the
+    /// request is bound to.
+    PeerAborted,
+    /// The agent failed a job, or refused to start one.
+    Agent,
+    /// No staging slot within `staging_wait_ms`, or the slot wait queue was full.
+    NoSlot,
+    /// The request's blocks were freed or reassigned before the transfer could pin them.
+    BlocksGone,
+    /// The generation side's plan or layout does not fit this rank's (no bytes can move).
+    NoPlan,
+    /// Past `kv_transfer_sender_future_timeout_ms`, or evicted past its deadline
+    /// (`inflight_cancel`).
+    Timeout,
+    /// A control message the request depends on could not be sent.
+    Unreachable,
+}
+
+impl FailCause {
+    /// A short name for summaries and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailCause::Cancelled => "cancelled",
+            FailCause::PeerAborted => "peer-aborted",
+            FailCause::Agent => "agent",
+            FailCause::NoSlot => "no-slot",
+            FailCause::BlocksGone => "blocks-gone",
+            FailCause::NoPlan => "no-plan",
+            FailCause::Timeout => "timeout",
+            FailCause::Unreachable => "unreachable",
+        }
+    }
 }
 
 /// What a driver may observe: for logs, metrics, traces and the simulator's checker.
@@ -107,8 +161,12 @@ pub enum TxEvent {
         request: RequestId,
         code: ErrorCode,
     },
-    /// Finished on this rank; waits for the collective.
-    LocallyFinished { request: RequestId, ok: bool },
+    /// Finished on this rank; waits for the collective. `cause` is why it failed (None: ok).
+    LocallyFinished {
+        request: RequestId,
+        ok: bool,
+        cause: Option<FailCause>,
+    },
     /// Agreed by every rank: the request is terminal and its resources may be released.
     Finished {
         request: RequestId,
@@ -190,8 +248,8 @@ struct Entry {
     legs: BTreeMap<u32, Leg>,
     /// Context side: how many generation ranks will ask (known from the first RequestInfo).
     expected_legs: Option<usize>,
-    /// Decided outcome: `Some(true)` all legs done, `Some(false)` failed or cancelled.
-    failed: bool,
+    /// Set by the first abort: the request fails (or is cancelled) once no leg is open.
+    cause: Option<FailCause>,
     cancelled: bool,
     reported: bool,
     /// The timeout WARN fired for this enqueue (I4 dedup).
@@ -212,19 +270,17 @@ pub struct Transceiver {
     blocks: Arc<Mutex<BlockPool>>,
     staging: StagingPool,
     completions: CompletionQueue,
+    /// Jobs in flight at most, evicted ones until their fence included: the completion
+    /// queue's capacity. A leg that would exceed it waits as if for a staging slot.
+    job_bound: usize,
     next_transfer: u64,
     entries: BTreeMap<RequestId, Entry>,
     transfers: HashMap<TransferId, (RequestId, u32)>,
     /// Evicted jobs until their fence: the status keeps the agent alive under the still-running
     /// writer (I3), the pins keep its blocks from reuse (I5).
     abandoned: HashMap<TransferId, (TransferStatus, Vec<BlockRef>)>,
-    /// RequestInfos waiting for their context request to register, with when the first came.
-    early: BTreeMap<RequestId, (Duration, Vec<(PeerId, RequestInfo)>)>,
-    early_count: usize,
-    /// (first arrival, request) of every entry of `early`: expired past `early_info_ttl_ms`.
-    early_by_age: BTreeSet<(Duration, RequestId)>,
-    /// Requests a peer aborted before they registered here: they fail on registration.
-    early_aborted: BTreeSet<RequestId>,
+    /// RequestInfos and aborts for requests not registered here yet.
+    early: EarlyQueue,
     /// Context requests that ended here (oldest first) and their tokens: see `MAX_TOMBSTONES`.
     tombstones: VecDeque<RequestId>,
     ended: HashMap<RequestId, TransferToken>,
@@ -252,15 +308,23 @@ pub struct TransceiverParts {
 }
 
 /// What a side tells its peer when it gives a request up.
-fn abort_message(side: Side, id: RequestId) -> Message {
+fn abort_message(side: Side, id: RequestId, token: TransferToken) -> Message {
     match side {
-        Side::Generation => Message::Cancel { request: id },
+        Side::Generation => Message::Cancel { request: id, token },
         Side::Context => Message::Error {
             request: id,
             code: ErrorCode::Cancelled,
             detail: "context side aborted the transfer".into(),
         },
     }
+}
+
+/// A peer the request is bound to may end it without presenting the token: a context rank the
+/// generation side chose to read from (any rank of its source instance), or a generation rank
+/// that proved the token in its `RequestInfo` (a leg's peer).
+fn is_bound(e: &Entry, from: PeerId) -> bool {
+    let source = e.req.source.as_ref().map(|s| s.instance);
+    source == Some(from.instance) || e.legs.values().any(|l| l.peer == from)
 }
 
 fn tokens_equal(a: u128, b: u128) -> bool {
@@ -270,21 +334,21 @@ fn tokens_equal(a: u128, b: u128) -> bool {
 }
 
 impl Transceiver {
-    pub fn new(p: TransceiverParts) -> Transceiver {
-        p.layout
-            .validate()
-            .expect("transceiver layout must be valid");
-        p.config
-            .validate()
-            .expect("transceiver config must be valid");
+    /// A transceiver for one rank; refuses a layout or config that does not validate, or a
+    /// staging slot size they cannot make.
+    pub fn new(p: TransceiverParts) -> Result<Transceiver, SetupError> {
+        p.layout.validate()?;
+        p.config.validate()?;
         let slot_bytes = p
             .config
-            .slot_bytes_for(p.layout.block_bytes(), p.layout.tokens_per_block);
+            .slot_bytes_for(p.layout.block_bytes(), p.layout.tokens_per_block)?;
         let staging = StagingPool::with_bugs(p.config.staging_slots, slot_bytes, p.bugs);
-        // Every job completes once; the queue never holds more than the jobs submitted,
-        // and abandoned jobs count too.
-        let completions = CompletionQueue::new(2 * p.config.max_in_flight + MAX_SLOT_WAITERS);
-        Transceiver {
+        // Every job completes once, so the queue never holds more than the jobs in flight:
+        // `try_start_leg` keeps those (evicted ones awaiting their fence included) under
+        // `job_bound`.
+        let job_bound = 2 * p.config.max_in_flight + MAX_SLOT_WAITERS;
+        let completions = CompletionQueue::new(job_bound);
+        Ok(Transceiver {
             me: p.me,
             layout: p.layout,
             config: p.config,
@@ -294,14 +358,12 @@ impl Transceiver {
             blocks: p.blocks,
             staging,
             completions,
+            job_bound,
             next_transfer: 1,
             entries: BTreeMap::new(),
             transfers: HashMap::new(),
             abandoned: HashMap::new(),
-            early: BTreeMap::new(),
-            early_count: 0,
-            early_by_age: BTreeSet::new(),
-            early_aborted: BTreeSet::new(),
+            early: EarlyQueue::default(),
             tombstones: VecDeque::new(),
             ended: HashMap::new(),
             slot_waiters: VecDeque::new(),
@@ -311,7 +373,7 @@ impl Transceiver {
             events: VecDeque::new(),
             counters: TxCounters::default(),
             scratch: Vec::new(),
-        }
+        })
     }
 
     pub fn me(&self) -> PeerId {
@@ -344,6 +406,11 @@ impl Transceiver {
     /// Requests registered and not yet ended by the collective.
     pub fn active(&self) -> usize {
         self.entries.len()
+    }
+
+    /// What is parked for requests not registered here yet (bounded: see `early`).
+    pub fn early_counts(&self) -> EarlyCounts {
+        self.early.counts()
     }
 
     /// Jobs submitted to the agent whose completion has not arrived (evicted ones included).
@@ -393,7 +460,7 @@ impl Transceiver {
                 enqueued_at: now,
                 legs: BTreeMap::new(),
                 expected_legs: None,
-                failed: false,
+                cause: None,
                 cancelled: false,
                 reported: false,
                 warned: false,
@@ -432,13 +499,20 @@ impl Transceiver {
         self.admit(&req)?;
         req.advance(RequestState::ContextTransferring)
             .map_err(|_| TransceiverError::Terminal(req.id))?;
-        let id = req.id;
+        let (id, token) = (req.id, req.token);
         self.register(now, req, Side::Context);
-        for (from, info) in self.take_early(id) {
-            self.on_request_info(now, from, info);
+        let mut aborted = false;
+        for parked in self.early.take(id) {
+            match parked {
+                Parked::Info { from, info } => self.on_request_info(now, from, info),
+                Parked::Abort { token: t, .. } => {
+                    aborted |= self.bugs.has(Bug::AcceptAnyAbort)
+                        || t.is_some_and(|t| tokens_equal(t.0, token.0));
+                }
+            }
         }
-        if self.early_aborted.remove(&id) {
-            self.fail_entry(now, id);
+        if aborted {
+            self.abort_entry(now, id, FailCause::PeerAborted);
         }
         Ok(())
     }
@@ -478,7 +552,7 @@ impl Transceiver {
         };
         let Some(plan) = plan else {
             tracing::warn!(request = %id, "no transfer plan between the context and this layout");
-            self.fail_entry(now, id);
+            self.abort_entry(now, id, FailCause::NoPlan);
             return Ok(());
         };
         let plan = Arc::new(plan);
@@ -508,28 +582,48 @@ impl Transceiver {
                 },
             );
         }
-        // Receives are posted before anyone is asked, so no byte can arrive unexpected.
+        // A context rank this rank reads from is asked only once the receive from it is posted
+        // (`try_start_leg`), so no byte can arrive before there is a job to land it; the
+        // others are asked now, so that each context rank learns how many ranks to expect.
+        let ask_early = self.bugs.has(Bug::AskBeforePosted);
+        for rank in 0..ctx_world {
+            if ask_early || !sources.contains(&rank) {
+                self.ask(now, id, rank);
+            }
+        }
         for &src in &sources {
             self.try_start_leg(now, id, src);
         }
-        let info = RequestInfo {
-            request: id,
-            token: req.token,
-            gen_layout: self.layout,
-            ctx_blocks: source.blocks.clone(),
-            gen_blocks: req.blocks.clone(),
-        };
-        for rank in 0..ctx_world {
-            let to = PeerId {
-                instance: source.instance,
-                rank,
-            };
-            if let Err(e) = self.transport.send(to, Message::RequestInfo(info.clone())) {
-                tracing::warn!(request = %id, peer = %to, error = %e, "request info not sent");
-            }
-        }
         self.check_finished(id);
         Ok(())
+    }
+
+    /// Generation side: sends the request's `RequestInfo` to context rank `ctx_rank`. A request
+    /// whose info cannot be sent fails: that context rank would never serve it.
+    fn ask(&mut self, now: Duration, id: RequestId, ctx_rank: u32) {
+        let Some(e) = self.entries.get(&id) else {
+            return;
+        };
+        let source = e
+            .req
+            .source
+            .as_ref()
+            .expect("a generation request has a source");
+        let to = PeerId {
+            instance: source.instance,
+            rank: ctx_rank,
+        };
+        let info = RequestInfo {
+            request: id,
+            token: e.req.token,
+            gen_layout: self.layout,
+            ctx_blocks: source.blocks.clone(),
+            gen_blocks: e.req.blocks.clone(),
+        };
+        if let Err(err) = self.transport.send(to, Message::RequestInfo(info)) {
+            tracing::warn!(request = %id, peer = %to, error = %err, "request info not sent");
+            self.abort_entry(now, id, FailCause::Unreachable);
+        }
     }
 
     /// Cancels a request. Legs not started end at once; legs in flight are asked to stop and
@@ -540,7 +634,7 @@ impl Transceiver {
             return false;
         };
         e.cancelled = true;
-        self.abort_entry(now, id, true);
+        self.abort_entry(now, id, FailCause::Cancelled);
         true
     }
 
@@ -548,10 +642,12 @@ impl Transceiver {
     pub fn handle_message(&mut self, now: Duration, from: PeerId, msg: Message) {
         match msg {
             Message::RequestInfo(info) => self.on_request_info(now, from, info),
-            Message::Cancel { request } => self.on_peer_abort(now, from, request),
+            Message::Cancel { request, token } => {
+                self.on_peer_abort(now, from, request, Some(token))
+            }
             Message::Error { request, code, .. } => {
                 tracing::warn!(request = %request, peer = %from, ?code, "peer reported an error");
-                self.on_peer_abort(now, from, request)
+                self.on_peer_abort(now, from, request, None)
             }
             Message::Ready { .. } | Message::Done { .. } | Message::Heartbeat { .. } => {}
             Message::Data { request, .. } => {
@@ -561,34 +657,23 @@ impl Transceiver {
         }
     }
 
-    /// Removes the early infos of `id`, if any.
-    fn take_early(&mut self, id: RequestId) -> Vec<(PeerId, RequestInfo)> {
-        let Some((since, infos)) = self.early.remove(&id) else {
-            return Vec::new();
-        };
-        self.early_by_age.remove(&(since, id));
-        self.early_count -= infos.len();
-        infos
-    }
-
     /// Answers early infos whose request has not registered within `early_info_ttl_ms`: the
-    /// asking ranks fail now instead of waiting for a request this rank may never see.
+    /// asking ranks fail now instead of waiting for a request this rank may never see. Early
+    /// aborts of the same age are dropped.
     fn expire_early(&mut self, now: Duration) {
         let ttl = Duration::from_millis(self.config.early_info_ttl_ms);
-        while let Some(&(since, id)) = self.early_by_age.first() {
-            if since + ttl > now {
-                break;
-            }
-            for (from, _) in self.take_early(id) {
-                self.reject(
-                    from,
-                    id,
-                    ErrorCode::UnknownRequest,
-                    "not registered here within early_info_ttl_ms",
-                );
+        for (id, parked) in self.early.expire(now, ttl) {
+            for p in parked {
+                if let Parked::Info { from, .. } = p {
+                    self.reject(
+                        from,
+                        id,
+                        ErrorCode::UnknownRequest,
+                        "not registered here within early_info_ttl_ms",
+                    );
+                }
             }
         }
-        debug_assert_eq!(self.early.len(), self.early_by_age.len());
     }
 
     /// Refuses the RequestInfo of a peer that presented the request's token, and fails the
@@ -602,7 +687,7 @@ impl Transceiver {
         detail: &str,
     ) {
         self.reject(from, id, code, detail);
-        self.fail_entry(now, id);
+        self.abort_entry(now, id, FailCause::NoPlan);
     }
 
     fn reject(&mut self, from: PeerId, request: RequestId, code: ErrorCode, detail: &str) {
@@ -638,14 +723,12 @@ impl Transceiver {
                 self.reject(from, id, code, detail);
                 return;
             }
-            if self.early_count >= MAX_EARLY_INFOS {
-                self.reject(from, id, ErrorCode::Busy, "too many early requests");
-                return;
-            }
-            self.early_count += 1;
-            let (since, infos) = self.early.entry(id).or_insert((now, Vec::new()));
-            self.early_by_age.insert((*since, id));
-            infos.push((from, info));
+            let detail = match self.early.park_info(now, from, info) {
+                Ok(()) => return,
+                Err(Refused::Full) => "too many early requests",
+                Err(Refused::PeerShare) => "this peer's early requests exceed its share",
+            };
+            self.reject(from, id, ErrorCode::Busy, detail);
             return;
         };
         if entry.side != Side::Context {
@@ -670,21 +753,17 @@ impl Transceiver {
             );
             return;
         }
-        let gen_rank = info.gen_layout.rank();
-        if info.gen_layout.tp_rank >= info.gen_layout.tp_size.max(1) {
-            self.refuse_and_fail(
-                now,
-                from,
-                id,
-                ErrorCode::Layout,
-                "invalid generation layout",
-            );
+        // The layout came off the wire: validate it before any arithmetic on its fields.
+        if let Err(e) = info.gen_layout.validate() {
+            let detail = format!("invalid generation layout: {e}");
+            self.refuse_and_fail(now, from, id, ErrorCode::Layout, &detail);
             return;
         }
+        let gen_rank = info.gen_layout.rank();
         if entry.legs.contains_key(&gen_rank) {
             return; // a retried RequestInfo: already known
         }
-        if entry.failed || entry.cancelled {
+        if entry.cause.is_some() || entry.cancelled {
             self.reject(
                 from,
                 id,
@@ -739,27 +818,42 @@ impl Transceiver {
         self.check_finished(id);
     }
 
-    fn on_peer_abort(&mut self, now: Duration, from: PeerId, id: RequestId) {
+    /// A peer asks to end `id`. Only a peer with authority over the request can (I9): one that
+    /// presents its token (`Cancel`), or, for an `Error` (no token), a peer the request is
+    /// bound to (see `is_bound`). Aborts for requests not registered yet are parked, bounded and
+    /// expiring, and end the request on registration only if their token is its own.
+    fn on_peer_abort(
+        &mut self,
+        now: Duration,
+        from: PeerId,
+        id: RequestId,
+        token: Option<TransferToken>,
+    ) {
         if self.ended.contains_key(&id) {
             return; // already over here: nothing to stop, nothing to remember
         }
+        let any = self.bugs.has(Bug::AcceptAnyAbort);
         let Some(e) = self.entries.get(&id) else {
-            // An abort for a request not registered yet: it fails when it registers.
-            self.take_early(id);
-            if self.early_aborted.len() < MAX_EARLY_INFOS {
-                self.early_aborted.insert(id);
+            if token.is_some() || any {
+                if let Err(why) = self.early.park_abort(now, from, id, token) {
+                    tracing::warn!(request = %id, peer = %from, ?why, "early abort dropped");
+                }
             }
             return;
         };
-        let key = from.rank;
-        if !e.legs.contains_key(&key) {
+        let proven = match token {
+            Some(t) => tokens_equal(t.0, e.req.token.0),
+            None => is_bound(e, from),
+        };
+        if !proven && !any {
+            tracing::warn!(request = %id, peer = %from, "abort without authority ignored");
             return;
         }
-        self.abort_entry(now, id, false);
+        self.abort_entry(now, id, FailCause::PeerAborted);
     }
 
     /// Fails or cancels an entry: stops its open legs (evicting them with inflight_cancel).
-    fn abort_entry(&mut self, _now: Duration, id: RequestId, by_cancel: bool) {
+    fn abort_entry(&mut self, _now: Duration, id: RequestId, cause: FailCause) {
         let evict = self.config.inflight_cancel;
         let release_early = self.bugs.has(Bug::ReleaseEarly);
         let Some(e) = self.entries.get_mut(&id) else {
@@ -767,12 +861,18 @@ impl Transceiver {
         };
         // Peers hear of an abort once. Telling them again on every echo would make two sides
         // whose legs are both still fencing bounce Cancel and Error at each other forever.
-        let first_abort = !e.failed;
-        e.failed = true;
-        if by_cancel {
+        let first_abort = e.cause.is_none();
+        e.cause.get_or_insert(cause);
+        if cause == FailCause::Cancelled {
             e.cancelled = true;
         }
         let side = e.side;
+        let token = e.req.token;
+        let source = e
+            .req
+            .source
+            .as_ref()
+            .map(|s| (s.instance, s.layout.world_size()));
         let mut notify: Vec<PeerId> = Vec::new();
         let mut evicted: Vec<(TransferStatus, Vec<BlockRef>)> = Vec::new();
         for leg in e.legs.values_mut() {
@@ -819,16 +919,22 @@ impl Transceiver {
             self.transfers.retain(|_, (r, _)| *r != id);
         }
         self.slot_waiters.retain(|(r, _)| *r != id);
+        if let Some(source) = source {
+            // A generation rank tells every context rank of its source, asked or not yet
+            // asked: its Cancel carries the token, so each can end the request at once.
+            notify = (0..source.1)
+                .map(|rank| PeerId {
+                    instance: source.0,
+                    rank,
+                })
+                .collect();
+        }
         if first_abort {
             for peer in notify {
-                let _ = self.transport.send(peer, abort_message(side, id));
+                let _ = self.transport.send(peer, abort_message(side, id, token));
             }
         }
         self.check_finished(id);
-    }
-
-    fn fail_entry(&mut self, now: Duration, id: RequestId) {
-        self.abort_entry(now, id, false);
     }
 
     fn try_start_leg(&mut self, now: Duration, id: RequestId, key: u32) {
@@ -840,7 +946,9 @@ impl Transceiver {
             return;
         };
         let want = leg.bytes.min(self.staging.slot_bytes());
-        let slot = if self.config.staging_fallback {
+        let slot = if self.transfers.len() >= self.job_bound {
+            None
+        } else if self.config.staging_fallback {
             Some(self.staging.acquire_or_fallback(want))
         } else {
             self.staging.try_acquire(want).ok()
@@ -849,7 +957,7 @@ impl Transceiver {
             if !queued {
                 if self.slot_waiters.len() >= MAX_SLOT_WAITERS {
                     tracing::warn!(request = %id, "staging wait queue full");
-                    self.fail_entry(now, id);
+                    self.abort_entry(now, id, FailCause::NoSlot);
                 } else {
                     self.slot_waiters.push_back((id, key));
                     let e = self.entries.get_mut(&id).expect("checked");
@@ -871,7 +979,7 @@ impl Transceiver {
                     drop(pool);
                     tracing::warn!(request = %id, error = %err, "blocks gone before transfer");
                     drop(slot);
-                    self.fail_entry(now, id);
+                    self.abort_entry(now, id, FailCause::BlocksGone);
                     return;
                 }
             }
@@ -879,6 +987,7 @@ impl Transceiver {
         let tid = TransferId(self.next_transfer);
         self.next_transfer += 1;
         let leg = &e.legs[&key];
+        let side = e.side;
         let direction = match e.side {
             Side::Context => Direction::Send { to: leg.peer },
             Side::Generation => Direction::Receive { from: leg.peer },
@@ -911,6 +1020,9 @@ impl Transceiver {
                     peer,
                     bytes,
                 });
+                if side == Side::Generation && !self.bugs.has(Bug::AskBeforePosted) {
+                    self.ask(now, id, key);
+                }
             }
             Err(err) => {
                 tracing::warn!(request = %id, peer = %peer, error = %err, "agent refused the job");
@@ -918,7 +1030,7 @@ impl Transceiver {
                 drop(slot);
                 let e = self.entries.get_mut(&id).expect("checked");
                 e.legs.get_mut(&key).expect("checked").state = LegState::Failed;
-                self.fail_entry(now, id);
+                self.abort_entry(now, id, FailCause::Agent);
             }
         }
     }
@@ -952,6 +1064,7 @@ impl Transceiver {
             self.transfers.remove(&c.id);
             self.staging.fence_passed(Fence(c.id.0));
             self.blocks.lock().expect("block pool lock").unpin(&pinned);
+            self.serve_slot_waiters(now);
             return;
         }
         let Some((id, key)) = self.transfers.remove(&c.id) else {
@@ -968,7 +1081,7 @@ impl Transceiver {
         let leg = e.legs.get_mut(&key).expect("transfer of a live leg");
         let prev = std::mem::replace(
             &mut leg.state,
-            if ok && !e.failed {
+            if ok && e.cause.is_none() {
                 LegState::Done
             } else {
                 LegState::Failed
@@ -987,6 +1100,7 @@ impl Transceiver {
             drop(slot);
         }
         let side = e.side;
+        let token = e.req.token;
         let peer = leg.peer;
         match c.result {
             Ok(bytes) => {
@@ -1009,8 +1123,8 @@ impl Transceiver {
                 tracing::warn!(request = %id, peer = %peer, error = %err, "transfer failed");
                 // The peer of the failed leg must hear it: its side cannot tell a slow sender
                 // from a dead one. Peers of still-open legs are told by `abort_entry`.
-                let _ = self.transport.send(peer, abort_message(side, id));
-                self.fail_entry(now, id);
+                let _ = self.transport.send(peer, abort_message(side, id, token));
+                self.abort_entry(now, id, FailCause::Agent);
             }
         }
         self.serve_slot_waiters(now);
@@ -1033,15 +1147,21 @@ impl Transceiver {
             if now.saturating_sub(since) > wait {
                 self.slot_waiters.pop_front();
                 tracing::warn!(request = %id, "no staging slot within staging_wait_ms");
-                self.fail_entry(now, id);
+                self.abort_entry(now, id, FailCause::NoSlot);
                 continue;
             }
-            if self.staging.counters().free == 0 {
+            if !self.can_start_job() {
                 return;
             }
             self.slot_waiters.pop_front();
             self.try_start_leg(now, id, key);
         }
+    }
+
+    /// A job could start now: under the job bound, with a staging slot (or the fallback).
+    fn can_start_job(&self) -> bool {
+        self.transfers.len() < self.job_bound
+            && (self.config.staging_fallback || self.staging.counters().free > 0)
     }
 
     fn check_timeouts(&mut self, now: Duration) {
@@ -1053,8 +1173,9 @@ impl Transceiver {
             let Some(e) = self.entries.get_mut(&id) else {
                 continue;
             };
-            let pending = e.legs.values().any(|l| l.is_open()) || e.expected_legs.is_none();
-            if !pending || e.reported {
+            // Pending until locally finished: a context rank whose known legs are done but
+            // which still expects another generation rank is waiting too.
+            if e.reported {
                 continue;
             }
             let side = e.side;
@@ -1095,7 +1216,7 @@ impl Transceiver {
             let sender_expired =
                 side == Side::Context && sender_budget.is_some_and(|b| elapsed >= b);
             if (self.config.inflight_cancel && (warn_due || deadline_passed)) || sender_expired {
-                self.fail_entry(now, id);
+                self.abort_entry(now, id, FailCause::Timeout);
             }
         }
     }
@@ -1110,17 +1231,27 @@ impl Transceiver {
         }
         let open = e.legs.values().any(|l| l.is_open());
         let all_known = e.expected_legs.is_some_and(|n| e.legs.len() >= n);
-        let done = !open && (all_known || e.failed);
+        let done = !open && (all_known || e.cause.is_some());
         if !done {
             return;
         }
-        let ok = !e.failed && e.legs.values().all(|l| matches!(l.state, LegState::Done));
+        let ok = e.cause.is_none() && e.legs.values().all(|l| matches!(l.state, LegState::Done));
+        let cause = if ok {
+            None
+        } else {
+            // Every failed leg set a cause on the way (abort_entry); a leg cannot fail alone.
+            Some(e.cause.expect("a failed request has a cause"))
+        };
         e.reported = true;
         for at in std::mem::take(&mut e.timeout_keys) {
             self.timeouts.remove(&(at, id));
         }
         self.finished_local.insert(id, ok);
-        self.emit(TxEvent::LocallyFinished { request: id, ok });
+        self.emit(TxEvent::LocallyFinished {
+            request: id,
+            ok,
+            cause,
+        });
     }
 
     fn status(&mut self, now: Duration, side: Side, at_least: usize) -> StatusCheck {
