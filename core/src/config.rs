@@ -232,4 +232,31 @@ mod tests {
         let e = TransceiverConfig::from_toml_str("stagin_slots = 3").unwrap_err();
         assert!(e.to_string().contains("stagin_slots"), "{e}");
     }
+
+    /// Fix: `max_tokens_in_buffer = u64::MAX` passed validation, then overflowed the slot
+    /// size (0-byte slots in release builds).
+    #[test]
+    fn huge_token_buffers_are_refused_with_the_field_named() {
+        let e = TransceiverConfig::from_toml_str("max_tokens_in_buffer = 18446744073709551615")
+            .unwrap_err();
+        assert!(e.to_string().contains("max_tokens_in_buffer"), "{e}");
+        let c = TransceiverConfig {
+            max_tokens_in_buffer: MAX_TOKENS_IN_BUFFER,
+            ..TransceiverConfig::default()
+        };
+        c.validate().unwrap();
+        let e = c.slot_bytes_for(1 << 30, 1).unwrap_err();
+        assert!(e.to_string().contains("max_tokens_in_buffer"), "{e}");
+        assert_eq!(c.slot_bytes_for(1024, 16).unwrap(), (1 << 20) * 1024);
+    }
+
+    #[test]
+    fn the_default_releases_what_a_silent_peer_holds() {
+        let c = TransceiverConfig::default();
+        assert_eq!(
+            c.kv_transfer_sender_future_timeout_ms,
+            Some(DEFAULT_SENDER_FUTURE_TIMEOUT_MS)
+        );
+        c.validate().unwrap();
+    }
 }
