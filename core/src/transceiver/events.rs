@@ -1,0 +1,123 @@
+//! What a transceiver reports: events, failure causes, counters, status checks.
+
+use super::*;
+
+/// Which side of a transfer a request is on here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    Context,
+    Generation,
+}
+
+/// Why a request failed on this rank: the first thing that ended it. A driver's summary and the
+/// simulator's progress check (I10) name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailCause {
+    /// The caller cancelled it here (`cancel`).
+    Cancelled,
+    /// A peer ended it: a `Cancel` with the request's token, or an `Error` from a peer the
+    /// request is bound to.
+    PeerAborted,
+    /// The agent failed a job, or refused to start one.
+    Agent,
+    /// No staging slot within `staging_wait_ms`, or the slot wait queue was full.
+    NoSlot,
+    /// The request's blocks were freed or reassigned before the transfer could pin them.
+    BlocksGone,
+    /// The generation side's plan or layout does not fit this rank's (no bytes can move).
+    NoPlan,
+    /// Past `kv_transfer_sender_future_timeout_ms`, or evicted past its deadline
+    /// (`inflight_cancel`).
+    Timeout,
+    /// A control message the request depends on could not be sent.
+    Unreachable,
+}
+
+impl FailCause {
+    /// A short name for summaries and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailCause::Cancelled => "cancelled",
+            FailCause::PeerAborted => "peer-aborted",
+            FailCause::Agent => "agent",
+            FailCause::NoSlot => "no-slot",
+            FailCause::BlocksGone => "blocks-gone",
+            FailCause::NoPlan => "no-plan",
+            FailCause::Timeout => "timeout",
+            FailCause::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// What a driver may observe: for logs, metrics, traces and the simulator's checker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxEvent {
+    Submitted {
+        transfer: TransferId,
+        request: RequestId,
+        peer: PeerId,
+        bytes: u64,
+    },
+    TransferDone {
+        transfer: TransferId,
+        request: RequestId,
+        ok: bool,
+    },
+    /// The timeout WARN (I4): one per request per enqueue.
+    TimeoutWarn {
+        request: RequestId,
+        side: Side,
+        elapsed: Duration,
+    },
+    /// A transfer abandoned past its deadline: slot poisoned, pins kept until the fence.
+    Evicted {
+        transfer: TransferId,
+        request: RequestId,
+    },
+    /// A peer's request was refused before any byte was served (I9).
+    Rejected {
+        peer: PeerId,
+        request: RequestId,
+        code: ErrorCode,
+    },
+    /// Finished on this rank; waits for the collective. `cause` is why it failed (None: ok).
+    LocallyFinished {
+        request: RequestId,
+        ok: bool,
+        cause: Option<FailCause>,
+    },
+    /// Agreed by every rank: the request is terminal and its resources may be released.
+    Finished {
+        request: RequestId,
+        state: RequestState,
+    },
+}
+
+/// Lifetime counters for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxCounters {
+    pub transfers_started: u64,
+    pub transfers_completed: u64,
+    pub transfers_failed: u64,
+    pub timeouts_warned: u64,
+    pub evictions: u64,
+    pub rejected: u64,
+    pub bytes: u64,
+    pub events_dropped: u64,
+}
+
+/// What `check_*_status` hands the driver for this step's collective.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusCheck {
+    pub contribution: Contribution,
+    /// Locally finished count reached `at_least`. The driver may wait for more events before
+    /// entering the collective, but it must enter it every step either way.
+    pub satisfied: bool,
+}
+
+/// A request the collective ended, with its terminal state.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub request: Arc<Request>,
+    pub state: RequestState,
+}
