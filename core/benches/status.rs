@@ -11,7 +11,7 @@ use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::agree;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
-use kvferry_core::loopback::{LoopbackNet, ManualAgent};
+use kvferry_core::loopback::ManualAgent;
 use kvferry_core::request::{ContextSource, Request};
 use kvferry_core::transceiver::{Transceiver, TransceiverParts};
 use kvferry_core::{PeerId, RequestId, TransferToken};
@@ -41,7 +41,6 @@ struct Harness {
     tx: Transceiver,
     agent: Arc<ManualAgent>,
     pool: Arc<Mutex<BlockPool>>,
-    net: LoopbackNet,
     next: u64,
 }
 
@@ -54,7 +53,6 @@ impl Harness {
             max_in_flight: in_flight + COMPLETING,
             ..TransceiverConfig::default()
         };
-        let net = LoopbackNet::new();
         let agent = ManualAgent::new();
         let pool = Arc::new(Mutex::new(BlockPool::new((in_flight + COMPLETING) as u32)));
         let me = PeerId {
@@ -67,7 +65,6 @@ impl Harness {
             config,
             bugs: BugSet::NONE,
             agent: agent.clone(),
-            transport: net.transport(me),
             blocks: pool.clone(),
         })
         .expect("bench layout and config are valid");
@@ -75,7 +72,6 @@ impl Harness {
             tx,
             agent,
             pool,
-            net,
             next: 0,
         };
         h.submit(in_flight);
@@ -103,7 +99,7 @@ impl Harness {
                 .unwrap();
         }
         // The RequestInfos have no context rank to go to here.
-        while self.net.pop().is_some() {}
+        while self.tx.poll_transmit().is_some() {}
     }
 
     /// Times one status poll after `COMPLETING` completions, then restores the load.

@@ -1,6 +1,8 @@
 //! The completion collective: every rank of an instance enters it every step, including steps
 //! where it has nothing to report (invariant I7). A rank that returns early before a collective
-//! leaves its peers waiting forever.
+//! leaves its peers waiting forever. The core only says what a rank contributes
+//! (`Transceiver::check_status`) and what a set of contributions means (`agree`); the driver
+//! does the exchange (a barrier in the simulator, nothing for a one-rank node).
 //!
 //! A request is finished on an instance only when every rank has finished it locally; it
 //! completes if every rank succeeded and fails if any rank failed. Until then its blocks stay
@@ -8,7 +10,6 @@
 
 use crate::RequestId;
 use std::collections::BTreeMap;
-use std::future::Future;
 use thiserror::Error;
 
 /// What one rank reports in one step: every request it has finished locally and not yet seen
@@ -29,15 +30,6 @@ pub enum CollectiveError {
     StepMismatch { rank: u32, expected: u64, got: u64 },
     #[error("collective aborted: {0}")]
     Aborted(String),
-}
-
-/// Supplied by the runtime (madsim in the simulator, a real group in production).
-pub trait CompletionCollective {
-    /// Gathers every rank's contribution for the same step, in rank order.
-    fn all_gather(
-        &mut self,
-        mine: Contribution,
-    ) -> impl Future<Output = Result<Vec<Contribution>, CollectiveError>> + Send;
 }
 
 /// The outcome agreed by one step.

@@ -17,7 +17,6 @@ pub mod plan;
 pub mod request;
 pub mod staging;
 pub mod transceiver;
-pub mod transport;
 pub mod wire;
 
 pub use ids::{PeerId, RequestId, TransferToken};

@@ -1,10 +1,11 @@
-//! In-memory agent and transport for tests and fuzzing: no threads, no sockets, no clock.
-//! The test pumps messages and decides when (and how) each transfer job completes.
+//! In-memory network and agent for tests and fuzzing: no threads, no sockets, no clock.
+//! The test moves each transceiver's outbox into the net (`flush`), delivers messages, and
+//! decides when (and how) each transfer job completes.
 
 use crate::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
-use crate::transport::{Transport, TransportError};
+use crate::transceiver::Transceiver;
 use crate::wire::Message;
 use crate::PeerId;
 use std::collections::{BTreeMap, VecDeque};
@@ -32,12 +33,24 @@ impl LoopbackNet {
         LoopbackNet::default()
     }
 
-    /// The transport that `me` sends through.
-    pub fn transport(&self, me: PeerId) -> Arc<dyn Transport> {
-        Arc::new(LoopbackTransport {
-            me,
-            queue: self.queue.clone(),
-        })
+    /// Moves every message `tx` wants sent into the net; returns how many.
+    pub fn flush(&self, tx: &mut Transceiver) -> usize {
+        let me = tx.me();
+        let mut q = self.queue.lock().expect("loopback lock");
+        let mut n = 0;
+        while let Some(t) = tx.poll_transmit() {
+            assert!(
+                q.len() < MAX_QUEUED_MESSAGES,
+                "loopback net overflow: a livelock of control messages"
+            );
+            q.push_back(Envelope {
+                from: me,
+                to: t.to,
+                msg: t.msg,
+            });
+            n += 1;
+        }
+        n
     }
 
     /// Oldest undelivered message.
@@ -51,27 +64,6 @@ impl LoopbackNet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-#[derive(Debug)]
-struct LoopbackTransport {
-    me: PeerId,
-    queue: Arc<Mutex<VecDeque<Envelope>>>,
-}
-
-impl Transport for LoopbackTransport {
-    fn send(&self, to: PeerId, msg: Message) -> Result<(), TransportError> {
-        let mut q = self.queue.lock().expect("loopback lock");
-        if q.len() >= MAX_QUEUED_MESSAGES {
-            return Err(TransportError::Backpressure(to));
-        }
-        q.push_back(Envelope {
-            from: self.me,
-            to,
-            msg,
-        });
-        Ok(())
     }
 }
 

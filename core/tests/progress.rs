@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use kvferry_core::config::TransceiverConfig;
-use kvferry_core::loopback::LoopbackNet;
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{FailCause, TxEvent, MAX_EARLY_INFO_BYTES_PER_PEER};
 use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
@@ -29,9 +28,9 @@ fn gen_peer(rank: u32) -> PeerId {
 }
 
 /// The RequestInfos the context ranks received (pumped), per request id.
-fn infos_for(c: &Cluster, rid: RequestId) -> usize {
+fn infos_for(c: &mut Cluster, rid: RequestId) -> usize {
     let mut n = 0;
-    while let Some(env) = c.net.pop() {
+    while let Some(env) = c.pop() {
         if matches!(&env.msg, Message::RequestInfo(i) if i.request == rid) {
             n += 1;
         }
@@ -82,14 +81,14 @@ fn a_generation_rank_asks_only_once_its_receive_is_posted() {
     register_gen(&mut c, 0, r2, &ids2, 4);
     assert_eq!(c.gen[0].agent.pending_count(), 1, "one slot: one receive");
     assert_eq!(
-        infos_for(&c, r2),
+        infos_for(&mut c, r2),
         0,
         "not asked before its receive is posted"
     );
     c.gen[0].agent.complete_all();
     c.step(GEN);
     assert_eq!(c.gen[0].agent.pending_count(), 1, "second receive posted");
-    assert_eq!(infos_for(&c, r2), 1, "asked once posted");
+    assert_eq!(infos_for(&mut c, r2), 1, "asked once posted");
 }
 
 #[cfg(feature = "bug-switches")]
@@ -107,7 +106,11 @@ fn ask_before_posted_asks_while_the_receive_waits() {
     register_gen(&mut c, 0, r1, &ids1, 3);
     register_gen(&mut c, 0, r2, &ids2, 4);
     assert_eq!(c.gen[0].agent.pending_count(), 1);
-    assert_eq!(infos_for(&c, r2), 1, "the bug asks with no receive posted");
+    assert_eq!(
+        infos_for(&mut c, r2),
+        1,
+        "the bug asks with no receive posted"
+    );
 }
 
 /// Fix: a `Cancel` from a generation rank the context rank had not heard from yet was
@@ -293,7 +296,7 @@ fn an_early_request_info_flood_is_bounded_per_peer() {
         c.ctx[0]
             .tx
             .handle_message(c.now, stranger(), Message::RequestInfo(info));
-        while let Some(env) = c.net.pop() {
+        while let Some(env) = c.pop() {
             busy += usize::from(matches!(
                 env.msg,
                 Message::Error {
@@ -325,9 +328,8 @@ fn evicted_jobs_past_the_job_bound_wait_instead_of_overflowing_the_queue() {
         staging_wait_ms: 1,
         ..TransceiverConfig::default()
     };
-    let net = LoopbackNet::new();
     let l = layout(1);
-    let mut g = rank_with(&net, GEN, l, &config, Default::default(), 8192);
+    let mut g = rank_with(GEN, l, &config, Default::default(), 8192);
     let requests = 4_200u64; // past 2 * max_in_flight + MAX_SLOT_WAITERS = 4098
     for i in 0..requests {
         let now = Duration::from_millis(10 * i);
@@ -347,7 +349,7 @@ fn evicted_jobs_past_the_job_bound_wait_instead_of_overflowing_the_queue() {
         for f in g.tx.apply_agreed(&agreed) {
             g.pool.lock().unwrap().free(&f.request.blocks);
         }
-        while net.pop().is_some() {}
+        while g.tx.poll_transmit().is_some() {}
     }
     assert!(
         g.agent.pending_count() < requests as usize,
@@ -355,6 +357,6 @@ fn evicted_jobs_past_the_job_bound_wait_instead_of_overflowing_the_queue() {
     );
     // Every fence arrives at once: the queue holds them all.
     g.agent.complete_all();
-    g.tx.poll(Duration::from_secs(3600));
+    g.tx.handle_timeout(Duration::from_secs(3600));
     assert_eq!(g.tx.jobs_in_flight(), 0);
 }

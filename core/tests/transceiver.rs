@@ -58,7 +58,7 @@ fn foreign_blocks_are_rejected() {
     let rid = c.submit(3, 2, 5, 5);
     // A second, forged info naming blocks that are not the request's.
     let mut forged = None;
-    while let Some(env) = c.net.pop() {
+    while let Some(env) = c.pop() {
         if let Message::RequestInfo(mut info) = env.msg.clone() {
             info.ctx_blocks = vec![9, 10];
             forged = Some(info);
@@ -77,7 +77,7 @@ fn foreign_blocks_are_rejected() {
         .tx
         .handle_message(now, attacker, Message::RequestInfo(info));
     assert_eq!(c.ctx[0].agent.sends_to(attacker), 0);
-    let reply = c.net.pop().unwrap();
+    let reply = c.pop().unwrap();
     assert_eq!(reply.to, attacker);
     assert!(matches!(
         reply.msg,
@@ -166,7 +166,7 @@ fn timeout_warns_once_per_enqueue_and_never_for_ready_transfers() {
     c.pump();
     for ms in [50, 150, 200, 5000] {
         c.now = Duration::from_millis(ms);
-        c.gen[0].tx.poll(c.now);
+        c.gen[0].tx.handle_timeout(c.now);
     }
     assert_eq!(warns(&mut c.gen[0]), 1, "one WARN per request per enqueue");
 
@@ -176,7 +176,7 @@ fn timeout_warns_once_per_enqueue_and_never_for_ready_transfers() {
     c.pump();
     c.gen[0].agent.complete_all();
     c.now = Duration::from_millis(500);
-    c.gen[0].tx.poll(c.now);
+    c.gen[0].tx.handle_timeout(c.now);
     assert_eq!(warns(&mut c.gen[0]), 0);
 
     // Unconfigured: never.
@@ -184,7 +184,7 @@ fn timeout_warns_once_per_enqueue_and_never_for_ready_transfers() {
     c.submit(3, 2, 1, 1);
     c.pump();
     c.now = Duration::from_secs(3600);
-    c.gen[0].tx.poll(c.now);
+    c.gen[0].tx.handle_timeout(c.now);
     assert_eq!(warns(&mut c.gen[0]), 0);
 }
 
@@ -207,7 +207,7 @@ fn inflight_cancel_evicts_poisons_and_fences() {
     }
     // The fence: the agent's completion arrives late.
     c.gen[0].agent.complete(job.id, Err(AgentError::Cancelled));
-    c.gen[0].tx.poll(c.now);
+    c.gen[0].tx.handle_timeout(c.now);
     let s = c.gen[0].tx.staging_counters();
     assert_eq!((s.in_use, s.poisoned, s.free), (0, 0, s.slots));
     assert_eq!(c.gen[0].pool.lock().unwrap().free_count(), BLOCKS as usize);
@@ -232,7 +232,7 @@ fn eviction_keeps_a_recycled_agent_alive_until_the_fence() {
         "the abandoned job still holds its agent (I3)"
     );
     old.complete(job.id, Err(AgentError::Cancelled));
-    c.gen[0].tx.poll(c.now);
+    c.gen[0].tx.handle_timeout(c.now);
     assert_eq!(
         Arc::strong_count(&old),
         2,
@@ -331,14 +331,14 @@ fn request_info_for_a_request_never_registered_is_refused_after_the_ttl() {
     ask_unregistered(&mut c, 1, 2);
     let job = c.gen[0].agent.pending()[0].clone();
     c.now = Duration::from_millis(199);
-    c.ctx[0].tx.poll(c.now);
+    c.ctx[0].tx.handle_timeout(c.now);
     c.pump();
     assert!(
         !c.gen[0].agent.cancel_requested(job.id),
         "held within the ttl"
     );
     c.now = Duration::from_millis(200);
-    c.ctx[0].tx.poll(c.now);
+    c.ctx[0].tx.handle_timeout(c.now);
     assert!(c.ctx[0].tx.drain_events().any(|e| matches!(
         e,
         TxEvent::Rejected {
@@ -361,12 +361,12 @@ fn request_info_held_early_is_served_when_the_request_registers_within_the_ttl()
     let mut c = Cluster::new(1, 1, early_ttl_config(200));
     let rid = ask_unregistered(&mut c, 1, 2);
     c.now = Duration::from_millis(150);
-    c.ctx[0].tx.poll(c.now);
+    c.ctx[0].tx.handle_timeout(c.now);
     let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, 2).unwrap();
     let req = Arc::new(Request::new_context(rid, TransferToken(5), blocks));
     c.ctx[0].tx.respond_and_send(c.now, req).unwrap();
     c.now = Duration::from_millis(1000);
-    c.ctx[0].tx.poll(c.now);
+    c.ctx[0].tx.handle_timeout(c.now);
     let fin = c.run_until_quiet();
     assert_eq!(
         states(&fin),

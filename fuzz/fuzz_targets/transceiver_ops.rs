@@ -193,7 +193,7 @@ fn run(c: &mut Cluster, op: Op) {
         }
         Op::Poll { gen, rank } => {
             let now = c.now;
-            rank_of(c, gen, rank).tx.poll(now);
+            rank_of(c, gen, rank).tx.handle_timeout(now);
         }
         Op::Pump => c.pump(None),
         Op::PumpSome { n } => c.pump(Some(usize::from(n % 8))),
@@ -206,6 +206,7 @@ fuzz_target!(|input: Input| {
     let mut c = Cluster::new(layout(s.ctx_tp, s.mla), layout(s.gen_tp, s.mla), config(s));
     for op in input.ops.into_iter().take(MAX_OPS) {
         run(&mut c, op);
+        c.flush();
         c.check();
     }
     // Agents left refusing stay so: a leg that gets a slot during the drain fails, a

@@ -6,13 +6,12 @@
 //! Time, tasks and randomness are madsim's, so a seed replays exactly.
 
 use crate::cluster::Sim;
-use kvferry_core::collective::{CollectiveError, CompletionCollective, Contribution};
-use kvferry_core::transport::{Transport, TransportError};
+use kvferry_core::collective::{CollectiveError, Contribution};
+use kvferry_core::transceiver::Transmit;
 use kvferry_core::wire::Message;
 use kvferry_core::PeerId;
 use madsim::rand::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,36 +81,37 @@ impl Fabric {
     }
 }
 
-/// One rank's sending side of the control plane.
-#[derive(Debug)]
-pub struct SimTransport {
-    pub sim: Arc<Sim>,
-    pub me: PeerId,
+/// Why a control message was not queued on its link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The receiving instance incarnation is gone (a crash resets its connections).
+    Unreachable,
+    /// The link holds `LINK_QUEUE_MAX` messages already.
+    Backpressure,
 }
 
-impl Transport for SimTransport {
-    fn send(&self, to: PeerId, msg: Message) -> Result<(), TransportError> {
-        let sim = &self.sim;
-        if !sim.is_alive(to.instance) {
-            return Err(TransportError::Unreachable(to));
-        }
-        let now = sim.now_us();
-        let lat = madsim::rand::thread_rng().gen_range(LATENCY_US.0..LATENCY_US.1);
-        let mut f = sim.fabric.lock().expect("fabric lock");
-        let at = now + lat + f.spike_us;
-        let link = f.links.entry((self.me, to)).or_default();
-        if link.queue.len() >= LINK_QUEUE_MAX {
-            return Err(TransportError::Backpressure(to));
-        }
-        let at = at.max(link.last_at + 1);
-        link.last_at = at;
-        link.queue.push_back((at, msg));
-        if !link.pumping {
-            link.pumping = true;
-            madsim::task::spawn(pump(sim.clone(), self.me, to));
-        }
-        Ok(())
+/// Puts one of `from`'s transmits on its link, behind the link's latency.
+pub fn send(sim: &Arc<Sim>, from: PeerId, t: Transmit) -> Result<(), SendError> {
+    let Transmit { to, msg } = t;
+    if !sim.is_alive(to.instance) {
+        return Err(SendError::Unreachable);
     }
+    let now = sim.now_us();
+    let lat = madsim::rand::thread_rng().gen_range(LATENCY_US.0..LATENCY_US.1);
+    let mut f = sim.fabric.lock().expect("fabric lock");
+    let at = now + lat + f.spike_us;
+    let link = f.links.entry((from, to)).or_default();
+    if link.queue.len() >= LINK_QUEUE_MAX {
+        return Err(SendError::Backpressure);
+    }
+    let at = at.max(link.last_at + 1);
+    link.last_at = at;
+    link.queue.push_back((at, msg));
+    if !link.pumping {
+        link.pumping = true;
+        madsim::task::spawn(pump(sim.clone(), from, to));
+    }
+    Ok(())
 }
 
 /// Delivers one link's messages in order.
@@ -179,11 +179,13 @@ pub struct SimCollective {
     pub next_round: u64,
 }
 
-impl CompletionCollective for SimCollective {
-    fn all_gather(
+impl SimCollective {
+    /// Gathers every rank's contribution to this rank's next round, in rank order, or fails
+    /// when a rank is missing past `COLLECTIVE_TIMEOUT_US`.
+    pub fn all_gather(
         &mut self,
         mine: Contribution,
-    ) -> impl Future<Output = Result<Vec<Contribution>, CollectiveError>> + Send {
+    ) -> impl std::future::Future<Output = Result<Vec<Contribution>, CollectiveError>> + Send {
         let round = self.next_round;
         self.next_round += 1;
         let barrier = self.barrier.clone();

@@ -5,9 +5,10 @@
 use crate::agent::{AgentInner, AgentParts, SimAgent};
 use crate::cluster::{Instance, Sim};
 use crate::memory::RankMemory;
-use crate::net::{SimCollective, SimTransport};
+use crate::net::{self, SendError, SimCollective};
 use crate::report::Invariant;
 use kvferry_core::bugs::Bug;
+use kvferry_core::collective::{agree, CollectiveError};
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::Fragment;
 use kvferry_core::request::{Request, RequestState};
@@ -134,6 +135,44 @@ fn new_agent(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, number: u32) ->
     a
 }
 
+/// Sends what the transceiver wants sent. A message for an instance that is gone tells the
+/// transceiver the peer is lost, so what depended on it fails now.
+fn flush(sim: &Arc<Sim>, tx: &mut Transceiver, now: Duration) {
+    while let Some(t) = tx.poll_transmit() {
+        let to = t.to;
+        match net::send(sim, tx.me(), t) {
+            Ok(()) => {}
+            Err(SendError::Unreachable) => tx.handle_peer_lost(now, to),
+            Err(SendError::Backpressure) => {
+                sim.trace(
+                    "net",
+                    format!("{} -> {to}: link full, message dropped", tx.me()),
+                );
+            }
+        }
+    }
+}
+
+/// One completion step: this rank's contribution, the instance's gather, the agreement. An
+/// idle rank enters the gather too (I7), unless the `skip-idle-collective` bug is on.
+async fn completion_step(
+    sim: &Arc<Sim>,
+    tx: &mut Transceiver,
+    side: Side,
+    world: usize,
+    coll: &mut SimCollective,
+    now: Duration,
+) -> Result<Vec<Finished>, CollectiveError> {
+    let mine = tx.check_status(now, side, 0).contribution;
+    let idle = mine.done.is_empty() && mine.failed.is_empty();
+    if idle && sim.scenario.bugs.has(Bug::SkipIdleCollective) {
+        // The historical bug: an idle rank returns before the collective.
+        return Ok(Vec::new());
+    }
+    let all = coll.all_gather(mine).await?;
+    Ok(tx.apply_agreed(&agree(&all, world)?))
+}
+
 /// The executor of one rank, until its instance crashes or the seed stops.
 pub async fn run_rank(sim: Arc<Sim>, inst: Arc<Instance>, rank: Arc<RankShared>) {
     let mut agent_no = 0u32;
@@ -145,10 +184,6 @@ pub async fn run_rank(sim: Arc<Sim>, inst: Arc<Instance>, rank: Arc<RankShared>)
         config: sim.tx_config.clone(),
         bugs: sim.scenario.bugs,
         agent: Arc::new(first),
-        transport: Arc::new(SimTransport {
-            sim: sim.clone(),
-            me: rank.me,
-        }),
         blocks: inst.pool.clone(),
     })
     .expect("the scenario's layout and config are valid");
@@ -203,7 +238,9 @@ pub async fn run_rank(sim: Arc<Sim>, inst: Arc<Instance>, rank: Arc<RankShared>)
         for (from, msg) in msgs {
             tx.handle_message(now, from, msg);
         }
-        let res = tx.completion_step(now, inst.side, world, &mut coll).await;
+        flush(&sim, &mut tx, now);
+        let res = completion_step(&sim, &mut tx, inst.side, world, &mut coll, now).await;
+        flush(&sim, &mut tx, now);
         if !inst.is_alive() || sim.stopped() {
             return;
         }

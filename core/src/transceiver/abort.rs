@@ -112,7 +112,7 @@ impl Transceiver {
         self.slot_waiters.retain(|(r, _)| *r != id);
         if first_abort {
             for peer in notify {
-                let _ = self.transport.send(peer, abort.clone());
+                let _ = self.transmit(peer, abort.clone());
             }
         }
         self.check_finished(id);

@@ -208,7 +208,7 @@ impl Transceiver {
             ctx_blocks: source.blocks.clone(),
             gen_blocks: e.req.blocks.clone(),
         };
-        if let Err(err) = self.transport.send(to, Message::RequestInfo(info)) {
+        if let Err(err) = self.transmit(to, Message::RequestInfo(info)) {
             tracing::warn!(request = %id, peer = %to, error = %err, "request info not sent");
             self.abort_entry(now, id, FailCause::Unreachable);
         }
@@ -261,7 +261,7 @@ impl Transceiver {
             request,
             code,
         });
-        let _ = self.transport.send(
+        let _ = self.transmit(
             from,
             Message::Error {
                 request,
@@ -394,7 +394,7 @@ impl Transceiver {
                 request: id,
                 ctx_rank: self.me.rank,
             };
-            let _ = self.transport.send(from, ready);
+            let _ = self.transmit(from, ready);
             self.try_start_leg(now, id, gen_rank);
         }
         self.check_finished(id);

@@ -169,6 +169,11 @@ impl EarlyQueue {
         parked
     }
 
+    /// When the oldest parked input came, if any.
+    pub fn oldest(&self) -> Option<Duration> {
+        self.by_age.first().map(|(since, _)| *since)
+    }
+
     /// Takes the input of every request whose first input came at least `ttl` ago.
     pub fn expire(&mut self, now: Duration, ttl: Duration) -> Vec<(RequestId, Vec<Parked>)> {
         let mut out = Vec::new();

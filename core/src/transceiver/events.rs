@@ -104,6 +104,8 @@ pub struct TxCounters {
     pub rejected: u64,
     pub bytes: u64,
     pub events_dropped: u64,
+    /// Control messages dropped because the driver did not drain the outbox.
+    pub transmits_dropped: u64,
 }
 
 /// What `check_*_status` hands the driver for this step's collective.

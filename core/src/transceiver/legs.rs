@@ -155,7 +155,7 @@ impl Transceiver {
                         bytes,
                         crc: 0,
                     };
-                    let _ = self.transport.send(peer, done);
+                    let _ = self.transmit(peer, done);
                 }
             }
             Err(err) => {
@@ -163,7 +163,7 @@ impl Transceiver {
                 tracing::warn!(request = %id, peer = %peer, error = %err, "transfer failed");
                 // The peer of the failed leg must hear it: its side cannot tell a slow sender
                 // from a dead one. Peers of still-open legs are told by `abort_entry`.
-                let _ = self.transport.send(peer, abort_message(side, id, token));
+                let _ = self.transmit(peer, abort_message(side, id, token));
                 self.abort_entry(now, id, FailCause::Agent);
             }
         }
@@ -196,6 +196,17 @@ impl Transceiver {
             drop(slot);
         }
         (e.side, e.req.token, leg.peer)
+    }
+
+    /// Since when the front of the slot wait queue has waited (the queue is in arrival order).
+    /// A front that no longer waits reads as due at once, so `serve_slot_waiters` drops it.
+    pub(super) fn oldest_slot_wait(&self) -> Option<Duration> {
+        let &(id, key) = self.slot_waiters.front()?;
+        let leg = self.entries.get(&id).and_then(|e| e.legs.get(&key));
+        match leg.map(|l| &l.state) {
+            Some(LegState::WaitingSlot { since, .. }) => Some(*since),
+            _ => Some(Duration::ZERO),
+        }
     }
 
     pub(super) fn serve_slot_waiters(&mut self, now: Duration) {

@@ -36,13 +36,12 @@ use crate::agent::{
 };
 use crate::blocks::{BlockPool, BlockRef};
 use crate::bugs::{Bug, BugSet};
-use crate::collective::{agree, Agreed, CollectiveError, CompletionCollective, Contribution};
+use crate::collective::{Agreed, Contribution};
 use crate::config::TransceiverConfig;
 use crate::layout::CacheLayout;
 use crate::plan::TransferPlan;
 use crate::request::{Request, RequestState, Role};
 use crate::staging::{Fence, SlotGuard, StagingCounters, StagingPool};
-use crate::transport::Transport;
 use crate::wire::{ErrorCode, Message, RequestInfo};
 use crate::{PeerId, RequestId, TransferToken};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -53,6 +52,7 @@ mod early;
 mod entry;
 mod events;
 mod legs;
+mod outbox;
 mod status;
 mod timeouts;
 mod tombstones;
@@ -69,6 +69,8 @@ pub use early::{
 use early::{EarlyQueue, Parked, Refused};
 use entry::{is_bound, Entry, Leg, LegState};
 pub use events::{FailCause, Finished, Side, StatusCheck, TxCounters, TxEvent};
+use outbox::Outbox;
+pub use outbox::{OutboxFull, Transmit, MAX_OUTBOX};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -113,7 +115,7 @@ pub struct Transceiver {
     config: TransceiverConfig,
     bugs: BugSet,
     agent: Arc<dyn TransferAgent>,
-    transport: Arc<dyn Transport>,
+    outbox: Outbox,
     blocks: Arc<Mutex<BlockPool>>,
     staging: StagingPool,
     completions: CompletionQueue,
@@ -149,7 +151,6 @@ pub struct TransceiverParts {
     pub config: TransceiverConfig,
     pub bugs: BugSet,
     pub agent: Arc<dyn TransferAgent>,
-    pub transport: Arc<dyn Transport>,
     pub blocks: Arc<Mutex<BlockPool>>,
 }
 
@@ -174,7 +175,7 @@ impl Transceiver {
             config: p.config,
             bugs: p.bugs,
             agent: p.agent,
-            transport: p.transport,
+            outbox: Outbox::default(),
             blocks: p.blocks,
             staging,
             completions,
@@ -269,9 +270,11 @@ impl Transceiver {
         }
     }
 
-    /// Drains agent completions, starts legs waiting for slots, then handles timeouts.
+    /// Time has passed (and the agent may have completed jobs): drains agent completions,
+    /// then handles what is due at `now` (timeouts, expired early input, slot waits). Call it
+    /// at `poll_timeout()` at the latest, and whenever the agent signals a completion.
     /// Readiness is always checked before elapsed time, so a ready transfer is never warned.
-    pub fn poll(&mut self, now: Duration) {
+    pub fn handle_timeout(&mut self, now: Duration) {
         if self.bugs.has(Bug::WarnBeforeReady) {
             self.check_timeouts(now);
             self.drain_completions(now);
@@ -281,5 +284,50 @@ impl Transceiver {
         }
         self.expire_early(now);
         self.serve_slot_waiters(now);
+    }
+
+    /// The connection to `peer` is gone (reset, closed, or silent past the driver's liveness
+    /// bound): every request bound to it fails now instead of waiting out a timeout. On a
+    /// generation rank that is every request whose source instance is `peer`'s; on a context
+    /// rank every request with a leg to `peer`.
+    pub fn handle_peer_lost(&mut self, now: Duration, peer: PeerId) {
+        let bound: Vec<RequestId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.cause.is_none() && is_bound(e, peer))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in bound {
+            self.abort_entry(now, id, FailCause::Unreachable);
+        }
+    }
+
+    /// The next control message to send, oldest first. Drain it after every call.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop()
+    }
+
+    /// The latest instant by which `handle_timeout` must be called, if anything is waiting on
+    /// time: a timeout WARN, sender budget or deadline; parked early input expiring; a leg's
+    /// staging wait running out. Agent completions are not here: the agent wakes the driver.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let wheel = self.timeouts.first().map(|(at, _)| *at);
+        let ttl = Duration::from_millis(self.config.early_info_ttl_ms);
+        let early = self.early.oldest().map(|since| since + ttl);
+        let wait = Duration::from_millis(self.config.staging_wait_ms);
+        // A waiter fails once strictly more than `staging_wait_ms` has passed.
+        let slot = self
+            .oldest_slot_wait()
+            .map(|since| since + wait + Duration::from_micros(1));
+        [wheel, early, slot].into_iter().flatten().min()
+    }
+
+    /// Queues a control message; a full outbox drops it (counted).
+    fn transmit(&mut self, to: PeerId, msg: Message) -> Result<(), OutboxFull> {
+        let r = self.outbox.push(to, msg);
+        if r.is_err() {
+            self.counters.transmits_dropped += 1;
+        }
+        r
     }
 }

@@ -37,8 +37,12 @@ impl Transceiver {
         });
     }
 
-    pub(super) fn status(&mut self, now: Duration, side: Side, at_least: usize) -> StatusCheck {
-        self.poll(now);
+    /// Progress (`handle_timeout`), then this rank's contribution to the step's completion
+    /// collective for `side`. The driver gathers every rank's contribution (every rank, every
+    /// step, with or without anything to report: I7), `agree`s, and hands the outcome to
+    /// `apply_agreed`.
+    pub fn check_status(&mut self, now: Duration, side: Side, at_least: usize) -> StatusCheck {
+        self.handle_timeout(now);
         self.step += 1;
         let mut c = Contribution {
             rank: self.me.rank,
@@ -64,12 +68,12 @@ impl Transceiver {
 
     /// Context side: progress, then this rank's contribution to the step's collective.
     pub fn check_context_status(&mut self, now: Duration, at_least: usize) -> StatusCheck {
-        self.status(now, Side::Context, at_least)
+        self.check_status(now, Side::Context, at_least)
     }
 
     /// Generation side: progress, then this rank's contribution to the step's collective.
     pub fn check_gen_status(&mut self, now: Duration, at_least: usize) -> StatusCheck {
-        self.status(now, Side::Generation, at_least)
+        self.check_status(now, Side::Generation, at_least)
     }
 
     /// Applies what every rank agreed: those requests reach their terminal state here.
@@ -107,27 +111,5 @@ impl Transceiver {
             });
         }
         out
-    }
-
-    /// One whole completion step for `side`: status check, collective, agreement.
-    /// Every rank must call this every step, with or without anything to report (I7).
-    pub async fn completion_step<C: CompletionCollective>(
-        &mut self,
-        now: Duration,
-        side: Side,
-        world: usize,
-        collective: &mut C,
-    ) -> Result<Vec<Finished>, CollectiveError> {
-        let check = self.status(now, side, 0);
-        if self.bugs.has(Bug::SkipIdleCollective)
-            && check.contribution.done.is_empty()
-            && check.contribution.failed.is_empty()
-        {
-            // The historical bug: an idle rank returns before the collective.
-            return Ok(Vec::new());
-        }
-        let all = collective.all_gather(check.contribution).await?;
-        let agreed = agree(&all, world)?;
-        Ok(self.apply_agreed(&agreed))
     }
 }

@@ -8,7 +8,7 @@ use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::agree;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
-use kvferry_core::loopback::{LoopbackNet, ManualAgent};
+use kvferry_core::loopback::{Envelope, LoopbackNet, ManualAgent};
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts};
 use kvferry_core::{PeerId, RequestId, TransferToken};
@@ -47,13 +47,12 @@ pub struct Cluster {
     pub now: Duration,
 }
 
-pub fn rank(net: &LoopbackNet, instance: u32, l: CacheLayout, config: &TransceiverConfig) -> Rank {
-    rank_with(net, instance, l, config, BugSet::NONE, BLOCKS)
+pub fn rank(instance: u32, l: CacheLayout, config: &TransceiverConfig) -> Rank {
+    rank_with(instance, l, config, BugSet::NONE, BLOCKS)
 }
 
 /// A rank with bug switches `bugs` and a pool of `blocks`.
 pub fn rank_with(
-    net: &LoopbackNet,
     instance: u32,
     l: CacheLayout,
     config: &TransceiverConfig,
@@ -73,7 +72,6 @@ pub fn rank_with(
         config: config.clone(),
         bugs,
         agent: dyn_agent,
-        transport: net.transport(me),
         blocks: pool.clone(),
     })
     .expect("test layout and config are valid");
@@ -90,7 +88,7 @@ impl Cluster {
         let net = LoopbackNet::new();
         let mk = |i: u32, tp: u32| -> Vec<Rank> {
             (0..tp)
-                .map(|r| rank_with(&net, i, layout(tp).with_rank(r), &config, bugs, BLOCKS))
+                .map(|r| rank_with(i, layout(tp).with_rank(r), &config, bugs, BLOCKS))
                 .collect()
         };
         let (ctx, gen) = (mk(CTX, ctx_tp), mk(GEN, gen_tp));
@@ -140,10 +138,24 @@ impl Cluster {
         rid
     }
 
+    /// Moves every rank's outbox into the net.
+    pub fn flush(&mut self) {
+        for r in self.ctx.iter_mut().chain(self.gen.iter_mut()) {
+            self.net.flush(&mut r.tx);
+        }
+    }
+
+    /// The oldest message in flight, after every outbox is flushed.
+    pub fn pop(&mut self) -> Option<Envelope> {
+        self.flush();
+        self.net.pop()
+    }
+
+    /// Delivers messages until none is left in flight or in any outbox.
     pub fn pump(&mut self) {
         let now = self.now;
         let mut delivered = 0;
-        while let Some(env) = self.net.pop() {
+        while let Some(env) = self.pop() {
             // Control traffic of a handful of requests is tiny; more is a message storm.
             delivered += 1;
             assert!(delivered < 10_000, "livelock: control messages never stop");

@@ -2,13 +2,13 @@
 //! links and metrics, and the completion step that every loop iteration runs.
 
 use super::backend::{Backend, BackendError, BackendParts, BackendSpec};
-use super::collective::SoloCollective;
-use super::link::{Links, NetTransport};
+use super::frame::Frame;
+use super::link::{LinkError, Links};
 use super::metrics::Metrics;
 use super::spec::NodeSpec;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
-use kvferry_core::collective::CollectiveError;
+use kvferry_core::collective::{agree, CollectiveError};
 use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
 use kvferry_core::PeerId;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,6 @@ pub struct NodeCore {
     pub metrics: Arc<Metrics>,
     /// Notified by the agent on every completion.
     pub wake: Arc<Notify>,
-    collective: SoloCollective,
     start: Instant,
     timeout_ms: u64,
 }
@@ -76,9 +75,6 @@ impl NodeCore {
             config: spec.config.clone(),
             bugs: BugSet::NONE,
             agent,
-            transport: Arc::new(NetTransport {
-                links: links.clone(),
-            }),
             blocks: pool.clone(),
         })?;
         Ok(NodeCore {
@@ -89,7 +85,6 @@ impl NodeCore {
             links,
             metrics: Metrics::new(),
             wake,
-            collective: SoloCollective,
             start: Instant::now(),
             timeout_ms: spec.config.kv_transfer_timeout_ms.unwrap_or(0),
         })
@@ -100,14 +95,32 @@ impl NodeCore {
         self.start.elapsed()
     }
 
-    /// One completion step (status, collective, agreement), then metrics and events.
-    pub async fn step(&mut self) -> Result<(Vec<Finished>, Vec<TxEvent>), CollectiveError> {
+    /// Sends what the transceiver wants sent. A peer with no connection left is lost: what
+    /// depended on it fails now.
+    pub fn flush(&mut self) {
+        while let Some(t) = self.tx.poll_transmit() {
+            match self.links.send_frame(t.to, Frame::Core(t.msg)) {
+                Ok(()) => {}
+                Err(LinkError::Unreachable(peer)) => {
+                    let now = self.now();
+                    self.tx.handle_peer_lost(now, peer);
+                }
+                Err(e @ LinkError::Backpressure(_)) => {
+                    tracing::warn!(error = %e, "control frame dropped");
+                }
+            }
+        }
+    }
+
+    /// One completion step of a one-rank instance (its own contribution is the whole
+    /// gather), with the transmits before and after it, then the step's events.
+    pub fn step(&mut self) -> Result<(Vec<Finished>, Vec<TxEvent>), CollectiveError> {
         self.backend.pump();
+        self.flush();
         let now = self.now();
-        let finished = self
-            .tx
-            .completion_step(now, self.side, 1, &mut self.collective)
-            .await?;
+        let mine = self.tx.check_status(now, self.side, 0).contribution;
+        let finished = self.tx.apply_agreed(&agree(&[mine], 1)?);
+        self.flush();
         let events: Vec<TxEvent> = self.tx.drain_events().collect();
         for e in &events {
             if let TxEvent::Rejected {

@@ -92,7 +92,7 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
             _ = wake.notified() => {}
             _ = tick.tick() => {}
         }
-        let (finished, _) = node.core.step().await?;
+        let (finished, _) = node.core.step()?;
         for f in finished {
             node.on_finished(f);
         }

@@ -184,7 +184,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
             _ = wake.notified() => {}
             _ = tick.tick() => {}
         }
-        let (finished, events) = node.core.step().await?;
+        let (finished, events) = node.core.step()?;
         node.on_events(&events);
         for f in finished {
             node.on_finished(f);

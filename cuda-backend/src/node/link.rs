@@ -1,17 +1,17 @@
-//! The live connections of a node, keyed by the peer id the node gave each one, and the core
-//! `Transport` on top of them. Control frames and data frames queue separately (both bounded)
+//! The live connections of a node, keyed by the peer id the node gave each one; the node's
+//! driver sends the core's transmits through them. Control frames and data frames queue separately (both bounded)
 //! so a bulk transfer cannot starve a Cancel or an Error. A data frame queues as a
 //! description of where its payload lies in KV memory (`DataOut`); the connection's writer
 //! sends it from there (see `writer`), so payload bytes are never copied in user space.
 
 use super::frame::Frame;
 use crate::host::HostKv;
-use kvferry_core::transport::{Transport, TransportError};
-use kvferry_core::wire::{Message, DATA_HEAD_LEN};
+use kvferry_core::wire::DATA_HEAD_LEN;
 use kvferry_core::PeerId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use thiserror::Error;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::oneshot;
 
@@ -20,6 +20,15 @@ pub const CONTROL_QUEUE: usize = 1024;
 /// Data frames queued per connection; senders wait. Each pins no memory of its own (the
 /// payload stays in KV memory), so this only bounds how far sends run ahead of the socket.
 pub const DATA_QUEUE: usize = 32;
+
+/// Why a frame was not queued on a connection.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("peer {0} has no connection")]
+    Unreachable(PeerId),
+    #[error("control queue to {0} is full")]
+    Backpressure(PeerId),
+}
 
 /// A `Data` frame whose payload is written to the socket straight from KV memory.
 #[derive(Debug)]
@@ -73,12 +82,12 @@ impl Link {
     }
 
     /// Queues a control frame without waiting.
-    pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), TransportError> {
+    pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), LinkError> {
         self.control
             .try_send(Outgoing::Frame(frame))
             .map_err(|e| match e {
-                TrySendError::Full(_) => TransportError::Backpressure(peer),
-                TrySendError::Closed(_) => TransportError::Unreachable(peer),
+                TrySendError::Full(_) => LinkError::Backpressure(peer),
+                TrySendError::Closed(_) => LinkError::Unreachable(peer),
             })
     }
 }
@@ -121,21 +130,9 @@ impl Links {
         }
     }
 
-    pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), TransportError> {
+    pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), LinkError> {
         self.get(peer)
-            .ok_or(TransportError::Unreachable(peer))?
+            .ok_or(LinkError::Unreachable(peer))?
             .send_frame(peer, frame)
-    }
-}
-
-/// The core's `Transport` over the node's connections.
-#[derive(Clone, Debug)]
-pub struct NetTransport {
-    pub links: Links,
-}
-
-impl Transport for NetTransport {
-    fn send(&self, to: PeerId, msg: Message) -> Result<(), TransportError> {
-        self.links.send_frame(to, Frame::Core(msg))
     }
 }

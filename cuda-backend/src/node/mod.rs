@@ -9,7 +9,6 @@
 
 pub mod backend;
 pub mod bench;
-pub mod collective;
 pub mod conn;
 pub mod core;
 pub mod cpu;

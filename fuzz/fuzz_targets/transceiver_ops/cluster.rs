@@ -85,7 +85,7 @@ fn side_of(instance: u32) -> Side {
 }
 
 impl Rank {
-    fn new(net: &LoopbackNet, instance: u32, layout: CacheLayout, c: &TransceiverConfig) -> Rank {
+    fn new(instance: u32, layout: CacheLayout, c: &TransceiverConfig) -> Rank {
         let agent = ManualAgent::new();
         let bugs = injected_bugs();
         let pool = Arc::new(Mutex::new(BlockPool::with_bugs(BLOCKS, bugs)));
@@ -100,7 +100,6 @@ impl Rank {
             config: c.clone(),
             bugs,
             agent: dyn_agent,
-            transport: net.transport(me),
             blocks: pool.clone(),
         })
         .expect("the fuzz cluster's layout and config are valid");
@@ -274,10 +273,10 @@ impl Cluster {
     pub fn new(ctx: CacheLayout, gen: CacheLayout, config: TransceiverConfig) -> Cluster {
         let net = LoopbackNet::new();
         let ctx = (0..ctx.world_size())
-            .map(|r| Rank::new(&net, CTX, ctx.with_rank(r), &config))
+            .map(|r| Rank::new(CTX, ctx.with_rank(r), &config))
             .collect();
         let gen = (0..gen.world_size())
-            .map(|r| Rank::new(&net, GEN, gen.with_rank(r), &config))
+            .map(|r| Rank::new(GEN, gen.with_rank(r), &config))
             .collect();
         Cluster {
             net,
@@ -400,11 +399,19 @@ impl Cluster {
         }
     }
 
+    /// Moves every rank's outbox into the net: a driver drains the outbox after every call.
+    pub fn flush(&mut self) {
+        for r in self.ctx.iter_mut().chain(self.gen.iter_mut()) {
+            self.net.flush(&mut r.tx);
+        }
+    }
+
     /// Delivers control messages, all or at most `limit`.
     pub fn pump(&mut self, limit: Option<usize>) {
         let now = self.now;
         let mut delivered = 0;
         while limit.is_none_or(|l| delivered < l) {
+            self.flush();
             let Some(env) = self.net.pop() else {
                 break;
             };
@@ -500,6 +507,7 @@ impl Cluster {
     /// left, then checks that every request ended once everywhere and every resource is back.
     pub fn drain(&mut self) {
         for round in 0..64 {
+            self.flush();
             if self.quiet() {
                 break;
             }
@@ -512,6 +520,7 @@ impl Cluster {
                 self.give_up_unanswerable();
             }
         }
+        self.flush();
         assert!(
             self.quiet(),
             "not quiet after the drain: {}",

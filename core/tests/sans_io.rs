@@ -1,0 +1,147 @@
+//! The transceiver's driver contract: inputs through `handle_*`, outputs polled. A driver that
+//! sleeps until `poll_timeout()` (or input) sees every deadline in time; `handle_peer_lost`
+//! fails what depended on a peer at once.
+
+mod common;
+
+use common::*;
+use kvferry_core::config::TransceiverConfig;
+use kvferry_core::request::{ContextSource, Request, RequestState};
+use kvferry_core::wire::Message;
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn register_ctx(c: &mut Cluster, id: u64) -> RequestId {
+    let rid = RequestId(id);
+    let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, 1).unwrap();
+    let req = Arc::new(Request::new_context(rid, TransferToken(5), blocks));
+    c.ctx[0].tx.respond_and_send(c.now, req).unwrap();
+    rid
+}
+
+#[test]
+fn an_idle_rank_needs_no_wakeup_and_a_registered_one_names_its_deadline() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    assert_eq!(c.ctx[0].tx.poll_timeout(), None, "nothing waits on time");
+    c.now = Duration::from_millis(7);
+    register_ctx(&mut c, 1);
+    assert_eq!(
+        c.ctx[0].tx.poll_timeout(),
+        Some(Duration::from_millis(7 + 60_000)),
+        "the default sender budget"
+    );
+}
+
+/// A driver that wakes only at `poll_timeout()` ends a request nobody asked for exactly at
+/// its sender budget: no fixed tick is needed to see it.
+#[test]
+fn waking_only_at_poll_timeout_meets_every_deadline() {
+    let config = TransceiverConfig {
+        kv_transfer_timeout_ms: Some(100),
+        kv_transfer_sender_future_timeout_ms: Some(250),
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    register_ctx(&mut c, 1);
+    let mut wakeups = Vec::new();
+    let mut fin = Vec::new();
+    while let Some(at) = c.ctx[0].tx.poll_timeout() {
+        assert!(wakeups.len() < 10, "deadlines converge: {wakeups:?}");
+        c.now = at;
+        wakeups.push(at.as_millis());
+        fin.extend(c.step(CTX));
+    }
+    assert_eq!(wakeups, vec![100, 250], "the WARN, then the sender budget");
+    assert_eq!(states(&fin), vec![RequestState::TransferError]);
+    c.assert_pools_full();
+}
+
+#[test]
+fn early_input_expiry_and_slot_waits_are_deadlines_too() {
+    let config = TransceiverConfig {
+        early_info_ttl_ms: 40,
+        staging_slots: 1,
+        staging_wait_ms: 30,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    let stranger = PeerId {
+        instance: 9,
+        rank: 0,
+    };
+    let cancel = Message::Cancel {
+        request: RequestId(77),
+        token: TransferToken(1),
+    };
+    c.ctx[0].tx.handle_message(c.now, stranger, cancel);
+    assert_eq!(c.ctx[0].tx.poll_timeout(), Some(Duration::from_millis(40)));
+    c.submit(1, 1, 3, 3);
+    c.submit(2, 1, 4, 4); // waits for the generation rank's one slot
+    let due = c.gen[0]
+        .tx
+        .poll_timeout()
+        .expect("a slot wait is a deadline");
+    assert!(due > Duration::from_millis(30) && due <= Duration::from_millis(31));
+}
+
+#[test]
+fn a_lost_peer_fails_what_is_bound_to_it_at_once() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    let ctx_peer = PeerId {
+        instance: CTX,
+        rank: 0,
+    };
+    let gen_peer = PeerId {
+        instance: GEN,
+        rank: 0,
+    };
+    // An unrelated peer's loss ends nothing.
+    let other = PeerId {
+        instance: 5,
+        rank: 0,
+    };
+    c.gen[0].tx.handle_peer_lost(c.now, other);
+    c.ctx[0].tx.handle_peer_lost(c.now, other);
+    assert!(c.step(GEN).is_empty() && c.step(CTX).is_empty());
+    c.gen[0].tx.handle_peer_lost(c.now, ctx_peer);
+    c.ctx[0].tx.handle_peer_lost(c.now, gen_peer);
+    for r in c.ctx.iter().chain(&c.gen) {
+        r.agent.complete_all(); // the fences
+    }
+    assert_eq!(states(&c.step(GEN)), vec![RequestState::TransferError]);
+    assert_eq!(states(&c.step(CTX)), vec![RequestState::TransferError]);
+    c.assert_pools_full();
+}
+
+#[test]
+fn control_messages_leave_only_through_poll_transmit_in_order() {
+    let mut c = Cluster::new(2, 1, TransceiverConfig::default());
+    let rid = RequestId(1);
+    let blocks = c.gen[0].pool.lock().unwrap().allocate(rid, 1).unwrap();
+    let source = ContextSource {
+        instance: CTX,
+        layout: c.ctx[0].tx.layout().with_rank(0),
+        blocks: vec![0],
+    };
+    let req = Request::new_generation(rid, TransferToken(3), blocks, source);
+    c.gen[0]
+        .tx
+        .request_and_receive(c.now, Arc::new(req))
+        .unwrap();
+    assert!(c.net.is_empty(), "nothing is sent behind the driver's back");
+    let to: Vec<u32> = std::iter::from_fn(|| c.gen[0].tx.poll_transmit())
+        .map(|t| {
+            assert!(matches!(t.msg, Message::RequestInfo(_)));
+            t.to.rank
+        })
+        .collect();
+    assert_eq!(
+        to,
+        vec![0, 1],
+        "one RequestInfo per context rank, in rank order"
+    );
+    assert!(c.gen[0].tx.poll_transmit().is_none());
+}
