@@ -316,7 +316,7 @@ fn early_info_flood_keeps_ctx_memory_bounded() {
     let (rss1, hwm1) = proc_mem_kib(ctx.id());
     eprintln!(
         "ctx VmRSS {rss0} -> {rss1} KiB, VmHWM {hwm0} -> {hwm1} KiB after {} MiB of infos; early bytes {}",
-        FLOOD_CONNS * FLOOD_INFOS * info_len >> 20,
+        (FLOOD_CONNS * FLOOD_INFOS * info_len) >> 20,
         m["kvferry_early_info_bytes"]
     );
     assert!(
