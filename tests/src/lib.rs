@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use kvferry_cuda::node::frame::{self, Frame};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -277,5 +277,120 @@ impl RawPeer {
             }
         }
         None
+    }
+}
+
+impl RawPeer {
+    /// As `connect`, with the source address bound to `src` (a loopback address: every address
+    /// of 127.0.0.0/8 is local, so a test can play several hosts).
+    pub fn connect_from(src: IpAddr, addr: SocketAddr) -> RawPeer {
+        let stream = connect_from(src, addr, 1).pop().expect("one connection");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        RawPeer {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+/// Connections opened at once by `connect_from`.
+const CONNECT_BATCH: usize = 64;
+/// Bound on one connect (a full accept backlog makes the kernel retry the SYN).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens `n` connections to `to` from source address `src` (loopback only), `CONNECT_BATCH`
+/// at a time; returns them as blocking std sockets.
+pub fn connect_from(src: IpAddr, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    assert!(
+        src.is_loopback() && to.ip().is_loopback(),
+        "tests use loopback addresses only"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for connects");
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = CONNECT_BATCH.min(n - out.len());
+        let conns = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..batch {
+                set.spawn(async move {
+                    let s = tokio::net::TcpSocket::new_v4()?;
+                    s.bind(SocketAddr::new(src, 0))?;
+                    let c = tokio::time::timeout(CONNECT_TIMEOUT, s.connect(to)).await??;
+                    c.into_std()
+                });
+            }
+            set.join_all().await
+        });
+        for c in conns {
+            let c = c.unwrap_or_else(|e| panic!("connecting {src} -> {to}: {e}"));
+            c.set_nonblocking(false).unwrap();
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// (VmRSS, VmHWM) of process `pid` in KiB, from /proc/PID/status.
+pub fn proc_mem_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Raises this process's open-file soft limit to its hard limit (children inherit it) and
+/// returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        r.rlim_cur = r.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+    }
+    r.rlim_cur
+}
+
+/// Reads and discards whatever `s` receives until it closes, on a thread of its own (a peer
+/// that never reads would be cut off by the node's write-stall bound instead).
+pub fn drain(s: &TcpStream) {
+    let mut s = s.try_clone().expect("clone socket");
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64 << 10];
+        let _ = s.set_read_timeout(None);
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    });
+}
+
+/// Scrapes `metrics` until `pred` holds (returned), for at most `timeout`.
+pub fn wait_metrics(
+    metrics: SocketAddr,
+    timeout: Duration,
+    pred: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = scrape(metrics);
+        if pred(&m) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never satisfied the condition: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -14,7 +14,7 @@ use kvferry_core::config::{self, TransceiverConfig};
 use kvferry_cuda::node::backend::BackendSpec;
 use kvferry_cuda::node::bench::{self, BenchOptions};
 use kvferry_cuda::node::core::NodeCore;
-use kvferry_cuda::node::spec::{self, NodeSpec, MAX_POOL_BLOCKS};
+use kvferry_cuda::node::spec::{self, NodeLimits, NodeSpec, MAX_POOL_BLOCKS};
 use kvferry_cuda::node::{ctx, gen, metrics, runtime};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -104,6 +104,42 @@ struct Common {
     /// (BENCHMARKS.md, host node). `bench` gives each side its own runtime of this size.
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Per-peer bounds (defaults in `kvferry_cuda::node::spec`; README "Per-peer bounds").
+#[derive(Args)]
+struct LimitArgs {
+    /// Close a connection that sends no whole frame within this many ms of connecting.
+    #[arg(long, default_value_t = spec::DEFAULT_FIRST_FRAME.as_millis() as u64)]
+    first_frame_ms: u64,
+    /// Send a Heartbeat after this many ms without writing anything.
+    #[arg(long, default_value_t = spec::DEFAULT_HEARTBEAT.as_millis() as u64)]
+    heartbeat_ms: u64,
+    /// Close a connection silent for this many heartbeat intervals (its requests are cancelled).
+    #[arg(long, default_value_t = spec::DEFAULT_HEARTBEAT_MISSES)]
+    heartbeat_misses: u32,
+    /// ctx: connections one source IP may hold (unproven ones give way to newcomers).
+    #[arg(long, default_value_t = spec::DEFAULT_MAX_CONNS_PER_IP)]
+    max_conns_per_ip: usize,
+    /// ctx: KV blocks one source IP's prepared requests may hold (default: half of --blocks).
+    #[arg(long)]
+    max_blocks_per_ip: Option<u32>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Result<NodeLimits> {
+        let l = NodeLimits {
+            first_frame: Duration::from_millis(self.first_frame_ms),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            heartbeat_misses: self.heartbeat_misses,
+            max_conns_per_ip: self.max_conns_per_ip,
+            max_blocks_per_ip: self.max_blocks_per_ip,
+        };
+        l.validate().context("invalid limit flags")?;
+        Ok(l)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -192,6 +228,7 @@ impl Common {
             layout,
             pool_blocks: self.blocks,
             config,
+            limits: self.limits.limits()?,
         })
     }
 }

@@ -5,9 +5,18 @@
 //! A peer that breaks the protocol (garbage, truncated or oversized frames, data for a request
 //! it does not serve) gets an `Error` frame when possible, a WARN naming it, and a closed
 //! connection; nobody else notices.
+//!
+//! A peer that says nothing is cut off too: a connection must bring its first whole frame
+//! within `first_frame` and then one at least every `idle` (heartbeats count: every writer
+//! sends one when it has been quiet for `NodeLimits::heartbeat`), else it is closed as silent.
+//! "Whole frame" is what counts, not bytes, so a peer that trickles a frame byte by byte is as
+//! silent as one that sends nothing. The writer's own bound (`WRITE_STALL`) covers the other
+//! direction: a peer that stops reading.
 
+use super::admit::SeatSignals;
 use super::frame::{self, Frame};
 use super::link::{LinkQueues, Outgoing};
+use super::metrics::Metrics;
 use super::writer;
 use super::OwnedTask;
 use crate::host::landing::copy_into;
@@ -16,12 +25,14 @@ use bytes::{Buf, BufMut, BytesMut};
 use kvferry_core::wire::{DataHead, ErrorCode, Message};
 use kvferry_core::{PeerId, RequestId};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
 
 /// Bytes asked of the socket per buffered read (at most). Small: a data frame's payload is
 /// read straight into KV memory once its head is in (`land`), and every payload byte that a
@@ -66,6 +77,17 @@ enum Closed {
     Io(std::io::Error),
     /// The peer broke the protocol: it is told why, then cut off.
     Violation(String),
+    /// No whole frame within the deadline (`ReadDeadlines`).
+    Silent(String),
+    /// The connection table gave this seat to a newcomer (`admit`).
+    Evicted,
+}
+
+/// How long a connection's reader waits for whole frames (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadDeadlines {
+    pub first_frame: Duration,
+    pub idle: Duration,
 }
 
 /// Who is on the other end and where its frames go.
@@ -77,6 +99,12 @@ pub struct ConnCtx {
     pub agent: Option<Arc<HostAgent>>,
     pub inbox: mpsc::Sender<Inbound>,
     pub control: mpsc::Sender<Outgoing>,
+    pub deadlines: ReadDeadlines,
+    /// The writer sends a `Heartbeat` after this long without writing anything.
+    pub heartbeat: Duration,
+    /// Marked proven on the first whole frame; eviction closes the connection.
+    pub seat: SeatSignals,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs the connection until it ends; returns why, for the driver's `Down`.
@@ -85,9 +113,15 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     // Owned: if this future is dropped (its connection task aborted), the writer goes too.
-    let mut writer = OwnedTask(tokio::spawn(writer::write_loop(wr, queues, WRITE_STALL)));
+    let mut writer = OwnedTask(tokio::spawn(writer::write_loop(
+        wr,
+        queues,
+        WRITE_STALL,
+        Some(ctx.heartbeat),
+    )));
     let closed = tokio::select! {
         c = read_loop(rd, &ctx) => c,
+        _ = ctx.seat.evict.notified() => Closed::Evicted,
         w = &mut writer.0 => match w {
             Ok(Ok(())) => Closed::Eof,
             Ok(Err(e)) => Closed::Io(e),
@@ -97,6 +131,19 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
     match closed {
         Closed::Eof => "peer closed the connection".into(),
         Closed::Io(e) => format!("connection error: {e}"),
+        Closed::Evicted => {
+            ctx.metrics
+                .connections_evicted
+                .fetch_add(1, Ordering::Relaxed);
+            "evicted: its seat went to a new connection (it had sent no frame)".into()
+        }
+        Closed::Silent(why) => {
+            ctx.metrics
+                .connections_silent
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %ctx.peer, addr = %ctx.addr, %why, "closing a silent connection");
+            format!("silent: {why}")
+        }
         Closed::Violation(why) => {
             tracing::warn!(peer = %ctx.peer, addr = %ctx.addr, error = %why, "protocol violation, closing the connection");
             let bye = Message::Error {
@@ -113,16 +160,54 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
     }
 }
 
+/// When the reader next needs a whole frame by.
+#[derive(Debug)]
+struct Deadline {
+    at: Instant,
+    first: bool,
+}
+
+impl Deadline {
+    fn new(d: ReadDeadlines) -> Deadline {
+        Deadline {
+            at: Instant::now() + d.first_frame,
+            first: true,
+        }
+    }
+
+    /// A whole frame came: the peer is proven and has `idle` until its next one.
+    fn frame(&mut self, ctx: &ConnCtx) {
+        if self.first {
+            self.first = false;
+            ctx.seat.proven.store(true, Ordering::Relaxed);
+        }
+        self.at = Instant::now() + ctx.deadlines.idle;
+    }
+
+    fn missed(&self, ctx: &ConnCtx) -> Closed {
+        Closed::Silent(if self.first {
+            format!(
+                "no frame within {:?} of connecting",
+                ctx.deadlines.first_frame
+            )
+        } else {
+            format!("no frame for {:?}", ctx.deadlines.idle)
+        })
+    }
+}
+
 async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut due = Deadline::new(ctx.deadlines);
     loop {
         loop {
             if let Some(agent) = &ctx.agent {
                 match frame::decode_data_head(&mut buf) {
                     Ok(Some(head)) => {
-                        if let Err(c) = land(&mut rd, &mut buf, ctx, agent, head).await {
+                        if let Err(c) = land(&mut rd, &mut buf, ctx, agent, head, &due).await {
                             return c;
                         }
+                        due.frame(ctx);
                         continue;
                     }
                     Ok(None) => {}
@@ -131,6 +216,7 @@ async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
             }
             match frame::decode(&mut buf) {
                 Ok(Some(f)) => {
+                    due.frame(ctx);
                     if let Err(c) = on_frame(ctx, f).await {
                         return c;
                     }
@@ -140,7 +226,11 @@ async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
             }
         }
         make_room(&mut buf);
-        match rd.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await {
+        let read = timeout_at(due.at, rd.read_buf(&mut (&mut buf).limit(READ_CHUNK))).await;
+        let Ok(read) = read else {
+            return due.missed(ctx);
+        };
+        match read {
             Ok(0) if buf.is_empty() => return Closed::Eof,
             Ok(0) => {
                 return Closed::Violation(format!(
@@ -170,6 +260,7 @@ async fn land(
     ctx: &ConnCtx,
     agent: &HostAgent,
     head: DataHead,
+    due: &Deadline,
 ) -> Result<(), Closed> {
     let request = head.request;
     let mut landing = agent.land_from(ctx.peer, head);
@@ -193,7 +284,10 @@ async fn land(
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                rd.readable().await.map_err(Closed::Io)?
+                match timeout_at(due.at, rd.readable()).await {
+                    Ok(r) => r.map_err(Closed::Io)?,
+                    Err(_) => return Err(due.missed(ctx)),
+                }
             }
             Err(e) => return Err(Closed::Io(e)),
         }
@@ -222,6 +316,10 @@ fn refused(ctx: &ConnCtx, request: RequestId, e: &DataError) -> Result<(), Close
 }
 
 async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
+    if let Frame::Core(Message::Heartbeat { .. }) = &f {
+        // A link-level liveness signal: it has reset the deadline; the driver need not see it.
+        return Ok(());
+    }
     if let Frame::Core(Message::Data { request, .. }) = &f {
         // A host connection lands data frames head first (`land`), so one decoded whole is on
         // a CUDA connection, where bytes move over CUDA IPC.

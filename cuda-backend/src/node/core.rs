@@ -5,7 +5,7 @@ use super::backend::{Backend, BackendError, BackendParts, BackendSpec};
 use super::frame::Frame;
 use super::link::{LinkError, Links};
 use super::metrics::Metrics;
-use super::spec::NodeSpec;
+use super::spec::{NodeLimits, NodeSpec};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::{agree, CollectiveError};
@@ -25,6 +25,8 @@ pub struct NodeCore {
     pub metrics: Arc<Metrics>,
     /// Notified by the agent on every completion.
     pub wake: Arc<Notify>,
+    /// Per-peer bounds of this node (`spec::NodeLimits`).
+    pub limits: NodeLimits,
     start: Instant,
     timeout_ms: u64,
 }
@@ -85,6 +87,7 @@ impl NodeCore {
             links,
             metrics: Metrics::new(),
             wake,
+            limits: spec.limits,
             start: Instant::now(),
             timeout_ms: spec.config.kv_transfer_timeout_ms.unwrap_or(0),
         })
@@ -161,6 +164,7 @@ impl NodeCore {
             o.blocks_free,
             o.blocks_total,
         );
+        self.metrics.set_early(&self.tx.early_counts());
     }
 }
 

@@ -2,11 +2,18 @@
 //! (blocks allocated and filled from a seed, `respond_and_send` registered), and serves their
 //! `RequestInfo`s. A request whose gen peer disconnects is cancelled; one never asked for
 //! fails after `kv_transfer_sender_future_timeout_ms`.
+//!
+//! Peers are not trusted to share: seats in the connection table are shared out by source IP
+//! (`admit`), the blocks of prepared requests too (`NodeLimits::max_blocks_per_ip`), and a
+//! connection silent past its deadline is closed (`conn`), which cancels what it held.
 
-use super::conn::{self, ConnCtx, Inbound};
+use super::admit::{Admission, Admit, SeatGuard, SeatSignals};
+use super::conn::{self, ConnCtx, Inbound, ReadDeadlines};
 use super::core::NodeCore;
 use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
 use super::link::{Link, Links, Outgoing};
+use super::metrics::Metrics;
+use super::spec::NodeLimits;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
 use crate::host::HostAgent;
@@ -14,14 +21,17 @@ use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Span;
 
-/// Gen peers connected at once; more are refused with a WARN.
+/// Gen peers connected at once. A newcomer past it takes the seat of the oldest connection that
+/// has not sent a frame yet, or is refused with a WARN when there is none (`admit`).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -29,6 +39,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Owned {
     peer: PeerId,
+    /// The host whose block share the request counts against, and its blocks.
+    ip: IpAddr,
+    blocks: usize,
     span: Span,
 }
 
@@ -41,6 +54,12 @@ struct CtxNode {
     /// completions they sent before hanging up (a host send task's end, a CUDA pull's
     /// `PullFinished`) are drained first, so requests that did finish are not cancelled.
     lost: Vec<PeerId>,
+    /// Source IP of each connected gen peer (from `Up` until it is forgotten).
+    peer_ips: HashMap<PeerId, IpAddr>,
+    /// Blocks held by each host's prepared requests; a host holding none has no entry.
+    held: HashMap<IpAddr, usize>,
+    /// `NodeLimits::blocks_per_ip` for this pool.
+    blocks_per_ip: usize,
 }
 
 /// Runs the ctx role on `listener` until the process ends (or the task is aborted).
@@ -63,11 +82,19 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
     // Owned: aborting this role stops its accept loop and, with it, its connections.
     let _accept = OwnedTask(tokio::spawn(accept_loop(
         listener,
-        core.links.clone(),
-        core.backend.data_agent(),
-        inbox_tx,
+        Acceptor {
+            links: core.links.clone(),
+            agent: core.backend.data_agent(),
+            inbox: inbox_tx,
+            limits: core.limits,
+            metrics: core.metrics.clone(),
+        },
     )));
+    let pool_blocks = core.pool.lock().expect("pool lock").capacity() as u32;
     let mut node = CtxNode {
+        peer_ips: HashMap::new(),
+        held: HashMap::new(),
+        blocks_per_ip: core.limits.blocks_per_ip(pool_blocks) as usize,
         core,
         owned: HashMap::new(),
         // Ids from a fresh random base: a restarted ctx never reuses ids a gen still knows.
@@ -101,12 +128,20 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// What the accept loop hands each connection.
+struct Acceptor {
     links: Links,
     agent: Option<Arc<HostAgent>>,
     inbox: mpsc::Sender<Inbound>,
-) {
+    limits: NodeLimits,
+    metrics: Arc<Metrics>,
+}
+
+async fn accept_loop(listener: TcpListener, a: Acceptor) {
+    let table = Arc::new(Mutex::new(Admission::new(
+        MAX_CONNECTIONS,
+        a.limits.max_conns_per_ip,
+    )));
     let mut n: u32 = 0;
     // The connection tasks: aborted when this loop is (dropping a `JoinSet` aborts its tasks).
     let mut conns = JoinSet::new();
@@ -120,36 +155,81 @@ async fn accept_loop(
                 continue;
             }
         };
-        if links.len() >= MAX_CONNECTIONS {
-            tracing::warn!(%addr, limit = MAX_CONNECTIONS, "too many connections, refusing");
-            continue;
-        }
         let peer = PeerId {
             instance: GEN_INSTANCE_BASE + n,
             rank: 0,
         };
         n = n.wrapping_add(1);
-        let (link, queues) = Link::new(addr);
-        let ctx = ConnCtx {
-            peer,
-            addr,
-            agent: agent.clone(),
-            inbox: inbox.clone(),
-            control: link.control.clone(),
-        };
-        links.insert(peer, link);
-        tracing::info!(%peer, %addr, "gen peer connected");
-        // Before the connection task starts, so the driver greets the peer before any frame.
-        if inbox.send(Inbound::Up { peer }).await.is_err() {
-            return;
+        let seat = SeatSignals::default();
+        let admitted =
+            table
+                .lock()
+                .expect("connection table lock")
+                .admit(peer, addr.ip(), seat.clone());
+        match admitted {
+            Admit::Refused { reason } => {
+                a.metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%addr, limit = MAX_CONNECTIONS, per_ip = a.limits.max_conns_per_ip, reason, "refusing a connection");
+                continue;
+            }
+            Admit::Seated { evicted: Some(old) } => {
+                tracing::info!(evicted = %a.links.describe(old), %addr, "seat of a connection that sent no frame given to a newcomer");
+            }
+            Admit::Seated { evicted: None } => {}
         }
-        let (links, inbox) = (links.clone(), inbox.clone());
+        let guard = SeatGuard {
+            table: table.clone(),
+            peer,
+        };
+        let Some(task) = connect(&a, stream, addr, peer, seat).await else {
+            return;
+        };
         conns.spawn(async move {
-            let reason = conn::serve(stream, ctx, queues).await;
-            links.remove(peer);
-            let _ = inbox.send(Inbound::Down { peer, reason }).await;
+            let _seat = guard; // freed however the task ends
+            task.await
         });
     }
+}
+
+/// Registers a seated connection's link and tells the driver; returns the connection's task
+/// (`None` when the driver is gone).
+async fn connect(
+    a: &Acceptor,
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    peer: PeerId,
+    seat: SeatSignals,
+) -> Option<impl std::future::Future<Output = ()>> {
+    let (link, queues) = Link::new(addr);
+    let ctx = ConnCtx {
+        peer,
+        addr,
+        agent: a.agent.clone(),
+        inbox: a.inbox.clone(),
+        control: link.control.clone(),
+        deadlines: ReadDeadlines {
+            first_frame: a.limits.first_frame,
+            idle: a.limits.idle(),
+        },
+        heartbeat: a.limits.heartbeat,
+        seat,
+        metrics: a.metrics.clone(),
+    };
+    a.links.insert(peer, link);
+    tracing::info!(%peer, %addr, "gen peer connected");
+    // Before the connection task starts, so the driver greets the peer before any frame.
+    if a.inbox.send(Inbound::Up { peer }).await.is_err() {
+        a.links.remove(peer);
+        return None;
+    }
+    let (links, inbox) = (a.links.clone(), a.inbox.clone());
+    Some(async move {
+        let reason = conn::serve(stream, ctx, queues).await;
+        links.remove(peer);
+        let _ = inbox.send(Inbound::Down { peer, reason }).await;
+    })
 }
 
 impl CtxNode {
@@ -194,7 +274,12 @@ impl CtxNode {
                 tracing::info!(%peer, %reason, "gen peer disconnected");
                 self.lost.push(peer);
             }
-            Inbound::Up { peer } => self.greet(peer),
+            Inbound::Up { peer } => {
+                if let Some(l) = self.core.links.get(peer) {
+                    self.peer_ips.insert(peer, l.addr.ip());
+                }
+                self.greet(peer);
+            }
             Inbound::GaveUp { .. } => {}
         }
     }
@@ -209,6 +294,7 @@ impl CtxNode {
         if n == 0 || n > MAX_PREPARE_BLOCKS {
             return Err(format!("block count {n} outside 1..={MAX_PREPARE_BLOCKS}"));
         }
+        let ip = self.share_left(peer, n)?;
         let id = RequestId(self.next_id);
         self.next_id += 1;
         let blocks = self
@@ -233,8 +319,38 @@ impl CtxNode {
             return Err(e.to_string());
         }
         let span = tracing::info_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
-        self.owned.insert(id, Owned { peer, span });
+        self.owned.insert(
+            id,
+            Owned {
+                peer,
+                ip,
+                blocks: n as usize,
+                span,
+            },
+        );
+        *self.held.entry(ip).or_default() += n as usize;
         Ok((id, token, ids))
+    }
+
+    /// The asking peer's host, if `n` more blocks stay within its share
+    /// (`NodeLimits::max_blocks_per_ip`); else why not, for its `PrepareFailed`.
+    fn share_left(&self, peer: PeerId, n: u32) -> Result<IpAddr, String> {
+        let Some(&ip) = self.peer_ips.get(&peer) else {
+            return Err("the connection is closing".into());
+        };
+        let held = self.held.get(&ip).copied().unwrap_or(0);
+        if held + n as usize > self.blocks_per_ip {
+            self.core
+                .metrics
+                .prepares_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %self.core.links.describe(peer), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
+            return Err(format!(
+                "over this host's block share: {ip} holds {held} of {} blocks, asked {n} more (--max-blocks-per-ip)",
+                self.blocks_per_ip
+            ));
+        }
+        Ok(ip)
     }
 
     /// Cancels what lost peers still own and fails their transfers (see `lost`).
@@ -250,6 +366,7 @@ impl CtxNode {
             for id in ids {
                 self.core.tx.cancel(now, id);
             }
+            self.peer_ips.remove(&peer);
             self.core.backend.peer_lost(peer);
         }
     }
@@ -281,6 +398,14 @@ impl CtxNode {
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(o) = self.owned.remove(&id) {
+            let held = self
+                .held
+                .get_mut(&o.ip)
+                .expect("a request's host is counted");
+            *held -= o.blocks;
+            if *held == 0 {
+                self.held.remove(&o.ip);
+            }
             o.span.record("outcome", tracing::field::debug(f.state));
             o.span
                 .in_scope(|| tracing::debug!(state = ?f.state, "request finished"));
@@ -304,6 +429,7 @@ mod tests {
             layout: spec::layout(1, 1, 64, 16, 2),
             pool_blocks: 4,
             config: Default::default(),
+            limits: Default::default(),
         };
         let ctx_task = tokio::spawn(run(listener, spec));
         let _conn = TcpStream::connect(addr)

@@ -2,12 +2,14 @@
 //! asks it for synthetic requests, receives each through `request_and_receive`, verifies every
 //! byte, and returns a summary.
 
-use super::conn::{self, ConnCtx, Inbound};
+use super::admit::SeatSignals;
+use super::conn::{self, ConnCtx, Inbound, ReadDeadlines};
 use super::core::{NodeCore, Occupancy};
 use super::cpu;
 use super::frame::{parse_token, Frame, NodeFrame};
 use super::link::{Link, Links, Outgoing};
-use super::spec::{NodeSpec, CTX_INSTANCE};
+use super::metrics::Metrics;
+use super::spec::{NodeLimits, NodeSpec, CTX_INSTANCE};
 use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
 use crate::host::HostAgent;
 use kvferry_core::request::{ContextSource, Request, RequestState};
@@ -137,9 +139,13 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
     let dialer = OwnedTask(tokio::spawn(dial_loop(
         opts.peer,
         ctx,
-        core.links.clone(),
-        core.backend.data_agent(),
-        inbox_tx,
+        Dialer {
+            links: core.links.clone(),
+            agent: core.backend.data_agent(),
+            inbox: inbox_tx,
+            limits: core.limits,
+            metrics: core.metrics.clone(),
+        },
     )));
     let mut node = GenNode {
         rng: StdRng::seed_from_u64(opts.seed),
@@ -209,13 +215,23 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
     Ok(node.summarize(elapsed, cpu_time))
 }
 
-async fn dial_loop(
-    addr: SocketAddr,
-    peer: PeerId,
+/// What the dialer hands each connection.
+struct Dialer {
     links: Links,
     agent: Option<Arc<HostAgent>>,
     inbox: mpsc::Sender<Inbound>,
-) {
+    limits: NodeLimits,
+    metrics: Arc<Metrics>,
+}
+
+async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
+    let Dialer {
+        links,
+        agent,
+        inbox,
+        limits,
+        metrics,
+    } = d;
     let mut failures: u32 = 0;
     loop {
         match TcpStream::connect(addr).await {
@@ -228,6 +244,15 @@ async fn dial_loop(
                     agent: agent.clone(),
                     inbox: inbox.clone(),
                     control: link.control.clone(),
+                    // A host ctx says nothing until asked (or its first heartbeat): the gen
+                    // holds it to the idle deadline from the start.
+                    deadlines: ReadDeadlines {
+                        first_frame: limits.idle(),
+                        idle: limits.idle(),
+                    },
+                    heartbeat: limits.heartbeat,
+                    seat: SeatSignals::default(),
+                    metrics: metrics.clone(),
                 };
                 links.insert(peer, link);
                 if inbox.send(Inbound::Up { peer }).await.is_err() {

@@ -2,7 +2,7 @@
 //! responder (one request per connection).
 
 use kvferry_core::staging::StagingCounters;
-use kvferry_core::transceiver::TxCounters;
+use kvferry_core::transceiver::{EarlyCounts, TxCounters};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +22,15 @@ pub struct Metrics {
     tx: [AtomicU64; 7],
     pub requests_done: AtomicU64,
     pub requests_failed: AtomicU64,
+    /// Connections refused a seat (their host's share and the table full of proven peers).
+    pub connections_refused: AtomicU64,
+    /// Unproven connections that gave their seat to a newcomer.
+    pub connections_evicted: AtomicU64,
+    /// Connections closed for bringing no frame in time (first frame or idle deadline).
+    pub connections_silent: AtomicU64,
+    /// `Prepare`s refused because the asking host holds its block share.
+    pub prepares_refused: AtomicU64,
+    early: [AtomicU64; 3],
     staging: [AtomicU64; 4],
     blocks: [AtomicU64; 2],
     buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
@@ -62,6 +71,13 @@ impl Metrics {
         }
         set(&self.blocks[0], blocks as u64);
         set(&self.blocks[1], blocks_free as u64);
+    }
+
+    /// What the transceiver holds for requests not registered yet (bounded in the core).
+    pub fn set_early(&self, e: &EarlyCounts) {
+        set(&self.early[0], e.infos as u64);
+        set(&self.early[1], e.info_bytes as u64);
+        set(&self.early[2], e.aborts as u64);
     }
 
     pub fn observe_latency(&self, d: Duration) {
@@ -124,6 +140,26 @@ impl Metrics {
                 "Requests failed or cancelled",
                 &self.requests_failed,
             ),
+            (
+                "kvferry_connections_refused_total",
+                "Connections refused a seat (host share or table full of proven peers)",
+                &self.connections_refused,
+            ),
+            (
+                "kvferry_connections_evicted_total",
+                "Connections evicted before their first frame to seat a newcomer",
+                &self.connections_evicted,
+            ),
+            (
+                "kvferry_connections_silent_total",
+                "Connections closed for no frame within the first-frame or idle deadline",
+                &self.connections_silent,
+            ),
+            (
+                "kvferry_prepares_refused_total",
+                "Prepares refused: the asking host holds its block share",
+                &self.prepares_refused,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -155,6 +191,21 @@ impl Metrics {
                 &self.blocks[0],
             ),
             ("kvferry_blocks_free", "KV blocks free", &self.blocks[1]),
+            (
+                "kvferry_early_infos",
+                "RequestInfos parked for requests not registered yet",
+                &self.early[0],
+            ),
+            (
+                "kvferry_early_info_bytes",
+                "Bytes of parked RequestInfos (bounded in total and per peer)",
+                &self.early[1],
+            ),
+            (
+                "kvferry_early_aborts",
+                "Aborts parked for requests not registered yet",
+                &self.early[2],
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(

@@ -7,6 +7,7 @@
 //! `Transceiver`; connection tasks feed it frames, the agent wakes it on completions, and a
 //! tick drives timeouts.
 
+pub mod admit;
 pub mod backend;
 pub mod bench;
 pub mod conn;

@@ -5,10 +5,15 @@
 //! written: so a socket that takes no byte for `stall` ends the connection (its frames are
 //! dropped, its sends fail, its transfers' fences pass) instead of wedging them for as long
 //! as TCP would keep a silent connection open.
+//!
+//! A writer that has written nothing for its heartbeat interval sends a `Heartbeat`, so the
+//! peer's reader (which closes a connection silent past its idle deadline, see `conn`) can
+//! tell a live but idle node from a dead one.
 
 use super::frame;
 use super::link::{DataOut, LinkQueues, Outgoing};
 use bytes::{Buf, BytesMut};
+use kvferry_core::wire::Message;
 use std::io::{self, IoSlice};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -23,17 +28,27 @@ enum Item {
 }
 
 /// Runs until the link is gone (`Ok`), it is closed, or a write fails or stalls past `stall`.
+/// With `heartbeat`, a `Heartbeat` goes out whenever nothing else has for that long.
 pub async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut q: LinkQueues,
     stall: Duration,
+    heartbeat: Option<Duration>,
 ) -> io::Result<()> {
     let mut out = BytesMut::with_capacity(WRITE_BATCH);
+    let mut seq: u64 = 0;
     loop {
+        // Far in the future without heartbeats: the branch never fires.
+        let beat = tokio::time::sleep(heartbeat.unwrap_or(Duration::from_secs(86_400)));
         let first = tokio::select! {
             biased;
             c = q.control.recv() => c.map(Item::Control),
             d = q.data.recv() => d.map(Item::Data),
+            _ = beat => {
+                seq += 1;
+                let hb = frame::Frame::Core(Message::Heartbeat { seq });
+                Some(Item::Control(Outgoing::Frame(hb)))
+            }
         };
         let Some(mut item) = first else {
             return Ok(()); // the link is gone
@@ -184,7 +199,7 @@ mod tests {
                 written: tx,
             })
             .unwrap();
-        let writer = tokio::spawn(write_loop(wr, queues, Duration::from_secs(10)));
+        let writer = tokio::spawn(write_loop(wr, queues, Duration::from_secs(10), None));
 
         // Read slowly at first, so the writer meets a full send buffer.
         let mut got = Vec::new();
@@ -219,6 +234,51 @@ mod tests {
         assert!(wire.is_empty(), "nothing after the close");
     }
 
+    /// A writer with nothing to send sends numbered heartbeats, so the peer's idle deadline
+    /// does not cut a live node; without a heartbeat interval it sends nothing.
+    #[tokio::test]
+    async fn an_idle_writer_sends_heartbeats() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = stream.into_split();
+        let (link, queues) = Link::new(addr);
+        let beat = Duration::from_millis(20);
+        let _writer = tokio::spawn(write_loop(wr, queues, Duration::from_secs(10), Some(beat)));
+        let mut wire = BytesMut::new();
+        let d = Decoder::default();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            if let Some(m) = d.decode(&mut wire).unwrap() {
+                got.push(m);
+                continue;
+            }
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(Duration::from_secs(10), peer.read(&mut buf))
+                .await
+                .expect("a heartbeat within 10 s")
+                .unwrap();
+            assert!(n > 0, "the writer hung up");
+            wire.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            got,
+            [Message::Heartbeat { seq: 1 }, Message::Heartbeat { seq: 2 }]
+        );
+        drop(link);
+
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut quiet, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = stream.into_split();
+        let (link, queues) = Link::new(addr);
+        let _writer = tokio::spawn(write_loop(wr, queues, Duration::from_secs(10), None));
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(beat * 10, quiet.read(&mut buf)).await;
+        assert!(r.is_err(), "no heartbeat configured, yet bytes came: {r:?}");
+        drop(link);
+    }
+
     /// A peer that accepts and never reads: the writer gives up after `stall` without
     /// progress, and the frame it could not finish is dropped unwritten (its send fails).
     #[tokio::test]
@@ -246,7 +306,7 @@ mod tests {
             .unwrap();
         let stall = Duration::from_millis(200);
         let t0 = std::time::Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(10), write_loop(wr, queues, stall))
+        let r = tokio::time::timeout(Duration::from_secs(10), write_loop(wr, queues, stall, None))
             .await
             .expect("the writer gives up");
         let e = r.expect_err("a stalled peer is an error");
