@@ -46,7 +46,7 @@ impl Transceiver {
         let Some(e) = self.entries.get(&id) else {
             if token.is_some() || any {
                 if let Err(why) = self.early.park_abort(now, from, id, token) {
-                    tracing::warn!(request = %id, peer = %from, ?why, "early abort dropped");
+                    tracing::debug!(request = %id, peer = %from, ?why, "early abort dropped");
                 }
             }
             return;
@@ -56,9 +56,11 @@ impl Transceiver {
             None => is_bound(e, from),
         };
         if !proven && !any {
-            tracing::warn!(request = %id, peer = %from, "abort without authority ignored");
+            // Debug, not warn: a stranger could otherwise flood the log at will.
+            tracing::debug!(request = %id, peer = %from, "abort without authority ignored");
             return;
         }
+        tracing::warn!(request = %id, peer = %from, "peer aborted the request");
         self.abort_entry(now, id, FailCause::PeerAborted);
     }
 

@@ -169,6 +169,32 @@ impl EarlyQueue {
         parked
     }
 
+    /// Drops everything `peer` parked (its connection is gone: its input can only expire).
+    pub fn forget_peer(&mut self, peer: PeerId) {
+        if !self.shares.contains_key(&peer) {
+            return;
+        }
+        let mut emptied = Vec::new();
+        let mut dropped = Vec::new();
+        for (id, (since, parked)) in self.by_request.iter_mut() {
+            let (gone, kept): (Vec<Parked>, Vec<Parked>) =
+                parked.drain(..).partition(|p| p.from() == peer);
+            *parked = kept;
+            dropped.extend(gone);
+            if parked.is_empty() {
+                emptied.push((*since, *id));
+            }
+        }
+        for (since, id) in emptied {
+            self.by_request.remove(&id);
+            self.by_age.remove(&(since, id));
+        }
+        for p in &dropped {
+            self.release(p);
+        }
+        self.assert_counts();
+    }
+
     /// When the oldest parked input came, if any.
     pub fn oldest(&self) -> Option<Duration> {
         self.by_age.first().map(|(since, _)| *since)
@@ -344,6 +370,21 @@ mod tests {
         assert_eq!(q.counts().aborts, 0);
         q.park_abort(ttl, peer(1), RequestId(1 << 40), None)
             .unwrap();
+    }
+
+    #[test]
+    fn a_lost_peers_input_is_dropped_and_others_kept() {
+        let mut q = EarlyQueue::default();
+        q.park_info(Duration::ZERO, peer(1), info(5, 10)).unwrap();
+        q.park_info(Duration::ZERO, peer(2), info(5, 10)).unwrap();
+        q.park_abort(Duration::ZERO, peer(1), RequestId(6), None)
+            .unwrap();
+        q.forget_peer(peer(1));
+        assert_eq!(q.counts().infos, 1);
+        assert_eq!(q.counts().aborts, 0);
+        assert!(q.take(RequestId(6)).is_empty());
+        assert_eq!(q.take(RequestId(5)).len(), 1);
+        assert!(q.shares.is_empty());
     }
 
     #[test]

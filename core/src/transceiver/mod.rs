@@ -259,7 +259,7 @@ impl Transceiver {
                 self.on_peer_abort(now, from, request, Some(token))
             }
             Message::Error { request, code, .. } => {
-                tracing::warn!(request = %request, peer = %from, ?code, "peer reported an error");
+                tracing::debug!(request = %request, peer = %from, ?code, "peer reported an error");
                 self.on_peer_abort(now, from, request, None)
             }
             Message::Ready { .. } | Message::Done { .. } | Message::Heartbeat { .. } => {}
@@ -289,12 +289,14 @@ impl Transceiver {
     /// The connection to `peer` is gone (reset, closed, or silent past the driver's liveness
     /// bound): every request bound to it fails now instead of waiting out a timeout. On a
     /// generation rank that is every request whose source instance is `peer`'s; on a context
-    /// rank every request with a leg to `peer`.
+    /// rank every request with a leg to `peer`. What `peer` parked here is dropped, so a peer
+    /// that reconnects under a new id cannot hold two shares.
     pub fn handle_peer_lost(&mut self, now: Duration, peer: PeerId) {
+        self.early.forget_peer(peer);
         let bound: Vec<RequestId> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.cause.is_none() && is_bound(e, peer))
+            .filter(|(_, e)| !e.reported && e.cause.is_none() && is_bound(e, peer))
             .map(|(id, _)| *id)
             .collect();
         for id in bound {

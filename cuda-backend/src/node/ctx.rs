@@ -366,6 +366,8 @@ impl CtxNode {
             for id in ids {
                 self.core.tx.cancel(now, id);
             }
+            // Requests it asked for but did not prepare, and what it parked, end with it too.
+            self.core.tx.handle_peer_lost(now, peer);
             self.peer_ips.remove(&peer);
             self.core.backend.peer_lost(peer);
         }
