@@ -98,6 +98,12 @@ impl NodeCore {
         self.start.elapsed()
     }
 
+    /// When the transceiver next needs a step, if anything waits on time: its
+    /// `poll_timeout()` on the node's clock.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.tx.poll_timeout().map(|d| self.start + d)
+    }
+
     /// Sends what the transceiver wants sent. A peer with no connection left is lost: what
     /// depended on it fails now.
     pub fn flush(&mut self) {

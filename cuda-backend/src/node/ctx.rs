@@ -15,7 +15,7 @@ use super::link::{Link, Links, Outgoing};
 use super::metrics::Metrics;
 use super::spec::NodeLimits;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
-use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
+use super::{sleep_until, NodeError, OwnedTask, INBOX, INBOX_BATCH};
 use crate::host::HostAgent;
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
@@ -102,8 +102,6 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
         lost: Vec::new(),
     };
     let wake = node.core.wake.clone();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             ev = inbox.recv() => {
@@ -117,7 +115,7 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
                 }
             }
             _ = wake.notified() => {}
-            _ = tick.tick() => {}
+            _ = sleep_until(node.core.next_deadline()) => {}
         }
         let (finished, _) = node.core.step()?;
         for f in finished {

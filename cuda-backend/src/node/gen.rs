@@ -10,7 +10,7 @@ use super::frame::{parse_token, Frame, NodeFrame};
 use super::link::{Link, Links, Outgoing};
 use super::metrics::Metrics;
 use super::spec::{NodeLimits, NodeSpec, CTX_INSTANCE};
-use super::{NodeError, OwnedTask, INBOX, INBOX_BATCH, TICK};
+use super::{sleep_until, NodeError, OwnedTask, INBOX, INBOX_BATCH};
 use crate::host::HostAgent;
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
@@ -171,8 +171,6 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
     let cpu_started = cpu::process_cpu();
     let mut progress = Progress::new(node.opts.progress);
     let wake = node.core.wake.clone();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut drain_until: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -188,7 +186,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
                 }
             }
             _ = wake.notified() => {}
-            _ = tick.tick() => {}
+            _ = sleep_until(node.next_wake(&progress, drain_until)) => {}
         }
         let (finished, events) = node.core.step()?;
         node.on_events(&events);
@@ -384,6 +382,23 @@ impl GenNode {
                 frame: Frame::Node(f),
             } => self.on_node_frame(peer, f),
         }
+    }
+
+    /// The earliest instant anything of this gen waits on: the transceiver's next deadline,
+    /// the CUDA pool wait, the next progress line, the final drain.
+    fn next_wake(&self, progress: &Progress, drain_until: Option<Instant>) -> Option<Instant> {
+        let pool = self
+            .pool_wait
+            .map(|t| t + POOL_WAIT + Duration::from_millis(1));
+        [
+            self.core.next_deadline(),
+            pool.filter(|_| !self.gave_up),
+            progress.next(),
+            drain_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn check_pool_wait(&mut self) {
@@ -667,6 +682,11 @@ impl Progress {
             s.requests,
             s.bytes as f64 / (1 << 20) as f64
         )
+    }
+
+    /// When the next line is due, if progress is on.
+    fn next(&self) -> Option<Instant> {
+        self.enabled.then(|| self.last + self.every)
     }
 
     fn maybe_print(&mut self, s: &Summary, in_flight: usize) {

@@ -4,8 +4,8 @@
 //! `Data` chunks) and the node's own load-setup frames (`frame::NodeFrame`). With feature
 //! `cuda` and `--backend cuda` the KV pools live on GPUs instead and the bytes move over CUDA
 //! IPC, not the connection (`gpu`). Each node runs one driver task that owns its
-//! `Transceiver`; connection tasks feed it frames, the agent wakes it on completions, and a
-//! tick drives timeouts.
+//! `Transceiver`; connection tasks feed it frames, the agent wakes it on completions, and it
+//! sleeps until the transceiver's `poll_timeout()` otherwise: there is no fixed tick.
 
 pub mod admit;
 pub mod backend;
@@ -24,7 +24,6 @@ pub mod spec;
 pub mod writer;
 
 use kvferry_core::collective::CollectiveError;
-use std::time::Duration;
 use thiserror::Error;
 use tokio::task::JoinHandle;
 
@@ -32,8 +31,6 @@ use tokio::task::JoinHandle;
 pub const INBOX: usize = 4096;
 /// Inbox events handled per completion step.
 pub const INBOX_BATCH: usize = 256;
-/// Timer resolution of the driver (timeouts, staging waits).
-pub const TICK: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -69,5 +66,14 @@ pub struct OwnedTask<T>(pub JoinHandle<T>);
 impl<T> Drop for OwnedTask<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Sleeps until `at`, or for ever when nothing waits on time (input or the agent wakes the
+/// driver then).
+pub async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
