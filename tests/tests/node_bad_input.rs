@@ -153,3 +153,27 @@ fn hostile_peers_are_refused_and_others_still_served() {
     assert!(status.success(), "{s}");
     assert_eq!(s["done"], 10, "{s}");
 }
+
+/// A newcomer's mistake: a gen pointed where nothing listens says so within seconds and exits
+/// non-zero, and its summary prints no figure made up from zero bytes.
+#[test]
+fn a_gen_with_nothing_listening_fails_fast_and_says_why() {
+    // Bind then drop a listener: a port on loopback where, for now, nothing listens.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut gen = NodeProc::spawn(BIN, &["gen", "--peer", &addr, "--requests", "3", "--quiet"]);
+    let status = gen.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "exit {status:?}");
+    let s = gen.summary();
+    assert_eq!(s["skipped"], 3);
+    assert!(s["cpu_s_per_gib"].is_null() && s["p50_ms"].is_null(), "{s}");
+    assert!(s["gave_up"].as_str().unwrap().contains(&addr), "{s}");
+    assert!(
+        gen.stderr_text().contains("gave the ctx up"),
+        "{}",
+        gen.stderr_text()
+    );
+}

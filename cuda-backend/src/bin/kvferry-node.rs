@@ -334,6 +334,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let s = gen::run_with(core, opts).await.context("gen node")?;
             print_summary(&s)?;
+            if let Some(cause) = &s.gave_up {
+                eprintln!("kvferry-node gen: gave the ctx up: {cause}");
+            }
             if s.failed > 0 || s.skipped > 0 {
                 std::process::exit(1);
             }
@@ -381,8 +384,12 @@ fn progress_period(load: &Load) -> Option<Duration> {
 }
 
 fn print_summary(s: &gen::Summary) -> Result<()> {
+    let latency = match (s.p50_ms, s.p99_ms) {
+        (Some(p50), Some(p99)) => format!("latency p50 {p50:.2} ms p99 {p99:.2} ms"),
+        _ => "no request completed".to_string(),
+    };
     println!(
-        "requests {} done {} failed {} skipped {} | {:.1} MiB in {:.2} s = {:.1} MiB/s | latency p50 {:.2} ms p99 {:.2} ms",
+        "requests {} done {} failed {} skipped {} | {:.1} MiB in {:.2} s = {:.1} MiB/s | {latency}",
         s.requests,
         s.done,
         s.failed,
@@ -390,8 +397,6 @@ fn print_summary(s: &gen::Summary) -> Result<()> {
         s.bytes as f64 / (1 << 20) as f64,
         s.seconds,
         s.throughput_mib_s,
-        s.p50_ms,
-        s.p99_ms
     );
     for (cause, n) in &s.errors {
         println!("  failed {n}: {cause}");

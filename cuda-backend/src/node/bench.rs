@@ -143,7 +143,7 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
     let cpu_time = cpu::process_cpu() - cpu_start;
     Ok(RawCopy {
         mib_s: mib_s(bytes, end - start),
-        cpu_s_per_gib: cpu::s_per_gib(cpu_time, bytes),
+        cpu_s_per_gib: cpu::s_per_gib(cpu_time, bytes).unwrap_or(f64::NAN),
     })
 }
 
@@ -198,10 +198,11 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
             node_mib_s: s.throughput_mib_s,
             raw_mib_s: raw.mib_s,
             raw_pool_mib_s: raw_pool.mib_s,
-            node_cpu_s_per_gib: s.cpu_s_per_gib,
+            // A round that moved nothing shows NaN, not a made-up figure.
+            node_cpu_s_per_gib: s.cpu_s_per_gib.unwrap_or(f64::NAN),
             raw_cpu_s_per_gib: raw.cpu_s_per_gib,
-            p50_ms: s.p50_ms,
-            p99_ms: s.p99_ms,
+            p50_ms: s.p50_ms.unwrap_or(f64::NAN),
+            p99_ms: s.p99_ms.unwrap_or(f64::NAN),
             failed: s.failed,
         });
     }

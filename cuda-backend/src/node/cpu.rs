@@ -19,8 +19,8 @@ pub fn process_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// CPU seconds per GiB, for `cpu` spent moving `bytes` (0 bytes counts as a tiny amount, so
-/// an empty run reports a large figure instead of dividing by zero).
-pub fn s_per_gib(cpu: Duration, bytes: u64) -> f64 {
-    cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64).max(1e-9)
+/// CPU seconds per GiB, for `cpu` spent moving `bytes`; none when nothing moved (a figure
+/// per zero bytes would mean nothing).
+pub fn s_per_gib(cpu: Duration, bytes: u64) -> Option<f64> {
+    (bytes > 0).then(|| cpu.as_secs_f64() / (bytes as f64 / (1u64 << 30) as f64))
 }

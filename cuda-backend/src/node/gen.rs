@@ -29,8 +29,12 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::Span;
 
-/// Consecutive failed connects before the gen gives the ctx up.
+/// Consecutive failed connects before the gen gives the ctx up, once it had been connected
+/// (a restarting ctx gets about half a minute).
 pub const MAX_RECONNECT_ATTEMPTS: u32 = 40;
+/// Failed connects before the first connection succeeds: an address where nothing listens is
+/// a mistake to report in seconds, not a restart to wait out.
+pub const MAX_FIRST_CONNECT_ATTEMPTS: u32 = 6;
 /// First reconnect delay; doubles per failure up to `RECONNECT_MAX`.
 const RECONNECT_BASE: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
@@ -67,14 +71,17 @@ pub struct Summary {
     pub seconds: f64,
     pub throughput_mib_s: f64,
     /// CPU seconds this process spent per GiB moved, over the same window (in `bench`, both
-    /// nodes live in this process).
-    pub cpu_s_per_gib: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
+    /// nodes live in this process); `None` when no byte moved.
+    pub cpu_s_per_gib: Option<f64>,
+    /// Latency percentiles of the requests that completed; `None` when none did.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
     /// Failure causes and how many requests each ended.
     pub errors: BTreeMap<String, u64>,
     pub reconnects: u64,
     pub done_after_reconnect: u64,
+    /// Why the gen gave the ctx up, if it did (then `skipped` counts what never started).
+    pub gave_up: Option<String>,
     pub staging_slots: usize,
     pub staging_free: usize,
     pub staging_poisoned: usize,
@@ -106,7 +113,6 @@ struct GenNode {
     connected: bool,
     /// Connected, waiting for the ctx's CUDA pool since then.
     pool_wait: Option<Instant>,
-    gave_up: bool,
     launched: u64,
     next_tag: u64,
     pending: HashMap<u64, Launch>,
@@ -158,7 +164,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         ctx,
         connected: false,
         pool_wait: None,
-        gave_up: false,
+
         launched: 0,
         next_tag: 0,
         pending: HashMap::new(),
@@ -231,10 +237,12 @@ async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
         metrics,
     } = d;
     let mut failures: u32 = 0;
+    let mut ever_connected = false;
     loop {
         match TcpStream::connect(addr).await {
             Ok(stream) => {
                 failures = 0;
+                ever_connected = true;
                 let (link, queues) = Link::new(addr);
                 let ctx = ConnCtx {
                     peer,
@@ -265,7 +273,12 @@ async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
             }
             Err(e) => {
                 failures += 1;
-                if failures >= MAX_RECONNECT_ATTEMPTS {
+                let budget = if ever_connected {
+                    MAX_RECONNECT_ATTEMPTS
+                } else {
+                    MAX_FIRST_CONNECT_ATTEMPTS
+                };
+                if failures >= budget {
                     let reason = format!("{addr}: {e} ({failures} attempts)");
                     let _ = inbox.send(Inbound::GaveUp { peer, reason }).await;
                     return;
@@ -279,7 +292,7 @@ async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
 
 impl GenNode {
     fn all_ended(&self) -> bool {
-        (self.launched == self.opts.requests || self.gave_up)
+        (self.launched == self.opts.requests || self.s.gave_up.is_some())
             && self.pending.is_empty()
             && self.active.is_empty()
     }
@@ -299,7 +312,7 @@ impl GenNode {
     }
 
     fn launch_more(&mut self) {
-        if !self.connected || self.gave_up {
+        if !self.connected || self.s.gave_up.is_some() {
             return;
         }
         let max = self.opts.max_blocks as usize;
@@ -392,7 +405,7 @@ impl GenNode {
             .map(|t| t + POOL_WAIT + Duration::from_millis(1));
         [
             self.core.next_deadline(),
-            pool.filter(|_| !self.gave_up),
+            pool.filter(|_| self.s.gave_up.is_none()),
             progress.next(),
             drain_until,
         ]
@@ -402,7 +415,7 @@ impl GenNode {
     }
 
     fn check_pool_wait(&mut self) {
-        if self.gave_up || self.pool_wait.is_none_or(|t| t.elapsed() <= POOL_WAIT) {
+        if self.s.gave_up.is_some() || self.pool_wait.is_none_or(|t| t.elapsed() <= POOL_WAIT) {
             return;
         }
         let cause = format!(
@@ -415,7 +428,7 @@ impl GenNode {
     /// Stops the load: what is in flight fails with `cause`, what is not launched is skipped.
     fn give_up(&mut self, peer: PeerId, cause: &str) {
         tracing::error!(%peer, %cause, "giving up on the ctx");
-        self.gave_up = true;
+        self.s.gave_up = Some(cause.to_string());
         self.abandon_all(cause);
         self.s.skipped = self.opts.requests - self.launched;
     }
@@ -629,13 +642,13 @@ impl GenNode {
             blocks_free,
         } = self.core.occupancy();
         self.latencies_us.sort_unstable();
-        let pct = |p: f64| -> f64 {
+        let pct = |p: f64| -> Option<f64> {
             let v = &self.latencies_us;
             if v.is_empty() {
-                return 0.0;
+                return None;
             }
             let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
-            v[i] as f64 / 1000.0
+            Some(v[i] as f64 / 1000.0)
         };
         let secs = elapsed.as_secs_f64();
         Summary {
