@@ -4,14 +4,14 @@
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
+use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
+use kvferry_backends::cuda::{
+    probe, CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, IpcMapping, PoolExport, Region,
+};
 use kvferry_core::agent::{CompletionQueue, Direction, TransferAgent, TransferId, TransferJob};
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::TransferPlan;
 use kvferry_core::{PeerId, RequestId, TransferToken};
-use kvferry_cuda::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
-use kvferry_cuda::cuda::{
-    probe, CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, IpcMapping, PoolExport, Region,
-};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;

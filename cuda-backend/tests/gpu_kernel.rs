@@ -3,10 +3,10 @@
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
+use kvferry_backends::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
+use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
+use kvferry_backends::cuda::{probe, CopyKernel, DeviceBuffer, Gpu, KernelConfig, Stream};
 use kvferry_core::plan::Fragment;
-use kvferry_cuda::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
-use kvferry_cuda::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
-use kvferry_cuda::cuda::{probe, CopyKernel, DeviceBuffer, Gpu, KernelConfig, Stream};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 

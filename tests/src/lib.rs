@@ -4,7 +4,7 @@
 //! Every wait is bounded and generous: these tests must pass on a loaded 2-core CI machine.
 
 use bytes::BytesMut;
-use kvferry_cuda::node::frame::{self, Frame};
+use kvferry_backends::node::frame::{self, Frame};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};

@@ -4,8 +4,8 @@
 //! served afterwards.
 
 use bytes::{BufMut, BytesMut};
+use kvferry_backends::node::frame::{parse_token, Frame, NodeFrame};
 use kvferry_core::wire::{self, ErrorCode, Message, RequestInfo, HEADER_LEN, MAGIC, VERSION};
-use kvferry_cuda::node::frame::{parse_token, Frame, NodeFrame};
 use kvferry_tests::{scrape, NodeProc, RawPeer, SMALL_LAYOUT};
 use std::net::SocketAddr;
 use std::time::Duration;

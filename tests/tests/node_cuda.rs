@@ -14,7 +14,7 @@ const GEN_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The (ctx, gen) device ordinals, or why there is no GPU to run on.
 fn devices() -> Result<(&'static str, &'static str), String> {
-    match kvferry_cuda::cuda::probe() {
+    match kvferry_backends::cuda::probe() {
         Ok(0) => Err("no CUDA device".into()),
         Ok(1) => Ok(("0", "0")),
         Ok(_) => Ok(("0", "1")),

@@ -13,9 +13,9 @@
 //! other hosts; the real gen is 127.0.0.1. `measure_*` tests (ignored) print the numbers quoted
 //! in the README under the default limits.
 
+use kvferry_backends::node::frame::{Frame, NodeFrame};
 use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
 use kvferry_core::{RequestId, TransferToken};
-use kvferry_cuda::node::frame::{Frame, NodeFrame};
 use kvferry_tests::{
     connect_from, drain, proc_mem_kib, raise_nofile, scrape, tail, wait_metrics, write_config,
     NodeProc, RawPeer, SMALL_LAYOUT,
@@ -254,7 +254,7 @@ fn silent_connections_never_lock_out_a_real_gen() {
 /// A `RequestInfo` of about 1 MiB (65,536 ctx block ids and as many gen blocks) for an id
 /// nobody registered.
 fn big_info(id: u64) -> bytes::BytesMut {
-    let layout = kvferry_cuda::node::spec::layout(1, 1, 64, 16, 2);
+    let layout = kvferry_backends::node::spec::layout(1, 1, 64, 16, 2);
     let n = kvferry_core::wire::MAX_BLOCKS_PER_REQUEST as u32;
     let info = RequestInfo {
         request: RequestId(id),

@@ -11,18 +11,18 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cudarc::driver::sys;
+use kvferry_backends::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
+use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
+use kvferry_backends::cuda::{
+    compile_ptx, CopyKernel, CopyPiece, CudaAgent, CudaAgentConfig, DeviceBuffer, Event, Gpu,
+    IpcMapping, KernelConfig, PinnedBuffer, PoolExport, Region, Stream,
+};
 use kvferry_core::agent::{
     Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::TransferPlan;
 use kvferry_core::{PeerId, RequestId, TransferToken};
-use kvferry_cuda::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
-use kvferry_cuda::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
-use kvferry_cuda::cuda::{
-    compile_ptx, CopyKernel, CopyPiece, CudaAgent, CudaAgentConfig, DeviceBuffer, Event, Gpu,
-    IpcMapping, KernelConfig, PinnedBuffer, PoolExport, Region, Stream,
-};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -829,7 +829,7 @@ fn markdown(rep: &Report) -> String {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let n = kvferry_cuda::cuda::probe().context("no usable GPU")?;
+    let n = kvferry_backends::cuda::probe().context("no usable GPU")?;
     if n <= a.src_device.max(a.dst_device) {
         bail!(
             "need devices {} and {}, found {n}",

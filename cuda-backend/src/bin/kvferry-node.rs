@@ -10,12 +10,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvferry_backends::node::backend::BackendSpec;
+use kvferry_backends::node::bench::{self, BenchOptions};
+use kvferry_backends::node::rank::Rank;
+use kvferry_backends::node::spec::{self, NodeLimits, NodeSpec, MAX_POOL_BLOCKS};
+use kvferry_backends::node::{ctx, gen, metrics, runtime};
 use kvferry_core::config::{self, TransceiverConfig};
-use kvferry_cuda::node::backend::BackendSpec;
-use kvferry_cuda::node::bench::{self, BenchOptions};
-use kvferry_cuda::node::core::NodeCore;
-use kvferry_cuda::node::spec::{self, NodeLimits, NodeSpec, MAX_POOL_BLOCKS};
-use kvferry_cuda::node::{ctx, gen, metrics, runtime};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -108,7 +108,7 @@ struct Common {
     limits: LimitArgs,
 }
 
-/// Per-peer bounds (defaults in `kvferry_cuda::node::spec`; README "Per-peer bounds").
+/// Per-peer bounds (defaults in `kvferry_backends::node::spec`; README "Per-peer bounds").
 #[derive(Args)]
 struct LimitArgs {
     /// Close a connection that sends no whole frame within this many ms of connecting.
@@ -248,7 +248,7 @@ fn cuda_backend(device: usize) -> Result<BackendSpec> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_backend(_device: usize) -> Result<BackendSpec> {
-    bail!("the CUDA backend is not in this build: rebuild with `--features cuda` (cargo build -p kvferry-cuda --features cuda)")
+    bail!("the CUDA backend is not in this build: rebuild with `--features cuda` (cargo build -p kvferry-backends --features cuda)")
 }
 
 /// Prints a machine-readable line on stdout at once (tests wait for it).
@@ -258,13 +258,13 @@ fn announce(line: &str) {
     let _ = out.flush();
 }
 
-async fn start_metrics(addr: Option<SocketAddr>, core: &NodeCore) -> Result<()> {
+async fn start_metrics(addr: Option<SocketAddr>, rank: &Rank) -> Result<()> {
     if let Some(addr) = addr {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
         announce(&format!("metrics {}", l.local_addr()?));
-        tokio::spawn(metrics::serve(l, core.metrics.clone()));
+        tokio::spawn(metrics::serve(l, rank.metrics.clone()));
     }
     Ok(())
 }
@@ -289,7 +289,7 @@ async fn run(cli: Cli) -> Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            let core = NodeCore::with_backend(
+            let rank = Rank::with_backend(
                 kvferry_core::PeerId {
                     instance: spec::CTX_INSTANCE,
                     rank: 0,
@@ -299,9 +299,9 @@ async fn run(cli: Cli) -> Result<()> {
                 backend(&spec, &common)?,
             )
             .context("building the ctx rank")?;
-            start_metrics(common.metrics, &core).await?;
+            start_metrics(common.metrics, &rank).await?;
             announce(&format!("listening {}", listener.local_addr()?));
-            ctx::run_with(listener, core).await.context("ctx node")
+            ctx::run_with(listener, rank).await.context("ctx node")
         }
         Role::Gen { peer, load, common } => {
             let spec = common.spec()?;
@@ -311,7 +311,7 @@ async fn run(cli: Cli) -> Result<()> {
             if load.concurrency == 0 {
                 bail!("--concurrency must be at least 1");
             }
-            let core = NodeCore::with_backend(
+            let rank = Rank::with_backend(
                 kvferry_core::PeerId {
                     instance: spec::GEN_INSTANCE_BASE,
                     rank: 0,
@@ -321,7 +321,7 @@ async fn run(cli: Cli) -> Result<()> {
                 backend(&spec, &common)?,
             )
             .context("building the gen rank")?;
-            start_metrics(common.metrics, &core).await?;
+            start_metrics(common.metrics, &rank).await?;
             let opts = gen::LoadOptions {
                 peer,
                 requests: load.requests,
@@ -332,7 +332,7 @@ async fn run(cli: Cli) -> Result<()> {
                 verify: !load.no_verify,
                 progress: progress_period(&load),
             };
-            let s = gen::run_with(core, opts).await.context("gen node")?;
+            let s = gen::run_with(rank, opts).await.context("gen node")?;
             print_summary(&s)?;
             if let Some(cause) = &s.gave_up {
                 eprintln!("kvferry-node gen: gave the ctx up: {cause}");

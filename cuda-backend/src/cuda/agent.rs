@@ -157,7 +157,7 @@ impl CudaAgent {
             let inner = inner.clone();
             Some(
                 std::thread::Builder::new()
-                    .name("kvferry-cuda-poll".into())
+                    .name("kvferry-backends-poll".into())
                     .spawn(move || inner.run_poller())
                     .map_err(|e| CudaError::Invalid(format!("poller thread: {e}")))?,
             )

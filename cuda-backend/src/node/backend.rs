@@ -1,9 +1,9 @@
 //! Where a node's KV bytes live and how they move: host memory over the TCP connection (the
-//! default, always built) or a GPU pool over CUDA IPC (feature `cuda`, see `node::gpu`).
+//! default, always built) or a GPU pool over CUDA IPC (feature `cuda`, see `node::cuda_ipc`).
 
-use super::frame::NodeFrame;
 #[cfg(feature = "cuda")]
-use super::gpu::GpuBackend;
+use super::cuda_ipc::GpuBackend;
+use super::frame::NodeFrame;
 use super::link::Links;
 use crate::host::{pattern, HostAgent, HostKv};
 use kvferry_core::agent::TransferAgent;
@@ -27,7 +27,7 @@ pub enum BackendSpec {
 pub enum BackendError {
     #[cfg(feature = "cuda")]
     #[error("CUDA backend: {0}")]
-    Gpu(#[from] super::gpu::GpuError),
+    Gpu(#[from] super::cuda_ipc::GpuError),
     #[error("{0} frame on a host-memory node")]
     NotCuda(&'static str),
     #[error("transceiver setup: {0}")]

@@ -156,12 +156,12 @@ pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summar
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind ctx"))?;
-        // Built before the load starts: the gen's clock starts after its own core is built,
+        // Built before the load starts: the gen's clock starts after its own rank is built,
         // so the ctx's (its KV pool above all) is kept out of the measurement the same way.
-        let core = ctx::new_core(&ctx_spec);
+        let rank = ctx::new_rank(&ctx_spec);
         let _ = addr_tx.send(listener.local_addr().map_err(io("ctx addr"))?);
         tokio::select! {
-            r = ctx::run_with(listener, core) => r,
+            r = ctx::run_with(listener, rank) => r,
             _ = stop_rx => Ok(()),
         }
         // The runtime goes with the thread: listener, connections and KV pool with it.

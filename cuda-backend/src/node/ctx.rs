@@ -9,10 +9,10 @@
 
 use super::admit::{Admission, Admit, SeatGuard, SeatSignals};
 use super::conn::{self, ConnCtx, Inbound, ReadDeadlines};
-use super::core::NodeCore;
 use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
 use super::link::{Link, Links, Outgoing};
 use super::metrics::Metrics;
+use super::rank::Rank;
 use super::spec::NodeLimits;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{sleep_until, NodeError, OwnedTask, INBOX, INBOX_BATCH};
@@ -47,7 +47,7 @@ struct Owned {
 
 #[derive(Debug)]
 struct CtxNode {
-    core: NodeCore,
+    rank: Rank,
     owned: HashMap<RequestId, Owned>,
     next_id: u64,
     /// Gen peers whose connection ended, handled after the next completion step: the
@@ -64,44 +64,44 @@ struct CtxNode {
 
 /// Runs the ctx role on `listener` until the process ends (or the task is aborted).
 pub async fn run(listener: TcpListener, spec: NodeSpec) -> Result<(), NodeError> {
-    run_with(listener, new_core(&spec)).await
+    run_with(listener, new_rank(&spec)).await
 }
 
-/// The core of a ctx rank (rank 0 of `CTX_INSTANCE`); must run inside a tokio runtime.
-pub fn new_core(spec: &NodeSpec) -> NodeCore {
+/// The driver state of a ctx rank (rank 0 of `CTX_INSTANCE`); must run inside a tokio runtime.
+pub fn new_rank(spec: &NodeSpec) -> Rank {
     let me = PeerId {
         instance: CTX_INSTANCE,
         rank: 0,
     };
-    NodeCore::new(me, Side::Context, spec)
+    Rank::new(me, Side::Context, spec)
 }
 
-/// As `run`, with a core built by the caller (to share its metrics).
-pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeError> {
+/// As `run`, with a rank built by the caller (to share its metrics).
+pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError> {
     let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
     // Owned: aborting this role stops its accept loop and, with it, its connections.
     let _accept = OwnedTask(tokio::spawn(accept_loop(
         listener,
         Acceptor {
-            links: core.links.clone(),
-            agent: core.backend.data_agent(),
+            links: rank.links.clone(),
+            agent: rank.backend.data_agent(),
             inbox: inbox_tx,
-            limits: core.limits,
-            metrics: core.metrics.clone(),
+            limits: rank.limits,
+            metrics: rank.metrics.clone(),
         },
     )));
-    let pool_blocks = core.pool.lock().expect("pool lock").capacity() as u32;
+    let pool_blocks = rank.pool.lock().expect("pool lock").capacity() as u32;
     let mut node = CtxNode {
         peer_ips: HashMap::new(),
         held: HashMap::new(),
-        blocks_per_ip: core.limits.blocks_per_ip(pool_blocks) as usize,
-        core,
+        blocks_per_ip: rank.limits.blocks_per_ip(pool_blocks) as usize,
+        rank,
         owned: HashMap::new(),
         // Ids from a fresh random base: a restarted ctx never reuses ids a gen still knows.
         next_id: rand::random::<u64>() >> 2,
         lost: Vec::new(),
     };
-    let wake = node.core.wake.clone();
+    let wake = node.rank.wake.clone();
     loop {
         tokio::select! {
             ev = inbox.recv() => {
@@ -115,14 +115,14 @@ pub async fn run_with(listener: TcpListener, core: NodeCore) -> Result<(), NodeE
                 }
             }
             _ = wake.notified() => {}
-            _ = sleep_until(node.core.next_deadline()) => {}
+            _ = sleep_until(node.rank.next_deadline()) => {}
         }
-        let (finished, _) = node.core.step()?;
+        let (finished, _) = node.rank.step()?;
         for f in finished {
             node.on_finished(f);
         }
         node.forget_lost_peers();
-        node.core.update_metrics();
+        node.rank.update_metrics();
     }
 }
 
@@ -232,23 +232,23 @@ async fn connect(
 
 impl CtxNode {
     fn on_inbound(&mut self, ev: Inbound) {
-        let now = self.core.now();
+        let now = self.rank.now();
         match ev {
             Inbound::Frame {
                 peer,
                 frame: Frame::Core(msg),
-            } => self.core.tx.handle_message(now, peer, msg),
+            } => self.rank.tx.handle_message(now, peer, msg),
             Inbound::Frame {
                 peer,
                 frame: Frame::Node(NodeFrame::Prepare { tag, blocks, seed }),
             } => {
                 let reply = match self.prepare(peer, blocks, seed) {
                     Ok((id, token, ctx_blocks)) => {
-                        NodeFrame::prepared(tag, id, token, ctx_blocks, *self.core.tx.layout())
+                        NodeFrame::prepared(tag, id, token, ctx_blocks, *self.rank.tx.layout())
                     }
                     Err(reason) => NodeFrame::PrepareFailed { tag, reason },
                 };
-                if let Err(e) = self.core.links.send_frame(peer, Frame::Node(reply)) {
+                if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(reply)) {
                     tracing::warn!(%peer, error = %e, "prepare reply not sent");
                 }
             }
@@ -256,8 +256,8 @@ impl CtxNode {
                 peer,
                 frame: Frame::Node(f @ NodeFrame::PullFinished { .. }),
             } => {
-                if let Err(e) = self.core.backend.on_cuda_frame(peer, f) {
-                    tracing::warn!(peer = %self.core.links.describe(peer), error = %e, "closing");
+                if let Err(e) = self.rank.backend.on_cuda_frame(peer, f) {
+                    tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");
                     self.close(peer);
                 }
             }
@@ -265,7 +265,7 @@ impl CtxNode {
                 peer,
                 frame: Frame::Node(other),
             } => {
-                tracing::warn!(peer = %self.core.links.describe(peer), frame = ?other, "unexpected node frame, closing");
+                tracing::warn!(peer = %self.rank.links.describe(peer), frame = ?other, "unexpected node frame, closing");
                 self.close(peer);
             }
             Inbound::Down { peer, reason } => {
@@ -273,7 +273,7 @@ impl CtxNode {
                 self.lost.push(peer);
             }
             Inbound::Up { peer } => {
-                if let Some(l) = self.core.links.get(peer) {
+                if let Some(l) = self.rank.links.get(peer) {
                     self.peer_ips.insert(peer, l.addr.ip());
                 }
                 self.greet(peer);
@@ -296,7 +296,7 @@ impl CtxNode {
         let id = RequestId(self.next_id);
         self.next_id += 1;
         let blocks = self
-            .core
+            .rank
             .pool
             .lock()
             .expect("pool lock")
@@ -304,16 +304,16 @@ impl CtxNode {
             .map_err(|e| format!("busy: {e}"))?;
         let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
         if let Some(seed) = seed {
-            if let Err(e) = self.core.backend.fill(seed, &ids) {
-                self.core.pool.lock().expect("pool lock").free(&blocks);
+            if let Err(e) = self.rank.backend.fill(seed, &ids) {
+                self.rank.pool.lock().expect("pool lock").free(&blocks);
                 return Err(format!("filling blocks: {e}"));
             }
         }
         let token = TransferToken(rand::random());
-        let bytes = u64::from(n) * self.core.backend.block_bytes();
+        let bytes = u64::from(n) * self.rank.backend.block_bytes();
         let req = Arc::new(Request::new_context(id, token, blocks.clone()));
-        if let Err(e) = self.core.tx.respond_and_send(self.core.now(), req) {
-            self.core.pool.lock().expect("pool lock").free(&blocks);
+        if let Err(e) = self.rank.tx.respond_and_send(self.rank.now(), req) {
+            self.rank.pool.lock().expect("pool lock").free(&blocks);
             return Err(e.to_string());
         }
         let span = tracing::info_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
@@ -338,11 +338,11 @@ impl CtxNode {
         };
         let held = self.held.get(&ip).copied().unwrap_or(0);
         if held + n as usize > self.blocks_per_ip {
-            self.core
+            self.rank
                 .metrics
                 .prepares_refused
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %self.core.links.describe(peer), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
+            tracing::warn!(peer = %self.rank.links.describe(peer), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
             return Err(format!(
                 "over this host's block share: {ip} holds {held} of {} blocks, asked {n} more (--max-blocks-per-ip)",
                 self.blocks_per_ip
@@ -353,7 +353,7 @@ impl CtxNode {
 
     /// Cancels what lost peers still own and fails their transfers (see `lost`).
     fn forget_lost_peers(&mut self) {
-        let now = self.core.now();
+        let now = self.rank.now();
         for peer in std::mem::take(&mut self.lost) {
             let ids: Vec<RequestId> = self
                 .owned
@@ -362,39 +362,39 @@ impl CtxNode {
                 .map(|(id, _)| *id)
                 .collect();
             for id in ids {
-                self.core.tx.cancel(now, id);
+                self.rank.tx.cancel(now, id);
             }
             // Requests it asked for but did not prepare, and what it parked, end with it too.
-            self.core.tx.handle_peer_lost(now, peer);
+            self.rank.tx.handle_peer_lost(now, peer);
             self.peer_ips.remove(&peer);
-            self.core.backend.peer_lost(peer);
+            self.rank.backend.peer_lost(peer);
         }
     }
 
     fn close(&self, peer: PeerId) {
-        if let Some(l) = self.core.links.get(peer) {
+        if let Some(l) = self.rank.links.get(peer) {
             let _ = l.control.try_send(Outgoing::Close);
         }
     }
 
     /// Sends a new gen peer what the backend needs it to know first (a CUDA pool's handle).
     fn greet(&self, peer: PeerId) {
-        let Some(hello) = self.core.backend.greeting() else {
+        let Some(hello) = self.rank.backend.greeting() else {
             return;
         };
-        if let Err(e) = self.core.links.send_frame(peer, Frame::Node(hello)) {
+        if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(hello)) {
             tracing::warn!(%peer, error = %e, "greeting not sent, closing");
             self.close(peer);
         }
     }
 
     fn on_finished(&mut self, f: Finished) {
-        self.core.release(&f);
+        self.rank.release(&f);
         let id = f.request.id;
         let counter = if f.state == RequestState::ContextComplete {
-            &self.core.metrics.requests_done
+            &self.rank.metrics.requests_done
         } else {
-            &self.core.metrics.requests_failed
+            &self.rank.metrics.requests_failed
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(o) = self.owned.remove(&id) {

@@ -4,11 +4,11 @@
 
 use super::admit::SeatSignals;
 use super::conn::{self, ConnCtx, Inbound, ReadDeadlines};
-use super::core::{NodeCore, Occupancy};
 use super::cpu;
 use super::frame::{parse_token, Frame, NodeFrame};
 use super::link::{Link, Links, Outgoing};
 use super::metrics::Metrics;
+use super::rank::{Occupancy, Rank};
 use super::spec::{NodeLimits, NodeSpec, CTX_INSTANCE};
 use super::{sleep_until, NodeError, OwnedTask, INBOX, INBOX_BATCH};
 use crate::host::HostAgent;
@@ -106,7 +106,7 @@ struct Active {
 
 #[derive(Debug)]
 struct GenNode {
-    core: NodeCore,
+    rank: Rank,
     opts: LoadOptions,
     ctx: PeerId,
     rng: StdRng,
@@ -130,12 +130,12 @@ pub async fn run(spec: NodeSpec, opts: LoadOptions) -> Result<Summary, NodeError
         instance: super::spec::GEN_INSTANCE_BASE,
         rank: 0,
     };
-    let core = NodeCore::new(me, Side::Generation, &spec);
-    run_with(core, opts).await
+    let rank = Rank::new(me, Side::Generation, &spec);
+    run_with(rank, opts).await
 }
 
-/// As `run`, with a core built by the caller (to share its metrics).
-pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, NodeError> {
+/// As `run`, with a rank built by the caller (to share its metrics).
+pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeError> {
     let ctx = PeerId {
         instance: CTX_INSTANCE,
         rank: 0,
@@ -146,11 +146,11 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
         opts.peer,
         ctx,
         Dialer {
-            links: core.links.clone(),
-            agent: core.backend.data_agent(),
+            links: rank.links.clone(),
+            agent: rank.backend.data_agent(),
             inbox: inbox_tx,
-            limits: core.limits,
-            metrics: core.metrics.clone(),
+            limits: rank.limits,
+            metrics: rank.metrics.clone(),
         },
     )));
     let mut node = GenNode {
@@ -159,7 +159,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
             requests: opts.requests,
             ..Summary::default()
         },
-        core,
+        rank,
         opts,
         ctx,
         connected: false,
@@ -176,7 +176,7 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
     let started = Instant::now();
     let cpu_started = cpu::process_cpu();
     let mut progress = Progress::new(node.opts.progress);
-    let wake = node.core.wake.clone();
+    let wake = node.rank.wake.clone();
     let mut drain_until: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -194,19 +194,19 @@ pub async fn run_with(core: NodeCore, opts: LoadOptions) -> Result<Summary, Node
             _ = wake.notified() => {}
             _ = sleep_until(node.next_wake(&progress, drain_until)) => {}
         }
-        let (finished, events) = node.core.step()?;
+        let (finished, events) = node.rank.step()?;
         node.on_events(&events);
         for f in finished {
             node.on_finished(f);
         }
         node.check_pool_wait();
         node.launch_more();
-        node.core.update_metrics();
+        node.rank.update_metrics();
         progress.maybe_print(&node.s, node.pending.len() + node.active.len());
         if node.all_ended() {
             let deadline = *drain_until.get_or_insert_with(|| Instant::now() + FINAL_DRAIN);
-            let o = node.core.occupancy();
-            let quiet = node.core.tx.jobs_in_flight() == 0 && o.staging_poisoned == 0;
+            let o = node.rank.occupancy();
+            let quiet = node.rank.tx.jobs_in_flight() == 0 && o.staging_poisoned == 0;
             if quiet || Instant::now() >= deadline {
                 break;
             }
@@ -299,7 +299,7 @@ impl GenNode {
 
     fn record_error(&mut self, cause: String) {
         self.s.failed += 1;
-        self.core
+        self.rank
             .metrics
             .requests_failed
             .fetch_add(1, Ordering::Relaxed);
@@ -319,7 +319,7 @@ impl GenNode {
         while self.launched < self.opts.requests
             && self.pending.len() + self.active.len() < self.opts.concurrency
         {
-            let free = self.core.pool.lock().expect("pool lock").free_count();
+            let free = self.rank.pool.lock().expect("pool lock").free_count();
             if free < self.reserved + max {
                 return;
             }
@@ -333,7 +333,7 @@ impl GenNode {
                 blocks,
                 seed: self.opts.verify.then_some(seed),
             });
-            if let Err(e) = self.core.links.send_frame(self.ctx, frame) {
+            if let Err(e) = self.rank.links.send_frame(self.ctx, frame) {
                 tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
                 return;
             }
@@ -352,7 +352,7 @@ impl GenNode {
     }
 
     fn on_inbound(&mut self, ev: Inbound) {
-        let now = self.core.now();
+        let now = self.rank.now();
         match ev {
             Inbound::Up { peer } => {
                 if self.s.done + self.s.failed > 0 {
@@ -360,7 +360,7 @@ impl GenNode {
                 }
                 tracing::info!(%peer, "connected to ctx");
                 // A CUDA gen launches once it has mapped the ctx's pool (its first frame).
-                self.connected = self.core.backend.ready_on_connect();
+                self.connected = self.rank.backend.ready_on_connect();
                 self.pool_wait = (!self.connected).then(Instant::now);
             }
             Inbound::Down { peer, reason } => {
@@ -368,7 +368,7 @@ impl GenNode {
                 self.connected = false;
                 self.pool_wait = None;
                 self.abandon_all(&format!("ctx connection lost: {reason}"));
-                self.core.backend.peer_lost(peer);
+                self.rank.backend.peer_lost(peer);
             }
             Inbound::GaveUp { peer, reason } => {
                 self.give_up(peer, &format!("ctx unreachable: {reason}"))
@@ -388,7 +388,7 @@ impl GenNode {
                             .get_or_insert_with(|| format!("ctx refused ({code:?}): {detail}"));
                     }
                 }
-                self.core.tx.handle_message(now, peer, msg);
+                self.rank.tx.handle_message(now, peer, msg);
             }
             Inbound::Frame {
                 peer,
@@ -404,7 +404,7 @@ impl GenNode {
             .pool_wait
             .map(|t| t + POOL_WAIT + Duration::from_millis(1));
         [
-            self.core.next_deadline(),
+            self.rank.next_deadline(),
             pool.filter(|_| self.s.gave_up.is_none()),
             progress.next(),
             drain_until,
@@ -435,7 +435,7 @@ impl GenNode {
 
     /// Fails every pending launch and cancels every active request with `cause`.
     fn abandon_all(&mut self, cause: &str) {
-        let now = self.core.now();
+        let now = self.rank.now();
         for (_, l) in std::mem::take(&mut self.pending) {
             self.reserved -= l.blocks as usize;
             self.record_error(cause.to_string());
@@ -445,7 +445,7 @@ impl GenNode {
             if let Some(a) = self.active.get_mut(&id) {
                 a.cause.get_or_insert_with(|| cause.to_string());
             }
-            self.core.tx.cancel(now, id);
+            self.rank.tx.cancel(now, id);
         }
     }
 
@@ -476,7 +476,7 @@ impl GenNode {
             NodeFrame::Prepare { .. } => {
                 tracing::warn!("ctx sent a prepare request to a gen node, ignored");
             }
-            f @ NodeFrame::CudaPool { .. } => match self.core.backend.on_cuda_frame(peer, f) {
+            f @ NodeFrame::CudaPool { .. } => match self.rank.backend.on_cuda_frame(peer, f) {
                 Ok(()) => {
                     tracing::info!(%peer, "mapped the ctx's KV pool");
                     self.connected = true;
@@ -486,7 +486,7 @@ impl GenNode {
                 Err(e) => self.give_up(peer, &format!("ctx pool not usable: {e}")),
             },
             f @ (NodeFrame::PullReady { .. } | NodeFrame::PullFinished { .. }) => {
-                if let Err(e) = self.core.backend.on_cuda_frame(peer, f) {
+                if let Err(e) = self.rank.backend.on_cuda_frame(peer, f) {
                     tracing::warn!(%peer, error = %e, "node frame refused");
                 }
             }
@@ -510,7 +510,7 @@ impl GenNode {
             ));
         }
         let blocks = self
-            .core
+            .rank
             .pool
             .lock()
             .expect("pool lock")
@@ -522,9 +522,9 @@ impl GenNode {
             blocks: ctx_blocks,
         };
         let req = Arc::new(Request::new_generation(id, token, blocks.clone(), source));
-        let bytes = u64::from(l.blocks) * self.core.backend.block_bytes();
-        if let Err(e) = self.core.tx.request_and_receive(self.core.now(), req) {
-            self.core.pool.lock().expect("pool lock").free(&blocks);
+        let bytes = u64::from(l.blocks) * self.rank.backend.block_bytes();
+        if let Err(e) = self.rank.tx.request_and_receive(self.rank.now(), req) {
+            self.rank.pool.lock().expect("pool lock").free(&blocks);
             return Err(e.to_string());
         }
         let span = tracing::info_span!("transfer", request = %id, side = "gen", bytes, outcome = tracing::field::Empty);
@@ -541,7 +541,7 @@ impl GenNode {
     }
 
     fn on_events(&mut self, events: &[TxEvent]) {
-        let budget = self.core.tx_timeout_ms();
+        let budget = self.rank.tx_timeout_ms();
         for e in events {
             if let TxEvent::Evicted { request, .. } = e {
                 if let Some(a) = self.active.get_mut(request) {
@@ -560,7 +560,7 @@ impl GenNode {
             return Ok(());
         }
         let ids: Vec<u32> = f.request.blocks.iter().map(|b| b.id).collect();
-        match self.core.backend.verify(seed, &ids, &mut self.scratch) {
+        match self.rank.backend.verify(seed, &ids, &mut self.scratch) {
             Ok(true) => Ok(()),
             Ok(false) => Err("received bytes differ from the ctx's".to_string()),
             Err(e) => Err(format!("verification failed: {e}")),
@@ -570,7 +570,7 @@ impl GenNode {
     fn on_finished(&mut self, f: Finished) {
         let id = f.request.id;
         let Some(a) = self.active.remove(&id) else {
-            self.core.release(&f);
+            self.rank.release(&f);
             return;
         };
         let outcome = if f.state != RequestState::GenComplete {
@@ -580,11 +580,11 @@ impl GenNode {
         } else {
             self.verify(&f, a.seed)
         };
-        self.core.release(&f);
+        self.rank.release(&f);
         a.span.record("outcome", tracing::field::debug(f.state));
         match outcome {
             Ok(()) => {
-                let bytes = f.request.blocks.len() as u64 * self.core.backend.block_bytes();
+                let bytes = f.request.blocks.len() as u64 * self.rank.backend.block_bytes();
                 let lat = a.at.elapsed();
                 self.s.done += 1;
                 self.s.bytes += bytes;
@@ -592,11 +592,11 @@ impl GenNode {
                     self.s.done_after_reconnect += 1;
                 }
                 self.latencies_us.push(lat.as_micros() as u64);
-                self.core
+                self.rank
                     .metrics
                     .requests_done
                     .fetch_add(1, Ordering::Relaxed);
-                self.core.metrics.observe_latency(lat);
+                self.rank.metrics.observe_latency(lat);
                 a.span.in_scope(|| {
                     tracing::debug!(latency_us = lat.as_micros() as u64, "request done")
                 });
@@ -612,7 +612,7 @@ impl GenNode {
     /// closes (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
     /// for them, and would fail on the disconnect instead).
     async fn hang_up(&self, inbox: &mut mpsc::Receiver<Inbound>) {
-        let Some(link) = self.core.links.get(self.ctx) else {
+        let Some(link) = self.rank.links.get(self.ctx) else {
             return;
         };
         let closed = async {
@@ -640,7 +640,7 @@ impl GenNode {
             staging_poisoned,
             blocks_total,
             blocks_free,
-        } = self.core.occupancy();
+        } = self.rank.occupancy();
         self.latencies_us.sort_unstable();
         let pct = |p: f64| -> Option<f64> {
             let v = &self.latencies_us;

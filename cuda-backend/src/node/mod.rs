@@ -11,15 +11,15 @@ pub mod admit;
 pub mod backend;
 pub mod bench;
 pub mod conn;
-pub mod core;
 pub mod cpu;
 pub mod ctx;
+#[cfg(feature = "cuda")]
+pub mod cuda_ipc;
 pub mod frame;
 pub mod gen;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 pub mod link;
 pub mod metrics;
+pub mod rank;
 pub mod spec;
 pub mod writer;
 

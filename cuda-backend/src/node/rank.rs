@@ -1,5 +1,5 @@
-//! The pieces both roles share: one rank's transceiver with its backend (host or CUDA), pools,
-//! links and metrics, and the completion step that every loop iteration runs.
+//! One rank of a node, the part both roles share: its transceiver with its backend (host or
+//! CUDA), pools, links and metrics, and the completion step that every loop iteration runs.
 
 use super::backend::{Backend, BackendError, BackendParts, BackendSpec};
 use super::frame::Frame;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 #[derive(Debug)]
-pub struct NodeCore {
+pub struct Rank {
     pub tx: Transceiver,
     pub side: Side,
     pub pool: Arc<Mutex<BlockPool>>,
@@ -41,10 +41,10 @@ pub struct Occupancy {
     pub blocks_free: usize,
 }
 
-impl NodeCore {
+impl Rank {
     /// A host-memory rank. Must run inside a tokio runtime (the agent spawns its send tasks).
-    pub fn new(me: PeerId, side: Side, spec: &NodeSpec) -> NodeCore {
-        NodeCore::with_backend(me, side, spec, BackendSpec::Host)
+    pub fn new(me: PeerId, side: Side, spec: &NodeSpec) -> Rank {
+        Rank::with_backend(me, side, spec, BackendSpec::Host)
             .expect("the host backend cannot fail to build")
     }
 
@@ -54,7 +54,7 @@ impl NodeCore {
         side: Side,
         spec: &NodeSpec,
         backend: BackendSpec,
-    ) -> Result<NodeCore, BackendError> {
+    ) -> Result<Rank, BackendError> {
         let layout = spec.layout.with_rank(me.rank);
         let links = Links::default();
         let wake = Arc::new(Notify::new());
@@ -79,7 +79,7 @@ impl NodeCore {
             agent,
             blocks: pool.clone(),
         })?;
-        Ok(NodeCore {
+        Ok(Rank {
             tx,
             side,
             pool,
@@ -174,7 +174,7 @@ impl NodeCore {
     }
 }
 
-impl NodeCore {
+impl Rank {
     /// The configured `kv_transfer_timeout_ms`, 0 when unset (for messages).
     pub fn tx_timeout_ms(&self) -> u64 {
         self.timeout_ms
