@@ -145,3 +145,26 @@ fn control_messages_leave_only_through_poll_transmit_in_order() {
     );
     assert!(c.gen[0].tx.poll_transmit().is_none());
 }
+
+/// A cancel handled between two steps makes a step due at once: a driver that sleeps until
+/// `poll_timeout()` still agrees it (found by the node's killed-gen test, where the ctx
+/// cancelled a lost peer's requests after its step and then slept with nothing due).
+#[test]
+fn a_request_finished_between_steps_makes_a_step_due_now() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.now = Duration::from_millis(5);
+    let rid = register_ctx(&mut c, 1);
+    c.step(CTX);
+    assert!(
+        c.ctx[0].tx.poll_timeout() > Some(c.now),
+        "only the sender budget waits"
+    );
+    assert!(c.ctx[0].tx.cancel(c.now, rid));
+    assert_eq!(
+        c.ctx[0].tx.poll_timeout(),
+        Some(Duration::ZERO),
+        "a step is due now"
+    );
+    assert_eq!(states(&c.step(CTX)), vec![RequestState::Cancelled]);
+    assert_eq!(c.ctx[0].tx.poll_timeout(), None, "nothing left to do");
+}

@@ -137,6 +137,9 @@ pub struct Transceiver {
     timeouts: BTreeSet<(Duration, RequestId)>,
     /// Locally finished, not yet agreed: (request, ok).
     finished_local: BTreeMap<RequestId, bool>,
+    /// A request finished locally since this rank's last contribution: a completion step is
+    /// due now (`poll_timeout` says so), whatever the timers say.
+    step_due: bool,
     step: u64,
     events: VecDeque<TxEvent>,
     counters: TxCounters,
@@ -189,6 +192,7 @@ impl Transceiver {
             slot_waiters: VecDeque::new(),
             timeouts: BTreeSet::new(),
             finished_local: BTreeMap::new(),
+            step_due: false,
             step: 0,
             events: VecDeque::new(),
             counters: TxCounters::default(),
@@ -309,10 +313,16 @@ impl Transceiver {
         self.outbox.pop()
     }
 
-    /// The latest instant by which `handle_timeout` must be called, if anything is waiting on
-    /// time: a timeout WARN, sender budget or deadline; parked early input expiring; a leg's
-    /// staging wait running out. Agent completions are not here: the agent wakes the driver.
+    /// The latest instant by which `handle_timeout` (or a completion step, which runs it) must
+    /// be called, if anything is waiting on time: a timeout WARN, sender budget or deadline;
+    /// parked early input expiring; a leg's staging wait running out. A request finished
+    /// locally since the last contribution makes a step due at once (`Duration::ZERO`), so a
+    /// cancel or a lost peer handled between steps is agreed without waiting for a timer.
+    /// Agent completions are not here: the agent wakes the driver.
     pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.step_due {
+            return Some(Duration::ZERO);
+        }
         let wheel = self.timeouts.first().map(|(at, _)| *at);
         let ttl = Duration::from_millis(self.config.early_info_ttl_ms);
         let early = self.early.oldest().map(|since| since + ttl);

@@ -30,6 +30,7 @@ impl Transceiver {
             self.timeouts.remove(&(at, id));
         }
         self.finished_local.insert(id, ok);
+        self.step_due = true;
         self.emit(TxEvent::LocallyFinished {
             request: id,
             ok,
@@ -43,6 +44,8 @@ impl Transceiver {
     /// `apply_agreed`.
     pub fn check_status(&mut self, now: Duration, side: Side, at_least: usize) -> StatusCheck {
         self.handle_timeout(now);
+        // Everything finished so far goes into this contribution.
+        self.step_due = false;
         self.step += 1;
         let mut c = Contribution {
             rank: self.me.rank,
