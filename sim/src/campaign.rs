@@ -73,6 +73,8 @@ pub struct Summary {
     pub sim_time_us: u64,
     pub wall_time_s: f64,
     pub events: u64,
+    pub requests_planned: u64,
+    pub requests_issued: u64,
     pub requests_completed: u64,
     pub requests_failed: u64,
     pub requests_cancelled: u64,
@@ -217,6 +219,8 @@ impl<'a> Fold<'a> {
             sim_time_us: 0,
             wall_time_s: 0.0,
             events: 0,
+            requests_planned: 0,
+            requests_issued: 0,
             requests_completed: 0,
             requests_failed: 0,
             requests_cancelled: 0,
@@ -270,6 +274,8 @@ impl<'a> Fold<'a> {
         };
         s.sim_time_us += report.sim_time_us;
         s.events += report.events;
+        s.requests_planned += report.requests_planned;
+        s.requests_issued += report.requests_issued;
         s.requests_completed += report.requests_completed;
         s.requests_failed += report.requests_failed;
         s.requests_cancelled += report.requests_cancelled;

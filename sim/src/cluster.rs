@@ -1,17 +1,20 @@
 //! One seed: the cluster, the client, the fault injector, and the run to quiescence.
 //!
-//! Time line of a seed (simulated): requests arrive during the load phase; faults strike until
-//! `HEAL_AT` when every partition, clog and spike heals (crashed instances restart within
-//! `MAX_RESTART_MS`, before it). Liveness bound (I7): every request that was not lost with a
-//! crashed instance reaches a terminal state on every instance it was started on within
-//! `DRAIN` after `HEAL_AT`. The seed ends as soon as everything is settled and idle.
+//! Time line of a seed (simulated): the client issues every request of the workload (the load
+//! phase, which may outlast the faults); faults strike until `HEAL_AT` when every partition,
+//! clog and spike heals (crashed instances restart within `MAX_RESTART_MS`, before it).
+//! Liveness bound (I7): every request that was not lost with a crashed instance reaches a
+//! terminal state on every instance it was started on within `DRAIN` after the later of
+//! `HEAL_AT` and the client's last request. Quiescence is only looked for once the client has
+//! issued every request: before, a lull between arrivals looks idle and would end the seed with
+//! part of the workload never simulated.
 
 use crate::checker::Checker;
 use crate::faults::{FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
 use crate::net::{Barrier, Fabric};
 use crate::rank::{run_rank, Command, RankShared, TICK};
 use crate::report::{Invariant, SeedReport};
-use crate::router::Router;
+use crate::router::{Outcomes, Router};
 use crate::scenario::Scenario;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::config::TransceiverConfig;
@@ -86,6 +89,8 @@ pub struct Sim {
     pub router: Mutex<Router>,
     next_uid: Mutex<u32>,
     stop: AtomicBool,
+    /// When the client issued its last request (simulated microseconds); `None` while it runs.
+    client_done_us: Mutex<Option<u64>>,
 }
 
 impl Sim {
@@ -353,6 +358,7 @@ async fn client(sim: Arc<Sim>) {
             start_gen(&s, id);
         });
     }
+    *sim.client_done_us.lock().expect("client lock") = Some(sim.now_us());
 }
 
 fn start_gen(sim: &Arc<Sim>, id: RequestId) {
@@ -564,47 +570,73 @@ fn rogue(sim: &Arc<Sim>) {
     }
 }
 
-/// Waits for quiescence after the heal, bounded by `DRAIN`; reports I7 and I2.
+/// Every request settled and every live rank idle (no agent job, no registered request).
+fn quiescent(sim: &Sim) -> bool {
+    if !sim
+        .router
+        .lock()
+        .expect("router lock")
+        .unsettled()
+        .is_empty()
+    {
+        return false;
+    }
+    let live: Vec<Arc<Instance>> = sim
+        .instances
+        .lock()
+        .expect("instances lock")
+        .values()
+        .cloned()
+        .collect();
+    live.iter().all(|i| {
+        i.ranks
+            .iter()
+            .all(|r| r.agent_jobs() == 0 && r.active.load(Ordering::Relaxed) == 0)
+    })
+}
+
+/// I2 at quiescence: every staging slot of every live rank is free again.
+fn check_staging(sim: &Sim) {
+    let live: Vec<Arc<Instance>> = sim
+        .instances
+        .lock()
+        .expect("instances lock")
+        .values()
+        .cloned()
+        .collect();
+    for i in &live {
+        for r in &i.ranks {
+            let c = *r.staging.lock().expect("staging lock");
+            if c.in_use != 0 || c.poisoned != 0 || c.fallbacks_live != 0 {
+                sim.violate(
+                    Invariant::I2,
+                    format!(
+                        "{} at quiescence: {} staging slots in use, {} poisoned, {} fallbacks \
+                         live",
+                        r.track, c.in_use, c.poisoned, c.fallbacks_live
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Waits until the client has issued every request and faults have healed, then for
+/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2.
 async fn settle(sim: &Arc<Sim>) {
     madsim::time::sleep(HEAL_AT + TICK).await;
-    let deadline = (HEAL_AT + DRAIN).as_micros() as u64;
+    let client_done = loop {
+        if let Some(at) = *sim.client_done_us.lock().expect("client lock") {
+            break at;
+        }
+        madsim::time::sleep(SETTLE_POLL).await;
+    };
+    let deadline = client_done.max(HEAL_AT.as_micros() as u64) + DRAIN.as_micros() as u64;
     loop {
-        let settled = sim
-            .router
-            .lock()
-            .expect("router lock")
-            .unsettled()
-            .is_empty();
-        let live: Vec<Arc<Instance>> = sim
-            .instances
-            .lock()
-            .expect("instances lock")
-            .values()
-            .cloned()
-            .collect();
-        let idle = live.iter().all(|i| {
-            i.ranks
-                .iter()
-                .all(|r| r.agent_jobs() == 0 && r.active.load(Ordering::Relaxed) == 0)
-        });
-        if settled && idle {
+        if quiescent(sim) {
             // Two more steps so every rank publishes its final counters.
             madsim::time::sleep(3 * TICK).await;
-            for i in &live {
-                for r in &i.ranks {
-                    let c = *r.staging.lock().expect("staging lock");
-                    if c.in_use != 0 || c.poisoned != 0 || c.fallbacks_live != 0 {
-                        sim.violate(
-                            Invariant::I2,
-                            format!(
-                                "{} at quiescence: {} staging slots in use, {} poisoned, {} \
-                                 fallbacks live",
-                                r.track, c.in_use, c.poisoned, c.fallbacks_live
-                            ),
-                        );
-                    }
-                }
-            }
+            check_staging(sim);
             return;
         }
         if sim.now_us() >= deadline {
@@ -613,7 +645,8 @@ async fn settle(sim: &Arc<Sim>) {
                 sim.violate(
                     Invariant::I7,
                     format!(
-                        "{id} not terminal {} ms after faults healed: {what}",
+                        "{id} not terminal {} ms after faults healed and the last request \
+                         arrived: {what}",
                         DRAIN.as_millis()
                     ),
                 );
@@ -656,6 +689,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
         router: Mutex::new(Router::new(scenario.ctx_instances, scenario.gen_instances)),
         next_uid: Mutex::new(0),
         stop: AtomicBool::new(false),
+        client_done_us: Mutex::new(None),
         scenario,
     });
     sim.trace("faults", format!("mix {:?}", sim.mix));
@@ -672,23 +706,32 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     sim.stop.store(true, Ordering::Relaxed);
     // Let every loop see the stop and exit.
     madsim::time::sleep(4 * TICK).await;
-    let (completed, failed, cancelled) = sim.router.lock().expect("router lock").outcomes();
+    let outcomes = sim.router.lock().expect("router lock").outcomes();
+    let planned = u64::from(sim.scenario.requests);
     let checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
     // Break the cycle Sim -> instances -> ranks -> agents -> Sim, or every seed of a campaign
     // would leak its whole cluster (rank memories included).
     sim.instances.lock().expect("instances lock").clear();
-    report(seed, sim_time_us, (completed, failed, cancelled), checker)
+    report(seed, sim_time_us, planned, outcomes, checker)
 }
 
-fn report(seed: u64, sim_time_us: u64, outcomes: (u64, u64, u64), checker: Checker) -> SeedReport {
+fn report(
+    seed: u64,
+    sim_time_us: u64,
+    planned: u64,
+    outcomes: Outcomes,
+    checker: Checker,
+) -> SeedReport {
     let (violations, trace, trace_hash, events, faults) = checker.into_parts();
     SeedReport {
         seed,
         sim_time_us,
         events,
-        requests_completed: outcomes.0,
-        requests_failed: outcomes.1,
-        requests_cancelled: outcomes.2,
+        requests_planned: planned,
+        requests_issued: outcomes.issued,
+        requests_completed: outcomes.completed,
+        requests_failed: outcomes.failed,
+        requests_cancelled: outcomes.cancelled,
         faults,
         violations,
         trace_hash,
@@ -704,6 +747,7 @@ fn report(seed: u64, sim_time_us: u64, outcomes: (u64, u64, u64), checker: Check
 /// consequence, noted in the trace); otherwise the panic propagates, a simulator bug.
 pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport {
     let checker = Arc::new(Mutex::new(Checker::new(keep_trace)));
+    let scenario_requests = scenario.requests;
     let scenario = scenario.clone();
     let c = checker.clone();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
@@ -728,7 +772,8 @@ pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport 
                 "violations",
                 format!("simulation panicked after the violation: {msg}"),
             );
-            report(seed, at, (0, 0, 0), c)
+            let planned = u64::from(scenario_requests);
+            report(seed, at, planned, Outcomes::default(), c)
         }
     }
 }

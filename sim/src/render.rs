@@ -66,8 +66,12 @@ pub fn summary_table(s: &Summary) -> String {
     row(
         "requests",
         format!(
-            "{} completed, {} failed, {} cancelled",
-            s.requests_completed, s.requests_failed, s.requests_cancelled
+            "{} of {} issued: {} completed, {} failed, {} cancelled",
+            s.requests_issued,
+            s.requests_planned,
+            s.requests_completed,
+            s.requests_failed,
+            s.requests_cancelled
         ),
     );
     row("faults injected", counts(&s.faults));
@@ -129,8 +133,12 @@ pub fn seed_report(r: &SeedReport, scenario: &Scenario) -> String {
     );
     let _ = writeln!(
         t,
-        "  requests: {} completed, {} failed, {} cancelled",
-        r.requests_completed, r.requests_failed, r.requests_cancelled
+        "  requests: {} of {} issued: {} completed, {} failed, {} cancelled",
+        r.requests_issued,
+        r.requests_planned,
+        r.requests_completed,
+        r.requests_failed,
+        r.requests_cancelled
     );
     let _ = writeln!(t, "  faults: {}", counts(&r.faults));
     if r.violations.is_empty() {

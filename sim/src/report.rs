@@ -75,6 +75,10 @@ pub struct SeedReport {
     pub seed: u64,
     pub sim_time_us: u64,
     pub events: u64,
+    /// Requests of the workload (`Scenario::requests`).
+    pub requests_planned: u64,
+    /// Requests the client issued: all of them once the seed ran to quiescence.
+    pub requests_issued: u64,
     pub requests_completed: u64,
     pub requests_failed: u64,
     pub requests_cancelled: u64,

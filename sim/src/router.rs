@@ -22,6 +22,15 @@ pub enum SideState {
     Skipped,
 }
 
+/// Request counts of one seed (see `SeedReport`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    pub issued: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
 #[derive(Debug)]
 struct Req {
     token: TransferToken,
@@ -226,18 +235,21 @@ impl Router {
             .collect()
     }
 
-    /// (completed, failed, cancelled) per request.
-    pub fn outcomes(&self) -> (u64, u64, u64) {
-        let (mut ok, mut failed, mut cancelled) = (0, 0, 0);
+    /// How the requests the client issued ended.
+    pub fn outcomes(&self) -> Outcomes {
+        let mut o = Outcomes {
+            issued: self.reqs.len() as u64,
+            ..Outcomes::default()
+        };
         for r in self.reqs.values() {
             if r.gen == SideState::Done(RequestState::GenComplete) {
-                ok += 1;
+                o.completed += 1;
             } else if r.cancelled {
-                cancelled += 1;
+                o.cancelled += 1;
             } else {
-                failed += 1;
+                o.failed += 1;
             }
         }
-        (ok, failed, cancelled)
+        o
     }
 }

@@ -194,3 +194,23 @@ fn recheck_reports_a_changing_hash_as_i8() {
     assert_eq!(i8_seeds, [(0, Invariant::I8), (2, Invariant::I8)]);
     assert_eq!(calls.load(Ordering::Relaxed), 6, "seeds 0 and 2 ran twice");
 }
+
+/// Regression: the seed used to look for quiescence from `HEAL_AT` on, before its client had
+/// issued every request, so a workload longer than the fault phase plus the drain bound was cut
+/// short (about half of 2000 requests a seed were simulated, the rest reported as stuck, I7).
+/// 1500 requests arrive over about 4.5 simulated seconds, past `HEAL_AT + DRAIN`.
+#[test]
+fn a_long_workload_is_issued_in_full_before_quiescence() {
+    let scenario = Scenario {
+        requests: 1500,
+        fault_rate: 0.0,
+        ..default_scenario()
+    };
+    for seed in 0..2 {
+        let r = run_seed(seed, &scenario, false);
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+        assert_eq!(r.requests_planned, 1500, "seed {seed}");
+        assert_eq!(r.requests_issued, 1500, "seed {seed}");
+        assert_eq!(r.requests_completed, 1500, "seed {seed}");
+    }
+}

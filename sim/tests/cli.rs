@@ -99,6 +99,8 @@ fn sim_json_has_the_documented_keys() {
         "sim_time_us",
         "wall_time_s",
         "events",
+        "requests_planned",
+        "requests_issued",
         "requests_completed",
         "requests_failed",
         "requests_cancelled",
@@ -113,6 +115,8 @@ fn sim_json_has_the_documented_keys() {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
     assert_eq!(v["seeds"], 3);
+    assert_eq!(v["requests_planned"], 3 * 64);
+    assert_eq!(v["requests_issued"], v["requests_planned"]);
     assert_eq!(v["violations"], serde_json::json!({}));
     assert_eq!(v["failing_seeds"], serde_json::json!([]));
 }
