@@ -186,26 +186,6 @@ impl Sim {
         }
     }
 
-    fn layout(&self, side: Side) -> CacheLayout {
-        let s = &self.scenario;
-        let (tp, pp) = match side {
-            Side::Context => (s.ctx_tp, s.ctx_pp),
-            Side::Generation => (s.gen_tp, s.gen_pp),
-        };
-        CacheLayout {
-            num_layers: 8,
-            num_kv_heads: s.kv_heads(),
-            head_dim: 4,
-            tokens_per_block: 4,
-            dtype_bytes: 2,
-            tp_size: tp,
-            tp_rank: 0,
-            pp_size: pp,
-            pp_rank: 0,
-            mla: s.mla,
-        }
-    }
-
     /// Starts a fresh incarnation of instance `index` of `side`.
     fn start_instance(self: &Arc<Self>, side: Side, index: u32) -> Arc<Instance> {
         let uid = {
@@ -213,8 +193,8 @@ impl Sim {
             *n += 1;
             *n
         };
-        let layout = self.layout(side);
-        layout.validate().expect("scenario layout must be valid");
+        // Checked by `Scenario::check` before the seed started.
+        let layout = self.scenario.layout(side);
         let k = if side == Side::Context { "ctx" } else { "gen" };
         let ranks = (0..layout.world_size())
             .map(|r| {
@@ -669,17 +649,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     } else {
         FaultMix::none()
     };
-    let tx_config = TransceiverConfig {
-        max_tokens_in_buffer: 16,
-        kv_transfer_timeout_ms: scenario.timeout_ms,
-        inflight_cancel: scenario.inflight_cancel,
-        staging_slots: 4,
-        staging_wait_ms: 500,
-        ..TransceiverConfig::default()
-    };
-    tx_config
-        .validate()
-        .expect("scenario gives a valid transceiver config (inflight-cancel needs a timeout)");
+    let tx_config = scenario.tx_config();
     let sim = Arc::new(Sim {
         tx_config,
         mix,
@@ -739,7 +709,8 @@ fn report(
     }
 }
 
-/// Simulates one seed of `scenario` to quiescence and checks every invariant.
+/// Simulates one seed of `scenario` to quiescence and checks every invariant. The scenario
+/// must pass `Scenario::check` (the CLI checks it once per campaign).
 ///
 /// A panic inside the simulation (a core assertion tripped by a state that an earlier
 /// violation created, e.g. a bug switch freeing pinned blocks) ends the seed: if the checker

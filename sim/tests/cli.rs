@@ -203,3 +203,22 @@ fn replay_command_reproduces_the_failure() {
         .any(|x| x["invariant"] == first["invariant"]));
     assert!(trace.exists());
 }
+
+/// Layouts the transfer plan cannot serve are refused before any seed runs: one line, exit 2,
+/// naming the flags to change (`--ctx-tp 3` used to panic in every seed).
+#[test]
+fn unservable_layouts_are_a_one_line_error() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["sim", "--ctx-tp", "3", "--seeds", "2"], "--ctx-tp"),
+        (&["sim", "--gen-tp", "3", "--seeds", "2"], "--gen-tp"),
+        (
+            &["sim", "--scenario", "hetero-tp", "--ctx-pp", "3"],
+            "--ctx-pp",
+        ),
+        (&["replay", "1", "--gen-pp", "5"], "--gen-pp"),
+    ];
+    for (args, flag) in cases {
+        let err = one_line_error(&kvferry(args));
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+}
