@@ -9,14 +9,16 @@
 //! issued every request: before, a lull between arrivals looks idle and would end the seed with
 //! part of the workload never simulated.
 
+use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
-use crate::faults::{FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
+use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
 use crate::net::{Barrier, Fabric};
 use crate::rank::{run_rank, Command, RankShared, TICK};
 use crate::report::{Invariant, SeedReport};
 use crate::router::{Outcomes, Router};
 use crate::scenario::Scenario;
 use kvferry_core::blocks::BlockPool;
+use kvferry_core::blocks::BlockRef;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::RequestState;
@@ -138,12 +140,19 @@ impl Sim {
             .violate(inv, at, detail);
     }
 
-    pub fn fault(&self, kind: &str, detail: String) {
+    /// Records a fault striking now and acting until `until_us` on whom `reach` says (I10).
+    pub fn fault(&self, kind: FaultKind, until_us: u64, reach: Reach, detail: String) {
         let at = self.now_us();
         self.checker
             .lock()
             .expect("checker lock")
-            .fault(at, kind, detail);
+            .fault(at, kind, (until_us, reach), detail);
+    }
+
+    /// When a fault lasting `span` from now stops acting: at its own end, or at the heal.
+    fn until(&self, span: Duration) -> u64 {
+        let heal = (HEAL_AT + FAULT_TICK).as_micros() as u64;
+        (self.now_us() + span.as_micros() as u64).min(heal)
     }
 
     pub fn faults_on(&self) -> bool {
@@ -171,7 +180,7 @@ impl Sim {
         }
         let cancel_other = {
             let mut r = self.router.lock().expect("router lock");
-            r.terminal(inst.side, inst.uid, id, state)
+            r.terminal(inst.side, inst.uid, id, state, self.now_us())
         };
         if let Some(uid) = cancel_other {
             self.command_all(uid, |_| Command::Cancel(id));
@@ -244,7 +253,12 @@ impl Sim {
             return;
         };
         inst.alive.store(false, Ordering::Relaxed);
-        self.fault("crash", format!("{} (incarnation {uid})", inst.name()));
+        self.fault(
+            FaultKind::Crash,
+            u64::MAX,
+            Reach::Instances(vec![uid]),
+            format!("{} (incarnation {uid})", inst.name()),
+        );
         self.router
             .lock()
             .expect("router lock")
@@ -264,7 +278,12 @@ impl Sim {
                 }
             }
         }
-        let cancels = self.router.lock().expect("router lock").instance_lost(uid);
+        let now = self.now_us();
+        let cancels = self
+            .router
+            .lock()
+            .expect("router lock")
+            .instance_lost(uid, now);
         for (ctx_uid, id) in cancels {
             self.command_all(ctx_uid, |_| Command::Cancel(id));
         }
@@ -284,6 +303,44 @@ fn rand_range(lo: u64, hi: u64) -> u64 {
     madsim::rand::thread_rng().gen_range(lo..hi)
 }
 
+/// Blocks for request `id` on an instance of `side`, or why the client could not get them.
+fn admit(
+    sim: &Sim,
+    side: Side,
+    id: RequestId,
+    n: usize,
+) -> Result<(Arc<Instance>, Vec<BlockRef>), Refusal> {
+    let uid = sim.router.lock().expect("router lock").pick(side);
+    let inst = uid
+        .and_then(|u| sim.instance(u))
+        .ok_or(Refusal::NoInstance)?;
+    if sim.draw(sim.mix.alloc_fail) {
+        sim.fault(
+            FaultKind::AllocFail,
+            sim.now_us(),
+            Reach::Request(id),
+            format!("{id} on {}", inst.name()),
+        );
+        return Err(Refusal::AllocFail);
+    }
+    let blocks = inst.pool.lock().expect("block pool lock").allocate(id, n);
+    match blocks {
+        Ok(blocks) => Ok((inst, blocks)),
+        Err(_) => {
+            sim.trace("client", format!("{id}: no blocks on {}", inst.name()));
+            Err(Refusal::NoBlocks)
+        }
+    }
+}
+
+fn refuse(sim: &Sim, id: RequestId, side: Side, why: Refusal) {
+    let now = sim.now_us();
+    sim.router
+        .lock()
+        .expect("router lock")
+        .rejected(id, side, why, now);
+}
+
 /// The client: submits requests, prefills them, asks a generation instance for them.
 async fn client(sim: Arc<Sim>) {
     for i in 0..sim.scenario.requests {
@@ -291,31 +348,17 @@ async fn client(sim: Arc<Sim>) {
         let id = RequestId(u64::from(i) + 1);
         let token = TransferToken(madsim::rand::thread_rng().gen::<u128>());
         let n = rand_range(1, MAX_REQUEST_BLOCKS as u64 + 1) as usize;
-        sim.router.lock().expect("router lock").add(id, token, n);
-        let ctx_uid = sim.router.lock().expect("router lock").pick(Side::Context);
-        let Some(inst) = ctx_uid.and_then(|u| sim.instance(u)) else {
-            sim.router
-                .lock()
-                .expect("router lock")
-                .rejected(id, Side::Context);
-            continue;
-        };
-        if sim.draw(sim.mix.alloc_fail) {
-            sim.fault("alloc-fail", format!("{id} on {}", inst.name()));
-            sim.router
-                .lock()
-                .expect("router lock")
-                .rejected(id, Side::Context);
-            continue;
-        }
-        let blocks = inst.pool.lock().expect("block pool lock").allocate(id, n);
-        let Ok(blocks) = blocks else {
-            sim.trace("client", format!("{id}: no blocks on {}", inst.name()));
-            sim.router
-                .lock()
-                .expect("router lock")
-                .rejected(id, Side::Context);
-            continue;
+        let now = sim.now_us();
+        sim.router
+            .lock()
+            .expect("router lock")
+            .add(id, token, n, now);
+        let (inst, blocks) = match admit(&sim, Side::Context, id, n) {
+            Ok(got) => got,
+            Err(why) => {
+                refuse(&sim, id, Side::Context, why);
+                continue;
+            }
         };
         let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
         for r in &inst.ranks {
@@ -347,32 +390,13 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
     else {
         return;
     };
-    let gen_uid = sim
-        .router
-        .lock()
-        .expect("router lock")
-        .pick(Side::Generation);
-    let inst = gen_uid.and_then(|u| sim.instance(u));
-    let blocks = match &inst {
-        Some(inst) if !sim.draw(sim.mix.alloc_fail) => inst
-            .pool
-            .lock()
-            .expect("block pool lock")
-            .allocate(id, n)
-            .ok(),
-        Some(inst) => {
-            sim.fault("alloc-fail", format!("{id} on {}", inst.name()));
-            None
+    let (inst, blocks) = match admit(sim, Side::Generation, id, n) {
+        Ok(got) => got,
+        Err(why) => {
+            refuse(sim, id, Side::Generation, why);
+            sim.command_all(ctx_uid, |_| Command::Cancel(id));
+            return;
         }
-        None => None,
-    };
-    let (Some(inst), Some(blocks)) = (inst, blocks) else {
-        sim.router
-            .lock()
-            .expect("router lock")
-            .rejected(id, Side::Generation);
-        sim.command_all(ctx_uid, |_| Command::Cancel(id));
-        return;
     };
     let source = kvferry_core::request::ContextSource {
         instance: ctx_uid,
@@ -392,6 +416,11 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
         .lock()
         .expect("router lock")
         .started_gen(id, inst.uid);
+}
+
+/// A span for a partition, clog or latency spike.
+fn fault_span() -> Duration {
+    Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS))
 }
 
 /// Strikes faults until `HEAL_AT`, then heals everything.
@@ -427,64 +456,33 @@ async fn injector(sim: Arc<Sim>) {
                 pick_inst(Some(Side::Context)),
                 pick_inst(Some(Side::Generation)),
             ) {
-                sim.fabric
-                    .lock()
-                    .expect("fabric lock")
-                    .partition(a.uid, b.uid);
-                sim.fault("partition", format!("{} | {}", a.name(), b.name()));
-                let s = sim.clone();
-                madsim::task::spawn(async move {
-                    madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
-                        .await;
-                    s.fabric.lock().expect("fabric lock").heal(a.uid, b.uid);
-                    s.trace("faults", format!("heal {} | {}", a.name(), b.name()));
-                });
+                partition(&sim, &a, &b);
             }
         }
         if sim.draw(m.clog) {
             if let Some(i) = pick_inst(None) {
-                let r = i.ranks[rand_range(0, i.ranks.len() as u64) as usize].clone();
-                sim.fabric.lock().expect("fabric lock").clog(r.me);
-                sim.fault("clog", r.track.clone());
-                let s = sim.clone();
-                madsim::task::spawn(async move {
-                    madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
-                        .await;
-                    s.fabric.lock().expect("fabric lock").unclog(r.me);
-                    s.trace("faults", format!("unclog {}", r.track));
-                });
+                clog(&sim, &i);
             }
         }
         if sim.draw(m.latency) {
-            let us = rand_range(500, 5000);
-            sim.fabric.lock().expect("fabric lock").spike_us = us;
-            sim.fault("latency", format!("+{us} us"));
-            let s = sim.clone();
-            madsim::task::spawn(async move {
-                madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS))).await;
-                s.fabric.lock().expect("fabric lock").spike_us = 0;
-            });
+            latency_spike(&sim);
         }
         if sim.draw(m.recycle) {
             if let Some(i) = pick_inst(None) {
                 let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
                 r.recycle.store(true, Ordering::Relaxed);
-                sim.fault("recycle", r.track.clone());
+                // The rank swaps its agent at its next step.
+                let until = sim.now_us() + 2 * TICK.as_micros() as u64;
+                sim.fault(
+                    FaultKind::Recycle,
+                    until,
+                    Reach::Instances(vec![i.uid]),
+                    r.track.clone(),
+                );
             }
         }
         if sim.draw(m.client_cancel) {
-            let pick = sim
-                .router
-                .lock()
-                .expect("router lock")
-                .pick_live(rand_range(0, 1 << 20));
-            if let Some((id, ctx, gen)) = pick {
-                sim.fault("client-cancel", format!("{id}"));
-                sim.router.lock().expect("router lock").client_cancel(id);
-                for uid in [ctx, gen].into_iter().flatten() {
-                    sim.command_all(uid, |_| Command::Cancel(id));
-                }
-            }
+            client_cancel(&sim);
         }
         if sim.draw(m.rogue_peer) {
             rogue(&sim);
@@ -494,8 +492,87 @@ async fn injector(sim: Arc<Sim>) {
     sim.trace("faults", "all faults healed".to_string());
 }
 
+fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
+    let span = fault_span();
+    let (ua, ub) = (a.uid, b.uid);
+    sim.fabric.lock().expect("fabric lock").partition(ua, ub);
+    sim.fault(
+        FaultKind::Partition,
+        sim.until(span),
+        Reach::Pair(ua, ub),
+        format!("{} | {}", a.name(), b.name()),
+    );
+    let s = sim.clone();
+    let names = format!("{} | {}", a.name(), b.name());
+    madsim::task::spawn(async move {
+        madsim::time::sleep(span).await;
+        s.fabric.lock().expect("fabric lock").heal(ua, ub);
+        s.trace("faults", format!("heal {names}"));
+    });
+}
+
+fn clog(sim: &Arc<Sim>, i: &Instance) {
+    let span = fault_span();
+    let r = i.ranks[rand_range(0, i.ranks.len() as u64) as usize].clone();
+    sim.fabric.lock().expect("fabric lock").clog(r.me);
+    sim.fault(
+        FaultKind::Clog,
+        sim.until(span),
+        Reach::Instances(vec![i.uid]),
+        r.track.clone(),
+    );
+    let s = sim.clone();
+    madsim::task::spawn(async move {
+        madsim::time::sleep(span).await;
+        s.fabric.lock().expect("fabric lock").unclog(r.me);
+        s.trace("faults", format!("unclog {}", r.track));
+    });
+}
+
+fn latency_spike(sim: &Arc<Sim>) {
+    let span = fault_span();
+    let us = rand_range(500, 5000);
+    sim.fabric.lock().expect("fabric lock").spike_us = us;
+    sim.fault(
+        FaultKind::Latency,
+        sim.until(span),
+        Reach::All,
+        format!("+{us} us"),
+    );
+    let s = sim.clone();
+    madsim::task::spawn(async move {
+        madsim::time::sleep(span).await;
+        s.fabric.lock().expect("fabric lock").spike_us = 0;
+    });
+}
+
+fn client_cancel(sim: &Arc<Sim>) {
+    let pick = sim
+        .router
+        .lock()
+        .expect("router lock")
+        .pick_live(rand_range(0, 1 << 20));
+    if let Some((id, ctx, gen)) = pick {
+        sim.fault(
+            FaultKind::ClientCancel,
+            sim.now_us(),
+            Reach::Request(id),
+            format!("{id}"),
+        );
+        sim.router.lock().expect("router lock").client_cancel(id);
+        for uid in [ctx, gen].into_iter().flatten() {
+            sim.command_all(uid, |_| Command::Cancel(id));
+        }
+    }
+}
+
 /// A peer that never got the token asks a context instance for a live request's blocks.
 fn rogue(sim: &Arc<Sim>) {
+    rogue_request_info(sim);
+}
+
+/// Asks a context instance for a live request's blocks with a guessed token.
+fn rogue_request_info(sim: &Arc<Sim>) {
     let pick = sim
         .router
         .lock()
@@ -534,9 +611,11 @@ fn rogue(sim: &Arc<Sim>) {
             .collect(),
     };
     sim.fault(
-        "rogue-peer",
+        FaultKind::RoguePeer,
+        sim.now_us(),
+        Reach::Nobody,
         format!(
-            "{id} on {}{}",
+            "request info for {id} on {}{}",
             inst.name(),
             if foreign { " (foreign blocks)" } else { "" }
         ),
@@ -676,9 +755,18 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     sim.stop.store(true, Ordering::Relaxed);
     // Let every loop see the stop and exit.
     madsim::time::sleep(4 * TICK).await;
-    let outcomes = sim.router.lock().expect("router lock").outcomes();
+    let (mut outcomes, lives) = {
+        let r = sim.router.lock().expect("router lock");
+        (r.outcomes(), r.lifetimes())
+    };
     let planned = u64::from(sim.scenario.requests);
-    let checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    let mut checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    let found = attribution::attribute(&lives, &checker.footprints);
+    for (at, detail) in found.unattributed {
+        checker.violate(Invariant::I10, at, detail);
+    }
+    outcomes.failures_by_cause = found.by_cause;
+    outcomes.failures_by_core_cause = found.by_core_cause;
     // Break the cycle Sim -> instances -> ranks -> agents -> Sim, or every seed of a campaign
     // would leak its whole cluster (rank memories included).
     sim.instances.lock().expect("instances lock").clear();
@@ -703,6 +791,8 @@ fn report(
         requests_failed: outcomes.failed,
         requests_cancelled: outcomes.cancelled,
         faults,
+        failures_by_cause: outcomes.failures_by_cause,
+        failures_by_core_cause: outcomes.failures_by_core_cause,
         violations,
         trace_hash,
         trace,

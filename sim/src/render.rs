@@ -75,6 +75,8 @@ pub fn summary_table(s: &Summary) -> String {
         ),
     );
     row("faults injected", counts(&s.faults));
+    row("failures by cause", counts(&s.failures_by_cause));
+    row("  by core cause", counts(&s.failures_by_core_cause));
     row("violations", counts(&s.violations));
     if !s.panicked_seeds.is_empty() {
         row("panicked seeds", s.panicked_seeds.len().to_string());
@@ -141,6 +143,12 @@ pub fn seed_report(r: &SeedReport, scenario: &Scenario) -> String {
         r.requests_cancelled
     );
     let _ = writeln!(t, "  faults: {}", counts(&r.faults));
+    let _ = writeln!(
+        t,
+        "  failures by cause: {} (core: {})",
+        counts(&r.failures_by_cause),
+        counts(&r.failures_by_core_cause)
+    );
     if r.violations.is_empty() {
         let _ = writeln!(t, "  violations: none");
     }

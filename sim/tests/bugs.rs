@@ -116,3 +116,10 @@ fn skip_idle_collective_breaks_i7() {
 fn skip_token_check_breaks_i9() {
     catches(Bug::SkipTokenCheck, default_args());
 }
+
+/// Asking before the receive is posted lets a send start first and be refused: requests fail
+/// that no fault reached.
+#[test]
+fn ask_before_posted_breaks_i10() {
+    catches(Bug::AskBeforePosted, default_args());
+}

@@ -214,3 +214,24 @@ fn a_long_workload_is_issued_in_full_before_quiescence() {
         assert_eq!(r.requests_completed, 1500, "seed {seed}");
     }
 }
+
+/// I10 with faults off: every request of every named scenario completes.
+#[test]
+fn every_scenario_completes_every_request_with_faults_off() {
+    for name in kvferry_sim::scenario::SCENARIOS {
+        let mut c = campaign(0..8, jobs());
+        c.scenario = Scenario {
+            fault_rate: 0.0,
+            ..Scenario::named(name).expect("named scenario")
+        };
+        let s = c.run(&run_seed, &mut |_| {});
+        assert!(!s.failed(), "{name}: {}", kvferry_sim::render::failures(&s));
+        assert_eq!(s.requests_issued, s.requests_planned, "{name}");
+        assert_eq!(s.requests_completed, s.requests_planned, "{name}");
+        assert!(
+            s.failures_by_cause.is_empty(),
+            "{name}: {:?}",
+            s.failures_by_cause
+        );
+    }
+}
