@@ -23,7 +23,7 @@ use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
-use kvferry_core::wire::{Message, RequestInfo};
+use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use madsim::rand::Rng;
 use std::collections::BTreeMap;
@@ -566,9 +566,90 @@ fn client_cancel(sim: &Arc<Sim>) {
     }
 }
 
-/// A peer that never got the token asks a context instance for a live request's blocks.
+/// The rogue peer's identity: an instance no real incarnation ever gets.
+const ROGUE: PeerId = PeerId {
+    instance: ROGUE_INSTANCE,
+    rank: 7,
+};
+
+/// A peer that never got any token tries its luck: it asks for a live request's blocks, or
+/// tries to end a live request, or one not registered yet, with a `Cancel` that guesses the
+/// token or an `Error`. Without a bug switch none of it may serve a byte or end a request (I9).
 fn rogue(sim: &Arc<Sim>) {
-    rogue_request_info(sim);
+    match rand_range(0, 4) {
+        0 => rogue_request_info(sim),
+        1 => rogue_abort_live(sim),
+        _ => rogue_abort_early(sim),
+    }
+}
+
+/// A forged abort: a `Cancel` with a guessed token, or an `Error` (which carries none).
+fn forged_abort(request: RequestId) -> Message {
+    if madsim::rand::thread_rng().gen_bool(0.5) {
+        Message::Cancel {
+            request,
+            token: TransferToken(madsim::rand::thread_rng().gen::<u128>()),
+        }
+    } else {
+        Message::Error {
+            request,
+            code: ErrorCode::Cancelled,
+            detail: "rogue abort".into(),
+        }
+    }
+}
+
+fn deliver_all(sim: &Sim, uids: &[u32], msg: &Message) {
+    for uid in uids {
+        if let Some(inst) = sim.instance(*uid) {
+            for r in &inst.ranks {
+                r.deliver(ROGUE, msg.clone());
+            }
+        }
+    }
+}
+
+/// Tries to end a live request on every rank of its instances.
+fn rogue_abort_live(sim: &Arc<Sim>) {
+    let pick = sim
+        .router
+        .lock()
+        .expect("router lock")
+        .pick_live(rand_range(0, 1 << 20));
+    let Some((id, ctx, gen)) = pick else {
+        return;
+    };
+    let msg = forged_abort(id);
+    sim.fault(
+        FaultKind::RoguePeer,
+        sim.now_us(),
+        Reach::Nobody,
+        format!("{msg:?} to the instances of live {id}"),
+    );
+    let uids: Vec<u32> = [ctx, gen].into_iter().flatten().collect();
+    deliver_all(sim, &uids, &msg);
+}
+
+/// Tries to end a request before it registers: the next few ids the client will issue, on
+/// every live instance (a context rank parks an abort for an unknown id).
+fn rogue_abort_early(sim: &Arc<Sim>) {
+    let next = sim.router.lock().expect("router lock").issued() + 1;
+    let id = RequestId(next + rand_range(0, 3));
+    let msg = forged_abort(id);
+    sim.fault(
+        FaultKind::RoguePeer,
+        sim.now_us(),
+        Reach::Nobody,
+        format!("{msg:?} before {id} registers"),
+    );
+    let uids: Vec<u32> = sim
+        .instances
+        .lock()
+        .expect("instances lock")
+        .keys()
+        .copied()
+        .collect();
+    deliver_all(sim, &uids, &msg);
 }
 
 /// Asks a context instance for a live request's blocks with a guessed token.
@@ -620,13 +701,7 @@ fn rogue_request_info(sim: &Arc<Sim>) {
             if foreign { " (foreign blocks)" } else { "" }
         ),
     );
-    let from = PeerId {
-        instance: ROGUE_INSTANCE,
-        rank: 7,
-    };
-    for r in &inst.ranks {
-        r.deliver(from, Message::RequestInfo(info.clone()));
-    }
+    deliver_all(sim, &[ctx_uid], &Message::RequestInfo(info));
 }
 
 /// Every request settled and every live rank idle (no agent job, no registered request).

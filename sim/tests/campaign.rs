@@ -235,3 +235,23 @@ fn every_scenario_completes_every_request_with_faults_off() {
         );
     }
 }
+
+/// Without a bug switch the rogue peer's forged aborts end nothing: they are never the cause of
+/// a failure, and no failure goes unattributed (I9, I10).
+#[test]
+fn rogue_aborts_end_nothing() {
+    let s = campaign(0..40, jobs()).run(&run_seed, &mut |_| {});
+    assert!(s.faults["rogue-peer"] > 20, "{:?}", s.faults);
+    assert!(!s.failed(), "{}", kvferry_sim::render::failures(&s));
+    for cause in ["rogue-peer", "unattributed"] {
+        assert!(
+            !s.failures_by_cause.contains_key(cause),
+            "{cause}: {:?}",
+            s.failures_by_cause
+        );
+    }
+    // Failures happen, and each has a cause.
+    let failed: u64 = s.failures_by_cause.values().sum();
+    assert_eq!(failed, s.requests_failed + s.requests_cancelled);
+    assert!(failed > 0);
+}
