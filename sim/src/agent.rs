@@ -12,8 +12,10 @@
 //! being scattered, so the completion really is a fence. Teardown (the agent's `Drop`, or the
 //! `drop-agent-early` bug) sets `torn_down`; a job that writes or completes after it is I3.
 
+use crate::attribution::Reach;
 use crate::checker::RankKey;
 use crate::cluster::{Sim, ROGUE_INSTANCE};
+use crate::faults::FaultKind;
 use crate::memory::RankMemory;
 use crate::report::{Invariant, TraceKind};
 use kvferry_core::agent::{
@@ -480,7 +482,8 @@ impl TransferAgent for SimAgent {
             if fail_after.is_some() {
                 c.fault(
                     at,
-                    "agent-error",
+                    FaultKind::AgentError,
+                    (at, Reach::Request(job.request)),
                     format!("{} transfer {} of {}", inner.track, id.0, job.request),
                 );
             }

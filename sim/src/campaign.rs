@@ -73,11 +73,17 @@ pub struct Summary {
     pub sim_time_us: u64,
     pub wall_time_s: f64,
     pub events: u64,
+    pub requests_planned: u64,
+    pub requests_issued: u64,
     pub requests_completed: u64,
     pub requests_failed: u64,
     pub requests_cancelled: u64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, u64>,
+    /// Requests that failed or were cancelled, by attributed cause (I10; see `SeedReport`).
+    pub failures_by_cause: BTreeMap<String, u64>,
+    /// The same requests by the core's `FailCause` of the first rank that failed them.
+    pub failures_by_core_cause: BTreeMap<String, u64>,
     /// Violations reported, by invariant id ("I5").
     pub violations: BTreeMap<&'static str, u64>,
     /// One entry per (seed, invariant), the invariant's earliest violation in that seed.
@@ -217,10 +223,14 @@ impl<'a> Fold<'a> {
             sim_time_us: 0,
             wall_time_s: 0.0,
             events: 0,
+            requests_planned: 0,
+            requests_issued: 0,
             requests_completed: 0,
             requests_failed: 0,
             requests_cancelled: 0,
             faults: BTreeMap::new(),
+            failures_by_cause: BTreeMap::new(),
+            failures_by_core_cause: BTreeMap::new(),
             violations: BTreeMap::new(),
             failing_seeds: Vec::new(),
             panicked_seeds: Vec::new(),
@@ -270,11 +280,22 @@ impl<'a> Fold<'a> {
         };
         s.sim_time_us += report.sim_time_us;
         s.events += report.events;
+        s.requests_planned += report.requests_planned;
+        s.requests_issued += report.requests_issued;
         s.requests_completed += report.requests_completed;
         s.requests_failed += report.requests_failed;
         s.requests_cancelled += report.requests_cancelled;
-        for (kind, n) in &report.faults {
-            *s.faults.entry(kind.clone()).or_default() += n;
+        for (into, from) in [
+            (&mut s.faults, &report.faults),
+            (&mut s.failures_by_cause, &report.failures_by_cause),
+            (
+                &mut s.failures_by_core_cause,
+                &report.failures_by_core_cause,
+            ),
+        ] {
+            for (k, n) in from {
+                *into.entry(k.clone()).or_default() += n;
+            }
         }
         for v in &report.violations {
             *s.violations.entry(v.invariant.id()).or_default() += 1;

@@ -188,6 +188,7 @@ impl ScenarioArgs {
         .validate()
         .context("invalid --timeout-ms / --inflight-cancel")?;
         self.apply_bugs(&mut s)?;
+        s.check()?;
         Ok(s)
     }
 

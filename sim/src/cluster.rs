@@ -1,24 +1,29 @@
 //! One seed: the cluster, the client, the fault injector, and the run to quiescence.
 //!
-//! Time line of a seed (simulated): requests arrive during the load phase; faults strike until
-//! `HEAL_AT` when every partition, clog and spike heals (crashed instances restart within
-//! `MAX_RESTART_MS`, before it). Liveness bound (I7): every request that was not lost with a
-//! crashed instance reaches a terminal state on every instance it was started on within
-//! `DRAIN` after `HEAL_AT`. The seed ends as soon as everything is settled and idle.
+//! Time line of a seed (simulated): the client issues every request of the workload (the load
+//! phase, which may outlast the faults); faults strike until `HEAL_AT` when every partition,
+//! clog and spike heals (crashed instances restart within `MAX_RESTART_MS`, before it).
+//! Liveness bound (I7): every request that was not lost with a crashed instance reaches a
+//! terminal state on every instance it was started on within `DRAIN` after the later of
+//! `HEAL_AT` and the client's last request. Quiescence is only looked for once the client has
+//! issued every request: before, a lull between arrivals looks idle and would end the seed with
+//! part of the workload never simulated.
 
+use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
-use crate::faults::{FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
+use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
 use crate::net::{Barrier, Fabric};
 use crate::rank::{run_rank, Command, RankShared, TICK};
 use crate::report::{Invariant, SeedReport};
-use crate::router::Router;
+use crate::router::{Outcomes, Router};
 use crate::scenario::Scenario;
 use kvferry_core::blocks::BlockPool;
+use kvferry_core::blocks::BlockRef;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
-use kvferry_core::wire::{Message, RequestInfo};
+use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use madsim::rand::Rng;
 use std::collections::BTreeMap;
@@ -86,6 +91,8 @@ pub struct Sim {
     pub router: Mutex<Router>,
     next_uid: Mutex<u32>,
     stop: AtomicBool,
+    /// When the client issued its last request (simulated microseconds); `None` while it runs.
+    client_done_us: Mutex<Option<u64>>,
 }
 
 impl Sim {
@@ -133,12 +140,19 @@ impl Sim {
             .violate(inv, at, detail);
     }
 
-    pub fn fault(&self, kind: &str, detail: String) {
+    /// Records a fault striking now and acting until `until_us` on whom `reach` says (I10).
+    pub fn fault(&self, kind: FaultKind, until_us: u64, reach: Reach, detail: String) {
         let at = self.now_us();
         self.checker
             .lock()
             .expect("checker lock")
-            .fault(at, kind, detail);
+            .fault(at, kind, (until_us, reach), detail);
+    }
+
+    /// When a fault lasting `span` from now stops acting: at its own end, or at the heal.
+    fn until(&self, span: Duration) -> u64 {
+        let heal = (HEAL_AT + FAULT_TICK).as_micros() as u64;
+        (self.now_us() + span.as_micros() as u64).min(heal)
     }
 
     pub fn faults_on(&self) -> bool {
@@ -166,7 +180,7 @@ impl Sim {
         }
         let cancel_other = {
             let mut r = self.router.lock().expect("router lock");
-            r.terminal(inst.side, inst.uid, id, state)
+            r.terminal(inst.side, inst.uid, id, state, self.now_us())
         };
         if let Some(uid) = cancel_other {
             self.command_all(uid, |_| Command::Cancel(id));
@@ -181,26 +195,6 @@ impl Sim {
         }
     }
 
-    fn layout(&self, side: Side) -> CacheLayout {
-        let s = &self.scenario;
-        let (tp, pp) = match side {
-            Side::Context => (s.ctx_tp, s.ctx_pp),
-            Side::Generation => (s.gen_tp, s.gen_pp),
-        };
-        CacheLayout {
-            num_layers: 8,
-            num_kv_heads: s.kv_heads(),
-            head_dim: 4,
-            tokens_per_block: 4,
-            dtype_bytes: 2,
-            tp_size: tp,
-            tp_rank: 0,
-            pp_size: pp,
-            pp_rank: 0,
-            mla: s.mla,
-        }
-    }
-
     /// Starts a fresh incarnation of instance `index` of `side`.
     fn start_instance(self: &Arc<Self>, side: Side, index: u32) -> Arc<Instance> {
         let uid = {
@@ -208,8 +202,8 @@ impl Sim {
             *n += 1;
             *n
         };
-        let layout = self.layout(side);
-        layout.validate().expect("scenario layout must be valid");
+        // Checked by `Scenario::check` before the seed started.
+        let layout = self.scenario.layout(side);
         let k = if side == Side::Context { "ctx" } else { "gen" };
         let ranks = (0..layout.world_size())
             .map(|r| {
@@ -259,7 +253,12 @@ impl Sim {
             return;
         };
         inst.alive.store(false, Ordering::Relaxed);
-        self.fault("crash", format!("{} (incarnation {uid})", inst.name()));
+        self.fault(
+            FaultKind::Crash,
+            u64::MAX,
+            Reach::Instances(vec![uid]),
+            format!("{} (incarnation {uid})", inst.name()),
+        );
         self.router
             .lock()
             .expect("router lock")
@@ -279,7 +278,12 @@ impl Sim {
                 }
             }
         }
-        let cancels = self.router.lock().expect("router lock").instance_lost(uid);
+        let now = self.now_us();
+        let cancels = self
+            .router
+            .lock()
+            .expect("router lock")
+            .instance_lost(uid, now);
         for (ctx_uid, id) in cancels {
             self.command_all(ctx_uid, |_| Command::Cancel(id));
         }
@@ -299,6 +303,44 @@ fn rand_range(lo: u64, hi: u64) -> u64 {
     madsim::rand::thread_rng().gen_range(lo..hi)
 }
 
+/// Blocks for request `id` on an instance of `side`, or why the client could not get them.
+fn admit(
+    sim: &Sim,
+    side: Side,
+    id: RequestId,
+    n: usize,
+) -> Result<(Arc<Instance>, Vec<BlockRef>), Refusal> {
+    let uid = sim.router.lock().expect("router lock").pick(side);
+    let inst = uid
+        .and_then(|u| sim.instance(u))
+        .ok_or(Refusal::NoInstance)?;
+    if sim.draw(sim.mix.alloc_fail) {
+        sim.fault(
+            FaultKind::AllocFail,
+            sim.now_us(),
+            Reach::Request(id),
+            format!("{id} on {}", inst.name()),
+        );
+        return Err(Refusal::AllocFail);
+    }
+    let blocks = inst.pool.lock().expect("block pool lock").allocate(id, n);
+    match blocks {
+        Ok(blocks) => Ok((inst, blocks)),
+        Err(_) => {
+            sim.trace("client", format!("{id}: no blocks on {}", inst.name()));
+            Err(Refusal::NoBlocks)
+        }
+    }
+}
+
+fn refuse(sim: &Sim, id: RequestId, side: Side, why: Refusal) {
+    let now = sim.now_us();
+    sim.router
+        .lock()
+        .expect("router lock")
+        .rejected(id, side, why, now);
+}
+
 /// The client: submits requests, prefills them, asks a generation instance for them.
 async fn client(sim: Arc<Sim>) {
     for i in 0..sim.scenario.requests {
@@ -306,31 +348,17 @@ async fn client(sim: Arc<Sim>) {
         let id = RequestId(u64::from(i) + 1);
         let token = TransferToken(madsim::rand::thread_rng().gen::<u128>());
         let n = rand_range(1, MAX_REQUEST_BLOCKS as u64 + 1) as usize;
-        sim.router.lock().expect("router lock").add(id, token, n);
-        let ctx_uid = sim.router.lock().expect("router lock").pick(Side::Context);
-        let Some(inst) = ctx_uid.and_then(|u| sim.instance(u)) else {
-            sim.router
-                .lock()
-                .expect("router lock")
-                .rejected(id, Side::Context);
-            continue;
-        };
-        if sim.draw(sim.mix.alloc_fail) {
-            sim.fault("alloc-fail", format!("{id} on {}", inst.name()));
-            sim.router
-                .lock()
-                .expect("router lock")
-                .rejected(id, Side::Context);
-            continue;
-        }
-        let blocks = inst.pool.lock().expect("block pool lock").allocate(id, n);
-        let Ok(blocks) = blocks else {
-            sim.trace("client", format!("{id}: no blocks on {}", inst.name()));
-            sim.router
-                .lock()
-                .expect("router lock")
-                .rejected(id, Side::Context);
-            continue;
+        let now = sim.now_us();
+        sim.router
+            .lock()
+            .expect("router lock")
+            .add(id, token, n, now);
+        let (inst, blocks) = match admit(&sim, Side::Context, id, n) {
+            Ok(got) => got,
+            Err(why) => {
+                refuse(&sim, id, Side::Context, why);
+                continue;
+            }
         };
         let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
         for r in &inst.ranks {
@@ -353,6 +381,7 @@ async fn client(sim: Arc<Sim>) {
             start_gen(&s, id);
         });
     }
+    *sim.client_done_us.lock().expect("client lock") = Some(sim.now_us());
 }
 
 fn start_gen(sim: &Arc<Sim>, id: RequestId) {
@@ -361,32 +390,13 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
     else {
         return;
     };
-    let gen_uid = sim
-        .router
-        .lock()
-        .expect("router lock")
-        .pick(Side::Generation);
-    let inst = gen_uid.and_then(|u| sim.instance(u));
-    let blocks = match &inst {
-        Some(inst) if !sim.draw(sim.mix.alloc_fail) => inst
-            .pool
-            .lock()
-            .expect("block pool lock")
-            .allocate(id, n)
-            .ok(),
-        Some(inst) => {
-            sim.fault("alloc-fail", format!("{id} on {}", inst.name()));
-            None
+    let (inst, blocks) = match admit(sim, Side::Generation, id, n) {
+        Ok(got) => got,
+        Err(why) => {
+            refuse(sim, id, Side::Generation, why);
+            sim.command_all(ctx_uid, |_| Command::Cancel(id));
+            return;
         }
-        None => None,
-    };
-    let (Some(inst), Some(blocks)) = (inst, blocks) else {
-        sim.router
-            .lock()
-            .expect("router lock")
-            .rejected(id, Side::Generation);
-        sim.command_all(ctx_uid, |_| Command::Cancel(id));
-        return;
     };
     let source = kvferry_core::request::ContextSource {
         instance: ctx_uid,
@@ -406,6 +416,11 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
         .lock()
         .expect("router lock")
         .started_gen(id, inst.uid);
+}
+
+/// A span for a partition, clog or latency spike.
+fn fault_span() -> Duration {
+    Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS))
 }
 
 /// Strikes faults until `HEAL_AT`, then heals everything.
@@ -441,64 +456,33 @@ async fn injector(sim: Arc<Sim>) {
                 pick_inst(Some(Side::Context)),
                 pick_inst(Some(Side::Generation)),
             ) {
-                sim.fabric
-                    .lock()
-                    .expect("fabric lock")
-                    .partition(a.uid, b.uid);
-                sim.fault("partition", format!("{} | {}", a.name(), b.name()));
-                let s = sim.clone();
-                madsim::task::spawn(async move {
-                    madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
-                        .await;
-                    s.fabric.lock().expect("fabric lock").heal(a.uid, b.uid);
-                    s.trace("faults", format!("heal {} | {}", a.name(), b.name()));
-                });
+                partition(&sim, &a, &b);
             }
         }
         if sim.draw(m.clog) {
             if let Some(i) = pick_inst(None) {
-                let r = i.ranks[rand_range(0, i.ranks.len() as u64) as usize].clone();
-                sim.fabric.lock().expect("fabric lock").clog(r.me);
-                sim.fault("clog", r.track.clone());
-                let s = sim.clone();
-                madsim::task::spawn(async move {
-                    madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
-                        .await;
-                    s.fabric.lock().expect("fabric lock").unclog(r.me);
-                    s.trace("faults", format!("unclog {}", r.track));
-                });
+                clog(&sim, &i);
             }
         }
         if sim.draw(m.latency) {
-            let us = rand_range(500, 5000);
-            sim.fabric.lock().expect("fabric lock").spike_us = us;
-            sim.fault("latency", format!("+{us} us"));
-            let s = sim.clone();
-            madsim::task::spawn(async move {
-                madsim::time::sleep(Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS))).await;
-                s.fabric.lock().expect("fabric lock").spike_us = 0;
-            });
+            latency_spike(&sim);
         }
         if sim.draw(m.recycle) {
             if let Some(i) = pick_inst(None) {
                 let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
                 r.recycle.store(true, Ordering::Relaxed);
-                sim.fault("recycle", r.track.clone());
+                // The rank swaps its agent at its next step.
+                let until = sim.now_us() + 2 * TICK.as_micros() as u64;
+                sim.fault(
+                    FaultKind::Recycle,
+                    until,
+                    Reach::Instances(vec![i.uid]),
+                    r.track.clone(),
+                );
             }
         }
         if sim.draw(m.client_cancel) {
-            let pick = sim
-                .router
-                .lock()
-                .expect("router lock")
-                .pick_live(rand_range(0, 1 << 20));
-            if let Some((id, ctx, gen)) = pick {
-                sim.fault("client-cancel", format!("{id}"));
-                sim.router.lock().expect("router lock").client_cancel(id);
-                for uid in [ctx, gen].into_iter().flatten() {
-                    sim.command_all(uid, |_| Command::Cancel(id));
-                }
-            }
+            client_cancel(&sim);
         }
         if sim.draw(m.rogue_peer) {
             rogue(&sim);
@@ -508,8 +492,168 @@ async fn injector(sim: Arc<Sim>) {
     sim.trace("faults", "all faults healed".to_string());
 }
 
-/// A peer that never got the token asks a context instance for a live request's blocks.
+fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
+    let span = fault_span();
+    let (ua, ub) = (a.uid, b.uid);
+    sim.fabric.lock().expect("fabric lock").partition(ua, ub);
+    sim.fault(
+        FaultKind::Partition,
+        sim.until(span),
+        Reach::Pair(ua, ub),
+        format!("{} | {}", a.name(), b.name()),
+    );
+    let s = sim.clone();
+    let names = format!("{} | {}", a.name(), b.name());
+    madsim::task::spawn(async move {
+        madsim::time::sleep(span).await;
+        s.fabric.lock().expect("fabric lock").heal(ua, ub);
+        s.trace("faults", format!("heal {names}"));
+    });
+}
+
+fn clog(sim: &Arc<Sim>, i: &Instance) {
+    let span = fault_span();
+    let r = i.ranks[rand_range(0, i.ranks.len() as u64) as usize].clone();
+    sim.fabric.lock().expect("fabric lock").clog(r.me);
+    sim.fault(
+        FaultKind::Clog,
+        sim.until(span),
+        Reach::Instances(vec![i.uid]),
+        r.track.clone(),
+    );
+    let s = sim.clone();
+    madsim::task::spawn(async move {
+        madsim::time::sleep(span).await;
+        s.fabric.lock().expect("fabric lock").unclog(r.me);
+        s.trace("faults", format!("unclog {}", r.track));
+    });
+}
+
+fn latency_spike(sim: &Arc<Sim>) {
+    let span = fault_span();
+    let us = rand_range(500, 5000);
+    sim.fabric.lock().expect("fabric lock").spike_us = us;
+    sim.fault(
+        FaultKind::Latency,
+        sim.until(span),
+        Reach::All,
+        format!("+{us} us"),
+    );
+    let s = sim.clone();
+    madsim::task::spawn(async move {
+        madsim::time::sleep(span).await;
+        s.fabric.lock().expect("fabric lock").spike_us = 0;
+    });
+}
+
+fn client_cancel(sim: &Arc<Sim>) {
+    let pick = sim
+        .router
+        .lock()
+        .expect("router lock")
+        .pick_live(rand_range(0, 1 << 20));
+    if let Some((id, ctx, gen)) = pick {
+        sim.fault(
+            FaultKind::ClientCancel,
+            sim.now_us(),
+            Reach::Request(id),
+            format!("{id}"),
+        );
+        sim.router.lock().expect("router lock").client_cancel(id);
+        for uid in [ctx, gen].into_iter().flatten() {
+            sim.command_all(uid, |_| Command::Cancel(id));
+        }
+    }
+}
+
+/// The rogue peer's identity: an instance no real incarnation ever gets.
+const ROGUE: PeerId = PeerId {
+    instance: ROGUE_INSTANCE,
+    rank: 7,
+};
+
+/// A peer that never got any token tries its luck: it asks for a live request's blocks, or
+/// tries to end a live request, or one not registered yet, with a `Cancel` that guesses the
+/// token or an `Error`. Without a bug switch none of it may serve a byte or end a request (I9).
 fn rogue(sim: &Arc<Sim>) {
+    match rand_range(0, 4) {
+        0 => rogue_request_info(sim),
+        1 => rogue_abort_live(sim),
+        _ => rogue_abort_early(sim),
+    }
+}
+
+/// A forged abort: a `Cancel` with a guessed token, or an `Error` (which carries none).
+fn forged_abort(request: RequestId) -> Message {
+    if madsim::rand::thread_rng().gen_bool(0.5) {
+        Message::Cancel {
+            request,
+            token: TransferToken(madsim::rand::thread_rng().gen::<u128>()),
+        }
+    } else {
+        Message::Error {
+            request,
+            code: ErrorCode::Cancelled,
+            detail: "rogue abort".into(),
+        }
+    }
+}
+
+fn deliver_all(sim: &Sim, uids: &[u32], msg: &Message) {
+    for uid in uids {
+        if let Some(inst) = sim.instance(*uid) {
+            for r in &inst.ranks {
+                r.deliver(ROGUE, msg.clone());
+            }
+        }
+    }
+}
+
+/// Tries to end a live request on every rank of its instances.
+fn rogue_abort_live(sim: &Arc<Sim>) {
+    let pick = sim
+        .router
+        .lock()
+        .expect("router lock")
+        .pick_live(rand_range(0, 1 << 20));
+    let Some((id, ctx, gen)) = pick else {
+        return;
+    };
+    let msg = forged_abort(id);
+    sim.fault(
+        FaultKind::RoguePeer,
+        sim.now_us(),
+        Reach::Nobody,
+        format!("{msg:?} to the instances of live {id}"),
+    );
+    let uids: Vec<u32> = [ctx, gen].into_iter().flatten().collect();
+    deliver_all(sim, &uids, &msg);
+}
+
+/// Tries to end a request before it registers: the next few ids the client will issue, on
+/// every live instance (a context rank parks an abort for an unknown id).
+fn rogue_abort_early(sim: &Arc<Sim>) {
+    let next = sim.router.lock().expect("router lock").issued() + 1;
+    let id = RequestId(next + rand_range(0, 3));
+    let msg = forged_abort(id);
+    sim.fault(
+        FaultKind::RoguePeer,
+        sim.now_us(),
+        Reach::Nobody,
+        format!("{msg:?} before {id} registers"),
+    );
+    let uids: Vec<u32> = sim
+        .instances
+        .lock()
+        .expect("instances lock")
+        .keys()
+        .copied()
+        .collect();
+    deliver_all(sim, &uids, &msg);
+}
+
+/// Asks a context instance for a live request's blocks with a guessed token.
+fn rogue_request_info(sim: &Arc<Sim>) {
     let pick = sim
         .router
         .lock()
@@ -548,63 +692,85 @@ fn rogue(sim: &Arc<Sim>) {
             .collect(),
     };
     sim.fault(
-        "rogue-peer",
+        FaultKind::RoguePeer,
+        sim.now_us(),
+        Reach::Nobody,
         format!(
-            "{id} on {}{}",
+            "request info for {id} on {}{}",
             inst.name(),
             if foreign { " (foreign blocks)" } else { "" }
         ),
     );
-    let from = PeerId {
-        instance: ROGUE_INSTANCE,
-        rank: 7,
-    };
-    for r in &inst.ranks {
-        r.deliver(from, Message::RequestInfo(info.clone()));
+    deliver_all(sim, &[ctx_uid], &Message::RequestInfo(info));
+}
+
+/// Every request settled and every live rank idle (no agent job, no registered request).
+fn quiescent(sim: &Sim) -> bool {
+    if !sim
+        .router
+        .lock()
+        .expect("router lock")
+        .unsettled()
+        .is_empty()
+    {
+        return false;
+    }
+    let live: Vec<Arc<Instance>> = sim
+        .instances
+        .lock()
+        .expect("instances lock")
+        .values()
+        .cloned()
+        .collect();
+    live.iter().all(|i| {
+        i.ranks
+            .iter()
+            .all(|r| r.agent_jobs() == 0 && r.active.load(Ordering::Relaxed) == 0)
+    })
+}
+
+/// I2 at quiescence: every staging slot of every live rank is free again.
+fn check_staging(sim: &Sim) {
+    let live: Vec<Arc<Instance>> = sim
+        .instances
+        .lock()
+        .expect("instances lock")
+        .values()
+        .cloned()
+        .collect();
+    for i in &live {
+        for r in &i.ranks {
+            let c = *r.staging.lock().expect("staging lock");
+            if c.in_use != 0 || c.poisoned != 0 || c.fallbacks_live != 0 {
+                sim.violate(
+                    Invariant::I2,
+                    format!(
+                        "{} at quiescence: {} staging slots in use, {} poisoned, {} fallbacks \
+                         live",
+                        r.track, c.in_use, c.poisoned, c.fallbacks_live
+                    ),
+                );
+            }
+        }
     }
 }
 
-/// Waits for quiescence after the heal, bounded by `DRAIN`; reports I7 and I2.
+/// Waits until the client has issued every request and faults have healed, then for
+/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2.
 async fn settle(sim: &Arc<Sim>) {
     madsim::time::sleep(HEAL_AT + TICK).await;
-    let deadline = (HEAL_AT + DRAIN).as_micros() as u64;
+    let client_done = loop {
+        if let Some(at) = *sim.client_done_us.lock().expect("client lock") {
+            break at;
+        }
+        madsim::time::sleep(SETTLE_POLL).await;
+    };
+    let deadline = client_done.max(HEAL_AT.as_micros() as u64) + DRAIN.as_micros() as u64;
     loop {
-        let settled = sim
-            .router
-            .lock()
-            .expect("router lock")
-            .unsettled()
-            .is_empty();
-        let live: Vec<Arc<Instance>> = sim
-            .instances
-            .lock()
-            .expect("instances lock")
-            .values()
-            .cloned()
-            .collect();
-        let idle = live.iter().all(|i| {
-            i.ranks
-                .iter()
-                .all(|r| r.agent_jobs() == 0 && r.active.load(Ordering::Relaxed) == 0)
-        });
-        if settled && idle {
+        if quiescent(sim) {
             // Two more steps so every rank publishes its final counters.
             madsim::time::sleep(3 * TICK).await;
-            for i in &live {
-                for r in &i.ranks {
-                    let c = *r.staging.lock().expect("staging lock");
-                    if c.in_use != 0 || c.poisoned != 0 || c.fallbacks_live != 0 {
-                        sim.violate(
-                            Invariant::I2,
-                            format!(
-                                "{} at quiescence: {} staging slots in use, {} poisoned, {} \
-                                 fallbacks live",
-                                r.track, c.in_use, c.poisoned, c.fallbacks_live
-                            ),
-                        );
-                    }
-                }
-            }
+            check_staging(sim);
             return;
         }
         if sim.now_us() >= deadline {
@@ -613,7 +779,8 @@ async fn settle(sim: &Arc<Sim>) {
                 sim.violate(
                     Invariant::I7,
                     format!(
-                        "{id} not terminal {} ms after faults healed: {what}",
+                        "{id} not terminal {} ms after faults healed and the last request \
+                         arrived: {what}",
                         DRAIN.as_millis()
                     ),
                 );
@@ -636,17 +803,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     } else {
         FaultMix::none()
     };
-    let tx_config = TransceiverConfig {
-        max_tokens_in_buffer: 16,
-        kv_transfer_timeout_ms: scenario.timeout_ms,
-        inflight_cancel: scenario.inflight_cancel,
-        staging_slots: 4,
-        staging_wait_ms: 500,
-        ..TransceiverConfig::default()
-    };
-    tx_config
-        .validate()
-        .expect("scenario gives a valid transceiver config (inflight-cancel needs a timeout)");
+    let tx_config = scenario.tx_config();
     let sim = Arc::new(Sim {
         tx_config,
         mix,
@@ -656,6 +813,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
         router: Mutex::new(Router::new(scenario.ctx_instances, scenario.gen_instances)),
         next_uid: Mutex::new(0),
         stop: AtomicBool::new(false),
+        client_done_us: Mutex::new(None),
         scenario,
     });
     sim.trace("faults", format!("mix {:?}", sim.mix));
@@ -672,31 +830,52 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     sim.stop.store(true, Ordering::Relaxed);
     // Let every loop see the stop and exit.
     madsim::time::sleep(4 * TICK).await;
-    let (completed, failed, cancelled) = sim.router.lock().expect("router lock").outcomes();
-    let checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    let (mut outcomes, lives) = {
+        let r = sim.router.lock().expect("router lock");
+        (r.outcomes(), r.lifetimes())
+    };
+    let planned = u64::from(sim.scenario.requests);
+    let mut checker = std::mem::take(&mut *sim.checker.lock().expect("checker lock"));
+    let found = attribution::attribute(&lives, &checker.footprints);
+    for (at, detail) in found.unattributed {
+        checker.violate(Invariant::I10, at, detail);
+    }
+    outcomes.failures_by_cause = found.by_cause;
+    outcomes.failures_by_core_cause = found.by_core_cause;
     // Break the cycle Sim -> instances -> ranks -> agents -> Sim, or every seed of a campaign
     // would leak its whole cluster (rank memories included).
     sim.instances.lock().expect("instances lock").clear();
-    report(seed, sim_time_us, (completed, failed, cancelled), checker)
+    report(seed, sim_time_us, planned, outcomes, checker)
 }
 
-fn report(seed: u64, sim_time_us: u64, outcomes: (u64, u64, u64), checker: Checker) -> SeedReport {
+fn report(
+    seed: u64,
+    sim_time_us: u64,
+    planned: u64,
+    outcomes: Outcomes,
+    checker: Checker,
+) -> SeedReport {
     let (violations, trace, trace_hash, events, faults) = checker.into_parts();
     SeedReport {
         seed,
         sim_time_us,
         events,
-        requests_completed: outcomes.0,
-        requests_failed: outcomes.1,
-        requests_cancelled: outcomes.2,
+        requests_planned: planned,
+        requests_issued: outcomes.issued,
+        requests_completed: outcomes.completed,
+        requests_failed: outcomes.failed,
+        requests_cancelled: outcomes.cancelled,
         faults,
+        failures_by_cause: outcomes.failures_by_cause,
+        failures_by_core_cause: outcomes.failures_by_core_cause,
         violations,
         trace_hash,
         trace,
     }
 }
 
-/// Simulates one seed of `scenario` to quiescence and checks every invariant.
+/// Simulates one seed of `scenario` to quiescence and checks every invariant. The scenario
+/// must pass `Scenario::check` (the CLI checks it once per campaign).
 ///
 /// A panic inside the simulation (a core assertion tripped by a state that an earlier
 /// violation created, e.g. a bug switch freeing pinned blocks) ends the seed: if the checker
@@ -704,6 +883,7 @@ fn report(seed: u64, sim_time_us: u64, outcomes: (u64, u64, u64), checker: Check
 /// consequence, noted in the trace); otherwise the panic propagates, a simulator bug.
 pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport {
     let checker = Arc::new(Mutex::new(Checker::new(keep_trace)));
+    let scenario_requests = scenario.requests;
     let scenario = scenario.clone();
     let c = checker.clone();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
@@ -728,7 +908,8 @@ pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport 
                 "violations",
                 format!("simulation panicked after the violation: {msg}"),
             );
-            report(seed, at, (0, 0, 0), c)
+            let planned = u64::from(scenario_requests);
+            report(seed, at, planned, Outcomes::default(), c)
         }
     }
 }

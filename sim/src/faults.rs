@@ -64,3 +64,38 @@ impl FaultMix {
         FaultMix::default()
     }
 }
+
+/// The kinds of fault the simulator injects. The order is the precedence of the progress check
+/// (I10, see `checker`): when several faults reached a request that failed, the first in this
+/// order is named its cause (one aimed at the request itself before one on its instances, and
+/// a fault that stops an instance before one that only slows it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FaultKind {
+    ClientCancel,
+    AllocFail,
+    AgentError,
+    Crash,
+    Partition,
+    Clog,
+    Recycle,
+    Latency,
+    /// A peer without the token; never the cause of a failure (I9: it can end nothing).
+    RoguePeer,
+}
+
+impl FaultKind {
+    /// The name in summaries (`faults`, `failures_by_cause`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::ClientCancel => "client-cancel",
+            FaultKind::AllocFail => "alloc-fail",
+            FaultKind::AgentError => "agent-error",
+            FaultKind::Crash => "crash",
+            FaultKind::Partition => "partition",
+            FaultKind::Clog => "clog",
+            FaultKind::Recycle => "recycle",
+            FaultKind::Latency => "latency",
+            FaultKind::RoguePeer => "rogue-peer",
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! kvferry-sim: deterministic madsim simulation of kvferry clusters.
 
 pub mod agent;
+pub mod attribution;
 pub mod campaign;
 pub mod checker;
 pub mod cli;

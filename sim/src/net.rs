@@ -8,7 +8,7 @@
 use crate::cluster::Sim;
 use kvferry_core::collective::{CollectiveError, Contribution};
 use kvferry_core::transceiver::Transmit;
-use kvferry_core::wire::Message;
+use kvferry_core::wire::{ErrorCode, Message};
 use kvferry_core::PeerId;
 use madsim::rand::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -106,10 +106,26 @@ pub fn send(sim: &Arc<Sim>, from: PeerId, t: Transmit) -> Result<(), SendError> 
     }
     let at = at.max(link.last_at + 1);
     link.last_at = at;
+    // Any Cancel or Error may end a request on a peer bound to it; only a Cancel or an Error
+    // `Cancelled` is what a rank tells its peers when it gives a request up (other codes
+    // refuse a RequestInfo).
+    let abort = match &msg {
+        Message::Cancel { request, .. } => Some((*request, true)),
+        Message::Error { request, code, .. } => Some((*request, *code == ErrorCode::Cancelled)),
+        _ => None,
+    };
     link.queue.push_back((at, msg));
     if !link.pumping {
         link.pumping = true;
         madsim::task::spawn(pump(sim.clone(), from, to));
+    }
+    drop(f);
+    if let Some((request, gives_up)) = abort {
+        // What the I9 check of a peer-aborted request looks for (see `checker`).
+        sim.checker
+            .lock()
+            .expect("checker lock")
+            .abort_sent(request, (from, gives_up), to, now);
     }
     Ok(())
 }

@@ -13,7 +13,9 @@ use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::Fragment;
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::staging::StagingCounters;
-use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
+use kvferry_core::transceiver::{
+    FailCause, Finished, Side, Transceiver, TransceiverParts, TxEvent,
+};
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId};
 use std::collections::VecDeque;
@@ -244,7 +246,7 @@ pub async fn run_rank(sim: Arc<Sim>, inst: Arc<Instance>, rank: Arc<RankShared>)
         if !inst.is_alive() || sim.stopped() {
             return;
         }
-        handle_events(&sim, &inst, &rank, &mut tx);
+        handle_events(&sim, &rank, &mut tx);
         match res {
             Ok(finished) => {
                 last_err = None;
@@ -281,7 +283,7 @@ pub async fn run_rank(sim: Arc<Sim>, inst: Arc<Instance>, rank: Arc<RankShared>)
     }
 }
 
-fn handle_events(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, tx: &mut Transceiver) {
+fn handle_events(sim: &Arc<Sim>, rank: &RankShared, tx: &mut Transceiver) {
     let events: Vec<TxEvent> = tx.drain_events().collect();
     for (i, e) in events.iter().enumerate() {
         match e {
@@ -305,6 +307,11 @@ fn handle_events(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, tx: &mut Tr
                     format!("evicted transfer {} of {request}", transfer.0),
                 );
             }
+            TxEvent::LocallyFinished {
+                request,
+                ok: false,
+                cause: Some(cause),
+            } => failed_here(sim, rank, *request, *cause),
             TxEvent::Rejected {
                 peer,
                 request,
@@ -318,7 +325,24 @@ fn handle_events(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, tx: &mut Tr
             _ => {}
         }
     }
-    let _ = inst;
+}
+
+/// A request failed on this rank: its core cause, for the progress check (I10); one ended as
+/// peer-aborted although no real rank had sent this rank an abort for it before it decided
+/// was ended by a rogue peer (I9, see `Checker::peer_aborted`).
+fn failed_here(sim: &Sim, rank: &RankShared, id: RequestId, cause: FailCause) {
+    let at = sim.now_us();
+    let rogue = cause == FailCause::PeerAborted
+        && sim
+            .checker
+            .lock()
+            .expect("checker lock")
+            .peer_aborted(id, rank.me, at, &rank.track);
+    let mut router = sim.router.lock().expect("router lock");
+    router.failed_on(id, at, &rank.track, cause);
+    if rogue {
+        router.rogue_ended(id);
+    }
 }
 
 fn on_finished(sim: &Arc<Sim>, inst: &Instance, rank: &RankShared, f: Finished) {

@@ -66,11 +66,17 @@ pub fn summary_table(s: &Summary) -> String {
     row(
         "requests",
         format!(
-            "{} completed, {} failed, {} cancelled",
-            s.requests_completed, s.requests_failed, s.requests_cancelled
+            "{} of {} issued: {} completed, {} failed, {} cancelled",
+            s.requests_issued,
+            s.requests_planned,
+            s.requests_completed,
+            s.requests_failed,
+            s.requests_cancelled
         ),
     );
     row("faults injected", counts(&s.faults));
+    row("failures by cause", counts(&s.failures_by_cause));
+    row("  by core cause", counts(&s.failures_by_core_cause));
     row("violations", counts(&s.violations));
     if !s.panicked_seeds.is_empty() {
         row("panicked seeds", s.panicked_seeds.len().to_string());
@@ -129,10 +135,20 @@ pub fn seed_report(r: &SeedReport, scenario: &Scenario) -> String {
     );
     let _ = writeln!(
         t,
-        "  requests: {} completed, {} failed, {} cancelled",
-        r.requests_completed, r.requests_failed, r.requests_cancelled
+        "  requests: {} of {} issued: {} completed, {} failed, {} cancelled",
+        r.requests_issued,
+        r.requests_planned,
+        r.requests_completed,
+        r.requests_failed,
+        r.requests_cancelled
     );
     let _ = writeln!(t, "  faults: {}", counts(&r.faults));
+    let _ = writeln!(
+        t,
+        "  failures by cause: {} (core: {})",
+        counts(&r.failures_by_cause),
+        counts(&r.failures_by_core_cause)
+    );
     if r.violations.is_empty() {
         let _ = writeln!(t, "  violations: none");
     }

@@ -15,7 +15,14 @@ pub enum Invariant {
     I6,
     I7,
     I8,
+    /// A peer without the right token, or asking for foreign blocks, receives nothing and can
+    /// end nothing.
     I9,
+    /// Progress: with faults off every request completes; with faults on a request fails or is
+    /// cancelled only if a fault or a cancel reached it. Each failure is attributed to its
+    /// cause; the rule (which fault reaches which request, and when) is in the `checker`
+    /// module docs. An unattributed failure is a violation.
+    I10,
 }
 
 impl Invariant {
@@ -30,6 +37,7 @@ impl Invariant {
             Invariant::I7 => "I7",
             Invariant::I8 => "I8",
             Invariant::I9 => "I9",
+            Invariant::I10 => "I10",
         }
     }
 }
@@ -75,12 +83,22 @@ pub struct SeedReport {
     pub seed: u64,
     pub sim_time_us: u64,
     pub events: u64,
+    /// Requests of the workload (`Scenario::requests`).
+    pub requests_planned: u64,
+    /// Requests the client issued: all of them once the seed ran to quiescence.
+    pub requests_issued: u64,
     pub requests_completed: u64,
     pub requests_failed: u64,
     pub requests_cancelled: u64,
     /// Faults injected, by kind name ("crash", "partition", "clog", "latency", "agent-error",
     /// "alloc-fail", "recycle", "client-cancel", "rogue-peer").
     pub faults: BTreeMap<String, u64>,
+    /// Requests that failed or were cancelled, by attributed cause (I10): a fault kind name,
+    /// "deadline", "no-capacity", or "unattributed".
+    pub failures_by_cause: BTreeMap<String, u64>,
+    /// The same requests by the core's `FailCause` name on the first rank that failed them,
+    /// or "lost" (its instances crashed before any rank failed it), or "not-admitted".
+    pub failures_by_core_cause: BTreeMap<String, u64>,
     pub violations: Vec<Violation>,
     /// Hash of the trace; the same seed must give the same hash (I8).
     pub trace_hash: u64,

@@ -2,9 +2,10 @@
 //! follow-ups a serving frontend makes: a context request whose generation side ended badly,
 //! was rejected or was lost with its instance is cancelled, so nothing waits forever.
 
+use crate::attribution::{End, Lifetime, Refusal};
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::RequestState;
-use kvferry_core::transceiver::Side;
+use kvferry_core::transceiver::{FailCause, Side};
 use kvferry_core::{RequestId, TransferToken};
 use std::collections::BTreeMap;
 
@@ -22,6 +23,18 @@ pub enum SideState {
     Skipped,
 }
 
+/// Request counts of one seed (see `SeedReport`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    pub issued: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Filled by the progress check (I10): see `attribution::Attribution`.
+    pub failures_by_cause: BTreeMap<String, u64>,
+    pub failures_by_core_cause: BTreeMap<String, u64>,
+}
+
 #[derive(Debug)]
 struct Req {
     token: TransferToken,
@@ -31,6 +44,12 @@ struct Req {
     ctx_ids: Vec<u32>,
     ctx_layout: Option<CacheLayout>,
     cancelled: bool,
+    arrived_us: u64,
+    ended_us: u64,
+    instances: Vec<u32>,
+    refusal: Option<Refusal>,
+    first_failure: Option<(u64, String, FailCause)>,
+    rogue_ended: bool,
 }
 
 #[derive(Debug)]
@@ -70,7 +89,7 @@ impl Router {
         (!live.is_empty()).then(|| live[(self.next_pick % live.len() as u64) as usize])
     }
 
-    pub fn add(&mut self, id: RequestId, token: TransferToken, blocks: usize) {
+    pub fn add(&mut self, id: RequestId, token: TransferToken, blocks: usize, now_us: u64) {
         self.reqs.insert(
             id,
             Req {
@@ -81,16 +100,29 @@ impl Router {
                 ctx_ids: Vec::new(),
                 ctx_layout: None,
                 cancelled: false,
+                arrived_us: now_us,
+                ended_us: now_us,
+                instances: Vec::new(),
+                refusal: None,
+                first_failure: None,
+                rogue_ended: false,
             },
         );
+    }
+
+    /// Requests the client issued so far; the next one gets id `issued() + 1`.
+    pub fn issued(&self) -> u64 {
+        self.reqs.len() as u64
     }
 
     fn req(&mut self, id: RequestId) -> &mut Req {
         self.reqs.get_mut(&id).expect("router knows every request")
     }
 
-    pub fn rejected(&mut self, id: RequestId, side: Side) {
+    pub fn rejected(&mut self, id: RequestId, side: Side, why: Refusal, now_us: u64) {
         let r = self.req(id);
+        r.refusal.get_or_insert(why);
+        r.ended_us = r.ended_us.max(now_us);
         match side {
             Side::Context => {
                 r.ctx = SideState::Rejected;
@@ -103,6 +135,7 @@ impl Router {
     pub fn started_ctx(&mut self, id: RequestId, uid: u32, ids: Vec<u32>, layout: CacheLayout) {
         let r = self.req(id);
         r.ctx = SideState::Live(uid);
+        r.instances.push(uid);
         r.ctx_ids = ids;
         r.ctx_layout = Some(layout);
     }
@@ -130,7 +163,34 @@ impl Router {
     }
 
     pub fn started_gen(&mut self, id: RequestId, uid: u32) {
-        self.req(id).gen = SideState::Live(uid);
+        let r = self.req(id);
+        r.gen = SideState::Live(uid);
+        r.instances.push(uid);
+    }
+
+    /// A rank reported the request failed there. The first report is kept, except that any
+    /// other cause replaces `cancelled`: the simulator cancels a request only as a follow-up
+    /// (a client cancel, the other side's failure, a crash), never as its root cause, and a
+    /// rank reports what it saw only after its step's collective, so a follow-up cancel can be
+    /// reported before the failure that caused it.
+    pub fn failed_on(&mut self, id: RequestId, at_us: u64, track: &str, cause: FailCause) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let replace = match &r.first_failure {
+            None => true,
+            Some((_, _, first)) => *first == FailCause::Cancelled && cause != FailCause::Cancelled,
+        };
+        if replace {
+            r.first_failure = Some((at_us, track.to_string(), cause));
+        }
+    }
+
+    /// A rank ended the request on an abort no real peer sent (I9).
+    pub fn rogue_ended(&mut self, id: RequestId) {
+        if let Some(r) = self.reqs.get_mut(&id) {
+            r.rogue_ended = true;
+        }
     }
 
     /// Records a terminal state; returns the incarnation of the other side to cancel it on.
@@ -140,8 +200,10 @@ impl Router {
         uid: u32,
         id: RequestId,
         state: RequestState,
+        now_us: u64,
     ) -> Option<u32> {
         let r = self.req(id);
+        r.ended_us = r.ended_us.max(now_us);
         let slot = match side {
             Side::Context => &mut r.ctx,
             Side::Generation => &mut r.gen,
@@ -166,14 +228,16 @@ impl Router {
 
     /// An incarnation crashed: its requests are lost; context halves of lost generation
     /// requests are returned for cancelling.
-    pub fn instance_lost(&mut self, uid: u32) -> Vec<(u32, RequestId)> {
+    pub fn instance_lost(&mut self, uid: u32, now_us: u64) -> Vec<(u32, RequestId)> {
         let mut out = Vec::new();
         for (id, r) in &mut self.reqs {
             if r.ctx == SideState::Live(uid) {
                 r.ctx = SideState::Lost;
+                r.ended_us = r.ended_us.max(now_us);
             }
             if r.gen == SideState::Live(uid) {
                 r.gen = SideState::Lost;
+                r.ended_us = r.ended_us.max(now_us);
                 if let SideState::Live(c) = r.ctx {
                     out.push((c, *id));
                 }
@@ -226,18 +290,49 @@ impl Router {
             .collect()
     }
 
-    /// (completed, failed, cancelled) per request.
-    pub fn outcomes(&self) -> (u64, u64, u64) {
-        let (mut ok, mut failed, mut cancelled) = (0, 0, 0);
+    fn end(r: &Req) -> End {
+        if r.gen == SideState::Done(RequestState::GenComplete) {
+            End::Completed
+        } else if matches!(r.ctx, SideState::Live(_)) || matches!(r.gen, SideState::Live(_)) {
+            End::Unsettled
+        } else if r.cancelled {
+            End::Cancelled
+        } else {
+            End::Failed
+        }
+    }
+
+    /// How the requests the client issued ended. A request still live at the end (I7) counts
+    /// as failed (or cancelled): it did not complete.
+    pub fn outcomes(&self) -> Outcomes {
+        let mut o = Outcomes {
+            issued: self.reqs.len() as u64,
+            ..Outcomes::default()
+        };
         for r in self.reqs.values() {
-            if r.gen == SideState::Done(RequestState::GenComplete) {
-                ok += 1;
-            } else if r.cancelled {
-                cancelled += 1;
-            } else {
-                failed += 1;
+            match Self::end(r) {
+                End::Completed => o.completed += 1,
+                _ if r.cancelled => o.cancelled += 1,
+                _ => o.failed += 1,
             }
         }
-        (ok, failed, cancelled)
+        o
+    }
+
+    /// Every request's life, for the progress check (I10).
+    pub fn lifetimes(&self) -> Vec<Lifetime> {
+        self.reqs
+            .iter()
+            .map(|(id, r)| Lifetime {
+                id: *id,
+                end: Self::end(r),
+                arrived_us: r.arrived_us,
+                ended_us: r.ended_us,
+                instances: r.instances.clone(),
+                refusal: r.refusal,
+                first_failure: r.first_failure.clone(),
+                rogue_ended: r.rogue_ended,
+            })
+            .collect()
     }
 }

@@ -2,7 +2,38 @@
 //! Named scenarios are starting points; CLI knobs override single fields.
 
 use kvferry_core::bugs::BugSet;
+use kvferry_core::config::{ConfigError, TransceiverConfig};
+use kvferry_core::layout::{CacheLayout, LayoutError};
+use kvferry_core::plan::{PlanError, TransferPlan};
+use kvferry_core::transceiver::Side;
 use serde::Serialize;
+use thiserror::Error;
+
+/// Why a scenario cannot be simulated: caught before any seed runs, so that a bad flag is one
+/// error line instead of a panic in every seed.
+#[derive(Debug, Error)]
+pub enum ScenarioError {
+    #[error("{flags} give an invalid layout")]
+    Layout {
+        flags: &'static str,
+        source: LayoutError,
+    },
+    #[error("no transfer plan from the context layout to generation rank {gen_rank}")]
+    Plan { gen_rank: u32, source: PlanError },
+    #[error("no transceiver config fits the layout of {flags}")]
+    Config {
+        flags: &'static str,
+        source: ConfigError,
+    },
+}
+
+/// The flags that shape each side's layout, for error messages.
+fn side_flags(side: Side) -> &'static str {
+    match side {
+        Side::Context => "--ctx-tp / --ctx-pp",
+        Side::Generation => "--gen-tp / --gen-pp",
+    }
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Scenario {
@@ -79,6 +110,63 @@ impl Scenario {
         })
     }
 
+    /// Rank 0's cache layout of an instance of `side` (tiny model: 8 layers, head dim 4, 4
+    /// tokens per block, 2-byte dtype). Not validated: see `check`.
+    pub fn layout(&self, side: Side) -> CacheLayout {
+        let (tp, pp) = match side {
+            Side::Context => (self.ctx_tp, self.ctx_pp),
+            Side::Generation => (self.gen_tp, self.gen_pp),
+        };
+        CacheLayout {
+            num_layers: 8,
+            num_kv_heads: self.kv_heads(),
+            head_dim: 4,
+            tokens_per_block: 4,
+            dtype_bytes: 2,
+            tp_size: tp,
+            tp_rank: 0,
+            pp_size: pp,
+            pp_rank: 0,
+            mla: self.mla,
+        }
+    }
+
+    /// The transceiver config of every simulated rank: small buffers and slots, so that
+    /// transfers queue for slots and take several chunks.
+    pub fn tx_config(&self) -> TransceiverConfig {
+        TransceiverConfig {
+            max_tokens_in_buffer: 16,
+            kv_transfer_timeout_ms: self.timeout_ms,
+            inflight_cancel: self.inflight_cancel,
+            staging_slots: 4,
+            staging_wait_ms: 500,
+            ..TransceiverConfig::default()
+        }
+    }
+
+    /// Everything a seed relies on: both layouts valid, a transfer plan from the context
+    /// instance to every generation rank, and a transceiver for every rank of either side.
+    pub fn check(&self) -> Result<(), ScenarioError> {
+        let config = self.tx_config();
+        for side in [Side::Context, Side::Generation] {
+            let flags = side_flags(side);
+            let layout = self.layout(side);
+            layout
+                .validate()
+                .map_err(|source| ScenarioError::Layout { flags, source })?;
+            config
+                .validate()
+                .and_then(|()| config.slot_bytes_for(layout.block_bytes(), layout.tokens_per_block))
+                .map_err(|source| ScenarioError::Config { flags, source })?;
+        }
+        let (ctx, gen) = (self.layout(Side::Context), self.layout(Side::Generation));
+        for gen_rank in 0..gen.world_size() {
+            TransferPlan::new(&ctx, &gen.with_rank(gen_rank), &[(0, 0)])
+                .map_err(|source| ScenarioError::Plan { gen_rank, source })?;
+        }
+        Ok(())
+    }
+
     /// KV heads of the simulated model: MLA has its single latent head.
     pub fn kv_heads(&self) -> u32 {
         if self.mla {
@@ -86,5 +174,27 @@ impl Scenario {
         } else {
             4
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_scenario_passes_its_check() {
+        for name in SCENARIOS {
+            let s = Scenario::named(name).expect("named");
+            s.check().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_tp_that_splits_no_head_is_refused() {
+        let s = Scenario {
+            ctx_tp: 3,
+            ..Scenario::named("default").expect("named")
+        };
+        assert!(matches!(s.check(), Err(ScenarioError::Layout { .. })));
     }
 }

@@ -116,3 +116,17 @@ fn skip_idle_collective_breaks_i7() {
 fn skip_token_check_breaks_i9() {
     catches(Bug::SkipTokenCheck, default_args());
 }
+
+/// The rogue peer's forged `Cancel`s (guessed token) and `Error`s, for live requests and for
+/// ids not registered yet, end requests once any abort is accepted.
+#[test]
+fn accept_any_abort_breaks_i9() {
+    catches(Bug::AcceptAnyAbort, default_args());
+}
+
+/// Asking before the receive is posted lets a send start first and be refused: requests fail
+/// that no fault reached.
+#[test]
+fn ask_before_posted_breaks_i10() {
+    catches(Bug::AskBeforePosted, default_args());
+}

@@ -99,6 +99,8 @@ fn sim_json_has_the_documented_keys() {
         "sim_time_us",
         "wall_time_s",
         "events",
+        "requests_planned",
+        "requests_issued",
         "requests_completed",
         "requests_failed",
         "requests_cancelled",
@@ -113,6 +115,8 @@ fn sim_json_has_the_documented_keys() {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
     assert_eq!(v["seeds"], 3);
+    assert_eq!(v["requests_planned"], 3 * 64);
+    assert_eq!(v["requests_issued"], v["requests_planned"]);
     assert_eq!(v["violations"], serde_json::json!({}));
     assert_eq!(v["failing_seeds"], serde_json::json!([]));
 }
@@ -198,4 +202,23 @@ fn replay_command_reproduces_the_failure() {
         .iter()
         .any(|x| x["invariant"] == first["invariant"]));
     assert!(trace.exists());
+}
+
+/// Layouts the transfer plan cannot serve are refused before any seed runs: one line, exit 2,
+/// naming the flags to change (`--ctx-tp 3` used to panic in every seed).
+#[test]
+fn unservable_layouts_are_a_one_line_error() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["sim", "--ctx-tp", "3", "--seeds", "2"], "--ctx-tp"),
+        (&["sim", "--gen-tp", "3", "--seeds", "2"], "--gen-tp"),
+        (
+            &["sim", "--scenario", "hetero-tp", "--ctx-pp", "3"],
+            "--ctx-pp",
+        ),
+        (&["replay", "1", "--gen-pp", "5"], "--gen-pp"),
+    ];
+    for (args, flag) in cases {
+        let err = one_line_error(&kvferry(args));
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
 }
