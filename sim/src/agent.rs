@@ -212,6 +212,50 @@ impl AgentInner {
         }
     }
 
+    /// Another job of this rank's agents holding `staging`, if any.
+    fn other_holder(
+        &self,
+        id: TransferId,
+        staging: &SlotBuffer,
+    ) -> Option<(TransferId, RequestId)> {
+        let rank = self.sim.rank(self.me)?;
+        let agents: Vec<Arc<AgentInner>> = rank.agents.lock().expect("agents lock").clone();
+        agents.iter().find_map(|a| {
+            let jobs = a.jobs.lock().expect("agent jobs lock");
+            jobs.iter()
+                .find(|(other, j)| {
+                    !(std::ptr::eq(a.as_ref(), self) && **other == id)
+                        && Arc::ptr_eq(&j.staging, staging)
+                })
+                .map(|(other, j)| (*other, j.request))
+        })
+    }
+
+    /// I6, where it starts: job `id` touches its staging slot while another job holds it too.
+    /// A slot goes to a new job only once every earlier writer is fenced, so two jobs in flight
+    /// on one slot mean a poisoned slot was reused under a late writer: its bytes cross
+    /// requests, whether or not a later check of the blocks catches them.
+    fn check_slot_owner(
+        &self,
+        id: TransferId,
+        request: RequestId,
+        staging: &SlotBuffer,
+        what: &str,
+    ) {
+        if let Some((other, other_request)) = self.other_holder(id, staging) {
+            let at = self.sim.now_us();
+            self.sim.checker.lock().expect("checker lock").violate(
+                Invariant::I6,
+                at,
+                format!(
+                    "{}: transfer {} of {request} {what} its staging slot while transfer {} of \
+                     {other_request} holds it: a poisoned slot was reused under a late writer",
+                    self.track, id.0, other.0
+                ),
+            );
+        }
+    }
+
     /// Receiver side: a chunk from `from` for `request` arrives. Lands it in the job's staging
     /// slot at once and scatters it into blocks after a copy delay.
     fn land(
@@ -233,6 +277,7 @@ impl AgentInner {
             (*id, job.staging.clone())
         };
         self.check_alive_agent("landed bytes", id);
+        self.check_slot_owner(id, request, &staging, "wrote");
         {
             let mut s = staging.lock().expect("slot buffer lock");
             if s.len() < bytes.len() {
@@ -380,6 +425,7 @@ impl AgentInner {
                 }
             }
             madsim::time::sleep(rand_us(COPY_US)).await;
+            self.check_slot_owner(id, job.request, &job.staging, "read");
             let bytes: Vec<u8> = job.staging.lock().expect("slot buffer lock")[..len].to_vec();
             let spike = self.sim.fabric.lock().expect("fabric lock").spike_us;
             let wire = rand_us(DATA_LATENCY_US)
