@@ -132,15 +132,11 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
         Closed::Eof => "peer closed the connection".into(),
         Closed::Io(e) => format!("connection error: {e}"),
         Closed::Evicted => {
-            ctx.metrics
-                .connections_evicted
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.connections_evicted.inc();
             "evicted: its seat went to a new connection (it had sent no frame)".into()
         }
         Closed::Silent(why) => {
-            ctx.metrics
-                .connections_silent
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.connections_silent.inc();
             tracing::info!(peer = %ctx.peer, addr = %ctx.addr, %why, "closing a silent connection");
             format!("silent: {why}")
         }

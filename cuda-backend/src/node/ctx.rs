@@ -22,7 +22,6 @@ use kvferry_core::transceiver::{Finished, Side};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -166,9 +165,7 @@ async fn accept_loop(listener: TcpListener, a: Acceptor) {
                 .admit(peer, addr.ip(), seat.clone());
         match admitted {
             Admit::Refused { reason } => {
-                a.metrics
-                    .connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                a.metrics.connections_refused.inc();
                 tracing::warn!(%addr, limit = MAX_CONNECTIONS, per_ip = a.limits.max_conns_per_ip, reason, "refusing a connection");
                 continue;
             }
@@ -338,10 +335,7 @@ impl CtxNode {
         };
         let held = self.held.get(&ip).copied().unwrap_or(0);
         if held + n as usize > self.blocks_per_ip {
-            self.rank
-                .metrics
-                .prepares_refused
-                .fetch_add(1, Ordering::Relaxed);
+            self.rank.metrics.prepares_refused.inc();
             tracing::warn!(peer = %self.rank.links.describe(peer), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
             return Err(format!(
                 "over this host's block share: {ip} holds {held} of {} blocks, asked {n} more (--max-blocks-per-ip)",
@@ -396,7 +390,7 @@ impl CtxNode {
         } else {
             &self.rank.metrics.requests_failed
         };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counter.inc();
         if let Some(o) = self.owned.remove(&id) {
             let held = self
                 .held

@@ -22,7 +22,6 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -299,10 +298,7 @@ impl GenNode {
 
     fn record_error(&mut self, cause: String) {
         self.s.failed += 1;
-        self.rank
-            .metrics
-            .requests_failed
-            .fetch_add(1, Ordering::Relaxed);
+        self.rank.metrics.requests_failed.inc();
         let key = if self.s.errors.len() >= MAX_ERROR_KINDS && !self.s.errors.contains_key(&cause) {
             "other".to_string()
         } else {
@@ -592,10 +588,7 @@ impl GenNode {
                     self.s.done_after_reconnect += 1;
                 }
                 self.latencies_us.push(lat.as_micros() as u64);
-                self.rank
-                    .metrics
-                    .requests_done
-                    .fetch_add(1, Ordering::Relaxed);
+                self.rank.metrics.requests_done.inc();
                 self.rank.metrics.observe_latency(lat);
                 a.span.in_scope(|| {
                     tracing::debug!(latency_us = lat.as_micros() as u64, "request done")
