@@ -410,7 +410,7 @@ impl CtxNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::spec;
+    use crate::layout::single_rank;
     use tokio::net::TcpStream;
 
     /// An aborted ctx stops accepting: its listener is closed, not left to a detached accept
@@ -420,7 +420,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let spec = NodeSpec {
-            layout: spec::layout(1, 1, 64, 16, 2),
+            layout: single_rank(1, 1, 64, 16, 2),
             pool_blocks: 4,
             config: Default::default(),
             limits: Default::default(),

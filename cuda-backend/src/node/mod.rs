@@ -9,6 +9,7 @@
 
 pub mod admit;
 pub mod backend;
+pub mod backend_parts;
 pub mod bench;
 pub mod conn;
 pub mod cpu;
