@@ -8,4 +8,5 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod host;
+pub mod layout;
 pub mod node;

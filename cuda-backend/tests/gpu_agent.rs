@@ -3,8 +3,12 @@
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpus;
 use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
-use kvferry_backends::cuda::{probe, CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, Region};
+use kvferry_backends::cuda::{CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, Region};
+use kvferry_backends::layout::single_rank;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
@@ -14,29 +18,12 @@ use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn gpus() -> Option<usize> {
-    match probe() {
-        Ok(n) => Some(n),
-        Err(e) => {
-            println!("skipping: {e}");
-            None
-        }
-    }
-}
-
 fn layout(tp: u32, rank: u32) -> CacheLayout {
     CacheLayout {
-        num_layers: 4,
-        num_kv_heads: 4,
-        head_dim: 64,
-        tokens_per_block: 16,
-        dtype_bytes: 2,
         tp_size: tp,
-        tp_rank: rank,
-        pp_size: 1,
-        pp_rank: 0,
-        mla: false,
+        ..single_rank(4, 4, 64, 16, 2)
     }
+    .with_rank(rank)
 }
 
 const POOL_BLOCKS: u32 = 24;

@@ -4,10 +4,14 @@
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpus;
 use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
 use kvferry_backends::cuda::{
-    probe, CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, IpcMapping, PoolExport, Region,
+    CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, IpcMapping, PoolExport, Region,
 };
+use kvferry_backends::layout::single_rank;
 use kvferry_core::agent::{CompletionQueue, Direction, TransferAgent, TransferId, TransferJob};
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::TransferPlan;
@@ -21,17 +25,10 @@ const CHILD_ENV: &str = "KVFERRY_IPC_CHILD";
 
 fn layout(tp: u32, rank: u32) -> CacheLayout {
     CacheLayout {
-        num_layers: 8,
-        num_kv_heads: 8,
-        head_dim: 128,
-        tokens_per_block: 32,
-        dtype_bytes: 2,
         tp_size: tp,
-        tp_rank: rank,
-        pp_size: 1,
-        pp_rank: 0,
-        mla: false,
+        ..single_rank(8, 8, 128, 32, 2)
     }
+    .with_rank(rank)
 }
 
 const POOL_BLOCKS: u32 = 12;
@@ -64,13 +61,7 @@ fn gpu_ipc_two_process_pull_matches_host_plan_copy() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let n = match probe() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("skipping: {e}");
-            return;
-        }
-    };
+    let Some(n) = gpus() else { return };
     let ctx_tp = 2;
     let mut children = Vec::new();
     let mut exports = Vec::new();

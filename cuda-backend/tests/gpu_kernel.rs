@@ -3,22 +3,15 @@
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpus;
 use kvferry_backends::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
 use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
-use kvferry_backends::cuda::{probe, CopyKernel, DeviceBuffer, Gpu, KernelConfig, Stream};
+use kvferry_backends::cuda::{CopyKernel, DeviceBuffer, Gpu, KernelConfig, Stream};
 use kvferry_core::plan::Fragment;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
-
-fn gpus() -> Option<usize> {
-    match probe() {
-        Ok(n) => Some(n),
-        Err(e) => {
-            println!("skipping: {e}");
-            None
-        }
-    }
-}
 
 /// Non-overlapping destinations; sources anywhere. Lengths from 1 byte to ~200 KiB.
 fn random_fragments(seed: u64, src_len: u64, dst_len: u64) -> Vec<Fragment> {

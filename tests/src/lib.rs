@@ -230,6 +230,11 @@ pub struct RawPeer {
 impl RawPeer {
     pub fn connect(addr: SocketAddr) -> RawPeer {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+        RawPeer::wrap(stream)
+    }
+
+    /// A node that stops answering fails the test instead of hanging it.
+    fn wrap(stream: TcpStream) -> RawPeer {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
@@ -284,14 +289,7 @@ impl RawPeer {
     /// As `connect`, with the source address bound to `src` (a loopback address: every address
     /// of 127.0.0.0/8 is local, so a test can play several hosts).
     pub fn connect_from(src: IpAddr, addr: SocketAddr) -> RawPeer {
-        let stream = connect_from(src, addr, 1).pop().expect("one connection");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        RawPeer {
-            stream,
-            buf: BytesMut::new(),
-        }
+        RawPeer::wrap(connect_from(src, addr, 1).pop().expect("one connection"))
     }
 }
 

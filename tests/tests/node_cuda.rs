@@ -38,6 +38,22 @@ fn ctx(device: &str) -> NodeProc {
     NodeProc::spawn(BIN, &args)
 }
 
+/// A CUDA ctx (its process, listen and metrics addresses) and the device for the gen; `None`
+/// after printing why there is no GPU to run on.
+fn start() -> Option<(NodeProc, SocketAddr, SocketAddr, &'static str)> {
+    let (ctx_dev, gen_dev) = match devices() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("skipping: {why}");
+            return None;
+        }
+    };
+    let c = ctx(ctx_dev);
+    let metrics = c.addr("metrics ");
+    let addr = c.addr("listening ");
+    Some((c, addr, metrics, gen_dev))
+}
+
 fn gen(device: &str, peer: SocketAddr, requests: &str, extra: &[&str]) -> NodeProc {
     let peer = peer.to_string();
     let mut args = vec![
@@ -62,13 +78,9 @@ fn gen(device: &str, peer: SocketAddr, requests: &str, extra: &[&str]) -> NodePr
 
 #[test]
 fn cuda_gen_pulls_a_verified_load_from_a_cuda_ctx() {
-    let (ctx_dev, gen_dev) = match devices() {
-        Ok(d) => d,
-        Err(why) => return println!("skipping: {why}"),
+    let Some((_ctx, addr, metrics, gen_dev)) = start() else {
+        return;
     };
-    let c = ctx(ctx_dev);
-    let metrics = c.addr("metrics ");
-    let addr = c.addr("listening ");
     let mut g = gen(gen_dev, addr, "200", &["--concurrency", "8"]);
     let status = g.wait_exit(GEN_TIMEOUT);
     let s = g.summary();
@@ -86,13 +98,9 @@ fn cuda_gen_pulls_a_verified_load_from_a_cuda_ctx() {
 /// fail on the lost connection, not hold their blocks pinned, and the next gen is served.
 #[test]
 fn killed_cuda_gen_fails_parked_sends_and_the_next_gen_is_served() {
-    let (ctx_dev, gen_dev) = match devices() {
-        Ok(d) => d,
-        Err(why) => return println!("skipping: {why}"),
+    let Some((c, addr, metrics, gen_dev)) = start() else {
+        return;
     };
-    let c = ctx(ctx_dev);
-    let metrics = c.addr("metrics ");
-    let addr = c.addr("listening ");
     let mut g1 = gen(gen_dev, addr, "1000000", &["--no-verify"]);
     let progressed = g1.wait_stderr(Duration::from_secs(120), |l| {
         l.starts_with("progress done=") && !l.starts_with("progress done=0 ")

@@ -254,7 +254,7 @@ fn silent_connections_never_lock_out_a_real_gen() {
 /// A `RequestInfo` of about 1 MiB (65,536 ctx block ids and as many gen blocks) for an id
 /// nobody registered.
 fn big_info(id: u64) -> bytes::BytesMut {
-    let layout = kvferry_backends::node::spec::layout(1, 1, 64, 16, 2);
+    let layout = kvferry_backends::layout::single_rank(1, 1, 64, 16, 2);
     let n = kvferry_core::wire::MAX_BLOCKS_PER_REQUEST as u32;
     let info = RequestInfo {
         request: RequestId(id),

@@ -17,6 +17,7 @@ use kvferry_backends::cuda::{
     compile_ptx, CopyKernel, CopyPiece, CudaAgent, CudaAgentConfig, DeviceBuffer, Event, Gpu,
     IpcMapping, KernelConfig, PinnedBuffer, PoolExport, Region, Stream,
 };
+use kvferry_backends::layout::single_rank;
 use kvferry_core::agent::{
     Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
@@ -543,17 +544,10 @@ fn micro(a: &RunArgs, rep: &mut Report) -> Result<(KernelConfig, KernelConfig)> 
 
 fn llama70b(tp: u32, rank: u32) -> CacheLayout {
     CacheLayout {
-        num_layers: 80,
-        num_kv_heads: 8,
-        head_dim: 128,
-        tokens_per_block: 32,
-        dtype_bytes: 2,
         tp_size: tp,
-        tp_rank: rank,
-        pp_size: 1,
-        pp_rank: 0,
-        mla: false,
+        ..single_rank(80, 8, 128, 32, 2)
     }
+    .with_rank(rank)
 }
 
 /// Children that exit (and free their pools) when dropped.

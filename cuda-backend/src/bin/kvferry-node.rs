@@ -10,6 +10,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvferry_backends::layout::single_rank;
 use kvferry_backends::node::backend::BackendSpec;
 use kvferry_backends::node::bench::{self, BenchOptions};
 use kvferry_backends::node::rank::Rank;
@@ -210,7 +211,7 @@ impl Common {
         if self.blocks == 0 || self.blocks > MAX_POOL_BLOCKS {
             bail!("--blocks must be in 1..={MAX_POOL_BLOCKS}");
         }
-        let layout = spec::layout(
+        let layout = single_rank(
             self.layers,
             self.kv_heads,
             self.head_dim,

@@ -14,9 +14,9 @@
 //! that writes land under, so no byte is written after its completion is pushed.
 
 use super::early::{Early, EarlyData, Key};
+use super::iov::copy_into;
 use super::kv::HostKv;
-use super::landing::copy_into;
-use crate::node::link::{DataOut, Link, Links};
+use super::route::{DataOut, DataRoutes};
 use bytes::Bytes;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Payload bytes per `Data` frame: large enough to amortise framing and CRC setup, small
 /// enough that a cancel or a control frame waits for little.
@@ -108,7 +108,8 @@ impl RecvJob {
 pub struct HostAgent {
     rank: u32,
     kv: Arc<HostKv>,
-    links: Links,
+    /// The peers' connections (the node's link table).
+    routes: Box<dyn DataRoutes>,
     recv: Mutex<HashMap<Key, RecvJob>>,
     /// Chunks that arrived before their receive was posted. Lock order: `recv`, then `early`.
     early: Mutex<EarlyData>,
@@ -121,11 +122,16 @@ pub struct HostAgent {
 
 impl HostAgent {
     /// Must be created inside a tokio runtime: send jobs run as tasks on it.
-    pub fn new(rank: u32, kv: Arc<HostKv>, links: Links, wake: Arc<Notify>) -> HostAgent {
+    pub fn new(
+        rank: u32,
+        kv: Arc<HostKv>,
+        routes: impl DataRoutes + 'static,
+        wake: Arc<Notify>,
+    ) -> HostAgent {
         HostAgent {
             rank,
             kv,
-            links,
+            routes: Box::new(routes),
             recv: Mutex::new(HashMap::new()),
             early: Mutex::default(),
             sends: Arc::default(),
@@ -298,7 +304,7 @@ impl HostAgent {
         done: CompletionQueue,
     ) -> Result<(), AgentError> {
         // A receive from a peer already gone would wait forever: `peer_lost` has swept.
-        if self.links.get(from).is_none() {
+        if self.routes.data_queue(from).is_none() {
             return Err(AgentError::PeerUnreachable(from));
         }
         let frags: Vec<Fragment> = job.plan.fragments_from(from.rank).collect();
@@ -355,7 +361,10 @@ impl HostAgent {
         to: PeerId,
         done: CompletionQueue,
     ) -> Result<(), AgentError> {
-        let link = self.links.get(to).ok_or(AgentError::PeerUnreachable(to))?;
+        let queue = self
+            .routes
+            .data_queue(to)
+            .ok_or(AgentError::PeerUnreachable(to))?;
         let frags: Vec<Fragment> = job.plan.fragments_from(self.rank).collect();
         if let Some(f) = frags
             .iter()
@@ -380,7 +389,7 @@ impl HostAgent {
         self.rt.spawn(async move {
             let sender = ChunkSender {
                 kv: &kv,
-                link: &link,
+                queue: &queue,
                 request: job.request,
                 rank,
                 to,
@@ -420,7 +429,7 @@ fn frames(frags: &[Fragment], chunk: u64) -> Vec<Vec<(u64, u64)>> {
 
 struct ChunkSender<'a> {
     kv: &'a Arc<HostKv>,
-    link: &'a Link,
+    queue: &'a mpsc::Sender<DataOut>,
     request: RequestId,
     rank: u32,
     to: PeerId,
@@ -479,8 +488,7 @@ impl ChunkSender<'_> {
             kv: self.kv.clone(),
             written: tx,
         };
-        self.link
-            .data
+        self.queue
             .send(frame)
             .await
             .map_err(|_| AgentError::PeerUnreachable(self.to))?;

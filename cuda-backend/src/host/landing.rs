@@ -23,17 +23,6 @@ const DISCARD_CHUNK: usize = 64 << 10;
 /// Fragments one read may land in (one `readv`; Linux takes up to 1024 slices).
 const MAX_RANGES_PER_FILL: usize = 64;
 
-/// Copies the front of `src` into `bufs`, in order; returns how many bytes fit.
-pub fn copy_into(bufs: &mut [IoSliceMut<'_>], src: &[u8]) -> usize {
-    let mut done = 0;
-    for b in bufs.iter_mut() {
-        let n = b.len().min(src.len() - done);
-        b[..n].copy_from_slice(&src[done..done + n]);
-        done += n;
-    }
-    done
-}
-
 /// Feeds the first `n` bytes of `bufs` (just read into them) to the frame's checksum.
 fn checksum(head: &mut DataHead, bufs: &[IoSliceMut<'_>], mut n: usize) {
     for b in bufs {
@@ -188,9 +177,10 @@ impl Landing<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::HostKv;
-    use crate::node::link::{Link, Links};
-    use crate::node::spec;
+    use crate::host::iov::copy_into;
+    use crate::host::kv::HostKv;
+    use crate::host::route::DataOut;
+    use crate::layout::single_rank;
     use bytes::BytesMut;
     use kvferry_core::agent::{
         Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -199,8 +189,9 @@ mod tests {
     use kvferry_core::plan::TransferPlan;
     use kvferry_core::wire::{encode, Decoder, Message};
     use kvferry_core::{RequestId, TransferToken};
+    use std::collections::HashMap;
     use std::sync::Arc;
-    use tokio::sync::Notify;
+    use tokio::sync::{mpsc, Notify};
 
     const FROM: PeerId = PeerId {
         instance: 0,
@@ -208,7 +199,7 @@ mod tests {
     };
 
     fn layout() -> CacheLayout {
-        spec::layout(2, 1, 32, 4, 2)
+        single_rank(2, 1, 32, 4, 2)
     }
 
     struct Rig {
@@ -217,24 +208,24 @@ mod tests {
         done: CompletionQueue,
         /// The request's bytes in send order: gen blocks 3 then 1.
         bytes: Vec<u8>,
-        _link: Link,
+        /// Keeps the peer's data queue open: a receive needs its peer connected.
+        _queue: mpsc::Receiver<DataOut>,
     }
 
     impl Rig {
         fn new() -> Rig {
             let block = layout().block_bytes();
             let kv = Arc::new(HostKv::new(4, block));
-            let links = Links::default();
-            let (link, _queues) = Link::new("127.0.0.1:1".parse().unwrap());
-            links.insert(FROM, link.clone());
-            let agent = HostAgent::new(0, kv.clone(), links, Arc::new(Notify::new()));
+            let (tx, rx) = mpsc::channel(1);
+            let routes = HashMap::from([(FROM, tx)]);
+            let agent = HostAgent::new(0, kv.clone(), routes, Arc::new(Notify::new()));
             let bytes = (0..2 * block).map(|i| (i * 13 + 5) as u8).collect();
             Rig {
                 agent,
                 kv,
                 done: CompletionQueue::new(8),
                 bytes,
-                _link: link,
+                _queue: rx,
             }
         }
 

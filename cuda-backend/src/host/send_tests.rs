@@ -2,9 +2,10 @@
 //! is in the kernel, so the job completes only then, and fails if the connection drops its
 //! frames unwritten. A cancel is honoured between frames.
 
-use super::{HostAgent, HostKv};
-use crate::node::link::{DataOut, Link, LinkQueues, Links};
-use crate::node::spec;
+use super::agent::HostAgent;
+use super::kv::HostKv;
+use super::route::DataOut;
+use crate::layout::single_rank;
 use bytes::BytesMut;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -13,9 +14,10 @@ use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::TransferPlan;
 use kvferry_core::wire::{Decoder, Message};
 use kvferry_core::{PeerId, RequestId, TransferToken};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 const TO: PeerId = PeerId {
     instance: 1,
@@ -24,13 +26,14 @@ const TO: PeerId = PeerId {
 
 /// 256 KiB blocks: one block is one `DATA_CHUNK` frame.
 fn layout() -> CacheLayout {
-    spec::layout(4, 2, 128, 64, 2)
+    single_rank(4, 2, 128, 64, 2)
 }
 
 struct Rig {
     agent: HostAgent,
     kv: Arc<HostKv>,
-    queues: LinkQueues,
+    /// The peer's data queue, as its connection's writer would drain it.
+    queue: mpsc::Receiver<DataOut>,
     done: CompletionQueue,
     plan: Arc<TransferPlan>,
 }
@@ -43,13 +46,12 @@ fn rig() -> Rig {
             *x = (i as u32).wrapping_mul(31).wrapping_add(b) as u8;
         }
     }
-    let links = Links::default();
-    let (link, queues): (Link, LinkQueues) = Link::new("127.0.0.1:1".parse().unwrap());
-    links.insert(TO, link);
+    let (tx, queue) = mpsc::channel(32);
+    let routes = HashMap::from([(TO, tx)]);
     Rig {
-        agent: HostAgent::new(0, kv.clone(), links, Arc::new(Notify::new())),
+        agent: HostAgent::new(0, kv.clone(), routes, Arc::new(Notify::new())),
         kv,
-        queues,
+        queue,
         done: CompletionQueue::new(8),
         // Context blocks 2 then 0: two frames, out of address order.
         plan: Arc::new(TransferPlan::new(&l, &l, &[(2, 1), (0, 3)]).unwrap()),
@@ -73,7 +75,7 @@ impl Rig {
     }
 
     async fn frame(&mut self) -> DataOut {
-        tokio::time::timeout(Duration::from_secs(5), self.queues.data.recv())
+        tokio::time::timeout(Duration::from_secs(5), self.queue.recv())
             .await
             .expect("a frame is queued")
             .expect("link open")
@@ -145,7 +147,7 @@ async fn a_send_cancelled_before_its_first_frame_queues_nothing() {
     r.agent.cancel(TransferId(5));
     let c = r.completion().await.expect("completes");
     assert_eq!(c.result, Err(AgentError::Cancelled));
-    assert!(r.queues.data.try_recv().is_err(), "nothing was queued");
+    assert!(r.queue.try_recv().is_err(), "nothing was queued");
 }
 
 #[tokio::test]
@@ -155,9 +157,9 @@ async fn frames_dropped_unwritten_fail_the_send() {
     let first = r.frame().await;
     // The connection's writer is gone: the frame it held and the ones still queued are
     // dropped unwritten.
-    r.queues.data.close();
+    r.queue.close();
     drop(first);
-    while let Ok(d) = r.queues.data.try_recv() {
+    while let Ok(d) = r.queue.try_recv() {
         drop(d);
     }
     let c = r

@@ -1,17 +1,17 @@
 //! Where a node's KV bytes live and how they move: host memory over the TCP connection (the
 //! default, always built) or a GPU pool over CUDA IPC (feature `cuda`, see `node::cuda_ipc`).
 
+use super::backend_parts::BackendParts;
 #[cfg(feature = "cuda")]
 use super::cuda_ipc::GpuBackend;
 use super::frame::NodeFrame;
-use super::link::Links;
-use crate::host::{pattern, HostAgent, HostKv};
+use crate::host::agent::HostAgent;
+use crate::host::kv::HostKv;
+use crate::host::pattern;
 use kvferry_core::agent::TransferAgent;
-use kvferry_core::transceiver::Side;
 use kvferry_core::PeerId;
 use std::sync::Arc;
 use thiserror::Error;
-use tokio::sync::Notify;
 
 /// Which backend a node is built with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -42,18 +42,6 @@ pub enum Backend {
     },
     #[cfg(feature = "cuda")]
     Gpu(GpuBackend),
-}
-
-/// What building a backend needs from its node.
-#[derive(Debug)]
-pub struct BackendParts {
-    pub side: Side,
-    pub rank: u32,
-    pub blocks: u32,
-    pub block_bytes: u64,
-    pub max_jobs: usize,
-    pub links: Links,
-    pub wake: Arc<Notify>,
 }
 
 impl Backend {

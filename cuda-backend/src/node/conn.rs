@@ -15,12 +15,15 @@
 
 use super::admit::SeatSignals;
 use super::frame::{self, Frame};
-use super::link::{LinkQueues, Outgoing};
+use super::link::{Link, LinkQueues, Links, Outgoing};
 use super::metrics::Metrics;
+use super::rank::Rank;
+use super::spec::NodeLimits;
 use super::writer;
 use super::OwnedTask;
-use crate::host::landing::copy_into;
-use crate::host::{DataError, HostAgent, LandError};
+use crate::host::agent::{DataError, HostAgent};
+use crate::host::copy_into;
+use crate::host::landing::LandError;
 use bytes::{Buf, BufMut, BytesMut};
 use kvferry_core::wire::{DataHead, ErrorCode, Message};
 use kvferry_core::{PeerId, RequestId};
@@ -107,6 +110,84 @@ pub struct ConnCtx {
     pub metrics: Arc<Metrics>,
 }
 
+/// What a role's connections share, taken from its rank once: the ctx's accept loop and the
+/// gen's dial loop attach each new connection with it.
+#[derive(Clone, Debug)]
+pub struct Attach {
+    pub links: Links,
+    pub agent: Option<Arc<HostAgent>>,
+    pub inbox: mpsc::Sender<Inbound>,
+    pub limits: NodeLimits,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A connection whose link is in the table and whose driver knows it is up.
+#[derive(Debug)]
+pub struct Attached {
+    stream: TcpStream,
+    ctx: ConnCtx,
+    queues: LinkQueues,
+    links: Links,
+}
+
+impl Attach {
+    pub fn new(rank: &Rank, inbox: mpsc::Sender<Inbound>) -> Attach {
+        Attach {
+            links: rank.links.clone(),
+            agent: rank.backend.data_agent(),
+            inbox,
+            limits: rank.limits,
+            metrics: rank.metrics.clone(),
+        }
+    }
+
+    /// Puts the link of a new connection to `peer` in the table and tells the driver, before
+    /// the connection's task starts, so the driver may greet the peer before any frame.
+    /// `None` when the driver is gone.
+    pub async fn up(
+        &self,
+        stream: TcpStream,
+        (peer, addr): (PeerId, SocketAddr),
+        deadlines: ReadDeadlines,
+        seat: SeatSignals,
+    ) -> Option<Attached> {
+        let (link, queues) = Link::new(addr);
+        let ctx = ConnCtx {
+            peer,
+            addr,
+            agent: self.agent.clone(),
+            inbox: self.inbox.clone(),
+            control: link.control.clone(),
+            deadlines,
+            heartbeat: self.limits.heartbeat,
+            seat,
+            metrics: self.metrics.clone(),
+        };
+        self.links.insert(peer, link);
+        if self.inbox.send(Inbound::Up { peer }).await.is_err() {
+            self.links.remove(peer);
+            return None;
+        }
+        Some(Attached {
+            stream,
+            ctx,
+            queues,
+            links: self.links.clone(),
+        })
+    }
+}
+
+impl Attached {
+    /// Serves the connection until it ends, then takes its link out of the table and tells
+    /// the driver why; false when the driver is gone.
+    pub async fn run(self) -> bool {
+        let (peer, inbox) = (self.ctx.peer, self.ctx.inbox.clone());
+        let reason = serve(self.stream, self.ctx, self.queues).await;
+        self.links.remove(peer);
+        inbox.send(Inbound::Down { peer, reason }).await.is_ok()
+    }
+}
+
 /// Runs the connection until it ends; returns why, for the driver's `Down`.
 pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> String {
     // Control frames are small and latency-bound; batching happens in the writer.
@@ -132,15 +213,11 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
         Closed::Eof => "peer closed the connection".into(),
         Closed::Io(e) => format!("connection error: {e}"),
         Closed::Evicted => {
-            ctx.metrics
-                .connections_evicted
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.connections_evicted.inc();
             "evicted: its seat went to a new connection (it had sent no frame)".into()
         }
         Closed::Silent(why) => {
-            ctx.metrics
-                .connections_silent
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.connections_silent.inc();
             tracing::info!(peer = %ctx.peer, addr = %ctx.addr, %why, "closing a silent connection");
             format!("silent: {why}")
         }

@@ -8,21 +8,17 @@
 //! connection silent past its deadline is closed (`conn`), which cancels what it held.
 
 use super::admit::{Admission, Admit, SeatGuard, SeatSignals};
-use super::conn::{self, ConnCtx, Inbound, ReadDeadlines};
+use super::conn::{Attach, Inbound, ReadDeadlines};
 use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
-use super::link::{Link, Links, Outgoing};
-use super::metrics::Metrics;
+use super::link::Outgoing;
 use super::rank::Rank;
-use super::spec::NodeLimits;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
-use super::{sleep_until, NodeError, OwnedTask, INBOX, INBOX_BATCH};
-use crate::host::HostAgent;
+use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -82,13 +78,7 @@ pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError
     // Owned: aborting this role stops its accept loop and, with it, its connections.
     let _accept = OwnedTask(tokio::spawn(accept_loop(
         listener,
-        Acceptor {
-            links: rank.links.clone(),
-            agent: rank.backend.data_agent(),
-            inbox: inbox_tx,
-            limits: rank.limits,
-            metrics: rank.metrics.clone(),
-        },
+        Attach::new(&rank, inbox_tx),
     )));
     let pool_blocks = rank.pool.lock().expect("pool lock").capacity() as u32;
     let mut node = CtxNode {
@@ -107,12 +97,7 @@ pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError
             ev = inbox.recv() => {
                 let Some(ev) = ev else { return Ok(()) };
                 node.on_inbound(ev);
-                for _ in 0..INBOX_BATCH {
-                    match inbox.try_recv() {
-                        Ok(ev) => node.on_inbound(ev),
-                        Err(_) => break,
-                    }
-                }
+                drain_inbox(&mut inbox, |ev| node.on_inbound(ev));
             }
             _ = wake.notified() => {}
             _ = sleep_until(node.rank.next_deadline()) => {}
@@ -126,16 +111,7 @@ pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError
     }
 }
 
-/// What the accept loop hands each connection.
-struct Acceptor {
-    links: Links,
-    agent: Option<Arc<HostAgent>>,
-    inbox: mpsc::Sender<Inbound>,
-    limits: NodeLimits,
-    metrics: Arc<Metrics>,
-}
-
-async fn accept_loop(listener: TcpListener, a: Acceptor) {
+async fn accept_loop(listener: TcpListener, a: Attach) {
     let table = Arc::new(Mutex::new(Admission::new(
         MAX_CONNECTIONS,
         a.limits.max_conns_per_ip,
@@ -166,9 +142,7 @@ async fn accept_loop(listener: TcpListener, a: Acceptor) {
                 .admit(peer, addr.ip(), seat.clone());
         match admitted {
             Admit::Refused { reason } => {
-                a.metrics
-                    .connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                a.metrics.connections_refused.inc();
                 tracing::warn!(%addr, limit = MAX_CONNECTIONS, per_ip = a.limits.max_conns_per_ip, reason, "refusing a connection");
                 continue;
             }
@@ -191,42 +165,22 @@ async fn accept_loop(listener: TcpListener, a: Acceptor) {
     }
 }
 
-/// Registers a seated connection's link and tells the driver; returns the connection's task
-/// (`None` when the driver is gone).
+/// Attaches a seated connection; returns its task (`None` when the driver is gone).
 async fn connect(
-    a: &Acceptor,
+    a: &Attach,
     stream: tokio::net::TcpStream,
     addr: SocketAddr,
     peer: PeerId,
     seat: SeatSignals,
 ) -> Option<impl std::future::Future<Output = ()>> {
-    let (link, queues) = Link::new(addr);
-    let ctx = ConnCtx {
-        peer,
-        addr,
-        agent: a.agent.clone(),
-        inbox: a.inbox.clone(),
-        control: link.control.clone(),
-        deadlines: ReadDeadlines {
-            first_frame: a.limits.first_frame,
-            idle: a.limits.idle(),
-        },
-        heartbeat: a.limits.heartbeat,
-        seat,
-        metrics: a.metrics.clone(),
+    let deadlines = ReadDeadlines {
+        first_frame: a.limits.first_frame,
+        idle: a.limits.idle(),
     };
-    a.links.insert(peer, link);
+    let conn = a.up(stream, (peer, addr), deadlines, seat).await?;
     tracing::info!(%peer, %addr, "gen peer connected");
-    // Before the connection task starts, so the driver greets the peer before any frame.
-    if a.inbox.send(Inbound::Up { peer }).await.is_err() {
-        a.links.remove(peer);
-        return None;
-    }
-    let (links, inbox) = (a.links.clone(), a.inbox.clone());
     Some(async move {
-        let reason = conn::serve(stream, ctx, queues).await;
-        links.remove(peer);
-        let _ = inbox.send(Inbound::Down { peer, reason }).await;
+        conn.run().await;
     })
 }
 
@@ -338,10 +292,7 @@ impl CtxNode {
         };
         let held = self.held.get(&ip).copied().unwrap_or(0);
         if held + n as usize > self.blocks_per_ip {
-            self.rank
-                .metrics
-                .prepares_refused
-                .fetch_add(1, Ordering::Relaxed);
+            self.rank.metrics.prepares_refused.inc();
             tracing::warn!(peer = %self.rank.links.describe(peer), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
             return Err(format!(
                 "over this host's block share: {ip} holds {held} of {} blocks, asked {n} more (--max-blocks-per-ip)",
@@ -396,7 +347,7 @@ impl CtxNode {
         } else {
             &self.rank.metrics.requests_failed
         };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counter.inc();
         if let Some(o) = self.owned.remove(&id) {
             let held = self
                 .held
@@ -416,7 +367,7 @@ impl CtxNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::spec;
+    use crate::layout::single_rank;
     use tokio::net::TcpStream;
 
     /// An aborted ctx stops accepting: its listener is closed, not left to a detached accept
@@ -426,7 +377,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let spec = NodeSpec {
-            layout: spec::layout(1, 1, 64, 16, 2),
+            layout: single_rank(1, 1, 64, 16, 2),
             pool_blocks: 4,
             config: Default::default(),
             limits: Default::default(),

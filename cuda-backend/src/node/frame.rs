@@ -221,6 +221,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::single_rank;
 
     #[test]
     fn node_frame_round_trips_and_bounds_length() {
@@ -287,17 +288,6 @@ mod tests {
     }
 
     fn test_layout() -> CacheLayout {
-        CacheLayout {
-            num_layers: 1,
-            num_kv_heads: 1,
-            head_dim: 1,
-            tokens_per_block: 1,
-            dtype_bytes: 1,
-            tp_size: 1,
-            tp_rank: 0,
-            pp_size: 1,
-            pp_rank: 0,
-            mla: false,
-        }
+        single_rank(1, 1, 1, 1, 1)
     }
 }

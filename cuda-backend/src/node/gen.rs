@@ -3,15 +3,13 @@
 //! byte, and returns a summary.
 
 use super::admit::SeatSignals;
-use super::conn::{self, ConnCtx, Inbound, ReadDeadlines};
+use super::conn::{self, Attach, Inbound, ReadDeadlines};
 use super::cpu;
 use super::frame::{parse_token, Frame, NodeFrame};
-use super::link::{Link, Links, Outgoing};
-use super::metrics::Metrics;
+use super::link::Outgoing;
 use super::rank::{Occupancy, Rank};
-use super::spec::{NodeLimits, NodeSpec, CTX_INSTANCE};
-use super::{sleep_until, NodeError, OwnedTask, INBOX, INBOX_BATCH};
-use crate::host::HostAgent;
+use super::spec::{NodeSpec, CTX_INSTANCE};
+use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
 use kvferry_core::wire::Message;
@@ -22,7 +20,6 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -145,13 +142,7 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
     let dialer = OwnedTask(tokio::spawn(dial_loop(
         opts.peer,
         ctx,
-        Dialer {
-            links: rank.links.clone(),
-            agent: rank.backend.data_agent(),
-            inbox: inbox_tx,
-            limits: rank.limits,
-            metrics: rank.metrics.clone(),
-        },
+        Attach::new(&rank, inbox_tx),
     )));
     let mut node = GenNode {
         rng: StdRng::seed_from_u64(opts.seed),
@@ -184,12 +175,7 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
                 if let Some(ev) = ev {
                     node.on_inbound(ev);
                 }
-                for _ in 0..INBOX_BATCH {
-                    match inbox.try_recv() {
-                        Ok(ev) => node.on_inbound(ev),
-                        Err(_) => break,
-                    }
-                }
+                drain_inbox(&mut inbox, |ev| node.on_inbound(ev));
             }
             _ = wake.notified() => {}
             _ = sleep_until(node.next_wake(&progress, drain_until)) => {}
@@ -220,22 +206,7 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
 }
 
 /// What the dialer hands each connection.
-struct Dialer {
-    links: Links,
-    agent: Option<Arc<HostAgent>>,
-    inbox: mpsc::Sender<Inbound>,
-    limits: NodeLimits,
-    metrics: Arc<Metrics>,
-}
-
-async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
-    let Dialer {
-        links,
-        agent,
-        inbox,
-        limits,
-        metrics,
-    } = d;
+async fn dial_loop(addr: SocketAddr, peer: PeerId, a: Attach) {
     let mut failures: u32 = 0;
     let mut ever_connected = false;
     loop {
@@ -243,30 +214,17 @@ async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
             Ok(stream) => {
                 failures = 0;
                 ever_connected = true;
-                let (link, queues) = Link::new(addr);
-                let ctx = ConnCtx {
-                    peer,
-                    addr,
-                    agent: agent.clone(),
-                    inbox: inbox.clone(),
-                    control: link.control.clone(),
-                    // A host ctx says nothing until asked (or its first heartbeat): the gen
-                    // holds it to the idle deadline from the start.
-                    deadlines: ReadDeadlines {
-                        first_frame: limits.idle(),
-                        idle: limits.idle(),
-                    },
-                    heartbeat: limits.heartbeat,
-                    seat: SeatSignals::default(),
-                    metrics: metrics.clone(),
+                // A host ctx says nothing until asked (or its first heartbeat): the gen holds
+                // it to the idle deadline from the start.
+                let deadlines = ReadDeadlines {
+                    first_frame: a.limits.idle(),
+                    idle: a.limits.idle(),
                 };
-                links.insert(peer, link);
-                if inbox.send(Inbound::Up { peer }).await.is_err() {
+                let seat = SeatSignals::default();
+                let Some(conn) = a.up(stream, (peer, addr), deadlines, seat).await else {
                     return;
-                }
-                let reason = conn::serve(stream, ctx, queues).await;
-                links.remove(peer);
-                if inbox.send(Inbound::Down { peer, reason }).await.is_err() {
+                };
+                if !conn.run().await {
                     return;
                 }
                 tokio::time::sleep(RECONNECT_BASE).await;
@@ -280,7 +238,7 @@ async fn dial_loop(addr: SocketAddr, peer: PeerId, d: Dialer) {
                 };
                 if failures >= budget {
                     let reason = format!("{addr}: {e} ({failures} attempts)");
-                    let _ = inbox.send(Inbound::GaveUp { peer, reason }).await;
+                    let _ = a.inbox.send(Inbound::GaveUp { peer, reason }).await;
                     return;
                 }
                 let backoff = RECONNECT_BASE * 2u32.saturating_pow(failures.min(16));
@@ -299,10 +257,7 @@ impl GenNode {
 
     fn record_error(&mut self, cause: String) {
         self.s.failed += 1;
-        self.rank
-            .metrics
-            .requests_failed
-            .fetch_add(1, Ordering::Relaxed);
+        self.rank.metrics.requests_failed.inc();
         let key = if self.s.errors.len() >= MAX_ERROR_KINDS && !self.s.errors.contains_key(&cause) {
             "other".to_string()
         } else {
@@ -592,10 +547,7 @@ impl GenNode {
                     self.s.done_after_reconnect += 1;
                 }
                 self.latencies_us.push(lat.as_micros() as u64);
-                self.rank
-                    .metrics
-                    .requests_done
-                    .fetch_add(1, Ordering::Relaxed);
+                self.rank.metrics.requests_done.inc();
                 self.rank.metrics.observe_latency(lat);
                 a.span.in_scope(|| {
                     tracing::debug!(latency_us = lat.as_micros() as u64, "request done")

@@ -1,19 +1,17 @@
 //! The live connections of a node, keyed by the peer id the node gave each one; the node's
 //! driver sends the core's transmits through them. Control frames and data frames queue separately (both bounded)
 //! so a bulk transfer cannot starve a Cancel or an Error. A data frame queues as a
-//! description of where its payload lies in KV memory (`DataOut`); the connection's writer
+//! description of where its payload lies in KV memory (`host::DataOut`); the connection's writer
 //! sends it from there (see `writer`), so payload bytes are never copied in user space.
 
 use super::frame::Frame;
-use crate::host::HostKv;
-use kvferry_core::wire::DATA_HEAD_LEN;
+use crate::host::route::{DataOut, DataRoutes};
 use kvferry_core::PeerId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::oneshot;
 
 /// Control frames queued per connection before `send` reports backpressure.
 pub const CONTROL_QUEUE: usize = 1024;
@@ -28,19 +26,6 @@ pub enum LinkError {
     Unreachable(PeerId),
     #[error("control queue to {0} is full")]
     Backpressure(PeerId),
-}
-
-/// A `Data` frame whose payload is written to the socket straight from KV memory.
-#[derive(Debug)]
-pub struct DataOut {
-    /// Header and fixed fields, CRC included (`wire::DataSeal` over the payload).
-    pub head: [u8; DATA_HEAD_LEN],
-    /// Pool ranges (offset, length) of the payload, in order.
-    pub pieces: Vec<(u64, u64)>,
-    pub kv: Arc<HostKv>,
-    /// Fired once the whole frame is in the kernel; dropped unfired if the connection ends
-    /// first. Until then the payload's blocks are still being read.
-    pub written: oneshot::Sender<()>,
 }
 
 #[derive(Debug)]
@@ -134,5 +119,12 @@ impl Links {
         self.get(peer)
             .ok_or(LinkError::Unreachable(peer))?
             .send_frame(peer, frame)
+    }
+}
+
+/// The host agent's view of the table: the data queue of each connected peer.
+impl DataRoutes for Links {
+    fn data_queue(&self, peer: PeerId) -> Option<mpsc::Sender<DataOut>> {
+        self.get(peer).map(|l| l.data)
     }
 }

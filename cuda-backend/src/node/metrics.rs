@@ -1,231 +1,264 @@
-//! Node metrics in Prometheus text format, served by a minimal HTTP/1.1 `GET /metrics`
-//! responder (one request per connection).
+//! Node metrics: one `prometheus_client` registry per node (the bench runs a ctx and a gen in
+//! one process, so nothing is global), rendered as Prometheus text (0.0.4) and served at
+//! `GET /metrics` by hyper over HTTP/1.1, one request per connection.
+//!
+//! Counters are registered without their `_total` suffix: the encoder appends it, so the
+//! exposed names are the `kvferry_*_total` ones (the tests list them all).
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use kvferry_core::staging::StagingCounters;
 use kvferry_core::transceiver::{EarlyCounts, TxCounters};
-use std::fmt::Write as _;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Upper bounds (ms) of the transfer latency histogram buckets.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
-/// Bound on an HTTP request head; anything longer is answered 431 and closed.
+/// Bound on an HTTP request head (hyper's smallest read buffer); longer is answered 431.
 const MAX_HTTP_HEAD: usize = 8 << 10;
 /// A scraper that does not finish its request head within this is dropped.
 const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole scrape, response included: a client that stops reading cannot hold a task.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (out of descriptors): retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-#[derive(Debug, Default)]
+type U64Gauge = Gauge<u64, AtomicU64>;
+
+/// The core's lifetime transfer counters, mirrored at every completion step.
+#[derive(Debug)]
+struct TxMirror {
+    started: Counter,
+    completed: Counter,
+    failed: Counter,
+    timed_out: Counter,
+    evicted: Counter,
+    rejected: Counter,
+    bytes: Counter,
+}
+
+#[derive(Debug)]
+struct Pools {
+    staging_slots: U64Gauge,
+    staging_free: U64Gauge,
+    staging_in_use: U64Gauge,
+    staging_poisoned: U64Gauge,
+    blocks_total: U64Gauge,
+    blocks_free: U64Gauge,
+    early_infos: U64Gauge,
+    early_info_bytes: U64Gauge,
+    early_aborts: U64Gauge,
+}
+
+/// One node's metrics; the node's tasks bump the public counters directly.
+#[derive(Debug)]
 pub struct Metrics {
-    tx: [AtomicU64; 7],
-    pub requests_done: AtomicU64,
-    pub requests_failed: AtomicU64,
+    registry: Registry,
+    tx: TxMirror,
+    pools: Pools,
+    pub requests_done: Counter,
+    pub requests_failed: Counter,
     /// Connections refused a seat (their host's share and the table full of proven peers).
-    pub connections_refused: AtomicU64,
+    pub connections_refused: Counter,
     /// Unproven connections that gave their seat to a newcomer.
-    pub connections_evicted: AtomicU64,
+    pub connections_evicted: Counter,
     /// Connections closed for bringing no frame in time (first frame or idle deadline).
-    pub connections_silent: AtomicU64,
+    pub connections_silent: Counter,
     /// `Prepare`s refused because the asking host holds its block share.
-    pub prepares_refused: AtomicU64,
-    early: [AtomicU64; 3],
-    staging: [AtomicU64; 4],
-    blocks: [AtomicU64; 2],
-    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    pub prepares_refused: Counter,
+    latency: Histogram,
 }
 
-fn set(a: &AtomicU64, v: u64) {
-    a.store(v, Ordering::Relaxed)
+/// Registers a metric under `name` and hands back the caller's handle to it.
+fn reg<M: prometheus_client::registry::Metric + Clone>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    m: M,
+) -> M {
+    r.register(name, help, m.clone());
+    m
 }
 
-fn get(a: &AtomicU64) -> u64 {
-    a.load(Ordering::Relaxed)
+fn counter(r: &mut Registry, name: &str, help: &str) -> Counter {
+    reg(r, name, help, Counter::default())
+}
+
+fn gauge(r: &mut Registry, name: &str, help: &str) -> U64Gauge {
+    reg(r, name, help, U64Gauge::default())
+}
+
+impl TxMirror {
+    fn register(r: &mut Registry) -> TxMirror {
+        TxMirror {
+            started: counter(r, "kvferry_transfers_started", "Transfer jobs submitted"),
+            completed: counter(r, "kvferry_transfers_completed", "Transfer jobs completed"),
+            failed: counter(r, "kvferry_transfers_failed", "Transfer jobs failed"),
+            timed_out: counter(
+                r,
+                "kvferry_transfers_timed_out",
+                "Requests past kv_transfer_timeout_ms",
+            ),
+            evicted: counter(
+                r,
+                "kvferry_transfers_evicted",
+                "Transfers evicted past their deadline",
+            ),
+            rejected: counter(
+                r,
+                "kvferry_requests_rejected",
+                "Peer requests refused (token, blocks, layout)",
+            ),
+            bytes: counter(r, "kvferry_bytes", "Bytes moved by completed transfers"),
+        }
+    }
+
+    /// The core owns these counts (they only grow); a prometheus `Counter` can only add, so
+    /// its atomic is set to the core's figure instead.
+    fn copy(&self, c: &TxCounters) {
+        let pairs = [
+            (&self.started, c.transfers_started),
+            (&self.completed, c.transfers_completed),
+            (&self.failed, c.transfers_failed),
+            (&self.timed_out, c.timeouts_warned),
+            (&self.evicted, c.evictions),
+            (&self.rejected, c.rejected),
+            (&self.bytes, c.bytes),
+        ];
+        for (m, v) in pairs {
+            m.inner().store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Pools {
+    fn register(r: &mut Registry) -> Pools {
+        Pools {
+            staging_slots: gauge(r, "kvferry_staging_slots", "Staging slots"),
+            staging_free: gauge(r, "kvferry_staging_free", "Staging slots free"),
+            staging_in_use: gauge(r, "kvferry_staging_in_use", "Staging slots in use"),
+            staging_poisoned: gauge(
+                r,
+                "kvferry_staging_poisoned",
+                "Staging slots poisoned, waiting for their fence",
+            ),
+            // A gauge, so the encoder adds no suffix: the name is the one it always had.
+            blocks_total: gauge(r, "kvferry_blocks_total", "KV blocks in the pool"),
+            blocks_free: gauge(r, "kvferry_blocks_free", "KV blocks free"),
+            early_infos: gauge(
+                r,
+                "kvferry_early_infos",
+                "RequestInfos parked for requests not registered yet",
+            ),
+            early_info_bytes: gauge(
+                r,
+                "kvferry_early_info_bytes",
+                "Bytes of parked RequestInfos (bounded in total and per peer)",
+            ),
+            early_aborts: gauge(
+                r,
+                "kvferry_early_aborts",
+                "Aborts parked for requests not registered yet",
+            ),
+        }
+    }
+}
+
+fn node_counters(r: &mut Registry) -> [Counter; 6] {
+    [
+        counter(r, "kvferry_requests_done", "Requests completed"),
+        counter(r, "kvferry_requests_failed", "Requests failed or cancelled"),
+        counter(
+            r,
+            "kvferry_connections_refused",
+            "Connections refused a seat (host share or table full of proven peers)",
+        ),
+        counter(
+            r,
+            "kvferry_connections_evicted",
+            "Connections evicted before their first frame to seat a newcomer",
+        ),
+        counter(
+            r,
+            "kvferry_connections_silent",
+            "Connections closed for no frame within the first-frame or idle deadline",
+        ),
+        counter(
+            r,
+            "kvferry_prepares_refused",
+            "Prepares refused: the asking host holds its block share",
+        ),
+    ]
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        Arc::new(Metrics::default())
+        let mut r = Registry::default();
+        let tx = TxMirror::register(&mut r);
+        let [done, failed, refused, evicted, silent, prepares] = node_counters(&mut r);
+        let pools = Pools::register(&mut r);
+        let buckets = LATENCY_BUCKETS_MS.map(|ms| ms as f64 / 1000.0);
+        let latency = reg(
+            &mut r,
+            "kvferry_transfer_latency_seconds",
+            "Request transfer latency",
+            Histogram::new(buckets),
+        );
+        Arc::new(Metrics {
+            registry: r,
+            tx,
+            pools,
+            requests_done: done,
+            requests_failed: failed,
+            connections_refused: refused,
+            connections_evicted: evicted,
+            connections_silent: silent,
+            prepares_refused: prepares,
+            latency,
+        })
     }
 
     /// Copies the transceiver's lifetime counters and the pools' occupancy.
     pub fn update(&self, c: &TxCounters, s: &StagingCounters, blocks_free: usize, blocks: usize) {
-        let tx = [
-            c.transfers_started,
-            c.transfers_completed,
-            c.transfers_failed,
-            c.timeouts_warned,
-            c.evictions,
-            c.rejected,
-            c.bytes,
-        ];
-        for (a, v) in self.tx.iter().zip(tx) {
-            set(a, v);
-        }
-        let st = [s.slots, s.free, s.in_use, s.poisoned];
-        for (a, v) in self.staging.iter().zip(st) {
-            set(a, v as u64);
-        }
-        set(&self.blocks[0], blocks as u64);
-        set(&self.blocks[1], blocks_free as u64);
+        self.tx.copy(c);
+        let p = &self.pools;
+        p.staging_slots.set(s.slots as u64);
+        p.staging_free.set(s.free as u64);
+        p.staging_in_use.set(s.in_use as u64);
+        p.staging_poisoned.set(s.poisoned as u64);
+        p.blocks_total.set(blocks as u64);
+        p.blocks_free.set(blocks_free as u64);
     }
 
     /// What the transceiver holds for requests not registered yet (bounded in the core).
     pub fn set_early(&self, e: &EarlyCounts) {
-        set(&self.early[0], e.infos as u64);
-        set(&self.early[1], e.info_bytes as u64);
-        set(&self.early[2], e.aborts as u64);
+        self.pools.early_infos.set(e.infos as u64);
+        self.pools.early_info_bytes.set(e.info_bytes as u64);
+        self.pools.early_aborts.set(e.aborts as u64);
     }
 
     pub fn observe_latency(&self, d: Duration) {
-        let ms = d.as_millis() as u64;
-        for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS_MS) {
-            if ms <= le {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.latency.observe(d.as_secs_f64());
     }
 
+    /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let counters = [
-            (
-                "kvferry_transfers_started_total",
-                "Transfer jobs submitted",
-                &self.tx[0],
-            ),
-            (
-                "kvferry_transfers_completed_total",
-                "Transfer jobs completed",
-                &self.tx[1],
-            ),
-            (
-                "kvferry_transfers_failed_total",
-                "Transfer jobs failed",
-                &self.tx[2],
-            ),
-            (
-                "kvferry_transfers_timed_out_total",
-                "Requests past kv_transfer_timeout_ms",
-                &self.tx[3],
-            ),
-            (
-                "kvferry_transfers_evicted_total",
-                "Transfers evicted past their deadline",
-                &self.tx[4],
-            ),
-            (
-                "kvferry_requests_rejected_total",
-                "Peer requests refused (token, blocks, layout)",
-                &self.tx[5],
-            ),
-            (
-                "kvferry_bytes_total",
-                "Bytes moved by completed transfers",
-                &self.tx[6],
-            ),
-            (
-                "kvferry_requests_done_total",
-                "Requests completed",
-                &self.requests_done,
-            ),
-            (
-                "kvferry_requests_failed_total",
-                "Requests failed or cancelled",
-                &self.requests_failed,
-            ),
-            (
-                "kvferry_connections_refused_total",
-                "Connections refused a seat (host share or table full of proven peers)",
-                &self.connections_refused,
-            ),
-            (
-                "kvferry_connections_evicted_total",
-                "Connections evicted before their first frame to seat a newcomer",
-                &self.connections_evicted,
-            ),
-            (
-                "kvferry_connections_silent_total",
-                "Connections closed for no frame within the first-frame or idle deadline",
-                &self.connections_silent,
-            ),
-            (
-                "kvferry_prepares_refused_total",
-                "Prepares refused: the asking host holds its block share",
-                &self.prepares_refused,
-            ),
-        ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                get(v)
-            );
-        }
-        let gauges = [
-            ("kvferry_staging_slots", "Staging slots", &self.staging[0]),
-            (
-                "kvferry_staging_free",
-                "Staging slots free",
-                &self.staging[1],
-            ),
-            (
-                "kvferry_staging_in_use",
-                "Staging slots in use",
-                &self.staging[2],
-            ),
-            (
-                "kvferry_staging_poisoned",
-                "Staging slots poisoned, waiting for their fence",
-                &self.staging[3],
-            ),
-            (
-                "kvferry_blocks_total",
-                "KV blocks in the pool",
-                &self.blocks[0],
-            ),
-            ("kvferry_blocks_free", "KV blocks free", &self.blocks[1]),
-            (
-                "kvferry_early_infos",
-                "RequestInfos parked for requests not registered yet",
-                &self.early[0],
-            ),
-            (
-                "kvferry_early_info_bytes",
-                "Bytes of parked RequestInfos (bounded in total and per peer)",
-                &self.early[1],
-            ),
-            (
-                "kvferry_early_aborts",
-                "Aborts parked for requests not registered yet",
-                &self.early[2],
-            ),
-        ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                get(v)
-            );
-        }
-        let h = "kvferry_transfer_latency_seconds";
-        let _ = writeln!(
-            o,
-            "# HELP {h} Request transfer latency\n# TYPE {h} histogram"
-        );
-        for (b, le) in self.buckets.iter().zip(LATENCY_BUCKETS_MS) {
-            let _ = writeln!(o, "{h}_bucket{{le=\"{}\"}} {}", le as f64 / 1000.0, get(b));
-        }
-        let count = get(&self.latency_count);
-        let _ = writeln!(o, "{h}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(o, "{h}_sum {}", get(&self.latency_sum_us) as f64 / 1e6);
-        let _ = writeln!(o, "{h}_count {count}");
+        prometheus_text::encode(&mut o, &self.registry).expect("writing to a String cannot fail");
         o
     }
 }
@@ -233,47 +266,159 @@ impl Metrics {
 /// Serves `GET /metrics` on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((stream, addr)) = listener.accept().await else {
-            continue;
+        let (stream, addr) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, &m).await {
-                tracing::debug!(%addr, error = %e, "metrics scrape failed");
+            match tokio::time::timeout(SCRAPE_TIMEOUT, scrape(stream, m)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "metrics scrape failed"),
+                Err(_) => tracing::debug!(%addr, "metrics scrape timed out"),
             }
         });
     }
 }
 
-async fn respond(mut s: TcpStream, m: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let complete = tokio::time::timeout(HTTP_READ_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() <= MAX_HTTP_HEAD {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        std::io::Result::Ok(())
-    })
-    .await;
-    if !matches!(complete, Ok(Ok(()))) {
-        return Ok(());
-    }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let (status, body) = if head.len() > MAX_HTTP_HEAD {
-        ("431 Request Header Fields Too Large", String::new())
-    } else if line.starts_with(b"GET /metrics ") {
-        ("200 OK", m.render())
-    } else {
-        ("404 Not Found", "try GET /metrics\n".into())
+/// One connection, one request: no keep-alive, a bounded head read in bounded time.
+async fn scrape(stream: TcpStream, m: Arc<Metrics>) -> hyper::Result<()> {
+    let svc = service_fn(move |req| {
+        let resp = respond(&m, &req);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_HTTP_HEAD)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HTTP_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+}
+
+fn respond(m: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, body, kind) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, m.render(), prometheus_text::CONTENT_TYPE),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "try GET /metrics\n".into(),
+            "text/plain; charset=utf-8",
+        ),
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(resp.as_bytes()).await?;
-    s.shutdown().await
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Name -> value of every sample line.
+    fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_name_is_exposed_with_its_value() {
+        let m = Metrics::new();
+        let tx = TxCounters {
+            transfers_started: 7,
+            bytes: 4096,
+            ..Default::default()
+        };
+        let st = StagingCounters {
+            slots: 4,
+            free: 3,
+            in_use: 1,
+            poisoned: 0,
+            ..Default::default()
+        };
+        m.update(&tx, &st, 10, 16);
+        m.connections_refused.inc();
+        m.observe_latency(Duration::from_micros(1500));
+        m.observe_latency(Duration::from_secs(9));
+        let s = samples(&m.render());
+        let expect = [
+            ("kvferry_transfers_started_total", 7.0),
+            ("kvferry_transfers_completed_total", 0.0),
+            ("kvferry_transfers_failed_total", 0.0),
+            ("kvferry_transfers_timed_out_total", 0.0),
+            ("kvferry_transfers_evicted_total", 0.0),
+            ("kvferry_requests_rejected_total", 0.0),
+            ("kvferry_bytes_total", 4096.0),
+            ("kvferry_requests_done_total", 0.0),
+            ("kvferry_requests_failed_total", 0.0),
+            ("kvferry_connections_refused_total", 1.0),
+            ("kvferry_connections_evicted_total", 0.0),
+            ("kvferry_connections_silent_total", 0.0),
+            ("kvferry_prepares_refused_total", 0.0),
+            ("kvferry_staging_slots", 4.0),
+            ("kvferry_staging_free", 3.0),
+            ("kvferry_staging_in_use", 1.0),
+            ("kvferry_staging_poisoned", 0.0),
+            ("kvferry_blocks_total", 16.0),
+            ("kvferry_blocks_free", 10.0),
+            ("kvferry_early_infos", 0.0),
+            ("kvferry_early_info_bytes", 0.0),
+            ("kvferry_early_aborts", 0.0),
+            ("kvferry_transfer_latency_seconds_count", 2.0),
+            ("kvferry_transfer_latency_seconds_bucket{le=\"0.001\"}", 0.0),
+            ("kvferry_transfer_latency_seconds_bucket{le=\"0.002\"}", 1.0),
+            ("kvferry_transfer_latency_seconds_bucket{le=\"5\"}", 1.0),
+            ("kvferry_transfer_latency_seconds_bucket{le=\"+Inf\"}", 2.0),
+        ];
+        for (name, v) in expect {
+            assert_eq!(s.get(name), Some(&v), "{name} in {s:?}");
+        }
+        let sum = s["kvferry_transfer_latency_seconds_sum"];
+        assert!((sum - 9.0015).abs() < 1e-9, "{sum}");
+    }
+
+    async fn ask(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = String::new();
+        // Ends only because the server closes: one request per connection.
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .expect("the server closes after one response")
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_refuses_anything_else() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let m = Metrics::new();
+        m.requests_done.inc_by(3);
+        tokio::spawn(serve(l, m));
+        let ok = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("\nkvferry_requests_done_total 3\n"), "{ok}");
+        let other = ask(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        let post = ask(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 404"), "{post}");
+        let big = format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HTTP_HEAD)
+        );
+        let big = ask(addr, big.as_bytes()).await;
+        assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+    }
 }

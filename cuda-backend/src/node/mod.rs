@@ -9,6 +9,7 @@
 
 pub mod admit;
 pub mod backend;
+pub mod backend_parts;
 pub mod bench;
 pub mod conn;
 pub mod cpu;
@@ -25,6 +26,7 @@ pub mod writer;
 
 use kvferry_core::collective::CollectiveError;
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Driver inbox bound: connection readers wait when the driver falls behind.
@@ -66,6 +68,17 @@ pub struct OwnedTask<T>(pub JoinHandle<T>);
 impl<T> Drop for OwnedTask<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Hands `on` up to `INBOX_BATCH` events already waiting in `inbox`, without waiting: the
+/// driver then runs its completion step, which a busy connection must not hold off.
+pub fn drain_inbox<T>(inbox: &mut mpsc::Receiver<T>, mut on: impl FnMut(T)) {
+    for _ in 0..INBOX_BATCH {
+        match inbox.try_recv() {
+            Ok(ev) => on(ev),
+            Err(_) => break,
+        }
     }
 }
 

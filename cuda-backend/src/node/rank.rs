@@ -1,7 +1,8 @@
 //! One rank of a node, the part both roles share: its transceiver with its backend (host or
 //! CUDA), pools, links and metrics, and the completion step that every loop iteration runs.
 
-use super::backend::{Backend, BackendError, BackendParts, BackendSpec};
+use super::backend::{Backend, BackendError, BackendSpec};
+use super::backend_parts::BackendParts;
 use super::frame::Frame;
 use super::link::{LinkError, Links};
 use super::metrics::Metrics;

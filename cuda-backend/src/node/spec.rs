@@ -124,25 +124,3 @@ impl NodeLimits {
         Ok(())
     }
 }
-
-/// A TP1/PP1 layout from the CLI's model flags.
-pub fn layout(
-    layers: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    tokens_per_block: u32,
-    dtype_bytes: u32,
-) -> CacheLayout {
-    CacheLayout {
-        num_layers: layers,
-        num_kv_heads: kv_heads,
-        head_dim,
-        tokens_per_block,
-        dtype_bytes,
-        tp_size: 1,
-        tp_rank: 0,
-        pp_size: 1,
-        pp_rank: 0,
-        mla: false,
-    }
-}

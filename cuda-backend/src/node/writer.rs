@@ -11,7 +11,8 @@
 //! tell a live but idle node from a dead one.
 
 use super::frame;
-use super::link::{DataOut, LinkQueues, Outgoing};
+use super::link::{LinkQueues, Outgoing};
+use crate::host::route::DataOut;
 use bytes::{Buf, BytesMut};
 use kvferry_core::wire::Message;
 use std::io::{self, IoSlice};
@@ -148,7 +149,7 @@ async fn write_data(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::HostKv;
+    use crate::host::kv::HostKv;
     use crate::node::frame::Frame;
     use crate::node::link::Link;
     use kvferry_core::wire::{DataSeal, Decoder, Message};

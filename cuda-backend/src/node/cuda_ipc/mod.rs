@@ -35,7 +35,7 @@ pub mod serve;
 pub use pull::PullAgent;
 pub use serve::ServeAgent;
 
-use super::backend::BackendParts;
+use super::backend_parts::BackendParts;
 use super::frame::NodeFrame;
 use crate::cuda::{CudaAgent, CudaAgentConfig, CudaError, DeviceBuffer, Gpu};
 use crate::cuda::{IpcMapping, PoolExport, Region};

@@ -1,0 +1,19 @@
+//! What a backend is built from: shared by `backend` (which picks one) and `cuda_ipc` (which
+//! builds the GPU one), so that neither imports the other for it.
+
+use super::link::Links;
+use kvferry_core::transceiver::Side;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// What building a backend needs from its node.
+#[derive(Debug)]
+pub struct BackendParts {
+    pub side: Side,
+    pub rank: u32,
+    pub blocks: u32,
+    pub block_bytes: u64,
+    pub max_jobs: usize,
+    pub links: Links,
+    pub wake: Arc<Notify>,
+}
