@@ -185,7 +185,11 @@ mod tests {
         assert_eq!(q.len(), 2);
         let mut out = vec![done(0)];
         q.drain_into(&mut out);
-        assert_eq!(out, vec![done(0), done(1), done(2)], "appended, oldest first");
+        assert_eq!(
+            out,
+            vec![done(0), done(1), done(2)],
+            "appended, oldest first"
+        );
         assert!(q.is_empty());
         assert_eq!(q.len(), 0);
     }
@@ -264,7 +268,11 @@ mod tests {
         assert_eq!(*rec.cancelled.lock().unwrap(), vec![TransferId(7)]);
         assert!(Arc::ptr_eq(status.agent(), &agent));
         drop(agent);
-        assert_eq!(Arc::strong_count(&rec), 2, "the status keeps the agent (I3)");
+        assert_eq!(
+            Arc::strong_count(&rec),
+            2,
+            "the status keeps the agent (I3)"
+        );
         drop(status);
         assert_eq!(Arc::strong_count(&rec), 1);
 

@@ -357,7 +357,10 @@ mod tests {
         let again = p.allocate(RequestId(2), 4).unwrap();
         p.pin(&again).unwrap();
         p.unpin(&again);
-        assert_eq!((p.pinned_count(), p.deferred_count(), p.free_count()), (0, 0, 0));
+        assert_eq!(
+            (p.pinned_count(), p.deferred_count(), p.free_count()),
+            (0, 0, 0)
+        );
     }
 
     #[test]

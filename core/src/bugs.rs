@@ -175,10 +175,7 @@ mod tests {
         }
         assert_eq!(Bug::WarnBeforeReady.invariant(), "I4");
         assert_eq!(Bug::AcceptAnyAbort.invariant(), "I9");
-        assert_eq!(
-            "nope".parse::<Bug>(),
-            Err(UnknownBug("nope".to_string()))
-        );
+        assert_eq!("nope".parse::<Bug>(), Err(UnknownBug("nope".to_string())));
         assert!(BugSet::NONE.is_empty());
         assert_eq!(BugSet::default(), BugSet::NONE);
     }

@@ -260,7 +260,9 @@ mod tests {
             ("max_tokens_in_buffer", |c| {
                 c.max_tokens_in_buffer = MAX_TOKENS_IN_BUFFER
             }),
-            ("kv_transfer_timeout_ms", |c| c.kv_transfer_timeout_ms = Some(1)),
+            ("kv_transfer_timeout_ms", |c| {
+                c.kv_transfer_timeout_ms = Some(1)
+            }),
             ("kv_transfer_timeout_ms", |c| {
                 c.kv_transfer_timeout_ms = Some(MAX_TIMEOUT_MS)
             }),
@@ -274,7 +276,9 @@ mod tests {
             ("staging_slot_bytes", |c| {
                 c.staging_slot_bytes = MAX_STAGING_SLOT_BYTES
             }),
-            ("early_info_ttl_ms", |c| c.early_info_ttl_ms = MAX_TIMEOUT_MS),
+            ("early_info_ttl_ms", |c| {
+                c.early_info_ttl_ms = MAX_TIMEOUT_MS
+            }),
             ("staging_wait_ms", |c| c.staging_wait_ms = MAX_TIMEOUT_MS),
             ("staging_wait_ms", |c| c.staging_wait_ms = 0),
             ("max_in_flight", |c| c.max_in_flight = MAX_IN_FLIGHT),
@@ -309,8 +313,12 @@ mod tests {
                 c.staging_slot_bytes = MAX_STAGING_SLOT_BYTES + 1
             }),
             ("early_info_ttl_ms", |c| c.early_info_ttl_ms = 0),
-            ("early_info_ttl_ms", |c| c.early_info_ttl_ms = MAX_TIMEOUT_MS + 1),
-            ("staging_wait_ms", |c| c.staging_wait_ms = MAX_TIMEOUT_MS + 1),
+            ("early_info_ttl_ms", |c| {
+                c.early_info_ttl_ms = MAX_TIMEOUT_MS + 1
+            }),
+            ("staging_wait_ms", |c| {
+                c.staging_wait_ms = MAX_TIMEOUT_MS + 1
+            }),
             ("max_in_flight", |c| c.max_in_flight = 0),
             ("max_in_flight", |c| c.max_in_flight = MAX_IN_FLIGHT + 1),
             ("inflight_cancel", |c| {
@@ -342,8 +350,16 @@ mod tests {
         // 10 tokens in blocks of 4: 3 whole blocks.
         assert_eq!(derived.slot_bytes_for(100, 4).unwrap(), 300);
         assert_eq!(derived.slot_bytes_for(100, 10).unwrap(), 100);
-        assert_eq!(derived.slot_bytes_for(100, 64).unwrap(), 100, "at least one block");
-        assert_eq!(derived.slot_bytes_for(100, 0).unwrap(), 1000, "0 reads as 1");
+        assert_eq!(
+            derived.slot_bytes_for(100, 64).unwrap(),
+            100,
+            "at least one block"
+        );
+        assert_eq!(
+            derived.slot_bytes_for(100, 0).unwrap(),
+            1000,
+            "0 reads as 1"
+        );
         // Exactly the largest slot is fine; one byte more is not.
         let one = TransceiverConfig {
             max_tokens_in_buffer: 1,
@@ -359,8 +375,8 @@ mod tests {
 
     #[test]
     fn json_parses_like_toml() {
-        let c = TransceiverConfig::from_json_str(r#"{"backend": "cuda", "staging_slots": 3}"#)
-            .unwrap();
+        let c =
+            TransceiverConfig::from_json_str(r#"{"backend": "cuda", "staging_slots": 3}"#).unwrap();
         assert_eq!((c.backend, c.staging_slots), (Backend::Cuda, 3));
         assert!(matches!(
             TransceiverConfig::from_json_str("{"),

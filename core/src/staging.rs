@@ -313,7 +313,11 @@ mod tests {
         let a = pool.try_acquire(10).unwrap();
         let b = pool.try_acquire(64).unwrap();
         assert_eq!((a.slot(), b.slot()), (Some(0), Some(1)));
-        assert_eq!(a.buffer().lock().unwrap().len(), 10, "sized for the transfer");
+        assert_eq!(
+            a.buffer().lock().unwrap().len(),
+            10,
+            "sized for the transfer"
+        );
         let c = pool.counters();
         assert_eq!((c.free, c.in_use, c.poisoned), (1, 2, 0));
         a.poison(Fence(1));
