@@ -336,6 +336,16 @@ mod tests {
         }
     }
 
+    /// The longest timeout is a day, written out: the edge test above reads the constant, so
+    /// a wrong constant would pass it.
+    #[test]
+    fn a_timeout_of_a_day_is_the_longest() {
+        let day = TransceiverConfig::from_toml_str("kv_transfer_timeout_ms = 86400000").unwrap();
+        assert_eq!(day.kv_transfer_timeout_ms, Some(86_400_000));
+        let e = TransceiverConfig::from_toml_str("kv_transfer_timeout_ms = 86400001").unwrap_err();
+        assert!(e.to_string().contains("kv_transfer_timeout_ms"), "{e}");
+    }
+
     #[test]
     fn slot_bytes_come_from_the_field_or_whole_blocks_of_tokens() {
         let set = TransceiverConfig {
