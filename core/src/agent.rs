@@ -161,3 +161,128 @@ impl TransferStatus {
         &self.agent
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(id: u64) -> Completion {
+        Completion {
+            id: TransferId(id),
+            result: Ok(id),
+        }
+    }
+
+    #[test]
+    fn completions_drain_in_push_order_and_the_queue_counts_them() {
+        let q = CompletionQueue::new(4);
+        assert!(q.is_empty());
+        assert_eq!(q.len(), 0);
+        let agent_side = q.clone();
+        agent_side.push(done(1));
+        agent_side.push(done(2));
+        assert!(!q.is_empty(), "clones share the queue");
+        assert_eq!(q.len(), 2);
+        let mut out = vec![done(0)];
+        q.drain_into(&mut out);
+        assert_eq!(
+            out,
+            vec![done(0), done(1), done(2)],
+            "appended, oldest first"
+        );
+        assert!(q.is_empty());
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "completion queue overflow")]
+    fn a_job_completing_twice_past_the_bound_is_loud() {
+        let q = CompletionQueue::new(2);
+        q.push(done(1));
+        q.push(done(2));
+        q.push(done(2));
+    }
+
+    /// Records what it was asked.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        submitted: Mutex<Vec<TransferId>>,
+        cancelled: Mutex<Vec<TransferId>>,
+        refuse: bool,
+    }
+
+    impl TransferAgent for Recorder {
+        fn submit(&self, job: TransferJob, _done: CompletionQueue) -> Result<(), AgentError> {
+            if self.refuse {
+                return Err(AgentError::ShutDown);
+            }
+            self.submitted.lock().unwrap().push(job.id);
+            Ok(())
+        }
+
+        fn cancel(&self, id: TransferId) {
+            self.cancelled.lock().unwrap().push(id);
+        }
+    }
+
+    fn job(id: u64) -> TransferJob {
+        let layout = crate::layout::CacheLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 1,
+            tokens_per_block: 1,
+            dtype_bytes: 1,
+            tp_size: 1,
+            tp_rank: 0,
+            pp_size: 1,
+            pp_rank: 0,
+            mla: false,
+        };
+        TransferJob {
+            id: TransferId(id),
+            request: RequestId(1),
+            token: TransferToken(1),
+            direction: Direction::Receive {
+                from: PeerId {
+                    instance: 0,
+                    rank: 0,
+                },
+            },
+            plan: Arc::new(TransferPlan::new(&layout, &layout, &[(0, 0)]).unwrap()),
+            local_blocks: Vec::new(),
+            remote_blocks: Vec::new(),
+            bytes: 1,
+            staging: SlotBuffer::default(),
+        }
+    }
+
+    #[test]
+    fn a_status_names_its_job_cancels_it_and_holds_its_agent() {
+        let rec = Arc::new(Recorder::default());
+        let agent: Arc<dyn TransferAgent> = rec.clone();
+        let q = CompletionQueue::new(4);
+        let status = TransferStatus::submit(&agent, job(7), &q).unwrap();
+        assert_eq!(status.id(), TransferId(7));
+        assert_eq!(*rec.submitted.lock().unwrap(), vec![TransferId(7)]);
+        status.cancel();
+        assert_eq!(*rec.cancelled.lock().unwrap(), vec![TransferId(7)]);
+        assert!(Arc::ptr_eq(status.agent(), &agent));
+        drop(agent);
+        assert_eq!(
+            Arc::strong_count(&rec),
+            2,
+            "the status keeps the agent (I3)"
+        );
+        drop(status);
+        assert_eq!(Arc::strong_count(&rec), 1);
+
+        let refusing: Arc<dyn TransferAgent> = Arc::new(Recorder {
+            refuse: true,
+            ..Recorder::default()
+        });
+        assert_eq!(
+            TransferStatus::submit(&refusing, job(8), &q).unwrap_err(),
+            AgentError::ShutDown
+        );
+    }
+}

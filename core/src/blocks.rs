@@ -282,7 +282,174 @@ mod tests {
     #[test]
     fn allocation_is_all_or_nothing() {
         let mut p = BlockPool::new(3);
-        assert!(p.allocate(RequestId(1), 4).is_err());
+        assert_eq!(
+            p.allocate(RequestId(1), 4),
+            Err(BlockError::Exhausted { wanted: 4, free: 3 })
+        );
         assert_eq!(p.free_count(), 3);
+        assert_eq!(p.allocate(RequestId(1), 3).unwrap().len(), 3);
+        assert_eq!(p.free_count(), 0);
+        assert_eq!(p.capacity(), 3);
+    }
+
+    #[test]
+    fn every_allocation_gets_a_fresh_epoch_and_an_owner() {
+        let mut p = BlockPool::new(4);
+        assert_eq!(p.current(0), None, "nothing allocated yet");
+        assert_eq!(p.current(9), None, "no such block");
+        let a = p.allocate(RequestId(1), 2).unwrap();
+        let b = p.allocate(RequestId(2), 2).unwrap();
+        let mut epochs: Vec<u64> = a.iter().chain(&b).map(|r| r.epoch).collect();
+        epochs.dedup();
+        assert_eq!(epochs.len(), 4, "epochs are distinct: {epochs:?}");
+        assert!(epochs.iter().all(|e| *e > 0), "epoch 0 is never handed out");
+        assert_eq!(p.current(b[1].id), Some((RequestId(2), b[1])));
+        p.check_owner(&a[0], RequestId(1)).unwrap();
+        assert_eq!(
+            p.check_owner(&a[0], RequestId(2)),
+            Err(BlockError::NotOwned {
+                block: a[0].id,
+                request: RequestId(2)
+            })
+        );
+        assert_eq!(
+            p.check_write(&BlockRef { id: 4, epoch: 1 }),
+            Err(BlockError::Unknown(4))
+        );
+        // A block on the free list has no owner: no write lands in it, whatever the epoch.
+        p.free(&a);
+        assert_eq!(p.current(a[0].id), None);
+        assert!(matches!(
+            p.check_write(&a[0]),
+            Err(BlockError::StaleEpoch { owner: None, .. })
+        ));
+    }
+
+    #[test]
+    fn counts_follow_pins_and_deferred_frees() {
+        let mut p = BlockPool::new(4);
+        let b = p.allocate(RequestId(1), 2).unwrap();
+        assert_eq!((p.pinned_count(), p.deferred_count()), (0, 0));
+        // Two transfers pin the same blocks.
+        p.pin(&b).unwrap();
+        p.pin(&b[..1]).unwrap();
+        assert_eq!(p.pinned_count(), 2);
+        assert_eq!(
+            p.free(&b),
+            FreeOutcome {
+                freed: 0,
+                deferred: 2
+            }
+        );
+        assert_eq!((p.deferred_count(), p.free_count()), (2, 2));
+        // Freeing again is harmless and counts nothing.
+        assert_eq!(p.free(&b), FreeOutcome::default());
+        p.unpin(&b);
+        // Block 1 had one pin: back now. Block 0 still has one.
+        assert_eq!((p.pinned_count(), p.deferred_count()), (1, 1));
+        assert_eq!(p.free_count(), 3);
+        assert_eq!(p.current(b[0].id), Some((RequestId(1), b[0])));
+        assert_eq!(p.current(b[1].id), None);
+        p.unpin(&b[..1]);
+        assert_eq!((p.pinned_count(), p.deferred_count()), (0, 0));
+        assert_eq!(p.free_count(), 4);
+        // A block that came back by unpin is allocatable and not deferred.
+        let again = p.allocate(RequestId(2), 4).unwrap();
+        p.pin(&again).unwrap();
+        p.unpin(&again);
+        assert_eq!(
+            (p.pinned_count(), p.deferred_count(), p.free_count()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn unpinned_blocks_free_at_once_and_unknown_ones_are_skipped() {
+        let mut p = BlockPool::new(2);
+        let b = p.allocate(RequestId(1), 2).unwrap();
+        p.pin(&b[..1]).unwrap();
+        p.unpin(&b[..1]);
+        let out = p.free(&[b[0], b[1], BlockRef { id: 7, epoch: 1 }]);
+        assert_eq!(
+            out,
+            FreeOutcome {
+                freed: 2,
+                deferred: 0
+            }
+        );
+        assert_eq!(p.free_count(), 2);
+        // A stale reference frees nothing of the block's next owner.
+        let c = p.allocate(RequestId(2), 2).unwrap();
+        assert_eq!(p.free(&b), FreeOutcome::default());
+        assert_eq!(p.free_count(), 0);
+        p.check_owner(&c[0], RequestId(2)).unwrap();
+    }
+
+    #[test]
+    fn pin_is_all_or_nothing_and_bounded() {
+        let mut p = BlockPool::new(2);
+        let b = p.allocate(RequestId(1), 1).unwrap();
+        let stale = BlockRef {
+            id: b[0].id,
+            epoch: b[0].epoch + 1,
+        };
+        assert!(matches!(
+            p.pin(&[b[0], stale]),
+            Err(BlockError::StaleEpoch { .. })
+        ));
+        assert_eq!(p.pinned_count(), 0, "nothing pinned on error");
+        for _ in 0..MAX_PINS {
+            p.pin(&b).unwrap();
+        }
+        assert_eq!(p.pin(&b), Err(BlockError::TooManyPins(b[0].id)));
+        for _ in 0..MAX_PINS {
+            p.unpin(&b);
+        }
+        assert_eq!(p.pinned_count(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "unpin of unpinned block")]
+    fn unpin_without_a_pin_is_a_bug() {
+        let mut p = BlockPool::new(1);
+        let b = p.allocate(RequestId(1), 1).unwrap();
+        p.unpin(&b);
+    }
+
+    #[test]
+    #[should_panic(expected = "stale epoch")]
+    fn unpin_at_a_stale_epoch_is_a_bug() {
+        let mut p = BlockPool::new(1);
+        let old = p.allocate(RequestId(1), 1).unwrap();
+        p.free(&old);
+        p.allocate(RequestId(2), 1).unwrap();
+        p.unpin(&old);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceed MAX_BLOCKS")]
+    fn a_pool_past_max_blocks_is_refused() {
+        BlockPool::new(MAX_BLOCKS + 1);
+    }
+
+    /// The `free-blocks-during-transfer` switch frees pinned blocks at once (I5 broken), and
+    /// the late unpin at the old epoch is tolerated.
+    #[cfg(feature = "bug-switches")]
+    #[test]
+    fn free_blocks_during_transfer_frees_under_the_pin() {
+        let mut p = BlockPool::with_bugs(1, BugSet::NONE.with(Bug::FreeBlocksDuringTransfer));
+        let b = p.allocate(RequestId(1), 1).unwrap();
+        p.pin(&b).unwrap();
+        assert_eq!(
+            p.free(&b),
+            FreeOutcome {
+                freed: 1,
+                deferred: 0
+            }
+        );
+        assert_eq!((p.free_count(), p.pinned_count()), (1, 0));
+        let reused = p.allocate(RequestId(2), 1).unwrap();
+        p.unpin(&b);
+        p.check_owner(&reused[0], RequestId(2)).unwrap();
     }
 }

@@ -161,11 +161,36 @@ mod tests {
         assert!(Bug::ALL.iter().all(|b| !BugSet::NONE.has(*b)));
     }
 
+    #[test]
+    fn every_switch_has_its_own_name_and_an_invariant() {
+        let mut names: Vec<&str> = Bug::ALL.iter().map(|b| b.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Bug::ALL.len());
+        for b in Bug::ALL {
+            assert_eq!(b.to_string(), b.name());
+            assert!(b.invariant().starts_with('I'), "{b}");
+            // The error lists every known name.
+            assert!(UnknownBug("x".into()).to_string().contains(b.name()), "{b}");
+        }
+        assert_eq!(Bug::WarnBeforeReady.invariant(), "I4");
+        assert_eq!(Bug::AcceptAnyAbort.invariant(), "I9");
+        assert_eq!("nope".parse::<Bug>(), Err(UnknownBug("nope".to_string())));
+        assert!(BugSet::NONE.is_empty());
+        assert_eq!(BugSet::default(), BugSet::NONE);
+    }
+
     #[cfg(feature = "bug-switches")]
     #[test]
     fn with_turns_on_only_that_switch() {
-        let s = BugSet::NONE.with(Bug::SkipTokenCheck);
-        assert!(s.has(Bug::SkipTokenCheck));
-        assert!(!s.has(Bug::ReleaseEarly));
+        for b in Bug::ALL {
+            let s = BugSet::NONE.with(b);
+            assert!(!s.is_empty());
+            for other in Bug::ALL {
+                assert_eq!(s.has(other), other == b, "{b} set, {other} asked");
+            }
+            let two = s.with(Bug::SkipTokenCheck);
+            assert!(two.has(b) && two.has(Bug::SkipTokenCheck));
+        }
     }
 }

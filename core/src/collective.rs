@@ -103,6 +103,30 @@ mod tests {
     }
 
     #[test]
+    fn a_contribution_of_another_step_is_refused() {
+        let mut late = c(1, &[], &[]);
+        late.step = 2;
+        assert_eq!(
+            agree(&[c(0, &[], &[]), late], 2).unwrap_err(),
+            CollectiveError::StepMismatch {
+                rank: 1,
+                expected: 3,
+                got: 2
+            }
+        );
+    }
+
+    #[test]
+    fn failed_everywhere_fails_and_one_rank_of_one_completes() {
+        let a = agree(&[c(0, &[], &[5]), c(1, &[], &[5])], 2).unwrap();
+        assert_eq!(a.failed, vec![RequestId(5)]);
+        assert!(a.completed.is_empty());
+        let a = agree(&[c(0, &[3, 1], &[])], 1).unwrap();
+        assert_eq!(a.completed, vec![RequestId(1), RequestId(3)], "sorted");
+        assert_eq!(agree(&[], 0).unwrap(), Agreed::default());
+    }
+
+    #[test]
     fn missing_rank_is_reported() {
         let e = agree(&[c(0, &[], &[])], 2).unwrap_err();
         assert_eq!(

@@ -250,6 +250,154 @@ mod tests {
         assert_eq!(c.slot_bytes_for(1024, 16).unwrap(), (1 << 20) * 1024);
     }
 
+    /// Every limit at its edge: the last valid value passes, the first invalid one fails and
+    /// names its field.
+    #[test]
+    fn every_limit_is_inclusive_and_names_its_field() {
+        type Edit = fn(&mut TransceiverConfig);
+        let ok: [(&str, Edit); 13] = [
+            ("max_tokens_in_buffer", |c| c.max_tokens_in_buffer = 1),
+            ("max_tokens_in_buffer", |c| {
+                c.max_tokens_in_buffer = MAX_TOKENS_IN_BUFFER
+            }),
+            ("kv_transfer_timeout_ms", |c| {
+                c.kv_transfer_timeout_ms = Some(1)
+            }),
+            ("kv_transfer_timeout_ms", |c| {
+                c.kv_transfer_timeout_ms = Some(MAX_TIMEOUT_MS)
+            }),
+            ("kv_transfer_sender_future_timeout_ms", |c| {
+                c.kv_transfer_sender_future_timeout_ms = Some(MAX_TIMEOUT_MS)
+            }),
+            ("kv_transfer_sender_future_timeout_ms", |c| {
+                c.kv_transfer_sender_future_timeout_ms = None
+            }),
+            ("staging_slots", |c| c.staging_slots = MAX_STAGING_SLOTS),
+            ("staging_slot_bytes", |c| {
+                c.staging_slot_bytes = MAX_STAGING_SLOT_BYTES
+            }),
+            ("early_info_ttl_ms", |c| {
+                c.early_info_ttl_ms = MAX_TIMEOUT_MS
+            }),
+            ("staging_wait_ms", |c| c.staging_wait_ms = MAX_TIMEOUT_MS),
+            ("staging_wait_ms", |c| c.staging_wait_ms = 0),
+            ("max_in_flight", |c| c.max_in_flight = MAX_IN_FLIGHT),
+            ("inflight_cancel", |c| {
+                c.inflight_cancel = true;
+                c.kv_transfer_timeout_ms = Some(1);
+            }),
+        ];
+        for (field, edit) in ok {
+            let mut c = TransceiverConfig::default();
+            edit(&mut c);
+            c.validate()
+                .unwrap_or_else(|e| panic!("{field} at its edge refused: {e}"));
+        }
+        let bad: [(&str, Edit); 14] = [
+            ("max_tokens_in_buffer", |c| c.max_tokens_in_buffer = 0),
+            ("max_tokens_in_buffer", |c| {
+                c.max_tokens_in_buffer = MAX_TOKENS_IN_BUFFER + 1
+            }),
+            ("kv_transfer_timeout_ms", |c| {
+                c.kv_transfer_timeout_ms = Some(MAX_TIMEOUT_MS + 1)
+            }),
+            ("kv_transfer_sender_future_timeout_ms", |c| {
+                c.kv_transfer_sender_future_timeout_ms = Some(0)
+            }),
+            ("kv_transfer_sender_future_timeout_ms", |c| {
+                c.kv_transfer_sender_future_timeout_ms = Some(MAX_TIMEOUT_MS + 1)
+            }),
+            ("staging_slots", |c| c.staging_slots = 0),
+            ("staging_slots", |c| c.staging_slots = MAX_STAGING_SLOTS + 1),
+            ("staging_slot_bytes", |c| {
+                c.staging_slot_bytes = MAX_STAGING_SLOT_BYTES + 1
+            }),
+            ("early_info_ttl_ms", |c| c.early_info_ttl_ms = 0),
+            ("early_info_ttl_ms", |c| {
+                c.early_info_ttl_ms = MAX_TIMEOUT_MS + 1
+            }),
+            ("staging_wait_ms", |c| {
+                c.staging_wait_ms = MAX_TIMEOUT_MS + 1
+            }),
+            ("max_in_flight", |c| c.max_in_flight = 0),
+            ("max_in_flight", |c| c.max_in_flight = MAX_IN_FLIGHT + 1),
+            ("inflight_cancel", |c| {
+                c.inflight_cancel = true;
+                c.kv_transfer_timeout_ms = None;
+            }),
+        ];
+        for (field, edit) in bad {
+            let mut c = TransceiverConfig::default();
+            edit(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field} past its edge: {other:?}"),
+            }
+        }
+    }
+
+    /// The longest timeout is a day, written out: the edge test above reads the constant, so
+    /// a wrong constant would pass it.
+    #[test]
+    fn a_timeout_of_a_day_is_the_longest() {
+        let day = TransceiverConfig::from_toml_str("kv_transfer_timeout_ms = 86400000").unwrap();
+        assert_eq!(day.kv_transfer_timeout_ms, Some(86_400_000));
+        let e = TransceiverConfig::from_toml_str("kv_transfer_timeout_ms = 86400001").unwrap_err();
+        assert!(e.to_string().contains("kv_transfer_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn slot_bytes_come_from_the_field_or_whole_blocks_of_tokens() {
+        let set = TransceiverConfig {
+            staging_slot_bytes: 12_345,
+            ..TransceiverConfig::default()
+        };
+        assert_eq!(set.slot_bytes_for(1 << 20, 16).unwrap(), 12_345);
+        let derived = TransceiverConfig {
+            max_tokens_in_buffer: 10,
+            ..TransceiverConfig::default()
+        };
+        // 10 tokens in blocks of 4: 3 whole blocks.
+        assert_eq!(derived.slot_bytes_for(100, 4).unwrap(), 300);
+        assert_eq!(derived.slot_bytes_for(100, 10).unwrap(), 100);
+        assert_eq!(
+            derived.slot_bytes_for(100, 64).unwrap(),
+            100,
+            "at least one block"
+        );
+        assert_eq!(
+            derived.slot_bytes_for(100, 0).unwrap(),
+            1000,
+            "0 reads as 1"
+        );
+        // Exactly the largest slot is fine; one byte more is not.
+        let one = TransceiverConfig {
+            max_tokens_in_buffer: 1,
+            ..TransceiverConfig::default()
+        };
+        assert_eq!(
+            one.slot_bytes_for(MAX_STAGING_SLOT_BYTES, 1).unwrap(),
+            MAX_STAGING_SLOT_BYTES
+        );
+        assert!(one.slot_bytes_for(MAX_STAGING_SLOT_BYTES + 1, 1).is_err());
+        assert!(derived.slot_bytes_for(u64::MAX, 1).is_err(), "overflow");
+    }
+
+    #[test]
+    fn json_parses_like_toml() {
+        let c =
+            TransceiverConfig::from_json_str(r#"{"backend": "cuda", "staging_slots": 3}"#).unwrap();
+        assert_eq!((c.backend, c.staging_slots), (Backend::Cuda, 3));
+        assert!(matches!(
+            TransceiverConfig::from_json_str("{"),
+            Err(ConfigError::Json(_))
+        ));
+        assert!(matches!(
+            TransceiverConfig::from_toml_str("= 3"),
+            Err(ConfigError::Toml(_))
+        ));
+    }
+
     #[test]
     fn the_default_releases_what_a_silent_peer_holds() {
         let c = TransceiverConfig::default();

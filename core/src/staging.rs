@@ -305,6 +305,75 @@ mod tests {
     }
 
     #[test]
+    fn counters_follow_every_slot_and_the_lowest_slot_goes_first() {
+        let pool = StagingPool::new(3, 64);
+        assert_eq!(pool.slot_bytes(), 64);
+        let c = pool.counters();
+        assert_eq!((c.slots, c.free, c.in_use, c.poisoned), (3, 3, 0, 0));
+        let a = pool.try_acquire(10).unwrap();
+        let b = pool.try_acquire(64).unwrap();
+        assert_eq!((a.slot(), b.slot()), (Some(0), Some(1)));
+        assert_eq!(
+            a.buffer().lock().unwrap().len(),
+            10,
+            "sized for the transfer"
+        );
+        let c = pool.counters();
+        assert_eq!((c.free, c.in_use, c.poisoned), (1, 2, 0));
+        a.poison(Fence(1));
+        b.poison(Fence(1));
+        let c = pool.counters();
+        assert_eq!((c.free, c.in_use, c.poisoned), (1, 0, 2));
+        assert_eq!(pool.fence_passed(Fence(1)), 2, "every slot of the fence");
+        let c = pool.counters();
+        assert_eq!((c.free, c.in_use, c.poisoned), (3, 0, 0));
+        assert_eq!(pool.fence_passed(Fence(1)), 0, "a fence passes once");
+        // A buffer grows for a larger transfer and is not shrunk for a smaller one.
+        let g = pool.try_acquire(64).unwrap();
+        assert_eq!(g.buffer().lock().unwrap().len(), 64);
+        drop(g);
+        let g = pool.try_acquire(8).unwrap();
+        assert_eq!(g.buffer().lock().unwrap().len(), 64);
+    }
+
+    #[test]
+    fn a_poisoned_fallback_buffer_is_simply_dropped() {
+        let pool = StagingPool::new(1, 16);
+        let _slot = pool.try_acquire(16).unwrap();
+        let f = pool.acquire_or_fallback(8);
+        assert!(f.is_fallback() && f.slot().is_none());
+        f.poison(Fence(3));
+        let c = pool.counters();
+        assert_eq!((c.fallbacks, c.fallbacks_live, c.poisoned), (1, 0, 0));
+    }
+
+    #[test]
+    #[should_panic(expected = "exceed MAX_SLOTS")]
+    fn a_pool_past_max_slots_is_refused() {
+        StagingPool::new(MAX_SLOTS + 1, 1);
+    }
+
+    /// The `reuse-poisoned-slot` switch puts a poisoned slot straight back (I6 broken).
+    #[cfg(feature = "bug-switches")]
+    #[test]
+    fn reuse_poisoned_slot_returns_the_slot_at_once() {
+        let pool = StagingPool::with_bugs(1, 16, BugSet::NONE.with(Bug::ReusePoisonedSlot));
+        pool.try_acquire(16).unwrap().poison(Fence(9));
+        let c = pool.counters();
+        assert_eq!((c.free, c.poisoned), (1, 0));
+        assert!(pool.try_acquire(1).is_ok());
+    }
+
+    #[cfg(feature = "bug-switches")]
+    #[test]
+    fn a_leaked_slot_never_comes_back() {
+        let pool = StagingPool::new(1, 16);
+        pool.try_acquire(16).unwrap().leak();
+        assert_eq!(pool.counters().in_use, 1);
+        assert!(pool.try_acquire(1).is_err());
+    }
+
+    #[test]
     fn oversized_request_is_an_error() {
         let pool = StagingPool::new(1, 16);
         assert!(matches!(

@@ -443,3 +443,119 @@ fn receive_is_idempotent_under_retry() {
     c.gen[0].tx.request_and_receive(now, retry).unwrap();
     assert_eq!(c.gen[0].agent.pending_count(), pending);
 }
+
+/// The lifetime counters say what happened: jobs started and completed on each side with
+/// their bytes, a failure, a refusal, an eviction, a WARN.
+#[test]
+fn counters_count_what_happened() {
+    let mut c = Cluster::new(2, 1, timeout_config(100));
+    c.submit(1, 3, 9, 9);
+    assert_eq!(c.gen[0].tx.active(), 1);
+    c.pump();
+    let sent: Vec<u64> = c.ctx.iter().map(|r| r.agent.pending()[0].bytes).collect();
+    let received: u64 = c.gen[0].agent.pending().iter().map(|j| j.bytes).sum();
+    assert_eq!(sent.iter().sum::<u64>(), received);
+    c.now = Duration::from_millis(150);
+    c.gen[0].tx.handle_timeout(c.now); // pending past 100 ms: one WARN
+    let fin = c.run_until_quiet();
+    assert_eq!(fin.len(), 3);
+    for (r, bytes) in c.ctx.iter().zip(&sent) {
+        let k = r.tx.counters();
+        assert_eq!(r.tx.active(), 0);
+        assert_eq!(
+            (k.transfers_started, k.transfers_completed, k.bytes),
+            (1, 1, *bytes)
+        );
+        assert_eq!((k.transfers_failed, k.rejected, k.evictions), (0, 0, 0));
+    }
+    let k = c.gen[0].tx.counters();
+    assert_eq!(
+        (k.transfers_started, k.transfers_completed, k.bytes),
+        (2, 2, received)
+    );
+    assert_eq!(k.timeouts_warned, 1, "pending past 100 ms");
+
+    // A failed job, a refused RequestInfo, an eviction.
+    let mut c = Cluster::new(1, 1, evicting_config());
+    c.submit(1, 1, 5, 5);
+    c.submit(2, 1, 6, 7);
+    c.pump();
+    let job = c.ctx[0].agent.pending()[0].clone();
+    c.ctx[0]
+        .agent
+        .complete(job.id, Err(AgentError::Backend("boom".into())));
+    c.step(CTX);
+    let k = c.ctx[0].tx.counters();
+    assert_eq!((k.transfers_failed, k.transfers_completed), (1, 0));
+    assert_eq!(k.rejected, 1, "the wrong token");
+    c.now = Duration::from_millis(150);
+    c.step(GEN);
+    assert_eq!(
+        c.gen[0].tx.counters().evictions,
+        2,
+        "both receives, past 100 ms"
+    );
+}
+
+/// `satisfied` says whether `at_least` requests finished here; the contribution is sent
+/// either way.
+#[test]
+fn a_status_check_is_satisfied_once_enough_finished() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let rid = c.submit(1, 1, 3, 3);
+    let now = c.now;
+    assert!(c.ctx[0].tx.check_context_status(now, 0).satisfied);
+    assert!(!c.ctx[0].tx.check_context_status(now, 1).satisfied);
+    c.ctx[0].tx.cancel(now, rid);
+    let check = c.ctx[0].tx.check_context_status(now, 1);
+    assert!(check.satisfied);
+    assert_eq!(check.contribution.failed, vec![rid]);
+    assert!(!c.ctx[0].tx.check_context_status(now, 2).satisfied);
+    // The generation side's check reports nothing of the context side's.
+    let gen = c.ctx[0].tx.check_gen_status(now, 0).contribution;
+    assert!(gen.failed.is_empty() && gen.done.is_empty());
+}
+
+/// A driver that never drains: events and transmits stop at their bounds, the rest counted.
+#[test]
+fn events_and_the_outbox_are_bounded_and_count_what_they_drop() {
+    use kvferry_core::transceiver::{MAX_EVENTS, MAX_OUTBOX};
+    use kvferry_core::wire::RequestInfo;
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let rid = RequestId(1);
+    let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, 1).unwrap();
+    let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
+    let req = Arc::new(Request::new_context(rid, TransferToken(5), blocks));
+    c.ctx[0].tx.respond_and_send(c.now, req).unwrap();
+    let info = RequestInfo {
+        request: rid,
+        token: TransferToken(6),
+        gen_layout: layout(1),
+        ctx_blocks: ids,
+        gen_blocks: vec![kvferry_core::blocks::BlockRef { id: 0, epoch: 1 }],
+    };
+    let extra = 10;
+    let stranger = PeerId {
+        instance: 9,
+        rank: 0,
+    };
+    for _ in 0..MAX_EVENTS.max(MAX_OUTBOX) + extra {
+        let msg = Message::RequestInfo(info.clone());
+        c.ctx[0].tx.handle_message(c.now, stranger, msg);
+    }
+    let k = c.ctx[0].tx.counters();
+    assert_eq!(
+        k.events_dropped,
+        (MAX_OUTBOX.max(MAX_EVENTS) + extra - MAX_EVENTS) as u64
+    );
+    assert_eq!(
+        k.transmits_dropped,
+        (MAX_OUTBOX.max(MAX_EVENTS) + extra - MAX_OUTBOX) as u64
+    );
+    assert_eq!(c.ctx[0].tx.drain_events().count(), MAX_EVENTS);
+    let mut sent = 0;
+    while c.ctx[0].tx.poll_transmit().is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, MAX_OUTBOX);
+}

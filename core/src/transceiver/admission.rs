@@ -400,3 +400,18 @@ impl Transceiver {
         self.check_finished(id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::tokens_equal;
+
+    #[test]
+    fn tokens_are_equal_only_when_every_byte_is() {
+        assert!(tokens_equal(0, 0));
+        assert!(tokens_equal(u128::MAX, u128::MAX));
+        assert!(!tokens_equal(5, 6));
+        // Two differing bytes whose differences cancel under xor still differ.
+        assert!(!tokens_equal(0, 0x0101));
+        assert!(!tokens_equal(1 << 127, 0));
+    }
+}

@@ -325,6 +325,21 @@ mod tests {
         assert!(q.counts().info_bytes <= MAX_EARLY_INFO_BYTES_PER_PEER + per);
     }
 
+    /// What the bounds count is the memory a parked info holds: its block lists included.
+    #[test]
+    fn parked_bytes_cover_the_block_lists() {
+        let mut q = EarlyQueue::default();
+        let n = 100_000;
+        q.park_info(Duration::ZERO, peer(1), info(1, n)).unwrap();
+        let lists = n * (std::mem::size_of::<u32>() + std::mem::size_of::<BlockRef>());
+        let counted = q.counts().info_bytes;
+        assert!(
+            (lists..=lists + std::mem::size_of::<RequestInfo>()).contains(&counted),
+            "{counted} bytes counted for {lists} bytes of lists"
+        );
+        assert!(counted > lists, "the info itself counts too");
+    }
+
     #[test]
     fn a_strangers_abort_does_not_displace_the_real_one() {
         let mut q = EarlyQueue::default();

@@ -123,3 +123,27 @@ pub struct Finished {
     pub request: Arc<Request>,
     pub state: RequestState,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_has_its_own_name() {
+        let all = [
+            FailCause::Cancelled,
+            FailCause::PeerAborted,
+            FailCause::Agent,
+            FailCause::NoSlot,
+            FailCause::BlocksGone,
+            FailCause::NoPlan,
+            FailCause::Timeout,
+            FailCause::Unreachable,
+        ];
+        let mut names: Vec<&str> = all.iter().map(|c| c.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        assert_eq!(FailCause::Timeout.name(), "timeout");
+    }
+}
