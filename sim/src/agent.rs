@@ -58,6 +58,9 @@ struct JobRec {
     /// Injected error: fail after this many chunks.
     fail_after: Option<u32>,
     cancelling: bool,
+    /// The peer crashed while a chunk of this send was mid-flight: the send task completes the
+    /// job once the chunk stops touching the staging slot, so the completion stays a fence.
+    peer_lost: bool,
     /// Chunks landed and not yet scattered (receive) or mid-flight (send).
     busy: u32,
     trace_id: u64,
@@ -261,22 +264,41 @@ impl AgentInner {
 
     /// A peer instance crashed: its jobs fail like a reset connection.
     pub fn peer_crashed(&self, instance: u32) {
-        let ids: Vec<TransferId> = {
-            let jobs = self.jobs.lock().expect("agent jobs lock");
-            jobs.iter()
-                .filter(|(_, j)| peer_of(&j.direction).instance == instance)
-                .map(|(id, _)| *id)
-                .collect()
-        };
-        for id in ids {
-            let peer = {
-                let jobs = self.jobs.lock().expect("agent jobs lock");
-                jobs.get(&id).map(|j| peer_of(&j.direction))
-            };
-            if let Some(p) = peer {
-                self.finish(id, Err(AgentError::PeerUnreachable(p)));
+        let ids: Vec<(TransferId, PeerId)> = {
+            let mut jobs = self.jobs.lock().expect("agent jobs lock");
+            let mut now = Vec::new();
+            for (id, j) in jobs.iter_mut() {
+                let peer = peer_of(&j.direction);
+                if peer.instance != instance {
+                    continue;
+                }
+                // A send's chunk in flight still reads its slot: completing it now would let the
+                // slot go to another job under that read (I6). Its task completes it instead.
+                if j.busy > 0 && matches!(j.direction, Direction::Send { .. }) {
+                    j.peer_lost = true;
+                } else {
+                    now.push((*id, peer));
+                }
             }
+            now
+        };
+        for (id, p) in ids {
+            self.finish(id, Err(AgentError::PeerUnreachable(p)));
         }
+    }
+
+    /// For a send task between steps of a chunk: whether its job is over (completed meanwhile,
+    /// or its peer crashed mid-chunk, which completes it now). The task stops if so.
+    fn send_over(&self, id: TransferId, to: PeerId) -> bool {
+        let lost = match self.jobs.lock().expect("agent jobs lock").get(&id) {
+            None => return true,
+            Some(j) => j.peer_lost,
+        };
+        if lost {
+            self.set_idle(id);
+            self.finish(id, Err(AgentError::PeerUnreachable(to)));
+        }
+        lost
     }
 
     /// Another job of this rank's agents holding `staging`, if any.
@@ -491,6 +513,9 @@ impl AgentInner {
                 }
             }
             madsim::time::sleep(rand_us(COPY_US)).await;
+            if self.send_over(id, to) {
+                return;
+            }
             self.check_slot_owner(id, job.request, &job.staging, "read");
             let bytes: Vec<u8> = job.staging.lock().expect("slot buffer lock")[..len].to_vec();
             let spike = self.world.fabric.lock().expect("fabric lock").spike_us;
@@ -506,7 +531,7 @@ impl AgentInner {
             {
                 madsim::time::sleep(PARTITION_POLL).await;
             }
-            if !self.alive() {
+            if !self.alive() || self.send_over(id, to) {
                 return;
             }
             let landed = self.registry.land(to, job.request, self.me, chunk, bytes);
@@ -620,6 +645,7 @@ impl TransferAgent for SimAgent {
                 chunks: 0,
                 fail_after,
                 cancelling: false,
+                peer_lost: false,
                 busy: 0,
                 trace_id,
             },
