@@ -57,6 +57,27 @@ fn release_early_ends_a_request_under_its_running_transfer() {
     assert_eq!(c.gen[0].tx.jobs_in_flight(), 0);
 }
 
+/// The switch forgets only the cancelled request's jobs: another request's fence still
+/// finishes it.
+#[test]
+fn release_early_forgets_only_the_cancelled_requests_jobs() {
+    let mut c = with(Bug::ReleaseEarly, TransceiverConfig::default());
+    let first = c.submit(1, 1, 5, 5);
+    c.submit(2, 1, 6, 6);
+    c.pump();
+    assert!(c.gen[0].tx.cancel(c.now, first));
+    let fin = c.run_until_quiet();
+    let other: Vec<_> = fin
+        .iter()
+        .filter(|f| f.request.id == RequestId(2))
+        .collect();
+    assert_eq!(other.len(), 2, "request 2 ends on both sides");
+    assert!(other.iter().all(|f| matches!(
+        f.state,
+        RequestState::ContextComplete | RequestState::GenComplete
+    )));
+}
+
 /// I2: a failed transfer's slot never comes back.
 #[test]
 fn leak_slot_on_error_keeps_a_failed_transfers_slot() {

@@ -168,3 +168,41 @@ fn a_request_finished_between_steps_makes_a_step_due_now() {
     assert_eq!(states(&c.step(CTX)), vec![RequestState::Cancelled]);
     assert_eq!(c.ctx[0].tx.poll_timeout(), None, "nothing left to do");
 }
+
+/// Losing a peer the request is not bound to changes nothing: the request completes.
+#[test]
+fn an_unrelated_peers_loss_ends_nothing() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    let other = PeerId {
+        instance: 5,
+        rank: 0,
+    };
+    c.gen[0].tx.handle_peer_lost(c.now, other);
+    c.ctx[0].tx.handle_peer_lost(c.now, other);
+    let fin = c.run_until_quiet();
+    assert_eq!(
+        states(&fin),
+        vec![RequestState::ContextComplete, RequestState::GenComplete]
+    );
+}
+
+#[test]
+fn jobs_in_flight_counts_each_job_until_its_fence() {
+    let mut c = Cluster::new(2, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    assert_eq!(
+        c.gen[0].tx.jobs_in_flight(),
+        2,
+        "one receive per context rank"
+    );
+    assert_eq!(c.ctx[0].tx.jobs_in_flight(), 1);
+    c.gen[0].agent.complete_oldest(1);
+    c.gen[0].tx.handle_timeout(c.now);
+    assert_eq!(c.gen[0].tx.jobs_in_flight(), 1);
+    c.gen[0].agent.complete_all();
+    c.gen[0].tx.handle_timeout(c.now);
+    assert_eq!(c.gen[0].tx.jobs_in_flight(), 0);
+}

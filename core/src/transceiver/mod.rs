@@ -300,7 +300,7 @@ impl Transceiver {
         let bound: Vec<RequestId> = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.reported && e.cause.is_none() && is_bound(e, peer))
+            .filter(|(_, e)| e.cause.is_none() && is_bound(e, peer))
             .map(|(id, _)| *id)
             .collect();
         for id in bound {
