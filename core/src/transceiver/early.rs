@@ -402,6 +402,65 @@ mod tests {
         assert!(q.shares.is_empty());
     }
 
+    /// An info of exactly `bytes` as counted (the block lists sized to fit).
+    fn info_of(request: u64, bytes: usize) -> RequestInfo {
+        let mut i = info(request, 0);
+        let base = info_bytes(&i);
+        assert_eq!((bytes - base) % 4, 0, "sizes step by one ctx block id");
+        i.ctx_blocks = vec![0; (bytes - base) / 4];
+        assert_eq!(info_bytes(&i), bytes);
+        i
+    }
+
+    #[test]
+    fn a_peers_share_is_usable_to_the_last_byte() {
+        let mut q = EarlyQueue::default();
+        let half = MAX_EARLY_INFO_BYTES_PER_PEER / 2;
+        q.park_info(Duration::ZERO, peer(1), info_of(1, half))
+            .unwrap();
+        q.park_info(Duration::ZERO, peer(1), info_of(2, half))
+            .unwrap();
+        assert_eq!(q.counts().info_bytes, MAX_EARLY_INFO_BYTES_PER_PEER);
+        let one_more = info_of(3, info_bytes(&info(3, 0)));
+        assert_eq!(
+            q.park_info(Duration::ZERO, peer(1), one_more),
+            Err(Refused::PeerShare)
+        );
+    }
+
+    #[test]
+    fn parked_info_bytes_are_bounded_across_peers_to_the_last_byte() {
+        let mut q = EarlyQueue::default();
+        let peers = (MAX_EARLY_INFO_BYTES / MAX_EARLY_INFO_BYTES_PER_PEER) as u32;
+        for p in 0..peers {
+            let i = info_of(u64::from(p), MAX_EARLY_INFO_BYTES_PER_PEER);
+            q.park_info(Duration::ZERO, peer(p), i).unwrap();
+        }
+        assert_eq!(
+            q.counts().info_bytes,
+            MAX_EARLY_INFO_BYTES,
+            "the total is usable"
+        );
+        let small = info(99, 0);
+        assert_eq!(
+            q.park_info(Duration::ZERO, peer(peers), small),
+            Err(Refused::Full),
+            "a fresh peer finds the total full"
+        );
+    }
+
+    #[test]
+    fn parked_infos_are_bounded_in_count() {
+        let mut q = EarlyQueue::default();
+        for i in 0..MAX_EARLY_INFOS as u64 {
+            q.park_info(Duration::ZERO, peer(1), info(i, 0)).unwrap();
+        }
+        assert_eq!(
+            q.park_info(Duration::ZERO, peer(2), info(1 << 40, 0)),
+            Err(Refused::Full)
+        );
+    }
+
     #[test]
     fn the_total_bounds_every_peer_together() {
         let mut q = EarlyQueue::default();
