@@ -115,26 +115,7 @@ impl TransceiverConfig {
                 ),
             ));
         }
-        for (field, v) in [
-            ("kv_transfer_timeout_ms", self.kv_transfer_timeout_ms),
-            (
-                "kv_transfer_sender_future_timeout_ms",
-                self.kv_transfer_sender_future_timeout_ms,
-            ),
-        ] {
-            match v {
-                Some(0) => {
-                    return Err(invalid(field, "must be at least 1 ms (omit it to disable)"))
-                }
-                Some(ms) if ms > MAX_TIMEOUT_MS => {
-                    return Err(invalid(
-                        field,
-                        format!("{ms} ms exceeds {MAX_TIMEOUT_MS} ms"),
-                    ))
-                }
-                _ => {}
-            }
-        }
+        self.validate_timeouts()?;
         if self.staging_slots == 0 || self.staging_slots > MAX_STAGING_SLOTS {
             return Err(invalid(
                 "staging_slots",
@@ -173,6 +154,30 @@ impl TransceiverConfig {
                 "inflight_cancel",
                 "needs kv_transfer_timeout_ms: it evicts transfers past that budget",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_timeouts(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("kv_transfer_timeout_ms", self.kv_transfer_timeout_ms),
+            (
+                "kv_transfer_sender_future_timeout_ms",
+                self.kv_transfer_sender_future_timeout_ms,
+            ),
+        ] {
+            match v {
+                Some(0) => {
+                    return Err(invalid(field, "must be at least 1 ms (omit it to disable)"))
+                }
+                Some(ms) if ms > MAX_TIMEOUT_MS => {
+                    return Err(invalid(
+                        field,
+                        format!("{ms} ms exceeds {MAX_TIMEOUT_MS} ms"),
+                    ))
+                }
+                _ => {}
+            }
         }
         Ok(())
     }

@@ -462,31 +462,7 @@ fn decode_body(frame_kind: u8, body: BytesMut) -> Result<Message, WireError> {
     }
     let mut r = Reader { buf: &body };
     let msg = match frame_kind {
-        kind::REQUEST_INFO => {
-            let request = RequestId(r.u64("request")?);
-            let token = TransferToken(r.u128("token")?);
-            let gen_layout = read_layout(&mut r)?;
-            let n = r.count("ctx_blocks", 4, MAX_BLOCKS_PER_REQUEST)?;
-            let mut ctx_blocks = Vec::with_capacity(n);
-            for _ in 0..n {
-                ctx_blocks.push(r.u32("ctx_blocks")?);
-            }
-            let n = r.count("gen_blocks", BLOCK_REF_LEN, MAX_BLOCKS_PER_REQUEST)?;
-            let mut gen_blocks = Vec::with_capacity(n);
-            for _ in 0..n {
-                gen_blocks.push(BlockRef {
-                    id: r.u32("gen_blocks")?,
-                    epoch: r.u64("gen_blocks")?,
-                });
-            }
-            Message::RequestInfo(RequestInfo {
-                request,
-                token,
-                gen_layout,
-                ctx_blocks,
-                gen_blocks,
-            })
-        }
+        kind::REQUEST_INFO => Message::RequestInfo(read_request_info(&mut r)?),
         kind::READY => Message::Ready {
             request: RequestId(r.u64("request")?),
             ctx_rank: r.u32("ctx_rank")?,
@@ -501,38 +477,66 @@ fn decode_body(frame_kind: u8, body: BytesMut) -> Result<Message, WireError> {
             request: RequestId(r.u64("request")?),
             token: TransferToken(r.u128("token")?),
         },
-        kind::ERROR => {
-            let request = RequestId(r.u64("request")?);
-            let raw = r.u16("code")?;
-            let code = ErrorCode::from_u16(raw).ok_or_else(|| WireError::Invalid {
-                field: "code",
-                reason: format!("unknown error code {raw}"),
-            })?;
-            let n = r.u16("detail")? as usize;
-            if n > MAX_DETAIL_BYTES {
-                return Err(WireError::Invalid {
-                    field: "detail",
-                    reason: format!("{n} bytes exceed the limit {MAX_DETAIL_BYTES}"),
-                });
-            }
-            let detail = std::str::from_utf8(r.take(n, "detail")?)
-                .map_err(|e| WireError::Invalid {
-                    field: "detail",
-                    reason: e.to_string(),
-                })?
-                .to_owned();
-            Message::Error {
-                request,
-                code,
-                detail,
-            }
-        }
+        kind::ERROR => read_error(&mut r)?,
         kind::HEARTBEAT => Message::Heartbeat { seq: r.u64("seq")? },
         // The header check admits only the kinds above.
         other => return Err(WireError::UnknownKind(other)),
     };
     r.finish()?;
     Ok(msg)
+}
+
+fn read_request_info(r: &mut Reader<'_>) -> Result<RequestInfo, WireError> {
+    let request = RequestId(r.u64("request")?);
+    let token = TransferToken(r.u128("token")?);
+    let gen_layout = read_layout(r)?;
+    let n = r.count("ctx_blocks", 4, MAX_BLOCKS_PER_REQUEST)?;
+    let mut ctx_blocks = Vec::with_capacity(n);
+    for _ in 0..n {
+        ctx_blocks.push(r.u32("ctx_blocks")?);
+    }
+    let n = r.count("gen_blocks", BLOCK_REF_LEN, MAX_BLOCKS_PER_REQUEST)?;
+    let mut gen_blocks = Vec::with_capacity(n);
+    for _ in 0..n {
+        gen_blocks.push(BlockRef {
+            id: r.u32("gen_blocks")?,
+            epoch: r.u64("gen_blocks")?,
+        });
+    }
+    Ok(RequestInfo {
+        request,
+        token,
+        gen_layout,
+        ctx_blocks,
+        gen_blocks,
+    })
+}
+
+fn read_error(r: &mut Reader<'_>) -> Result<Message, WireError> {
+    let request = RequestId(r.u64("request")?);
+    let raw = r.u16("code")?;
+    let code = ErrorCode::from_u16(raw).ok_or_else(|| WireError::Invalid {
+        field: "code",
+        reason: format!("unknown error code {raw}"),
+    })?;
+    let n = r.u16("detail")? as usize;
+    if n > MAX_DETAIL_BYTES {
+        return Err(WireError::Invalid {
+            field: "detail",
+            reason: format!("{n} bytes exceed the limit {MAX_DETAIL_BYTES}"),
+        });
+    }
+    let detail = std::str::from_utf8(r.take(n, "detail")?)
+        .map_err(|e| WireError::Invalid {
+            field: "detail",
+            reason: e.to_string(),
+        })?
+        .to_owned();
+    Ok(Message::Error {
+        request,
+        code,
+        detail,
+    })
 }
 
 /// `Data` keeps its payload in the receive buffer's allocation: the body is split off, not
