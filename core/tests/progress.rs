@@ -360,3 +360,52 @@ fn evicted_jobs_past_the_job_bound_wait_instead_of_overflowing_the_queue() {
     g.tx.handle_timeout(Duration::from_secs(3600));
     assert_eq!(g.tx.jobs_in_flight(), 0);
 }
+
+/// Once a generation rank has proved the token (its leg exists), an `Error` from it ends the
+/// request on the context rank; the same `Error` from a stranger still ends nothing.
+#[test]
+fn an_error_ends_a_request_only_from_a_peer_it_is_bound_to() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let (rid, ids) = register_ctx(&mut c, 1, 1, 5);
+    register_gen(&mut c, 0, rid, &ids, 5);
+    c.pump();
+    assert_eq!(
+        c.ctx[0].agent.sends_to(gen_peer(0)),
+        1,
+        "the leg is in flight"
+    );
+    let error = Message::Error {
+        request: rid,
+        code: ErrorCode::Cancelled,
+        detail: String::new(),
+    };
+    c.ctx[0].tx.handle_message(c.now, stranger(), error.clone());
+    c.ctx[0].agent.complete_all();
+    c.ctx[0].tx.handle_timeout(c.now);
+    assert!(
+        c.ctx[0]
+            .tx
+            .drain_events()
+            .all(|e| !matches!(e, TxEvent::LocallyFinished { ok: false, .. })),
+        "a stranger's Error ended it"
+    );
+    let (rid2, ids2) = register_ctx(&mut c, 2, 1, 6);
+    register_gen(&mut c, 0, rid2, &ids2, 6);
+    c.pump();
+    let error = Message::Error {
+        request: rid2,
+        code: ErrorCode::Cancelled,
+        detail: String::new(),
+    };
+    c.ctx[0].tx.handle_message(c.now, gen_peer(0), error);
+    c.ctx[0].agent.complete_all();
+    c.ctx[0].tx.handle_timeout(c.now);
+    assert!(c.ctx[0].tx.drain_events().any(|e| matches!(
+        e,
+        TxEvent::LocallyFinished {
+            request,
+            ok: false,
+            cause: Some(FailCause::PeerAborted)
+        } if request == rid2
+    )));
+}

@@ -206,3 +206,25 @@ fn jobs_in_flight_counts_each_job_until_its_fence() {
     c.gen[0].tx.handle_timeout(c.now);
     assert_eq!(c.gen[0].tx.jobs_in_flight(), 0);
 }
+
+/// A context rank whose send completed tells the generation rank `Done`; the generation rank
+/// sends nothing back for its receive.
+#[test]
+fn a_finished_send_says_done_and_a_finished_receive_says_nothing() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    for r in c.ctx.iter().chain(&c.gen) {
+        r.agent.complete_all();
+    }
+    c.ctx[0].tx.handle_timeout(c.now);
+    c.gen[0].tx.handle_timeout(c.now);
+    let from_ctx: Vec<Message> = std::iter::from_fn(|| c.ctx[0].tx.poll_transmit())
+        .map(|t| t.msg)
+        .collect();
+    assert!(
+        matches!(from_ctx.as_slice(), [Message::Done { request, .. }] if *request == RequestId(1)),
+        "{from_ctx:?}"
+    );
+    assert!(c.gen[0].tx.poll_transmit().is_none());
+}

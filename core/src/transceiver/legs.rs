@@ -177,11 +177,9 @@ impl Transceiver {
         let leak = !ok && self.bugs.has(Bug::LeakSlotOnError);
         let e = self.entries.get_mut(&id).expect("transfer of a live entry");
         let leg = e.legs.get_mut(&key).expect("transfer of a live leg");
-        let next = if ok && e.cause.is_none() {
-            LegState::Done
-        } else {
-            LegState::Failed
-        };
+        // A leg is done when its bytes moved; whether the request still stands is the
+        // entry's `cause`, which `check_finished` weighs on its own.
+        let next = if ok { LegState::Done } else { LegState::Failed };
         let prev = std::mem::replace(&mut leg.state, next);
         let LegState::InFlight { slot, pinned, .. } = prev else {
             panic!("completion for leg in state {prev:?}");
