@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::request::{ContextSource, Request, RequestState};
+use kvferry_core::transceiver::{Side, TxEvent};
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::sync::Arc;
@@ -53,6 +54,15 @@ fn waking_only_at_poll_timeout_meets_every_deadline() {
         fin.extend(c.step(CTX));
     }
     assert_eq!(wakeups, vec![100, 250], "the WARN, then the sender budget");
+    let warns = c.ctx[0]
+        .tx
+        .drain_events()
+        .filter(|e| matches!(e, TxEvent::TimeoutWarn { .. }))
+        .count();
+    assert_eq!(
+        warns, 1,
+        "one WARN per enqueue, whatever other deadline fires later"
+    );
     assert_eq!(states(&fin), vec![RequestState::TransferError]);
     c.assert_pools_full();
 }
@@ -76,13 +86,14 @@ fn early_input_expiry_and_slot_waits_are_deadlines_too() {
     };
     c.ctx[0].tx.handle_message(c.now, stranger, cancel);
     assert_eq!(c.ctx[0].tx.poll_timeout(), Some(Duration::from_millis(40)));
+    c.now = Duration::from_millis(50);
     c.submit(1, 1, 3, 3);
     c.submit(2, 1, 4, 4); // waits for the generation rank's one slot
     let due = c.gen[0]
         .tx
         .poll_timeout()
         .expect("a slot wait is a deadline");
-    assert!(due > Duration::from_millis(30) && due <= Duration::from_millis(31));
+    assert!(due > Duration::from_millis(80) && due <= Duration::from_millis(81));
 }
 
 #[test]
@@ -227,4 +238,72 @@ fn a_finished_send_says_done_and_a_finished_receive_says_nothing() {
         "{from_ctx:?}"
     );
     assert!(c.gen[0].tx.poll_transmit().is_none());
+}
+
+/// A sender budget that runs out before the WARN's is a failure, not a WARN.
+#[test]
+fn a_sender_budget_before_the_warn_budget_fails_without_warning() {
+    let config = TransceiverConfig {
+        kv_transfer_timeout_ms: Some(200),
+        kv_transfer_sender_future_timeout_ms: Some(100),
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    register_ctx(&mut c, 1);
+    c.now = Duration::from_millis(100);
+    assert_eq!(states(&c.step(CTX)), vec![RequestState::TransferError]);
+    assert!(!c.ctx[0]
+        .tx
+        .drain_events()
+        .any(|e| matches!(e, TxEvent::TimeoutWarn { .. })));
+}
+
+/// A leg waiting for a staging slot keeps its place while none frees, fails only once
+/// strictly more than `staging_wait_ms` has passed, and starts when a slot frees in time.
+#[test]
+fn a_slot_waiter_keeps_its_place_until_a_slot_frees_or_its_wait_is_over() {
+    let config = TransceiverConfig {
+        staging_slots: 1,
+        staging_wait_ms: 30,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    c.submit(1, 1, 3, 3);
+    c.submit(2, 1, 4, 4);
+    for ms in [10, 20, 30] {
+        c.now = Duration::from_millis(ms);
+        c.gen[0].tx.handle_timeout(c.now);
+    }
+    assert!(
+        c.step(GEN).is_empty(),
+        "at exactly staging_wait_ms it still waits"
+    );
+    assert_eq!(c.gen[0].agent.pending_count(), 1);
+    let fin = c.run_until_quiet();
+    assert_eq!(
+        fin.len(),
+        4,
+        "both requests end on both sides: {:?}",
+        states(&fin)
+    );
+    assert!(fin.iter().all(|f| matches!(
+        f.state,
+        RequestState::ContextComplete | RequestState::GenComplete
+    )));
+}
+
+#[test]
+fn each_contribution_names_the_next_step() {
+    let mut c = Cluster::new(1, 1, TransceiverConfig::default());
+    let a = c.ctx[0]
+        .tx
+        .check_status(c.now, Side::Context, 0)
+        .contribution
+        .step;
+    let b = c.ctx[0]
+        .tx
+        .check_status(c.now, Side::Context, 0)
+        .contribution
+        .step;
+    assert_eq!((a, b), (1, 2));
 }

@@ -196,13 +196,17 @@ impl Transceiver {
         (e.side, e.req.token, leg.peer)
     }
 
-    /// Since when the front of the slot wait queue has waited (the queue is in arrival order).
-    /// A front that no longer waits reads as due at once, so `serve_slot_waiters` drops it.
-    pub(super) fn oldest_slot_wait(&self) -> Option<Duration> {
+    /// When the front of the slot wait queue (in arrival order) runs out of time: once strictly
+    /// more than `staging_wait_ms` has passed. A front that no longer waits is due at once, so
+    /// `serve_slot_waiters` drops it.
+    pub(super) fn next_slot_deadline(&self) -> Option<Duration> {
         let &(id, key) = self.slot_waiters.front()?;
         let leg = self.entries.get(&id).and_then(|e| e.legs.get(&key));
+        let wait = Duration::from_millis(self.config.staging_wait_ms);
         match leg.map(|l| &l.state) {
-            Some(LegState::WaitingSlot { since, .. }) => Some(*since),
+            Some(LegState::WaitingSlot { since, .. }) => {
+                Some(*since + wait + Duration::from_micros(1))
+            }
             _ => Some(Duration::ZERO),
         }
     }
@@ -226,17 +230,18 @@ impl Transceiver {
                 self.abort_entry(now, id, FailCause::NoSlot);
                 continue;
             }
-            if !self.can_start_job() {
-                return;
-            }
             self.slot_waiters.pop_front();
             self.try_start_leg(now, id, key);
+            if self.waits_for_slot(id, key) {
+                // Still no slot (or at the job bound): it keeps its place at the front.
+                self.slot_waiters.push_front((id, key));
+                return;
+            }
         }
     }
 
-    /// A job could start now: under the job bound, with a staging slot (or the fallback).
-    pub(super) fn can_start_job(&self) -> bool {
-        self.transfers.len() < self.job_bound
-            && (self.config.staging_fallback || self.staging.counters().free > 0)
+    fn waits_for_slot(&self, id: RequestId, key: u32) -> bool {
+        let leg = self.entries.get(&id).and_then(|e| e.legs.get(&key));
+        matches!(leg.map(|l| &l.state), Some(LegState::WaitingSlot { .. }))
     }
 }

@@ -326,11 +326,7 @@ impl Transceiver {
         let wheel = self.timeouts.first().map(|(at, _)| *at);
         let ttl = Duration::from_millis(self.config.early_info_ttl_ms);
         let early = self.early.oldest().map(|since| since + ttl);
-        let wait = Duration::from_millis(self.config.staging_wait_ms);
-        // A waiter fails once strictly more than `staging_wait_ms` has passed.
-        let slot = self
-            .oldest_slot_wait()
-            .map(|since| since + wait + Duration::from_micros(1));
+        let slot = self.next_slot_deadline();
         [wheel, early, slot].into_iter().flatten().min()
     }
 
