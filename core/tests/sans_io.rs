@@ -307,3 +307,33 @@ fn each_contribution_names_the_next_step() {
         .step;
     assert_eq!((a, b), (1, 2));
 }
+
+/// Cancelling one request that waits for a staging slot takes only its own place in the queue:
+/// the next waiter still starts when a slot frees.
+#[test]
+fn a_cancelled_waiter_leaves_the_others_in_the_queue() {
+    let config = TransceiverConfig {
+        staging_slots: 1,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, config);
+    c.submit(1, 1, 3, 3);
+    let second = c.submit(2, 1, 4, 4);
+    c.submit(3, 1, 5, 5);
+    assert!(c.gen[0].tx.cancel(c.now, second));
+    let fin = c.run_until_quiet();
+    let third: Vec<_> = fin
+        .iter()
+        .filter(|f| f.request.id == RequestId(3))
+        .collect();
+    assert_eq!(
+        third.len(),
+        2,
+        "request 3 ends on both sides: {:?}",
+        states(&fin)
+    );
+    assert!(third.iter().all(|f| matches!(
+        f.state,
+        RequestState::ContextComplete | RequestState::GenComplete
+    )));
+}
