@@ -226,18 +226,7 @@ mod tests {
     }
 
     fn job(id: u64) -> TransferJob {
-        let layout = crate::layout::CacheLayout {
-            num_layers: 1,
-            num_kv_heads: 1,
-            head_dim: 1,
-            tokens_per_block: 1,
-            dtype_bytes: 1,
-            tp_size: 1,
-            tp_rank: 0,
-            pp_size: 1,
-            pp_rank: 0,
-            mla: false,
-        };
+        let layout = crate::layout::unit_layout();
         TransferJob {
             id: TransferId(id),
             request: RequestId(1),

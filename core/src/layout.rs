@@ -215,6 +215,24 @@ impl CacheLayout {
     }
 }
 
+/// The smallest valid layout (every size 1, one rank): for unit tests that need a layout but
+/// not its shape.
+#[cfg(test)]
+pub(crate) fn unit_layout() -> CacheLayout {
+    CacheLayout {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 1,
+        tokens_per_block: 1,
+        dtype_bytes: 1,
+        tp_size: 1,
+        tp_rank: 0,
+        pp_size: 1,
+        pp_rank: 0,
+        mla: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

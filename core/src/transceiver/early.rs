@@ -279,7 +279,6 @@ impl EarlyQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::CacheLayout;
 
     fn peer(instance: u32) -> PeerId {
         PeerId { instance, rank: 0 }
@@ -289,18 +288,7 @@ mod tests {
         RequestInfo {
             request: RequestId(request),
             token: TransferToken(1),
-            gen_layout: CacheLayout {
-                num_layers: 1,
-                num_kv_heads: 1,
-                head_dim: 1,
-                tokens_per_block: 1,
-                dtype_bytes: 1,
-                tp_size: 1,
-                tp_rank: 0,
-                pp_size: 1,
-                pp_rank: 0,
-                mla: false,
-            },
+            gen_layout: crate::layout::unit_layout(),
             ctx_blocks: vec![0; blocks],
             gen_blocks: vec![BlockRef { id: 0, epoch: 0 }; blocks],
         }
