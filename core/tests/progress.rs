@@ -38,15 +38,6 @@ fn infos_for(c: &mut Cluster, rid: RequestId) -> usize {
     n
 }
 
-fn register_ctx(c: &mut Cluster, id: u64, n: usize, token: u128) -> (RequestId, Vec<u32>) {
-    let rid = RequestId(id);
-    let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, n).unwrap();
-    let ids = blocks.iter().map(|b| b.id).collect();
-    let req = Arc::new(Request::new_context(rid, TransferToken(token), blocks));
-    c.ctx[0].tx.respond_and_send(c.now, req).unwrap();
-    (rid, ids)
-}
-
 fn register_gen(c: &mut Cluster, rank: usize, rid: RequestId, ctx_ids: &[u32], token: u128) {
     let blocks = c.gen[rank]
         .pool
@@ -75,8 +66,8 @@ fn a_generation_rank_asks_only_once_its_receive_is_posted() {
         ..TransceiverConfig::default()
     };
     let mut c = Cluster::new(1, 1, config);
-    let (r1, ids1) = register_ctx(&mut c, 1, 1, 3);
-    let (r2, ids2) = register_ctx(&mut c, 2, 1, 4);
+    let (r1, ids1) = c.register_ctx(1, 1, 3);
+    let (r2, ids2) = c.register_ctx(2, 1, 4);
     register_gen(&mut c, 0, r1, &ids1, 3);
     register_gen(&mut c, 0, r2, &ids2, 4);
     assert_eq!(c.gen[0].agent.pending_count(), 1, "one slot: one receive");
@@ -101,8 +92,8 @@ fn ask_before_posted_asks_while_the_receive_waits() {
     };
     let bugs = BugSet::NONE.with(Bug::AskBeforePosted);
     let mut c = Cluster::with_bugs(1, 1, config, bugs);
-    let (r1, ids1) = register_ctx(&mut c, 1, 1, 3);
-    let (r2, ids2) = register_ctx(&mut c, 2, 1, 4);
+    let (r1, ids1) = c.register_ctx(1, 1, 3);
+    let (r2, ids2) = c.register_ctx(2, 1, 4);
     register_gen(&mut c, 0, r1, &ids1, 3);
     register_gen(&mut c, 0, r2, &ids2, 4);
     assert_eq!(c.gen[0].agent.pending_count(), 1);
@@ -118,7 +109,7 @@ fn ask_before_posted_asks_while_the_receive_waits() {
 #[test]
 fn a_cancel_with_the_token_ends_a_request_never_asked_for() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
-    let (rid, _) = register_ctx(&mut c, 1, 2, 5);
+    let (rid, _) = c.register_ctx(1, 2, 5);
     let cancel = Message::Cancel {
         request: rid,
         token: TransferToken(5),
@@ -132,7 +123,7 @@ fn a_cancel_with_the_token_ends_a_request_never_asked_for() {
 #[test]
 fn aborts_without_authority_end_nothing_live_or_future() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
-    let (live, live_ids) = register_ctx(&mut c, 1, 1, 5);
+    let (live, live_ids) = c.register_ctx(1, 1, 5);
     let future = RequestId(2);
     let now = c.now;
     for id in [live, future] {
@@ -190,7 +181,7 @@ fn a_strangers_early_abort_does_not_displace_the_real_one() {
         token: TransferToken(5),
     };
     c.ctx[0].tx.handle_message(now, gen_peer(0), real);
-    register_ctx(&mut c, 3, 1, 5);
+    c.register_ctx(3, 1, 5);
     assert_eq!(states(&c.step(CTX)), vec![RequestState::TransferError]);
 }
 
@@ -204,7 +195,7 @@ fn a_context_rank_expecting_another_generation_rank_is_pending() {
         ..TransceiverConfig::default()
     };
     let mut c = Cluster::new(1, 2, config);
-    let (rid, ids) = register_ctx(&mut c, 1, 1, 5);
+    let (rid, ids) = c.register_ctx(1, 1, 5);
     register_gen(&mut c, 0, rid, &ids, 5); // generation rank 1 never asks
     for _ in 0..3 {
         c.pump();
@@ -235,7 +226,7 @@ fn a_context_rank_expecting_another_generation_rank_is_pending() {
 #[test]
 fn a_receive_the_agent_refused_asks_for_nothing_and_ends_the_context_side() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
-    let (rid, ids) = register_ctx(&mut c, 1, 1, 5);
+    let (rid, ids) = c.register_ctx(1, 1, 5);
     c.gen[0].agent.set_refuse(true);
     register_gen(&mut c, 0, rid, &ids, 5);
     c.pump();
@@ -253,7 +244,7 @@ fn a_receive_the_agent_refused_asks_for_nothing_and_ends_the_context_side() {
 #[test]
 fn an_overflowing_wire_layout_is_refused_not_computed() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
-    let (rid, ids) = register_ctx(&mut c, 1, 1, 5);
+    let (rid, ids) = c.register_ctx(1, 1, 5);
     let mut gen_layout = layout(1);
     gen_layout.tp_size = u32::MAX;
     gen_layout.pp_size = u32::MAX;
@@ -366,7 +357,7 @@ fn evicted_jobs_past_the_job_bound_wait_instead_of_overflowing_the_queue() {
 #[test]
 fn an_error_ends_a_request_only_from_a_peer_it_is_bound_to() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
-    let (rid, ids) = register_ctx(&mut c, 1, 1, 5);
+    let (rid, ids) = c.register_ctx(1, 1, 5);
     register_gen(&mut c, 0, rid, &ids, 5);
     c.pump();
     assert_eq!(
@@ -389,7 +380,7 @@ fn an_error_ends_a_request_only_from_a_peer_it_is_bound_to() {
             .all(|e| !matches!(e, TxEvent::LocallyFinished { ok: false, .. })),
         "a stranger's Error ended it"
     );
-    let (rid2, ids2) = register_ctx(&mut c, 2, 1, 6);
+    let (rid2, ids2) = c.register_ctx(2, 1, 6);
     register_gen(&mut c, 0, rid2, &ids2, 6);
     c.pump();
     let error = Message::Error {

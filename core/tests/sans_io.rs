@@ -13,20 +13,12 @@ use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn register_ctx(c: &mut Cluster, id: u64) -> RequestId {
-    let rid = RequestId(id);
-    let blocks = c.ctx[0].pool.lock().unwrap().allocate(rid, 1).unwrap();
-    let req = Arc::new(Request::new_context(rid, TransferToken(5), blocks));
-    c.ctx[0].tx.respond_and_send(c.now, req).unwrap();
-    rid
-}
-
 #[test]
 fn an_idle_rank_needs_no_wakeup_and_a_registered_one_names_its_deadline() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
     assert_eq!(c.ctx[0].tx.poll_timeout(), None, "nothing waits on time");
     c.now = Duration::from_millis(7);
-    register_ctx(&mut c, 1);
+    c.register_ctx(1, 1, 5);
     assert_eq!(
         c.ctx[0].tx.poll_timeout(),
         Some(Duration::from_millis(7 + 60_000)),
@@ -44,7 +36,7 @@ fn waking_only_at_poll_timeout_meets_every_deadline() {
         ..TransceiverConfig::default()
     };
     let mut c = Cluster::new(1, 1, config);
-    register_ctx(&mut c, 1);
+    c.register_ctx(1, 1, 5);
     let mut wakeups = Vec::new();
     let mut fin = Vec::new();
     while let Some(at) = c.ctx[0].tx.poll_timeout() {
@@ -164,7 +156,7 @@ fn control_messages_leave_only_through_poll_transmit_in_order() {
 fn a_request_finished_between_steps_makes_a_step_due_now() {
     let mut c = Cluster::new(1, 1, TransceiverConfig::default());
     c.now = Duration::from_millis(5);
-    let rid = register_ctx(&mut c, 1);
+    let rid = c.register_ctx(1, 1, 5).0;
     c.step(CTX);
     assert!(
         c.ctx[0].tx.poll_timeout() > Some(c.now),
@@ -249,7 +241,7 @@ fn a_sender_budget_before_the_warn_budget_fails_without_warning() {
         ..TransceiverConfig::default()
     };
     let mut c = Cluster::new(1, 1, config);
-    register_ctx(&mut c, 1);
+    c.register_ctx(1, 1, 5);
     c.now = Duration::from_millis(100);
     assert_eq!(states(&c.step(CTX)), vec![RequestState::TransferError]);
     assert!(!c.ctx[0]

@@ -138,6 +138,16 @@ impl Cluster {
         rid
     }
 
+    /// Registers request `id` with `n` blocks on context rank 0 only; returns its block ids.
+    pub fn register_ctx(&mut self, id: u64, n: usize, token: u128) -> (RequestId, Vec<u32>) {
+        let rid = RequestId(id);
+        let blocks = self.ctx[0].pool.lock().unwrap().allocate(rid, n).unwrap();
+        let ids = blocks.iter().map(|b| b.id).collect();
+        let req = Arc::new(Request::new_context(rid, TransferToken(token), blocks));
+        self.ctx[0].tx.respond_and_send(self.now, req).unwrap();
+        (rid, ids)
+    }
+
     /// Moves every rank's outbox into the net.
     pub fn flush(&mut self) {
         for r in self.ctx.iter_mut().chain(self.gen.iter_mut()) {
