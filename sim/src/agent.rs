@@ -14,10 +14,12 @@
 
 use crate::attribution::Reach;
 use crate::checker::RankKey;
-use crate::cluster::{Sim, ROGUE_INSTANCE};
+use crate::fabric::PARTITION_POLL;
 use crate::faults::FaultKind;
 use crate::memory::RankMemory;
 use crate::report::{Invariant, TraceKind};
+use crate::wake::Wake;
+use crate::world::{World, ROGUE_INSTANCE};
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
@@ -28,7 +30,7 @@ use kvferry_core::{PeerId, RequestId};
 use madsim::rand::Rng;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// Copy time of a gather or scatter, microseconds.
@@ -56,15 +58,74 @@ struct JobRec {
     /// Injected error: fail after this many chunks.
     fail_after: Option<u32>,
     cancelling: bool,
+    /// The peer crashed while a chunk of this send was mid-flight: the send task completes the
+    /// job once the chunk stops touching the staging slot, so the completion stays a fence.
+    peer_lost: bool,
     /// Chunks landed and not yet scattered (receive) or mid-flight (send).
     busy: u32,
     trace_id: u64,
 }
 
+/// Every live rank's agents, held weakly (the rank owns them): how an agent finds its own
+/// rank's other agents (the I6 slot check) and a receiving rank's agents (to land bytes)
+/// without a reference back up to the cluster.
+#[derive(Debug, Default)]
+pub struct AgentRegistry {
+    by_rank: Mutex<BTreeMap<PeerId, Vec<Weak<AgentInner>>>>,
+}
+
+impl AgentRegistry {
+    fn register(&self, a: &Arc<AgentInner>) {
+        let mut m = self.by_rank.lock().expect("registry lock");
+        let v = m.entry(a.me).or_default();
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(a));
+    }
+
+    /// Every agent of rank `p` of a live incarnation, oldest first.
+    pub fn agents_of(&self, p: PeerId) -> Vec<Arc<AgentInner>> {
+        let m = self.by_rank.lock().expect("registry lock");
+        let v = m.get(&p).map(Vec::as_slice).unwrap_or_default();
+        v.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Incarnation `uid` crashed: its agents can no longer be reached.
+    pub fn forget(&self, uid: u32) {
+        let mut m = self.by_rank.lock().expect("registry lock");
+        m.retain(|p, _| p.instance != uid);
+    }
+
+    /// A sender's chunk arrives at rank `to`: only one of its agents holds the receive for
+    /// `request` from `from`, and the bytes go to it. False if none does.
+    fn land(
+        &self,
+        to: PeerId,
+        request: RequestId,
+        from: PeerId,
+        frags: Vec<Fragment>,
+        bytes: Vec<u8>,
+    ) -> bool {
+        let mut bytes = Some(bytes);
+        for a in self.agents_of(to) {
+            if a.in_flight_for(request) > 0 {
+                let b = bytes.take().expect("landed once");
+                if a.land(request, from, frags.clone(), b.clone()) {
+                    return true;
+                }
+                bytes = Some(b);
+            }
+        }
+        false
+    }
+}
+
 /// The agent's state, shared with its job tasks.
 #[derive(Debug)]
 pub struct AgentInner {
-    sim: Arc<Sim>,
+    world: Arc<World>,
+    registry: Arc<AgentRegistry>,
+    /// The rank's doorbell, rung on every completion: the driver drains them when it wakes.
+    wake: Arc<Wake>,
     pub me: PeerId,
     rank_key: RankKey,
     track: String,
@@ -90,7 +151,9 @@ impl Drop for SimAgent {
 }
 
 pub struct AgentParts {
-    pub sim: Arc<Sim>,
+    pub world: Arc<World>,
+    pub registry: Arc<AgentRegistry>,
+    pub wake: Arc<Wake>,
     pub me: PeerId,
     pub track: String,
     pub number: u32,
@@ -101,11 +164,15 @@ pub struct AgentParts {
 }
 
 impl SimAgent {
+    /// A new agent of rank `p.me`, registered so senders can reach it.
     pub fn new(p: AgentParts) -> SimAgent {
-        SimAgent {
+        let registry = p.registry.clone();
+        let a = SimAgent {
             inner: Arc::new(AgentInner {
                 rank_key: (p.me.instance, p.me.rank),
-                sim: p.sim,
+                world: p.world,
+                registry: p.registry,
+                wake: p.wake,
                 me: p.me,
                 track: p.track,
                 number: p.number,
@@ -116,7 +183,9 @@ impl SimAgent {
                 block_bytes: p.block_bytes,
                 jobs: Mutex::new(BTreeMap::new()),
             }),
-        }
+        };
+        registry.register(&a.inner);
+        a
     }
 
     pub fn inner(&self) -> &Arc<AgentInner> {
@@ -130,7 +199,7 @@ fn rand_us(r: (u64, u64)) -> Duration {
 
 impl AgentInner {
     fn alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed) && !self.sim.stopped()
+        self.alive.load(Ordering::Relaxed) && !self.world.stopped()
     }
 
     pub fn is_torn_down(&self) -> bool {
@@ -139,8 +208,8 @@ impl AgentInner {
 
     pub fn teardown(&self) {
         if !self.torn_down.swap(true, Ordering::Relaxed) && self.alive() {
-            let at = self.sim.now_us();
-            let mut c = self.sim.checker.lock().expect("checker lock");
+            let at = self.world.now_us();
+            let mut c = self.world.checker.lock().expect("checker lock");
             c.instant(at, &self.track, format!("agent {} torn down", self.number));
         }
     }
@@ -158,8 +227,8 @@ impl AgentInner {
     /// I3: something of this agent touched memory or completed after teardown.
     fn check_alive_agent(&self, what: &str, id: TransferId) {
         if self.is_torn_down() {
-            let at = self.sim.now_us();
-            self.sim.checker.lock().expect("checker lock").violate(
+            let at = self.world.now_us();
+            self.world.checker.lock().expect("checker lock").violate(
                 Invariant::I3,
                 at,
                 format!(
@@ -179,9 +248,9 @@ impl AgentInner {
             return;
         };
         self.check_alive_agent("pushed its completion", id);
-        let at = self.sim.now_us();
+        let at = self.world.now_us();
         {
-            let mut c = self.sim.checker.lock().expect("checker lock");
+            let mut c = self.world.checker.lock().expect("checker lock");
             c.job_pushed(self.rank_key, job.request, at);
             let name = match &result {
                 Ok(b) => format!("ok {b} B"),
@@ -190,26 +259,46 @@ impl AgentInner {
             c.event(at, &self.track, TraceKind::End { id: job.trace_id }, name);
         }
         job.done.push(Completion { id, result });
+        self.wake.ring();
     }
 
     /// A peer instance crashed: its jobs fail like a reset connection.
     pub fn peer_crashed(&self, instance: u32) {
-        let ids: Vec<TransferId> = {
-            let jobs = self.jobs.lock().expect("agent jobs lock");
-            jobs.iter()
-                .filter(|(_, j)| peer_of(&j.direction).instance == instance)
-                .map(|(id, _)| *id)
-                .collect()
-        };
-        for id in ids {
-            let peer = {
-                let jobs = self.jobs.lock().expect("agent jobs lock");
-                jobs.get(&id).map(|j| peer_of(&j.direction))
-            };
-            if let Some(p) = peer {
-                self.finish(id, Err(AgentError::PeerUnreachable(p)));
+        let ids: Vec<(TransferId, PeerId)> = {
+            let mut jobs = self.jobs.lock().expect("agent jobs lock");
+            let mut now = Vec::new();
+            for (id, j) in jobs.iter_mut() {
+                let peer = peer_of(&j.direction);
+                if peer.instance != instance {
+                    continue;
+                }
+                // A send's chunk in flight still reads its slot: completing it now would let the
+                // slot go to another job under that read (I6). Its task completes it instead.
+                if j.busy > 0 && matches!(j.direction, Direction::Send { .. }) {
+                    j.peer_lost = true;
+                } else {
+                    now.push((*id, peer));
+                }
             }
+            now
+        };
+        for (id, p) in ids {
+            self.finish(id, Err(AgentError::PeerUnreachable(p)));
         }
+    }
+
+    /// For a send task between steps of a chunk: whether its job is over (completed meanwhile,
+    /// or its peer crashed mid-chunk, which completes it now). The task stops if so.
+    fn send_over(&self, id: TransferId, to: PeerId) -> bool {
+        let lost = match self.jobs.lock().expect("agent jobs lock").get(&id) {
+            None => return true,
+            Some(j) => j.peer_lost,
+        };
+        if lost {
+            self.set_idle(id);
+            self.finish(id, Err(AgentError::PeerUnreachable(to)));
+        }
+        lost
     }
 
     /// Another job of this rank's agents holding `staging`, if any.
@@ -218,8 +307,7 @@ impl AgentInner {
         id: TransferId,
         staging: &SlotBuffer,
     ) -> Option<(TransferId, RequestId)> {
-        let rank = self.sim.rank(self.me)?;
-        let agents: Vec<Arc<AgentInner>> = rank.agents.lock().expect("agents lock").clone();
+        let agents = self.registry.agents_of(self.me);
         agents.iter().find_map(|a| {
             let jobs = a.jobs.lock().expect("agent jobs lock");
             jobs.iter()
@@ -243,8 +331,8 @@ impl AgentInner {
         what: &str,
     ) {
         if let Some((other, other_request)) = self.other_holder(id, staging) {
-            let at = self.sim.now_us();
-            self.sim.checker.lock().expect("checker lock").violate(
+            let at = self.world.now_us();
+            self.world.checker.lock().expect("checker lock").violate(
                 Invariant::I6,
                 at,
                 format!(
@@ -325,8 +413,8 @@ impl AgentInner {
                 match ok {
                     Ok(()) => mem.write(f.dst_offset, &data[at..at + n]),
                     Err(e) => {
-                        let now = self.sim.now_us();
-                        self.sim.checker.lock().expect("checker lock").violate(
+                        let now = self.world.now_us();
+                        self.world.checker.lock().expect("checker lock").violate(
                             Invariant::I5,
                             now,
                             format!(
@@ -425,31 +513,31 @@ impl AgentInner {
                 }
             }
             madsim::time::sleep(rand_us(COPY_US)).await;
+            if self.send_over(id, to) {
+                return;
+            }
             self.check_slot_owner(id, job.request, &job.staging, "read");
             let bytes: Vec<u8> = job.staging.lock().expect("slot buffer lock")[..len].to_vec();
-            let spike = self.sim.fabric.lock().expect("fabric lock").spike_us;
+            let spike = self.world.fabric.lock().expect("fabric lock").spike_us;
             let wire = rand_us(DATA_LATENCY_US)
                 + Duration::from_micros(spike + len as u64 * NS_PER_BYTE / 1000);
             madsim::time::sleep(wire).await;
             while self
-                .sim
+                .world
                 .fabric
                 .lock()
                 .expect("fabric lock")
                 .blocked(self.me, to)
             {
-                madsim::time::sleep(crate::net::PARTITION_POLL).await;
+                madsim::time::sleep(PARTITION_POLL).await;
             }
-            if !self.alive() {
+            if !self.alive() || self.send_over(id, to) {
                 return;
             }
-            let landed = match self.sim.rank(to) {
-                Some(rank) => rank.land(job.request, self.me, chunk, bytes),
-                None => false,
-            };
+            let landed = self.registry.land(to, job.request, self.me, chunk, bytes);
             self.set_idle(id);
             if !landed {
-                let err = if self.sim.is_alive(to.instance) {
+                let err = if self.world.is_alive(to.instance) {
                     AgentError::Rejected("no receive posted for this request".into())
                 } else {
                     AgentError::PeerUnreachable(to)
@@ -494,7 +582,7 @@ fn peer_of(d: &Direction) -> PeerId {
 impl TransferAgent for SimAgent {
     fn submit(&self, job: TransferJob, done: CompletionQueue) -> Result<(), AgentError> {
         let inner = &self.inner;
-        let sim = &inner.sim;
+        let sim = &inner.world;
         if inner.in_flight() >= MAX_AGENT_JOBS {
             return Err(AgentError::Backend("agent job table full".into()));
         }
@@ -557,6 +645,7 @@ impl TransferAgent for SimAgent {
                 chunks: 0,
                 fail_after,
                 cancelling: false,
+                peer_lost: false,
                 busy: 0,
                 trace_id,
             },
@@ -597,18 +686,5 @@ impl TransferAgent for SimAgent {
                 madsim::task::spawn(inner.clone().run_cancel(id));
             }
         }
-    }
-}
-
-impl AgentInner {
-    /// Entry point for a sender on another rank (see `RankShared::land`).
-    pub fn try_land(
-        self: &Arc<Self>,
-        request: RequestId,
-        from: PeerId,
-        frags: Vec<Fragment>,
-        bytes: Vec<u8>,
-    ) -> bool {
-        self.land(request, from, frags, bytes)
     }
 }

@@ -9,30 +9,29 @@
 //! issued every request: before, a lull between arrivals looks idle and would end the seed with
 //! part of the workload never simulated.
 
+use crate::agent::AgentRegistry;
 use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
 use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
-use crate::net::{Barrier, Fabric};
-use crate::rank::{run_rank, Command, RankShared, TICK};
+use crate::mailbox::Command;
+use crate::rank::{run_rank, Instance, RankShared};
 use crate::report::{Invariant, SeedReport};
-use crate::router::{Outcomes, Router};
+use crate::router::Outcomes;
 use crate::scenario::Scenario;
+use crate::world::{World, HEAL_AT, ROGUE_INSTANCE};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::blocks::BlockRef;
-use kvferry_core::config::TransceiverConfig;
 use kvferry_core::layout::CacheLayout;
-use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
 use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use madsim::rand::Rng;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The instance id a rogue peer claims; no real incarnation ever gets it.
-pub const ROGUE_INSTANCE: u32 = u32::MAX - 1;
 /// KV blocks per instance.
 pub const BLOCKS_PER_INSTANCE: u32 = 192;
 /// Blocks of one request (prompt length / tokens per block), drawn in 1..=this.
@@ -41,76 +40,39 @@ pub const MAX_REQUEST_BLOCKS: usize = 8;
 pub const ARRIVAL_GAP_US: u64 = 3000;
 /// Prefill time before the generation side is asked.
 pub const PREFILL_US: (u64, u64) = (200, 3000);
-/// Faults stop and heal here.
-pub const HEAL_AT: Duration = Duration::from_millis(260);
 /// Liveness bound after `HEAL_AT` (see the module docs).
 pub const DRAIN: Duration = Duration::from_secs(3);
 /// How often the end-of-seed watcher looks for quiescence.
 pub const SETTLE_POLL: Duration = Duration::from_millis(5);
+/// How long an executor recycle counts as acting on its instance (I10): the rank swaps its
+/// agent as soon as it runs, and the old agent's jobs end soon after.
+pub const RECYCLE_REACH: Duration = Duration::from_millis(2);
+/// Grace after quiescence (and after the stop) for every rank to run once more.
+pub const GRACE: Duration = Duration::from_millis(1);
 
-/// One incarnation of a context or generation instance.
-#[derive(Debug)]
-pub struct Instance {
-    pub side: Side,
-    pub index: u32,
-    pub uid: u32,
-    /// Rank 0's layout; `with_rank` gives the others.
-    pub layout: CacheLayout,
-    pub alive: Arc<AtomicBool>,
-    pub pool: Arc<Mutex<BlockPool>>,
-    pub barrier: Arc<Mutex<Barrier>>,
-    pub ranks: Vec<Arc<RankShared>>,
-    pub started_us: u64,
-}
-
-impl Instance {
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
-    }
-
-    pub fn name(&self) -> String {
-        let k = if self.side == Side::Context {
-            "ctx"
-        } else {
-            "gen"
-        };
-        format!("{k}{}", self.index)
-    }
-}
-
-/// Everything of one seed that tasks share. Locks are leaves: no code holds one while it
-/// calls into a transceiver, an agent or another lock's owner.
+/// One seed's cluster: the world (the leaves every task shares) and, above it, the live
+/// instances and the agents' registry. Only the seed's own tasks hold it; nothing it owns
+/// points back to it, so it is freed when the seed's runtime ends.
 #[derive(Debug)]
 pub struct Sim {
-    pub scenario: Scenario,
-    pub tx_config: TransceiverConfig,
-    pub mix: FaultMix,
-    pub checker: Arc<Mutex<Checker>>,
-    pub fabric: Mutex<Fabric>,
+    pub world: Arc<World>,
     pub instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
-    pub router: Mutex<Router>,
+    pub registry: Arc<AgentRegistry>,
     next_uid: Mutex<u32>,
-    stop: AtomicBool,
     /// When the client issued its last request (simulated microseconds); `None` while it runs.
     client_done_us: Mutex<Option<u64>>,
 }
 
+/// The cluster is the world plus its instances: world methods read plainly on it.
+impl Deref for Sim {
+    type Target = World;
+
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
 impl Sim {
-    pub fn now_us(&self) -> u64 {
-        madsim::time::TimeHandle::current().elapsed().as_micros() as u64
-    }
-
-    pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    pub fn is_alive(&self, uid: u32) -> bool {
-        self.instances
-            .lock()
-            .expect("instances lock")
-            .contains_key(&uid)
-    }
-
     pub fn instance(&self, uid: u32) -> Option<Arc<Instance>> {
         self.instances
             .lock()
@@ -119,80 +81,9 @@ impl Sim {
             .cloned()
     }
 
-    pub fn rank(&self, p: PeerId) -> Option<Arc<RankShared>> {
-        let inst = self.instance(p.instance)?;
-        inst.ranks.get(p.rank as usize).cloned()
-    }
-
-    pub fn trace(&self, track: &str, name: String) {
-        let at = self.now_us();
-        self.checker
-            .lock()
-            .expect("checker lock")
-            .instant(at, track, name);
-    }
-
-    pub fn violate(&self, inv: Invariant, detail: String) {
-        let at = self.now_us();
-        self.checker
-            .lock()
-            .expect("checker lock")
-            .violate(inv, at, detail);
-    }
-
-    /// Records a fault striking now and acting until `until_us` on whom `reach` says (I10).
-    pub fn fault(&self, kind: FaultKind, until_us: u64, reach: Reach, detail: String) {
-        let at = self.now_us();
-        self.checker
-            .lock()
-            .expect("checker lock")
-            .fault(at, kind, (until_us, reach), detail);
-    }
-
-    /// When a fault lasting `span` from now stops acting: at its own end, or at the heal.
-    fn until(&self, span: Duration) -> u64 {
-        let heal = (HEAL_AT + FAULT_TICK).as_micros() as u64;
-        (self.now_us() + span.as_micros() as u64).min(heal)
-    }
-
-    pub fn faults_on(&self) -> bool {
-        !self.stopped() && self.now_us() < HEAL_AT.as_micros() as u64
-    }
-
-    pub fn draw_agent_error(&self) -> bool {
-        self.faults_on() && madsim::rand::thread_rng().gen_bool(self.mix.agent_error)
-    }
-
-    fn draw(&self, p: f64) -> bool {
-        self.faults_on() && p > 0.0 && madsim::rand::thread_rng().gen_bool(p)
-    }
-
-    /// An instance agreed a terminal state for a request (reported by each of its ranks).
-    pub fn on_terminal(
-        self: &Arc<Self>,
-        inst: &Instance,
-        rank: u32,
-        id: RequestId,
-        state: RequestState,
-    ) {
-        if rank != 0 {
-            return;
-        }
-        let cancel_other = {
-            let mut r = self.router.lock().expect("router lock");
-            r.terminal(inst.side, inst.uid, id, state, self.now_us())
-        };
-        if let Some(uid) = cancel_other {
-            self.command_all(uid, |_| Command::Cancel(id));
-        }
-    }
-
-    fn command_all(&self, uid: u32, mut f: impl FnMut(usize) -> Command) {
-        if let Some(inst) = self.instance(uid) {
-            for (i, r) in inst.ranks.iter().enumerate() {
-                r.command(f(i));
-            }
-        }
+    fn live_instances(&self) -> Vec<Arc<Instance>> {
+        let m = self.instances.lock().expect("instances lock");
+        m.values().cloned().collect()
     }
 
     /// Starts a fresh incarnation of instance `index` of `side`.
@@ -218,20 +109,15 @@ impl Sim {
                 ))
             })
             .collect::<Vec<_>>();
-        let inst = Arc::new(Instance {
-            side,
-            index,
-            uid,
+        let pool = BlockPool::with_bugs(BLOCKS_PER_INSTANCE, self.scenario.bugs);
+        let inst = Arc::new(Instance::new(
+            (side, index, uid),
             layout,
-            alive: Arc::new(AtomicBool::new(true)),
-            pool: Arc::new(Mutex::new(BlockPool::with_bugs(
-                BLOCKS_PER_INSTANCE,
-                self.scenario.bugs,
-            ))),
-            barrier: Arc::new(Mutex::new(Barrier::new(ranks.len()))),
+            Arc::new(Mutex::new(pool)),
             ranks,
-            started_us: self.now_us(),
-        });
+        ));
+        let mailboxes = inst.ranks.iter().map(|r| r.mailbox.clone()).collect();
+        self.world.join(uid, mailboxes);
         self.instances
             .lock()
             .expect("instances lock")
@@ -241,7 +127,12 @@ impl Sim {
             .expect("router lock")
             .set_slot(side, index, Some(uid));
         for r in &inst.ranks {
-            madsim::task::spawn(run_rank(self.clone(), inst.clone(), r.clone()));
+            madsim::task::spawn(run_rank(
+                self.world.clone(),
+                self.registry.clone(),
+                inst.clone(),
+                r.clone(),
+            ));
         }
         self.trace(&format!("{k}{index}"), format!("incarnation {uid} up"));
         inst
@@ -252,7 +143,9 @@ impl Sim {
         let Some(inst) = self.instances.lock().expect("instances lock").remove(&uid) else {
             return;
         };
-        inst.alive.store(false, Ordering::Relaxed);
+        self.world.leave(uid);
+        self.registry.forget(uid);
+        inst.kill();
         self.fault(
             FaultKind::Crash,
             u64::MAX,
@@ -263,13 +156,7 @@ impl Sim {
             .lock()
             .expect("router lock")
             .set_slot(inst.side, inst.index, None);
-        let others: Vec<Arc<Instance>> = self
-            .instances
-            .lock()
-            .expect("instances lock")
-            .values()
-            .cloned()
-            .collect();
+        let others: Vec<Arc<Instance>> = self.live_instances();
         for o in &others {
             for r in &o.ranks {
                 let agents = r.agents.lock().expect("agents lock").clone();
@@ -287,12 +174,13 @@ impl Sim {
         for (ctx_uid, id) in cancels {
             self.command_all(ctx_uid, |_| Command::Cancel(id));
         }
-        let sim = self.clone();
+        // Held weakly, as by every timed fault task (see `later`).
+        let sim = Arc::downgrade(self);
         let (side, index) = (inst.side, inst.index);
         madsim::task::spawn(async move {
             let ms = madsim::rand::thread_rng().gen_range(1..MAX_RESTART_MS);
             madsim::time::sleep(Duration::from_millis(ms)).await;
-            if !sim.stopped() {
+            if let Some(sim) = sim.upgrade().filter(|s| !s.stopped()) {
                 sim.start_instance(side, index);
             }
         });
@@ -364,7 +252,7 @@ async fn client(sim: Arc<Sim>) {
         for r in &inst.ranks {
             r.memory.lock().expect("memory lock").fill(id.0, &ids);
             let req = kvferry_core::request::Request::new_context(id, token, blocks.clone());
-            r.command(Command::Start(Arc::new(req)));
+            r.mailbox.command(Command::Start(Arc::new(req)));
         }
         sim.router
             .lock()
@@ -410,7 +298,7 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
             blocks.clone(),
             source.clone(),
         );
-        r.command(Command::Start(Arc::new(req)));
+        r.mailbox.command(Command::Start(Arc::new(req)));
     }
     sim.router
         .lock()
@@ -431,13 +319,7 @@ async fn injector(sim: Arc<Sim>) {
             break;
         }
         let m = sim.mix;
-        let live: Vec<Arc<Instance>> = sim
-            .instances
-            .lock()
-            .expect("instances lock")
-            .values()
-            .cloned()
-            .collect();
+        let live: Vec<Arc<Instance>> = sim.live_instances();
         let pick_inst = |side: Option<Side>| -> Option<Arc<Instance>> {
             let c: Vec<&Arc<Instance>> = live
                 .iter()
@@ -470,9 +352,8 @@ async fn injector(sim: Arc<Sim>) {
         if sim.draw(m.recycle) {
             if let Some(i) = pick_inst(None) {
                 let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
-                r.recycle.store(true, Ordering::Relaxed);
-                // The rank swaps its agent at its next step.
-                let until = sim.now_us() + 2 * TICK.as_micros() as u64;
+                r.mailbox.recycle();
+                let until = sim.now_us() + RECYCLE_REACH.as_micros() as u64;
                 sim.fault(
                     FaultKind::Recycle,
                     until,
@@ -502,18 +383,29 @@ fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
         Reach::Pair(ua, ub),
         format!("{} | {}", a.name(), b.name()),
     );
-    let s = sim.clone();
     let names = format!("{} | {}", a.name(), b.name());
+    later(sim, span, move |w| {
+        w.fabric.lock().expect("fabric lock").heal(ua, ub);
+        w.trace("faults", format!("heal {names}"));
+    });
+}
+
+/// Runs `f` on the world after `span`, unless the seed is over by then. The task holds the
+/// world weakly: madsim never drops a task still asleep when its runtime ends, so a strong
+/// reference there would keep the seed's world alive for good.
+fn later(sim: &Sim, span: Duration, f: impl FnOnce(&World) + Send + 'static) {
+    let world = Arc::downgrade(&sim.world);
     madsim::task::spawn(async move {
         madsim::time::sleep(span).await;
-        s.fabric.lock().expect("fabric lock").heal(ua, ub);
-        s.trace("faults", format!("heal {names}"));
+        if let Some(w) = world.upgrade() {
+            f(&w);
+        }
     });
 }
 
 fn clog(sim: &Arc<Sim>, i: &Instance) {
     let span = fault_span();
-    let r = i.ranks[rand_range(0, i.ranks.len() as u64) as usize].clone();
+    let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
     sim.fabric.lock().expect("fabric lock").clog(r.me);
     sim.fault(
         FaultKind::Clog,
@@ -521,11 +413,10 @@ fn clog(sim: &Arc<Sim>, i: &Instance) {
         Reach::Instances(vec![i.uid]),
         r.track.clone(),
     );
-    let s = sim.clone();
-    madsim::task::spawn(async move {
-        madsim::time::sleep(span).await;
-        s.fabric.lock().expect("fabric lock").unclog(r.me);
-        s.trace("faults", format!("unclog {}", r.track));
+    let (me, track) = (r.me, r.track.clone());
+    later(sim, span, move |w| {
+        w.fabric.lock().expect("fabric lock").unclog(me);
+        w.trace("faults", format!("unclog {track}"));
     });
 }
 
@@ -539,10 +430,8 @@ fn latency_spike(sim: &Arc<Sim>) {
         Reach::All,
         format!("+{us} us"),
     );
-    let s = sim.clone();
-    madsim::task::spawn(async move {
-        madsim::time::sleep(span).await;
-        s.fabric.lock().expect("fabric lock").spike_us = 0;
+    later(sim, span, |w| {
+        w.fabric.lock().expect("fabric lock").spike_us = 0
     });
 }
 
@@ -603,7 +492,7 @@ fn deliver_all(sim: &Sim, uids: &[u32], msg: &Message) {
     for uid in uids {
         if let Some(inst) = sim.instance(*uid) {
             for r in &inst.ranks {
-                r.deliver(ROGUE, msg.clone());
+                r.mailbox.deliver(ROGUE, msg.clone());
             }
         }
     }
@@ -758,7 +647,7 @@ fn check_staging(sim: &Sim) {
 /// Waits until the client has issued every request and faults have healed, then for
 /// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2.
 async fn settle(sim: &Arc<Sim>) {
-    madsim::time::sleep(HEAL_AT + TICK).await;
+    madsim::time::sleep(HEAL_AT + GRACE).await;
     let client_done = loop {
         if let Some(at) = *sim.client_done_us.lock().expect("client lock") {
             break at;
@@ -768,8 +657,9 @@ async fn settle(sim: &Arc<Sim>) {
     let deadline = client_done.max(HEAL_AT.as_micros() as u64) + DRAIN.as_micros() as u64;
     loop {
         if quiescent(sim) {
-            // Two more steps so every rank publishes its final counters.
-            madsim::time::sleep(3 * TICK).await;
+            // Every rank publishes its counters after each pass; a grace lets the last pass
+            // of a rank woken at the quiescent instant finish.
+            madsim::time::sleep(GRACE).await;
             check_staging(sim);
             return;
         }
@@ -803,18 +693,12 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     } else {
         FaultMix::none()
     };
-    let tx_config = scenario.tx_config();
     let sim = Arc::new(Sim {
-        tx_config,
-        mix,
-        checker,
-        fabric: Mutex::new(Fabric::default()),
+        world: Arc::new(World::new(scenario, mix, checker)),
         instances: Mutex::new(BTreeMap::new()),
-        router: Mutex::new(Router::new(scenario.ctx_instances, scenario.gen_instances)),
+        registry: Arc::new(AgentRegistry::default()),
         next_uid: Mutex::new(0),
-        stop: AtomicBool::new(false),
         client_done_us: Mutex::new(None),
-        scenario,
     });
     sim.trace("faults", format!("mix {:?}", sim.mix));
     for i in 0..sim.scenario.ctx_instances {
@@ -827,9 +711,9 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     madsim::task::spawn(injector(sim.clone()));
     settle(&sim).await;
     let sim_time_us = sim.now_us();
-    sim.stop.store(true, Ordering::Relaxed);
-    // Let every loop see the stop and exit.
-    madsim::time::sleep(4 * TICK).await;
+    sim.world.stop();
+    // Let every rank, rung by the stop, exit.
+    madsim::time::sleep(GRACE).await;
     let (mut outcomes, lives) = {
         let r = sim.router.lock().expect("router lock");
         (r.outcomes(), r.lifetimes())
@@ -842,9 +726,6 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     }
     outcomes.failures_by_cause = found.by_cause;
     outcomes.failures_by_core_cause = found.by_core_cause;
-    // Break the cycle Sim -> instances -> ranks -> agents -> Sim, or every seed of a campaign
-    // would leak its whole cluster (rank memories included).
-    sim.instances.lock().expect("instances lock").clear();
     report(seed, sim_time_us, planned, outcomes, checker)
 }
 

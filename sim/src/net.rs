@@ -5,20 +5,19 @@
 //! heals, and dropped when either end's instance incarnation is gone (connection reset).
 //! Time, tasks and randomness are madsim's, so a seed replays exactly.
 
-use crate::cluster::Sim;
+use crate::fabric::PARTITION_POLL;
+use crate::world::{World, ROGUE_INSTANCE};
 use kvferry_core::collective::{CollectiveError, Contribution};
 use kvferry_core::transceiver::Transmit;
 use kvferry_core::wire::{ErrorCode, Message};
 use kvferry_core::PeerId;
 use madsim::rand::Rng;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Messages queued on one link; a full link refuses (backpressure), it never grows.
 pub const LINK_QUEUE_MAX: usize = 4096;
-/// How often a message held by a partition re-checks the link (TCP retransmit, coarsely).
-pub const PARTITION_POLL: Duration = Duration::from_micros(500);
 /// Base one-way latency range of a control message, microseconds.
 pub const LATENCY_US: (u64, u64) = (20, 200);
 /// A collective step fails if some rank has not contributed within this (a rank is missing).
@@ -27,59 +26,6 @@ pub const COLLECTIVE_TIMEOUT_US: u64 = 400;
 pub const COLLECTIVE_POLL: Duration = Duration::from_micros(40);
 /// Collective rounds remembered behind the newest one.
 pub const COLLECTIVE_HISTORY: u64 = 64;
-
-#[derive(Debug, Default)]
-struct Link {
-    queue: VecDeque<(u64, Message)>,
-    pumping: bool,
-    last_at: u64,
-}
-
-/// Who may talk to whom, and the messages on their way.
-#[derive(Debug, Default)]
-pub struct Fabric {
-    /// Blocked instance pairs (by incarnation id, both directions).
-    partitions: BTreeSet<(u32, u32)>,
-    /// Ranks whose every link is clogged.
-    clogged: BTreeSet<PeerId>,
-    /// Extra latency of a latency spike, microseconds.
-    pub spike_us: u64,
-    links: BTreeMap<(PeerId, PeerId), Link>,
-}
-
-fn pair(a: u32, b: u32) -> (u32, u32) {
-    (a.min(b), a.max(b))
-}
-
-impl Fabric {
-    pub fn blocked(&self, from: PeerId, to: PeerId) -> bool {
-        self.partitions.contains(&pair(from.instance, to.instance))
-            || self.clogged.contains(&from)
-            || self.clogged.contains(&to)
-    }
-
-    pub fn partition(&mut self, a: u32, b: u32) {
-        self.partitions.insert(pair(a, b));
-    }
-
-    pub fn heal(&mut self, a: u32, b: u32) {
-        self.partitions.remove(&pair(a, b));
-    }
-
-    pub fn clog(&mut self, p: PeerId) {
-        self.clogged.insert(p);
-    }
-
-    pub fn unclog(&mut self, p: PeerId) {
-        self.clogged.remove(&p);
-    }
-
-    pub fn heal_all(&mut self) {
-        self.partitions.clear();
-        self.clogged.clear();
-        self.spike_us = 0;
-    }
-}
 
 /// Why a control message was not queued on its link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,14 +37,14 @@ pub enum SendError {
 }
 
 /// Puts one of `from`'s transmits on its link, behind the link's latency.
-pub fn send(sim: &Arc<Sim>, from: PeerId, t: Transmit) -> Result<(), SendError> {
+pub fn send(world: &Arc<World>, from: PeerId, t: Transmit) -> Result<(), SendError> {
     let Transmit { to, msg } = t;
-    if !sim.is_alive(to.instance) {
+    if !world.is_alive(to.instance) {
         return Err(SendError::Unreachable);
     }
-    let now = sim.now_us();
+    let now = world.now_us();
     let lat = madsim::rand::thread_rng().gen_range(LATENCY_US.0..LATENCY_US.1);
-    let mut f = sim.fabric.lock().expect("fabric lock");
+    let mut f = world.fabric.lock().expect("fabric lock");
     let at = now + lat + f.spike_us;
     let link = f.links.entry((from, to)).or_default();
     if link.queue.len() >= LINK_QUEUE_MAX {
@@ -117,12 +63,13 @@ pub fn send(sim: &Arc<Sim>, from: PeerId, t: Transmit) -> Result<(), SendError> 
     link.queue.push_back((at, msg));
     if !link.pumping {
         link.pumping = true;
-        madsim::task::spawn(pump(sim.clone(), from, to));
+        madsim::task::spawn(pump(world.clone(), from, to));
     }
     drop(f);
     if let Some((request, gives_up)) = abort {
         // What the I9 check of a peer-aborted request looks for (see `checker`).
-        sim.checker
+        world
+            .checker
             .lock()
             .expect("checker lock")
             .abort_sent(request, (from, gives_up), to, now);
@@ -131,10 +78,10 @@ pub fn send(sim: &Arc<Sim>, from: PeerId, t: Transmit) -> Result<(), SendError> 
 }
 
 /// Delivers one link's messages in order.
-async fn pump(sim: Arc<Sim>, from: PeerId, to: PeerId) {
+async fn pump(world: Arc<World>, from: PeerId, to: PeerId) {
     loop {
         let next = {
-            let mut f = sim.fabric.lock().expect("fabric lock");
+            let mut f = world.fabric.lock().expect("fabric lock");
             let link = f.links.get_mut(&(from, to)).expect("pumped link exists");
             match link.queue.pop_front() {
                 Some(m) => m,
@@ -145,17 +92,17 @@ async fn pump(sim: Arc<Sim>, from: PeerId, to: PeerId) {
             }
         };
         let (at, msg) = next;
-        let now = sim.now_us();
+        let now = world.now_us();
         if at > now {
             madsim::time::sleep(Duration::from_micros(at - now)).await;
         }
-        while sim.fabric.lock().expect("fabric lock").blocked(from, to) {
+        while world.fabric.lock().expect("fabric lock").blocked(from, to) {
             madsim::time::sleep(PARTITION_POLL).await;
         }
         // A reset connection loses what was in flight: either end gone drops the message.
-        if sim.is_alive(from.instance) || from.instance == crate::cluster::ROGUE_INSTANCE {
-            if let Some(rank) = sim.rank(to) {
-                rank.deliver(from, msg);
+        if world.is_alive(from.instance) || from.instance == ROGUE_INSTANCE {
+            if let Some(mailbox) = world.mailbox(to) {
+                mailbox.deliver(from, msg);
             }
         }
     }
@@ -190,12 +137,17 @@ impl Barrier {
 /// skips a collective falls out of step with its peers for good, as with a real collective.
 #[derive(Debug)]
 pub struct SimCollective {
-    pub sim: Arc<Sim>,
+    pub world: Arc<World>,
     pub barrier: Arc<Mutex<Barrier>>,
     pub next_round: u64,
 }
 
 impl SimCollective {
+    /// Ranks of the instance.
+    pub fn world_size(&self) -> usize {
+        self.barrier.lock().expect("barrier lock").world
+    }
+
     /// Gathers every rank's contribution to this rank's next round, in rank order, or fails
     /// when a rank is missing past `COLLECTIVE_TIMEOUT_US`.
     pub fn all_gather(
@@ -205,9 +157,9 @@ impl SimCollective {
         let round = self.next_round;
         self.next_round += 1;
         let barrier = self.barrier.clone();
-        let sim = self.sim.clone();
+        let clock = self.world.clone();
         async move {
-            let now = sim.now_us();
+            let now = clock.now_us();
             {
                 let mut b = barrier.lock().expect("barrier lock");
                 let world = b.world;
@@ -236,7 +188,7 @@ impl SimCollective {
             loop {
                 {
                     let mut b = barrier.lock().expect("barrier lock");
-                    let now = sim.now_us();
+                    let now = clock.now_us();
                     let Some(r) = b.rounds.get_mut(&round) else {
                         return Err(CollectiveError::Aborted(format!("round {round} forgotten")));
                     };
