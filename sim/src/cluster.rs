@@ -27,6 +27,7 @@ use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use madsim::rand::Rng;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -391,8 +392,8 @@ fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
 }
 
 /// Runs `f` on the world after `span`, unless the seed is over by then. The task holds the
-/// world weakly: madsim never drops a task still asleep when its runtime ends, so a strong
-/// reference there would keep the seed's world alive for good.
+/// world weakly, so a fault due after the seed's end finds no world and acts on nothing (its
+/// task is dropped when the seed's node is killed: `on_own_node`).
 fn later(sim: &Sim, span: Duration, f: impl FnOnce(&World) + Send + 'static) {
     let world = Arc::downgrade(&sim.world);
     madsim::task::spawn(async move {
@@ -755,6 +756,26 @@ fn report(
     }
 }
 
+/// Runs a seed's body on a node of its own and kills that node when the body returns.
+///
+/// madsim keeps a task alive for as long as the task is pending (its bookkeeping holds the
+/// task's own waker) and drops nothing when the runtime goes, so a task still waiting at the
+/// end of a seed (a rank on its doorbell, a pump on an empty link, a heal scheduled after the
+/// end) would leak with everything it holds. Killing the node wakes each of them, and the
+/// executor drops a killed task's future instead of polling it.
+async fn on_own_node<T: Send + 'static>(body: impl Future<Output = T> + Send + 'static) -> T {
+    let handle = madsim::runtime::Handle::current();
+    let node = handle.create_node().name("cluster").build();
+    let out = node
+        .spawn(body)
+        .await
+        .expect("a seed's body is never cancelled before it returns");
+    handle.kill(node.id());
+    // The killed tasks are queued now; one more executor pass drops them.
+    madsim::task::yield_now().await;
+    out
+}
+
 /// Simulates one seed of `scenario` to quiescence and checks every invariant. The scenario
 /// must pass `Scenario::check` (the CLI checks it once per campaign).
 ///
@@ -769,7 +790,7 @@ pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport 
     let c = checker.clone();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-        rt.block_on(run(seed, scenario, c))
+        rt.block_on(on_own_node(run(seed, scenario, c)))
     }));
     match res {
         Ok(r) => r,

@@ -1,9 +1,11 @@
 //! A seed gives back the memory it took. The `sim_scenario` fuzz target (LeakSanitizer) found
 //! every seed leaking its whole cluster through the reference cycle Sim -> instances -> ranks
 //! -> agents -> Sim; a campaign of thousands of seeds grew by megabytes per seed. Agents now
-//! hold only the world (which holds no rank) and a registry that holds them weakly, and fault
-//! tasks still asleep at the end hold the world weakly (madsim never drops them), so nothing
+//! hold only the world (which holds no rank) and a registry that holds them weakly, so nothing
 //! is broken by hand: any cycle or any task holding a rank past the seed fails this test.
+//! Later the same target found each seed leaking ~6 KiB: madsim keeps a pending task alive
+//! through its own waker and never drops it, and without a tick ranks and pumps end a seed
+//! pending. A seed now runs on a node of its own that is killed at its end (`run_seed`).
 //!
 //! Counts live heap bytes with a wrapping global allocator. Only one test lives in this file,
 //! so no other thread allocates while it measures.
@@ -46,6 +48,8 @@ fn a_seed_frees_its_cluster() {
         assert!(report.violations.is_empty(), "{:?}", report.violations);
     }
     let kept = LIVE.load(Ordering::Relaxed) - before;
-    // One leaked cluster holds ~1 MiB (each rank's simulated KV memory alone is 384 KiB).
-    assert!(kept < 256 * 1024, "3 seeds kept {kept} bytes");
+    // One leaked cluster holds ~1 MiB (each rank's simulated KV memory alone is 384 KiB); one
+    // task left pending at the end of a seed keeps ~6 KiB with madsim's bookkeeping. A seed
+    // measured here keeps nothing; the margin is for a lazy first touched after seed 0.
+    assert!(kept < 4 * 1024, "3 seeds kept {kept} bytes");
 }
