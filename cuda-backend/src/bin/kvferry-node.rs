@@ -149,6 +149,8 @@ enum BackendArg {
     Host,
     /// A GPU pool; the gen maps the ctx's pool with CUDA IPC and pulls over NVLink.
     Cuda,
+    /// Host memory; the gen READs the ctx's pool with NIXL over UCX (feature `nixl`).
+    Nixl,
 }
 
 #[derive(Args)]
@@ -223,6 +225,7 @@ impl Common {
             config.backend = match b {
                 BackendArg::Host => config::Backend::Host,
                 BackendArg::Cuda => config::Backend::Cuda,
+                BackendArg::Nixl => config::Backend::Nixl,
             };
         }
         Ok(NodeSpec {
@@ -239,7 +242,18 @@ fn backend(spec: &NodeSpec, common: &Common) -> Result<BackendSpec> {
     match spec.config.backend {
         config::Backend::Host => Ok(BackendSpec::Host),
         config::Backend::Cuda => cuda_backend(common.device),
+        config::Backend::Nixl => nixl_backend(),
     }
+}
+
+#[cfg(feature = "nixl")]
+fn nixl_backend() -> Result<BackendSpec> {
+    Ok(BackendSpec::Nixl)
+}
+
+#[cfg(not(feature = "nixl"))]
+fn nixl_backend() -> Result<BackendSpec> {
+    bail!("the NIXL backend is not in this build: rebuild with `--features nixl` (cargo build -p kvferry-backends --features nixl; needs .ci/install-nixl)")
 }
 
 #[cfg(feature = "cuda")]
