@@ -7,8 +7,7 @@ use super::error::NixlError;
 use super::pool::HostPool;
 use super::runtime;
 use nixl_sys::{
-    Agent, AgentConfig, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs,
-    RegDescList, RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
+    Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
 };
 use std::sync::Arc;
 
@@ -39,9 +38,11 @@ impl NixlDescriptor for PoolRegion {
 #[derive(Debug)]
 pub struct UcxEngine {
     agent: Agent,
+    _ucx: Backend,
     // Field order is drop order: deregister before the pool may be freed.
     _reg: RegistrationHandle,
-    pool: PoolRegion,
+    // Holds the pool alive while it is registered (and leaked with the engine).
+    _pool: PoolRegion,
 }
 
 impl UcxEngine {
@@ -58,7 +59,7 @@ impl UcxEngine {
         let (_, params) = agent
             .get_plugin_params("UCX")
             .map_err(NixlError::call("UCX plugin params"))?;
-        agent
+        let ucx = agent
             .create_backend("UCX", &params)
             .map_err(NixlError::call("UCX backend"))?;
         let pool = PoolRegion(pool);
@@ -67,8 +68,9 @@ impl UcxEngine {
             .map_err(NixlError::call("register the KV pool"))?;
         Ok(UcxEngine {
             agent,
+            _ucx: ucx,
             _reg: reg,
-            pool,
+            _pool: pool,
         })
     }
 
@@ -85,12 +87,11 @@ impl Engine for UcxEngine {
     type Xfer = XferRequest;
 
     fn local_md(&mut self) -> Result<Vec<u8>, NixlError> {
-        let mut descs = RegDescList::new(MemType::Dram).map_err(NixlError::call("md list"))?;
-        descs
-            .add_storage_desc(&self.pool)
-            .map_err(NixlError::call("md list"))?;
+        // The KV pool is this agent's only registration, so its metadata is the pool's and
+        // the UCX connection info. (nixl-sys 1.5.1's partial metadata of the pool alone, even
+        // naming the backend, is refused by the loading peer with NOT_FOUND.)
         self.agent
-            .get_local_partial_md(&descs, None)
+            .get_local_md()
             .map_err(NixlError::call("pool metadata"))
     }
 
