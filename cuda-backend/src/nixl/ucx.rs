@@ -7,7 +7,8 @@ use super::error::NixlError;
 use super::pool::HostPool;
 use super::runtime;
 use nixl_sys::{
-    Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
+    Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs,
+    RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
 };
 use std::sync::Arc;
 
