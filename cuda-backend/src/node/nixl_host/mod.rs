@@ -222,7 +222,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Decodes hex from the network (the frame's size bound already limits its length).
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("odd-length metadata".into());
     }
     (0..s.len())

@@ -73,6 +73,6 @@ mod tests {
         ] {
             assert_eq!(Notice::parse(bad), None, "{bad:?}");
         }
-        assert_eq!(Notice::parse(&vec![b'1'; MAX_NOTICE + 1]), None);
+        assert_eq!(Notice::parse(&[b'1'; MAX_NOTICE + 1]), None);
     }
 }
