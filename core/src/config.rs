@@ -22,6 +22,8 @@ pub enum Backend {
     Host,
     /// CUDA IPC and NVLink peer copies.
     Cuda,
+    /// Host memory moved by NIXL over UCX (the node's feature `nixl`).
+    Nixl,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,4 +9,6 @@
 pub mod cuda;
 pub mod host;
 pub mod layout;
+#[cfg(feature = "nixl")]
+pub mod nixl;
 pub mod node;

@@ -57,9 +57,15 @@ fn capture(r: impl Read + Send + 'static, echo: bool) -> Lines {
 
 impl NodeProc {
     pub fn spawn(bin: &str, args: &[&str]) -> NodeProc {
+        NodeProc::spawn_env(bin, args, &[])
+    }
+
+    /// `spawn` with extra environment variables (e.g. UCX's transport for a NIXL node).
+    pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> NodeProc {
         let mut child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -149,6 +149,8 @@ enum BackendArg {
     Host,
     /// A GPU pool; the gen maps the ctx's pool with CUDA IPC and pulls over NVLink.
     Cuda,
+    /// Host memory; the gen READs the ctx's pool with NIXL over UCX (feature `nixl`).
+    Nixl,
 }
 
 #[derive(Args)]
@@ -223,6 +225,7 @@ impl Common {
             config.backend = match b {
                 BackendArg::Host => config::Backend::Host,
                 BackendArg::Cuda => config::Backend::Cuda,
+                BackendArg::Nixl => config::Backend::Nixl,
             };
         }
         Ok(NodeSpec {
@@ -239,7 +242,18 @@ fn backend(spec: &NodeSpec, common: &Common) -> Result<BackendSpec> {
     match spec.config.backend {
         config::Backend::Host => Ok(BackendSpec::Host),
         config::Backend::Cuda => cuda_backend(common.device),
+        config::Backend::Nixl => nixl_backend(),
     }
+}
+
+#[cfg(feature = "nixl")]
+fn nixl_backend() -> Result<BackendSpec> {
+    Ok(BackendSpec::Nixl)
+}
+
+#[cfg(not(feature = "nixl"))]
+fn nixl_backend() -> Result<BackendSpec> {
+    bail!("the NIXL backend is not in this build: rebuild with `--features nixl` (cargo build -p kvferry-backends --features nixl; needs .ci/install-nixl)")
 }
 
 #[cfg(feature = "cuda")]
@@ -352,9 +366,12 @@ async fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             let spec = common.spec()?;
-            if spec.config.backend != config::Backend::Host {
-                bail!("bench runs the host backend only (kvferry-bench measures the CUDA paths)");
+            if spec.config.backend == config::Backend::Cuda {
+                bail!(
+                    "bench runs the host and NIXL backends (kvferry-bench measures the CUDA paths)"
+                );
             }
+            let backend = backend(&spec, &common)?;
             let o = BenchOptions {
                 requests,
                 blocks_per_request,
@@ -362,6 +379,7 @@ async fn run(cli: Cli) -> Result<()> {
                 rounds: rounds.max(1),
                 verify,
                 threads: common.threads(),
+                backend,
             };
             let rows = bench::run(&spec, &o).await.context("bench")?;
             print_bench(&spec, &o, &rows);
@@ -415,6 +433,27 @@ fn print_summary(s: &gen::Summary) -> Result<()> {
     Ok(())
 }
 
+/// With a backend other than host: the host node measured in the same rounds, beside it.
+fn print_host_beside(rows: &[bench::Round]) {
+    if rows.iter().all(|r| r.host_mib_s.is_none()) {
+        return;
+    }
+    println!("round  node MiB/s  host node MiB/s  raw MiB/s  node/raw  host/raw");
+    for (i, r) in rows.iter().enumerate() {
+        let host = r.host_mib_s.unwrap_or(f64::NAN);
+        let raw = r.raw_mib_s.max(1e-9);
+        println!(
+            "{:>5}  {:>10.1}  {:>15.1}  {:>9.1}  {:>8.2}  {:>8.2}",
+            i + 1,
+            r.node_mib_s,
+            host,
+            r.raw_mib_s,
+            r.node_mib_s / raw,
+            host / raw
+        );
+    }
+}
+
 fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
     println!("machine {}", bench::machine());
     println!(
@@ -427,6 +466,8 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
         spec.pool_blocks,
         o.threads
     );
+    println!("node path: {:?}", o.backend);
+    print_host_beside(rows);
     println!("round  node MiB/s  raw MiB/s  ratio  raw pool MiB/s  ratio  p50 ms  p99 ms  failed  cpu s/GiB node  raw");
     for (i, r) in rows.iter().enumerate() {
         println!(

@@ -1,10 +1,13 @@
 //! Where a node's KV bytes live and how they move: host memory over the TCP connection (the
-//! default, always built) or a GPU pool over CUDA IPC (feature `cuda`, see `node::cuda_ipc`).
+//! default, always built), a GPU pool over CUDA IPC (feature `cuda`, see `node::cuda_ipc`) or
+//! host memory moved by NIXL (feature `nixl`, see `node::nixl_host`).
 
 use super::backend_parts::BackendParts;
 #[cfg(feature = "cuda")]
 use super::cuda_ipc::GpuBackend;
 use super::frame::NodeFrame;
+#[cfg(feature = "nixl")]
+use super::nixl_host::NixlBackend;
 use crate::host::agent::HostAgent;
 use crate::host::kv::HostKv;
 use crate::host::pattern;
@@ -21,6 +24,9 @@ pub enum BackendSpec {
     /// The KV pool on this CUDA device ordinal.
     #[cfg(feature = "cuda")]
     Cuda { device: usize },
+    /// Host memory moved by NIXL over UCX.
+    #[cfg(feature = "nixl")]
+    Nixl,
 }
 
 #[derive(Debug, Error)]
@@ -28,7 +34,10 @@ pub enum BackendError {
     #[cfg(feature = "cuda")]
     #[error("CUDA backend: {0}")]
     Gpu(#[from] super::cuda_ipc::GpuError),
-    #[error("{0} frame on a host-memory node")]
+    #[cfg(feature = "nixl")]
+    #[error("NIXL backend: {0}")]
+    Nixl(#[from] super::nixl_host::NixlNodeError),
+    #[error("{0} frame on a node whose backend does not take it")]
     NotCuda(&'static str),
     #[error("transceiver setup: {0}")]
     Setup(#[from] kvferry_core::transceiver::SetupError),
@@ -42,6 +51,8 @@ pub enum Backend {
     },
     #[cfg(feature = "cuda")]
     Gpu(GpuBackend),
+    #[cfg(feature = "nixl")]
+    Nixl(NixlBackend),
 }
 
 impl Backend {
@@ -67,6 +78,11 @@ impl Backend {
                 let (gpu, agent) = GpuBackend::new(device, p)?;
                 Ok((Backend::Gpu(gpu), agent))
             }
+            #[cfg(feature = "nixl")]
+            BackendSpec::Nixl => {
+                let (nixl, agent) = NixlBackend::new(p)?;
+                Ok((Backend::Nixl(nixl), agent))
+            }
         }
     }
 
@@ -76,6 +92,8 @@ impl Backend {
             Backend::Host { agent, .. } => Some(agent.clone()),
             #[cfg(feature = "cuda")]
             Backend::Gpu(_) => None,
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(_) => None,
         }
     }
 
@@ -84,6 +102,8 @@ impl Backend {
             Backend::Host { kv, .. } => kv.block_bytes(),
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => g.block_bytes(),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(n) => n.block_bytes(),
         }
     }
 
@@ -93,6 +113,9 @@ impl Backend {
             Backend::Host { .. } => true,
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => !g.awaits_pool(),
+            // The ctx's metadata comes with its first `NixlReady`, after a token check.
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(_) => true,
         }
     }
 
@@ -102,6 +125,8 @@ impl Backend {
             Backend::Host { .. } => None,
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => g.greeting(),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(_) => None,
         }
     }
 
@@ -116,6 +141,8 @@ impl Backend {
             }
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => Ok(g.fill(seed, blocks)?),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(n) => Ok(n.fill(seed, blocks)?),
         }
     }
 
@@ -133,16 +160,21 @@ impl Backend {
                 .all(|(i, b)| pattern::verify(seed, i as u32, &kv.block(*b), scratch))),
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => Ok(g.verify(seed, blocks, scratch)?),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(n) => Ok(n.verify(seed, blocks, scratch)?),
         }
     }
 
-    /// Handles a CUDA node frame (`CudaPool`, `PullReady`, `PullFinished`) from `peer`.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn on_cuda_frame(&self, peer: PeerId, frame: NodeFrame) -> Result<(), BackendError> {
+    /// Handles a backend's node frame (CUDA: `CudaPool`, `PullReady`, `PullFinished`; NIXL:
+    /// `NixlReady`, `NixlFailed`) from `peer`.
+    #[cfg_attr(not(any(feature = "cuda", feature = "nixl")), allow(unused_variables))]
+    pub fn on_backend_frame(&self, peer: PeerId, frame: NodeFrame) -> Result<(), BackendError> {
         match self {
             Backend::Host { .. } => Err(BackendError::NotCuda(frame.name())),
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => Ok(g.on_frame(peer, frame)?),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(n) => Ok(n.on_frame(peer, frame)?),
         }
     }
 
@@ -152,6 +184,10 @@ impl Backend {
         if let Backend::Gpu(g) = self {
             g.pump();
         }
+        #[cfg(feature = "nixl")]
+        if let Backend::Nixl(n) = self {
+            n.pump();
+        }
     }
 
     /// Ends every transfer that depends on `peer`'s connection.
@@ -160,6 +196,8 @@ impl Backend {
             Backend::Host { agent, .. } => agent.peer_lost(peer),
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => g.peer_lost(peer),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(n) => n.peer_lost(peer),
         }
     }
 }

@@ -2,8 +2,9 @@
 //! builds the GPU one), so that neither imports the other for it.
 
 use super::link::Links;
+use kvferry_core::blocks::BlockPool;
 use kvferry_core::transceiver::Side;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 /// What building a backend needs from its node.
@@ -16,4 +17,6 @@ pub struct BackendParts {
     pub max_jobs: usize,
     pub links: Links,
     pub wake: Arc<Notify>,
+    /// The rank's block pool, for backends that check block epochs before bytes land.
+    pub pool: Arc<Mutex<BlockPool>>,
 }

@@ -1,14 +1,18 @@
 //! Loopback benchmark: the node path (ctx + gen in this process, TCP on 127.0.0.1) against a
-//! plain TCP copy of the same bytes, measured in the same run, round after round.
+//! plain TCP copy of the same bytes, measured in the same run, round after round. With another
+//! backend (`--backend nixl`) each round also runs the host node, so all three are side by side.
 //!
 //! Both are set up alike: each side (ctx and gen; raw sender and raw receiver) runs on its own
 //! OS thread with its own runtime of `threads` threads, as two node processes would, and the
 //! raw copy reads and writes `DATA_CHUNK` at a time, the node's frame size.
 
-use super::spec::NodeSpec;
+use super::backend::BackendSpec;
+use super::rank::Rank;
+use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{cpu, ctx, gen, NodeError};
 use crate::host::kv::prefaulted;
 use crate::host::DATA_CHUNK;
+use kvferry_core::transceiver::Side;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,11 +29,15 @@ pub struct BenchOptions {
     pub verify: bool,
     /// Runtime threads of each side (see `node::runtime`).
     pub threads: usize,
+    /// The node path measured (the host node is measured beside any other).
+    pub backend: BackendSpec,
 }
 
 #[derive(Clone, Debug)]
 pub struct Round {
     pub node_mib_s: f64,
+    /// The host node in the same round, when `node_mib_s` is another backend's.
+    pub host_mib_s: Option<f64>,
     /// The plain raw copy: one buffer per side, always in cache. The target is against this.
     pub raw_mib_s: f64,
     /// A raw copy that cycles through KV-pool-sized buffers, touching as much memory as the
@@ -147,8 +155,22 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
     })
 }
 
-/// One node round: a ctx node on its own thread and a gen load on this runtime.
-pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summary, NodeError> {
+fn rank(spec: &NodeSpec, side: Side, backend: BackendSpec) -> Result<Rank, NodeError> {
+    let instance = match side {
+        Side::Context => CTX_INSTANCE,
+        Side::Generation => GEN_INSTANCE_BASE,
+    };
+    let me = kvferry_core::PeerId { instance, rank: 0 };
+    Rank::with_backend(me, side, spec, backend)
+        .map_err(|e| io("backend")(std::io::Error::other(e.to_string())))
+}
+
+/// One node round on `backend`: a ctx node on its own thread and a gen load on this runtime.
+pub async fn node_round(
+    spec: &NodeSpec,
+    o: &BenchOptions,
+    backend: BackendSpec,
+) -> Result<gen::Summary, NodeError> {
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let ctx_spec = spec.clone();
@@ -158,7 +180,7 @@ pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summar
             .map_err(io("bind ctx"))?;
         // Built before the load starts: the gen's clock starts after its own rank is built,
         // so the ctx's (its KV pool above all) is kept out of the measurement the same way.
-        let rank = ctx::new_rank(&ctx_spec);
+        let rank = rank(&ctx_spec, Side::Context, backend)?;
         let _ = addr_tx.send(listener.local_addr().map_err(io("ctx addr"))?);
         tokio::select! {
             r = ctx::run_with(listener, rank) => r,
@@ -179,7 +201,10 @@ pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summar
         verify: o.verify,
         progress: None,
     };
-    let summary = gen::run(spec.clone(), load).await;
+    let summary = match rank(spec, Side::Generation, backend) {
+        Ok(r) => gen::run_with(r, load).await,
+        Err(e) => Err(e),
+    };
     // Wait for the ctx to be gone so the next measurement does not share the CPU with its
     // teardown, and no round leaks into the next.
     let _ = stop_tx.send(());
@@ -190,12 +215,22 @@ pub async fn node_round(spec: &NodeSpec, o: &BenchOptions) -> Result<gen::Summar
 pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeError> {
     let mut rounds = Vec::with_capacity(o.rounds);
     for _ in 0..o.rounds {
-        let s = node_round(spec, o).await?;
+        let s = node_round(spec, o, o.backend).await?;
+        let host = match o.backend {
+            BackendSpec::Host => None,
+            #[allow(unreachable_patterns)]
+            _ => Some(
+                node_round(spec, o, BackendSpec::Host)
+                    .await?
+                    .throughput_mib_s,
+            ),
+        };
         let raw = raw_copy(s.bytes.max(1), o.threads, DATA_CHUNK).await?;
         let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
         let raw_pool = raw_copy(s.bytes.max(1), o.threads, pool_bytes).await?;
         rounds.push(Round {
             node_mib_s: s.throughput_mib_s,
+            host_mib_s: host,
             raw_mib_s: raw.mib_s,
             raw_pool_mib_s: raw_pool.mib_s,
             // A round that moved nothing shows NaN, not a made-up figure.

@@ -208,9 +208,10 @@ impl CtxNode {
             }
             Inbound::Frame {
                 peer,
-                frame: Frame::Node(f @ NodeFrame::PullFinished { .. }),
+                frame:
+                    Frame::Node(f @ (NodeFrame::PullFinished { .. } | NodeFrame::NixlFailed { .. })),
             } => {
-                if let Err(e) = self.rank.backend.on_cuda_frame(peer, f) {
+                if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
                     tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");
                     self.close(peer);
                 }

@@ -71,6 +71,27 @@ pub enum NodeFrame {
         /// Why the pull did not complete; `None` when every byte arrived.
         error: Option<String>,
     },
+    /// NIXL backend, ctx to gen: the ctx's send job `transfer` of the request is parked (its
+    /// blocks pinned, the gen's token proven), so the gen may READ them from the ctx's pool at
+    /// `pool_base` (`pool_bytes` long). The first one on a connection carries the ctx agent's
+    /// metadata (its KV pool only) as hex: it is sent only after a token was proven.
+    NixlReady {
+        request: RequestId,
+        ctx_rank: u32,
+        transfer: u64,
+        pool_base: u64,
+        pool_bytes: u64,
+        md: Option<String>,
+    },
+    /// NIXL backend, gen to ctx: the gen's READ for `transfer` will send no NIXL notification
+    /// (it failed, was refused or never posted), so the ctx ends its parked send with `error`.
+    /// A READ that succeeds is announced by NIXL's own notification, not by a frame.
+    NixlFailed {
+        request: RequestId,
+        ctx_rank: u32,
+        transfer: u64,
+        error: String,
+    },
 }
 
 impl NodeFrame {
@@ -83,6 +104,8 @@ impl NodeFrame {
             NodeFrame::CudaPool { .. } => "CudaPool",
             NodeFrame::PullReady { .. } => "PullReady",
             NodeFrame::PullFinished { .. } => "PullFinished",
+            NodeFrame::NixlReady { .. } => "NixlReady",
+            NodeFrame::NixlFailed { .. } => "NixlFailed",
         }
     }
 

@@ -431,7 +431,7 @@ impl GenNode {
             NodeFrame::Prepare { .. } => {
                 tracing::warn!("ctx sent a prepare request to a gen node, ignored");
             }
-            f @ NodeFrame::CudaPool { .. } => match self.rank.backend.on_cuda_frame(peer, f) {
+            f @ NodeFrame::CudaPool { .. } => match self.rank.backend.on_backend_frame(peer, f) {
                 Ok(()) => {
                     tracing::info!(%peer, "mapped the ctx's KV pool");
                     self.connected = true;
@@ -440,8 +440,11 @@ impl GenNode {
                 // The ctx cannot be read from: nothing would ever complete, so give up now.
                 Err(e) => self.give_up(peer, &format!("ctx pool not usable: {e}")),
             },
-            f @ (NodeFrame::PullReady { .. } | NodeFrame::PullFinished { .. }) => {
-                if let Err(e) = self.rank.backend.on_cuda_frame(peer, f) {
+            f @ (NodeFrame::PullReady { .. }
+            | NodeFrame::PullFinished { .. }
+            | NodeFrame::NixlReady { .. }
+            | NodeFrame::NixlFailed { .. }) => {
+                if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
                     tracing::warn!(%peer, error = %e, "node frame refused");
                 }
             }

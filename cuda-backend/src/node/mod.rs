@@ -20,6 +20,8 @@ pub mod frame;
 pub mod gen;
 pub mod link;
 pub mod metrics;
+#[cfg(feature = "nixl")]
+pub mod nixl_host;
 pub mod rank;
 pub mod spec;
 pub mod writer;

@@ -59,6 +59,7 @@ impl Rank {
         let layout = spec.layout.with_rank(me.rank);
         let links = Links::default();
         let wake = Arc::new(Notify::new());
+        let pool = Arc::new(Mutex::new(BlockPool::new(spec.pool_blocks)));
         let (backend, agent) = Backend::new(
             backend,
             BackendParts {
@@ -69,9 +70,9 @@ impl Rank {
                 max_jobs: spec.config.max_in_flight,
                 links: links.clone(),
                 wake: wake.clone(),
+                pool: pool.clone(),
             },
         )?;
-        let pool = Arc::new(Mutex::new(BlockPool::new(spec.pool_blocks)));
         let tx = Transceiver::new(TransceiverParts {
             me,
             layout,

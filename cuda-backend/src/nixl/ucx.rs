@@ -1,0 +1,152 @@
+//! The real engine: a nixl-sys agent with the UCX backend and the KV pool registered.
+//! UCX is steered by its own environment (`UCX_TLS`, `UCX_NET_DEVICES`): tests pin it to
+//! `tcp` on `lo`.
+
+use super::engine::{Engine, ReadSpec, XferState};
+use super::error::NixlError;
+use super::pool::HostPool;
+use super::runtime;
+use nixl_sys::{
+    Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs,
+    RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
+};
+use std::sync::Arc;
+
+/// The pool as NIXL sees it: one DRAM region.
+#[derive(Debug)]
+struct PoolRegion(Arc<HostPool>);
+
+impl MemoryRegion for PoolRegion {
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.0.base() as *const u8
+    }
+
+    fn size(&self) -> usize {
+        self.0.len() as usize
+    }
+}
+
+impl NixlDescriptor for PoolRegion {
+    fn mem_type(&self) -> MemType {
+        MemType::Dram
+    }
+
+    fn device_id(&self) -> u64 {
+        0
+    }
+}
+
+#[derive(Debug)]
+pub struct UcxEngine {
+    agent: Agent,
+    _ucx: Backend,
+    // Field order is drop order: deregister before the pool may be freed.
+    _reg: RegistrationHandle,
+    // Holds the pool alive while it is registered (and leaked with the engine).
+    _pool: PoolRegion,
+}
+
+impl UcxEngine {
+    /// Loads the runtime, creates agent `name` with UCX and registers `pool`.
+    pub fn new(name: &str, pool: Arc<HostPool>) -> Result<UcxEngine, NixlError> {
+        runtime::preload()?;
+        // UCX's progress thread would compete with the node for 2 cores; the driver thread
+        // progresses the worker through its polls instead.
+        let config = AgentConfig {
+            enable_prog_thread: false,
+            ..AgentConfig::default()
+        };
+        let agent = Agent::new_configured(name, &config).map_err(NixlError::call("agent"))?;
+        let (_, params) = agent
+            .get_plugin_params("UCX")
+            .map_err(NixlError::call("UCX plugin params"))?;
+        let ucx = agent
+            .create_backend("UCX", &params)
+            .map_err(NixlError::call("UCX backend"))?;
+        let pool = PoolRegion(pool);
+        let reg = agent
+            .register_memory(&pool, None)
+            .map_err(NixlError::call("register the KV pool"))?;
+        Ok(UcxEngine {
+            agent,
+            _ucx: ucx,
+            _reg: reg,
+            _pool: pool,
+        })
+    }
+
+    fn descs(pieces: &[(u64, u64, u64)], remote: bool) -> Result<XferDescList<'static>, NixlError> {
+        let mut l = XferDescList::new(MemType::Dram).map_err(NixlError::call("descriptors"))?;
+        for &(local, far, len) in pieces {
+            l.add_desc(if remote { far } else { local } as usize, len as usize, 0);
+        }
+        Ok(l)
+    }
+}
+
+impl Engine for UcxEngine {
+    type Xfer = XferRequest;
+
+    fn local_md(&mut self) -> Result<Vec<u8>, NixlError> {
+        // The KV pool is this agent's only registration, so its metadata is the pool's and
+        // the UCX connection info. (nixl-sys 1.5.1's partial metadata of the pool alone, even
+        // naming the backend, is refused by the loading peer with NOT_FOUND.)
+        self.agent
+            .get_local_md()
+            .map_err(NixlError::call("pool metadata"))
+    }
+
+    fn load_remote(&mut self, md: &[u8]) -> Result<String, NixlError> {
+        self.agent
+            .load_remote_md(md)
+            .map_err(NixlError::call("load remote metadata"))
+    }
+
+    fn invalidate_remote(&mut self, agent: &str) {
+        if let Err(e) = self.agent.invalidate_remote_md(agent) {
+            tracing::debug!(agent, error = %e, "remote metadata not invalidated");
+        }
+    }
+
+    fn post_read(&mut self, read: &ReadSpec) -> Result<XferRequest, NixlError> {
+        let local = UcxEngine::descs(&read.pieces, false)?;
+        let remote = UcxEngine::descs(&read.pieces, true)?;
+        let mut args = OptArgs::new().map_err(NixlError::call("opt args"))?;
+        args.set_has_notification(true)
+            .and_then(|()| args.set_notification_message(&read.notif))
+            .map_err(NixlError::call("notification"))?;
+        let req = self
+            .agent
+            .create_xfer_req(XferOp::Read, &local, &remote, &read.remote, Some(&args))
+            .map_err(NixlError::call("create READ"))?;
+        self.agent
+            .post_xfer_req(&req, Some(&args))
+            .map_err(NixlError::call("post READ"))?;
+        Ok(req)
+    }
+
+    fn state(&mut self, xfer: &XferRequest) -> XferState {
+        match self.agent.get_xfer_status(xfer) {
+            Ok(XferStatus::Success) => XferState::Done,
+            Ok(XferStatus::InProgress) => XferState::InProgress,
+            Err(e) => XferState::Failed(format!("NIXL transfer: {e}")),
+        }
+    }
+
+    fn notifications(&mut self, out: &mut Vec<(String, Vec<u8>)>) {
+        let Ok(mut map) = NotificationMap::new() else {
+            return;
+        };
+        if self.agent.get_notifications(&mut map, None).is_err() {
+            return;
+        }
+        match map.take_notifs() {
+            Ok(all) => out.extend(
+                all.into_iter()
+                    .flat_map(|(from, ms)| ms.into_iter().map(move |m| (from.clone(), m.into()))),
+            ),
+            // A non-UTF-8 notification is not ours (ours are ASCII): drop the batch.
+            Err(e) => tracing::debug!(error = %e, "unreadable NIXL notifications dropped"),
+        }
+    }
+}

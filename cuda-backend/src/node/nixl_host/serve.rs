@@ -1,0 +1,211 @@
+//! Ctx side: a `TransferAgent` whose send jobs move no bytes themselves. Each is parked, its
+//! blocks pinned by the core, and offered to the gen with a `NixlReady`; the gen READs the
+//! blocks with NIXL and its READ's notification (request, token, transfer) completes the send.
+//! A `NixlFailed` from that gen, or the loss of its connection, fails it instead. The core
+//! unpins only on that completion, so no READ of the gen reads blocks already reused here.
+
+use super::super::frame::{Frame, NodeFrame};
+use super::super::link::Links;
+use super::notice::Notice;
+use crate::nixl::Driver;
+use kvferry_core::agent::{
+    AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
+};
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+#[derive(Debug)]
+struct Parked {
+    request: RequestId,
+    token: TransferToken,
+    to: PeerId,
+    bytes: u64,
+    done: CompletionQueue,
+    cancelled: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// By the send job's id (the `transfer` of its `NixlReady`). Bounded by the core's jobs
+    /// in flight.
+    parked: HashMap<TransferId, Parked>,
+    /// Connections that were sent this agent's metadata.
+    told: HashSet<PeerId>,
+}
+
+/// Where the ctx's pool lies, and the metadata a gen needs to READ it.
+#[derive(Debug, Clone)]
+pub struct PoolOffer {
+    pub rank: u32,
+    pub base: u64,
+    pub bytes: u64,
+    pub md_hex: String,
+}
+
+#[derive(Debug)]
+pub struct NixlServe {
+    driver: Mutex<Driver>,
+    offer: PoolOffer,
+    links: Links,
+    wake: Arc<Notify>,
+    state: Mutex<State>,
+}
+
+impl NixlServe {
+    pub fn new(driver: Driver, offer: PoolOffer, links: Links, wake: Arc<Notify>) -> NixlServe {
+        NixlServe {
+            driver: Mutex::new(driver),
+            offer,
+            links,
+            wake,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("nixl serve state poisoned")
+    }
+
+    /// Completes parked sends whose READ notified. Call before every completion step.
+    pub fn pump(&self) {
+        let mut notes = Vec::new();
+        self.driver().take_notifs(&mut notes);
+        let mut st = self.lock();
+        for (agent, bytes) in notes {
+            let Some(n) = Notice::parse(&bytes) else {
+                tracing::debug!(agent, "foreign NIXL notification ignored");
+                continue;
+            };
+            let ours = st
+                .parked
+                .get(&n.transfer)
+                .is_some_and(|p| p.request == n.request && p.token == n.token);
+            if !ours {
+                tracing::debug!(agent, request = %n.request, "NIXL notification without authority");
+                continue;
+            }
+            let p = st.parked.remove(&n.transfer).expect("checked above");
+            let result = if p.cancelled {
+                Err(AgentError::Cancelled)
+            } else {
+                Ok(p.bytes)
+            };
+            p.done.push(Completion {
+                id: n.transfer,
+                result,
+            });
+        }
+    }
+
+    /// The gen `from` says its READ of `transfer` will not notify: the send fails.
+    pub fn on_failed(&self, from: PeerId, request: RequestId, transfer: u64, error: &str) -> bool {
+        let id = TransferId(transfer);
+        let mut st = self.lock();
+        if !st
+            .parked
+            .get(&id)
+            .is_some_and(|p| p.to == from && p.request == request)
+        {
+            return false;
+        }
+        let p = st.parked.remove(&id).expect("checked above");
+        let why = AgentError::Backend(format!("gen READ failed: {error}"));
+        p.done.push(Completion {
+            id,
+            result: Err(why),
+        });
+        self.wake.notify_one();
+        true
+    }
+
+    /// The gen's connection is gone: its parked sends fail instead of waiting forever, and a
+    /// reconnect is sent the metadata again.
+    pub fn peer_lost(&self, peer: PeerId) {
+        let mut st = self.lock();
+        st.told.remove(&peer);
+        let lost: Vec<TransferId> = st
+            .parked
+            .iter()
+            .filter(|(_, p)| p.to == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &lost {
+            let p = st.parked.remove(id).expect("listed above");
+            let result = Err(AgentError::PeerUnreachable(peer));
+            p.done.push(Completion { id: *id, result });
+        }
+        if !lost.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    fn driver(&self) -> MutexGuard<'_, Driver> {
+        self.driver.lock().expect("nixl driver lock poisoned")
+    }
+
+    fn ready_frame(&self, st: &mut State, to: PeerId, request: RequestId, id: TransferId) -> Frame {
+        let md = st.told.insert(to).then(|| self.offer.md_hex.clone());
+        Frame::Node(NodeFrame::NixlReady {
+            request,
+            ctx_rank: self.offer.rank,
+            transfer: id.0,
+            pool_base: self.offer.base,
+            pool_bytes: self.offer.bytes,
+            md,
+        })
+    }
+}
+
+impl TransferAgent for NixlServe {
+    fn submit(&self, job: TransferJob, done: CompletionQueue) -> Result<(), AgentError> {
+        let Direction::Send { to } = job.direction else {
+            return Err(AgentError::Backend("a NIXL ctx node only sends".into()));
+        };
+        let mut st = self.lock();
+        if st.parked.contains_key(&job.id) {
+            return Err(AgentError::Backend(format!("{:?} already parked", job.id)));
+        }
+        let frame = self.ready_frame(&mut st, to, job.request, job.id);
+        if let Err(e) = self.links.send_frame(to, frame) {
+            // Nobody will READ: refuse now rather than leave the blocks pinned.
+            st.told.remove(&to);
+            return Err(AgentError::Backend(format!("nixl-ready not sent: {e}")));
+        }
+        let parked = Parked {
+            request: job.request,
+            token: job.token,
+            to,
+            bytes: job.bytes,
+            done,
+            cancelled: false,
+        };
+        st.parked.insert(job.id, parked);
+        Ok(())
+    }
+
+    /// Only marks: the gen may be reading the blocks right now, so the send still ends at the
+    /// READ's notification (as `Cancelled`), its failure, or the gen's loss.
+    fn cancel(&self, id: TransferId) {
+        if let Some(p) = self.lock().parked.get_mut(&id) {
+            p.cancelled = true;
+        }
+    }
+}
+
+impl Drop for NixlServe {
+    /// Parked sends end with `ShutDown`; their gens may still be reading, so the pool and its
+    /// registration are leaked rather than freed under them.
+    fn drop(&mut self) {
+        let st = std::mem::take(&mut *self.lock());
+        let leak = !st.parked.is_empty();
+        for (id, p) in st.parked {
+            p.done.push(Completion {
+                id,
+                result: Err(AgentError::ShutDown),
+            });
+        }
+        self.driver().stop(leak);
+    }
+}

@@ -1,0 +1,132 @@
+//! The node over NIXL: a ctx and a gen `kvferry-node --backend nixl` as two processes, the gen
+//! READing the ctx's host pool with NIXL over UCX on loopback only (`UCX_TLS=tcp`,
+//! `UCX_NET_DEVICES=lo`). They need the runtime `.ci/install-nixl` puts under `target/nixl`
+//! and fail without it: they never skip.
+//!
+//! The node runs one rank per process with a TP1 layout (`single_rank`), so bytes are verified
+//! across TP1 → TP1 here; heterogeneous TP is covered by the core's plans and the simulator,
+//! not by this process-level test.
+#![cfg(feature = "nixl")]
+
+use kvferry_tests::{wait_released, write_config, NodeProc, SMALL_LAYOUT};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
+/// Bound on a whole gen run (debug build, loaded CI).
+const GEN_TIMEOUT: Duration = Duration::from_secs(240);
+/// Loopback only: UCX would otherwise also use every other interface.
+const UCX_LOOPBACK: [(&str, &str); 2] = [("UCX_TLS", "tcp"), ("UCX_NET_DEVICES", "lo")];
+
+fn ctx(listen: &str, config: &str) -> NodeProc {
+    let mut args = vec!["ctx", "--backend", "nixl", "--listen", listen];
+    args.extend(["--config", config, "--metrics", "127.0.0.1:0"]);
+    args.extend(SMALL_LAYOUT);
+    NodeProc::spawn_env(BIN, &args, &UCX_LOOPBACK)
+}
+
+fn gen(peer: SocketAddr, requests: &str, config: &str) -> NodeProc {
+    let peer = peer.to_string();
+    let mut args = vec!["gen", "--backend", "nixl", "--peer", &peer];
+    args.extend([
+        "--requests",
+        requests,
+        "--concurrency",
+        "8",
+        "--max-blocks",
+        "16",
+    ]);
+    args.extend(["--progress-ms", "50", "--config", config]);
+    args.extend(SMALL_LAYOUT);
+    NodeProc::spawn_env(BIN, &args, &UCX_LOOPBACK)
+}
+
+/// Waits until the gen reported at least `n` requests done.
+fn wait_done(gen: &NodeProc, n: u64) {
+    let ok = gen.wait_stderr(Duration::from_secs(120), |l| {
+        l.strip_prefix("progress done=")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|d| d.parse::<u64>().ok())
+            .is_some_and(|d| d >= n)
+    });
+    assert!(ok, "gen made no progress:\n{}", gen.stderr_text());
+}
+
+fn assert_pools_free(s: &serde_json::Value) {
+    assert_eq!(s["staging_free"], s["staging_slots"], "{s}");
+    assert_eq!(s["staging_poisoned"], 0, "{s}");
+    assert_eq!(s["blocks_free"], s["blocks_total"], "{s}");
+}
+
+#[test]
+fn nixl_read_moves_verified_bytes_between_two_processes() {
+    let cfg = write_config("");
+    let cfg = cfg.to_str().unwrap();
+    let c = ctx("127.0.0.1:0", cfg);
+    let addr = c.addr("listening ");
+    let metrics = c.addr("metrics ");
+    let mut g = gen(addr, "200", cfg);
+    let status = g.wait_exit(GEN_TIMEOUT);
+    let s = g.summary();
+    assert!(status.success(), "{s}\n{}", g.stderr_text());
+    // The gen verifies every block against the ctx's seeded pattern (its default).
+    assert_eq!(s["done"], 200, "{s}");
+    assert_eq!(s["failed"], 0, "{s}");
+    assert!(s["bytes"].as_u64().unwrap() > 0, "{s}");
+    assert_pools_free(&s);
+    // Every parked send was completed by a READ's notification: the ctx holds nothing.
+    wait_released(metrics);
+}
+
+#[test]
+fn nixl_killed_gen_mid_read_makes_ctx_free_every_slot_and_block() {
+    let ctx_cfg = write_config("kv_transfer_sender_future_timeout_ms = 3000\n");
+    let gen_cfg = write_config("kv_transfer_timeout_ms = 5000\ninflight_cancel = true\n");
+    let (ctx_cfg, gen_cfg) = (ctx_cfg.to_str().unwrap(), gen_cfg.to_str().unwrap());
+    let c = ctx("127.0.0.1:0", ctx_cfg);
+    let metrics = c.addr("metrics ");
+    let addr = c.addr("listening ");
+    let mut g1 = gen(addr, "100000", gen_cfg);
+    wait_done(&g1, 30);
+    g1.kill();
+    c.assert_gen_disconnect_seen();
+    wait_released(metrics);
+
+    // The ctx still serves: a new gen (a new NIXL agent) is sent the metadata again.
+    let mut g2 = gen(addr, "20", gen_cfg);
+    let status = g2.wait_exit(GEN_TIMEOUT);
+    let s = g2.summary();
+    assert!(status.success(), "{s}");
+    assert_eq!(s["done"], 20, "{s}");
+}
+
+#[test]
+fn nixl_killed_ctx_mid_read_fails_gen_requests_without_a_hang() {
+    let ctx_cfg = write_config("kv_transfer_sender_future_timeout_ms = 5000\n");
+    let gen_cfg = write_config("kv_transfer_timeout_ms = 5000\ninflight_cancel = true\n");
+    let (ctx_cfg, gen_cfg) = (ctx_cfg.to_str().unwrap(), gen_cfg.to_str().unwrap());
+    let mut ctx1 = ctx("127.0.0.1:0", ctx_cfg);
+    let addr = ctx1.addr("listening ");
+    let mut g = gen(addr, "2000", gen_cfg);
+    wait_done(&g, 30);
+    ctx1.kill();
+    // The same port again: the gen knows only this address; the new ctx is a new agent.
+    let ctx2 = ctx(&addr.to_string(), ctx_cfg);
+    assert_eq!(ctx2.addr("listening "), addr);
+    g.wait_exit(GEN_TIMEOUT);
+    let s = g.summary();
+    let failed = s["failed"].as_u64().unwrap();
+    assert!(failed >= 1, "no request was caught by the kill: {s}");
+    let errors = s["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|k| k.contains("ctx connection lost")),
+        "unclear errors: {s}"
+    );
+    assert!(s["done_after_reconnect"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(
+        s["done"].as_u64().unwrap() + failed,
+        2000,
+        "every request ends exactly once: {s}"
+    );
+    assert_pools_free(&s);
+}
