@@ -2,6 +2,7 @@
 //! builds the GPU one), so that neither imports the other for it.
 
 use super::link::Links;
+use crate::host::kv::HostKv;
 use kvferry_core::transceiver::Side;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -16,4 +17,7 @@ pub struct BackendParts {
     pub max_jobs: usize,
     pub links: Links,
     pub wake: Arc<Notify>,
+    /// The host backend's pool when a program that embeds the rank lends its own memory
+    /// (`HostKv::lent`); `None`: the backend allocates its pool.
+    pub lent: Option<Arc<HostKv>>,
 }
