@@ -41,8 +41,8 @@ fn a_request_lands_in_the_named_blocks() {
     let bb = spec(Side::Context).node.layout.block_bytes() as usize;
     let mut ctx_mem: Vec<u8> = (0..bb * BLOCKS as usize).map(|i| (i % 251) as u8).collect();
     let mut gen_mem = vec![0u8; bb * BLOCKS as usize];
-    let mut ctx = start(Side::Context, &mut ctx_mem);
-    let mut gen = start(Side::Generation, &mut gen_mem);
+    let ctx = start(Side::Context, &mut ctx_mem);
+    let gen = start(Side::Generation, &mut gen_mem);
 
     let ticket = ctx.send(RequestId(7), vec![5, 2]).unwrap();
     gen.receive(RequestId(100), vec![1, 6], ticket.clone())
@@ -73,8 +73,8 @@ fn misuse_is_refused_with_its_reason() {
     let bb = spec(Side::Context).node.layout.block_bytes() as usize;
     let mut ctx_mem = vec![0u8; bb * BLOCKS as usize];
     let mut gen_mem = vec![0u8; bb * BLOCKS as usize];
-    let mut ctx = start(Side::Context, &mut ctx_mem);
-    let mut gen = start(Side::Generation, &mut gen_mem);
+    let ctx = start(Side::Context, &mut ctx_mem);
+    let gen = start(Side::Generation, &mut gen_mem);
 
     let t = ctx.send(RequestId(1), vec![0]).unwrap();
     assert_eq!(reason(ctx.send(RequestId(1), vec![1])), "id-in-use");

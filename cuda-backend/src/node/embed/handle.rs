@@ -19,7 +19,7 @@ use crate::node::{runtime, OwnedTask, INBOX};
 use kvferry_core::transceiver::Side;
 use kvferry_core::{PeerId, RequestId};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
@@ -48,13 +48,14 @@ pub enum StartError {
     Backend(#[from] BackendError),
 }
 
+/// Shared by the program's threads: one may wait for statuses while another closes.
 #[derive(Debug)]
 pub struct EmbeddedRank {
     side: Side,
     /// `None` once closed.
-    commands: Option<mpsc::Sender<Command>>,
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
     outcomes: Arc<Outcomes>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     listening: Option<SocketAddr>,
 }
 
@@ -84,9 +85,9 @@ impl EmbeddedRank {
         };
         Ok(EmbeddedRank {
             side,
-            commands: Some(cmd_tx),
+            commands: Mutex::new(Some(cmd_tx)),
             outcomes,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             listening,
         })
     }
@@ -101,11 +102,12 @@ impl EmbeddedRank {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.commands.is_none()
+        self.commands.lock().expect("commands lock").is_none()
     }
 
     fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, CommandError> {
-        let tx = self.commands.as_ref().ok_or(CommandError::Closed)?;
+        let tx = self.commands.lock().expect("commands lock").clone();
+        let tx = tx.ok_or(CommandError::Closed)?;
         let (reply, rx) = oneshot::channel();
         tx.blocking_send(make(reply))
             .map_err(|_| CommandError::Closed)?;
@@ -147,12 +149,18 @@ impl EmbeddedRank {
         self.outcomes.take(at_least, timeout)
     }
 
+    /// Requests registered whose status has not come yet.
+    pub fn pending(&self) -> usize {
+        self.outcomes.pending()
+    }
+
     /// Stops the driver (what is in flight is cancelled, its fences awaited for at most
     /// `driver::CLOSE_DRAIN`) and joins its thread; every pool reference the driver held is
     /// gone when this returns true. Idempotent.
-    pub fn close(&mut self) -> bool {
-        self.commands = None;
-        match self.thread.take() {
+    pub fn close(&self) -> bool {
+        self.commands.lock().expect("commands lock").take();
+        let thread = self.thread.lock().expect("thread lock").take();
+        match thread {
             Some(t) => t.join().is_ok(),
             None => true,
         }

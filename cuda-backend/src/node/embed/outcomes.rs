@@ -50,6 +50,11 @@ impl Outcomes {
         self.lock().ready.len()
     }
 
+    /// Requests registered whose outcome is not pushed yet.
+    pub fn pending(&self) -> usize {
+        self.lock().pending
+    }
+
     /// A request was registered: its outcome will come.
     pub fn expect_one(&self) {
         self.lock().pending += 1;
