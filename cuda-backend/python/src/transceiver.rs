@@ -190,10 +190,14 @@ impl KvCacheTransceiver {
         let params = match context_params {
             Some(p) => p,
             None => {
-                from_request = request.getattr("context_params").map_err(|_| {
+                let missing = || {
                     let msg = "no context_params given and the request has none".to_string();
                     error::<crate::errors::ContextParamsError>(py, "missing", msg)
-                })?;
+                };
+                from_request = request.getattr("context_params").map_err(|_| missing())?;
+                if from_request.is_none() {
+                    return Err(missing());
+                }
                 &from_request
             }
         };
