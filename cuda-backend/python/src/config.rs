@@ -13,7 +13,11 @@ pub fn from_py(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Tr
     };
     let dict = PyDict::new(py);
     dict.call_method1("update", (config,)).map_err(|e| {
-        error::<ConfigError>(py, "type", format!("config must be a mapping of field names: {e}"))
+        error::<ConfigError>(
+            py,
+            "type",
+            format!("config must be a mapping of field names: {e}"),
+        )
     })?;
     let json: String = py
         .import("json")?

@@ -6,12 +6,42 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(kvferry, KvFerryError, PyException, "Base of every kvferry error; `reason` names why.");
-create_exception!(kvferry, ConfigError, KvFerryError, "A config or layout that does not validate.");
-create_exception!(kvferry, PoolError, KvFerryError, "A KV pool buffer that does not fit the layout.");
-create_exception!(kvferry, RequestError, KvFerryError, "A request the transceiver refused.");
-create_exception!(kvferry, ContextParamsError, KvFerryError, "Context parameters that are not kvferry's, or damaged.");
-create_exception!(kvferry, ClosedError, KvFerryError, "The transceiver is closed.");
+create_exception!(
+    kvferry,
+    KvFerryError,
+    PyException,
+    "Base of every kvferry error; `reason` names why."
+);
+create_exception!(
+    kvferry,
+    ConfigError,
+    KvFerryError,
+    "A config or layout that does not validate."
+);
+create_exception!(
+    kvferry,
+    PoolError,
+    KvFerryError,
+    "A KV pool buffer that does not fit the layout."
+);
+create_exception!(
+    kvferry,
+    RequestError,
+    KvFerryError,
+    "A request the transceiver refused."
+);
+create_exception!(
+    kvferry,
+    ContextParamsError,
+    KvFerryError,
+    "Context parameters that are not kvferry's, or damaged."
+);
+create_exception!(
+    kvferry,
+    ClosedError,
+    KvFerryError,
+    "The transceiver is closed."
+);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();

@@ -91,7 +91,13 @@ impl Layout {
     pub fn block_shape(&self) -> (u32, u32, u32, u32, u32) {
         let c = &self.core;
         let (l, h) = (c.local_layers().len(), c.local_heads().len());
-        (l as u32, c.kv_factor(), h as u32, c.tokens_per_block, c.head_dim)
+        (
+            l as u32,
+            c.kv_factor(),
+            h as u32,
+            c.tokens_per_block,
+            c.head_dim,
+        )
     }
 
     /// The shape of a pool of `num_blocks` blocks: (num_blocks, *block_shape).

@@ -29,13 +29,25 @@ fn bad(py: Python<'_>, reason: &str, msg: String) -> PyErr {
 pub fn lend(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: &Layout) -> PyResult<LentPool> {
     let memoryview = py.import("builtins")?.getattr("memoryview")?;
     let view = memoryview.call1((obj,)).map_err(|e| {
-        bad(py, "not-a-buffer", format!("the KV pool must be a buffer (a numpy array): {e}"))
+        bad(
+            py,
+            "not-a-buffer",
+            format!("the KV pool must be a buffer (a numpy array): {e}"),
+        )
     })?;
     if view.getattr("readonly")?.extract::<bool>()? {
-        return Err(bad(py, "readonly", "the KV pool buffer is read-only".into()));
+        return Err(bad(
+            py,
+            "readonly",
+            "the KV pool buffer is read-only".into(),
+        ));
     }
     if !view.getattr("c_contiguous")?.extract::<bool>()? {
-        return Err(bad(py, "not-contiguous", "the KV pool buffer is not C-contiguous".into()));
+        return Err(bad(
+            py,
+            "not-contiguous",
+            "the KV pool buffer is not C-contiguous".into(),
+        ));
     }
     let format: String = view.getattr("format")?.extract()?;
     let format = format.trim_start_matches(['@', '=', '<']);
@@ -50,7 +62,9 @@ pub fn lend(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: &Layout) -> PyResult
     let nbytes: u64 = view.getattr("nbytes")?.extract()?;
     let blocks = check_size(py, &view, nbytes, layout)?;
     let ctypes = py.import("ctypes")?;
-    let array_type = ctypes.getattr("c_char")?.call_method1("__mul__", (nbytes,))?;
+    let array_type = ctypes
+        .getattr("c_char")?
+        .call_method1("__mul__", (nbytes,))?;
     let holder = array_type.call_method1("from_buffer", (&view,))?;
     let addr: usize = ctypes.call_method1("addressof", (&holder,))?.extract()?;
     // SAFETY: the memory is `nbytes` bytes at `addr`, writable and contiguous (checked), and

@@ -46,11 +46,11 @@ pub fn id_and_blocks(py: Python<'_>, req: &Bound<'_, PyAny>) -> PyResult<(u64, V
             error::<RequestError>(py, "not-a-request", msg)
         })
     };
-    let id = attr("request_id")?.extract().map_err(|e| {
-        error::<RequestError>(py, "not-a-request", format!("request_id: {e}"))
-    })?;
-    let blocks = attr("block_ids")?.extract().map_err(|e| {
-        error::<RequestError>(py, "not-a-request", format!("block_ids: {e}"))
-    })?;
+    let id = attr("request_id")?
+        .extract()
+        .map_err(|e| error::<RequestError>(py, "not-a-request", format!("request_id: {e}")))?;
+    let blocks = attr("block_ids")?
+        .extract()
+        .map_err(|e| error::<RequestError>(py, "not-a-request", format!("block_ids: {e}")))?;
     Ok((id, blocks))
 }

@@ -66,16 +66,21 @@ fn side_of(py: Python<'_>, role: &str) -> PyResult<Side> {
 
 impl KvCacheTransceiver {
     fn open(&self, py: Python<'_>) -> PyResult<Arc<Open>> {
-        self.open.lock().expect("open lock").clone().ok_or_else(|| {
-            error::<ClosedError>(py, "closed", "the transceiver is closed".into())
-        })
+        self.open
+            .lock()
+            .expect("open lock")
+            .clone()
+            .ok_or_else(|| error::<ClosedError>(py, "closed", "the transceiver is closed".into()))
     }
 
     fn on_side(&self, py: Python<'_>, side: Side, call: &str) -> PyResult<()> {
         if self.side == side {
             return Ok(());
         }
-        let msg = format!("{call} belongs to the other side; this is a {:?} transceiver", self.side);
+        let msg = format!(
+            "{call} belongs to the other side; this is a {:?} transceiver",
+            self.side
+        );
         Err(error::<crate::errors::RequestError>(py, "wrong-side", msg))
     }
 
@@ -96,7 +101,8 @@ impl KvCacheTransceiver {
         loop {
             let need = at_least.saturating_sub(got.len());
             let slice = deadline.map_or(SIGNAL_CHECK, |d| {
-                d.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK)
+                d.saturating_duration_since(Instant::now())
+                    .min(SIGNAL_CHECK)
             });
             got.extend(py.allow_threads(|| open.rank.take(need, Some(slice))));
             let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
@@ -216,7 +222,13 @@ impl KvCacheTransceiver {
         at_least: Option<usize>,
         timeout_ms: Option<u64>,
     ) -> PyResult<Vec<TransferStatus>> {
-        self.statuses(py, Side::Context, at_least, timeout_ms, "check_context_transfer_status")
+        self.statuses(
+            py,
+            Side::Context,
+            at_least,
+            timeout_ms,
+            "check_context_transfer_status",
+        )
     }
 
     /// Generation statuses, as `check_context_transfer_status`.
@@ -227,7 +239,13 @@ impl KvCacheTransceiver {
         at_least: Option<usize>,
         timeout_ms: Option<u64>,
     ) -> PyResult<Vec<TransferStatus>> {
-        self.statuses(py, Side::Generation, at_least, timeout_ms, "check_gen_transfer_status")
+        self.statuses(
+            py,
+            Side::Generation,
+            at_least,
+            timeout_ms,
+            "check_gen_transfer_status",
+        )
     }
 
     /// Cancels `request` (or a request id); True if it was active. Its status still comes.
