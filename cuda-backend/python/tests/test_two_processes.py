@@ -66,14 +66,16 @@ def test_paged_cache_moves_byte_for_byte():
 def killed_mid_transfer(victim):
     # 256 MiB in 16 requests; the victim is killed right after the gen has asked for all.
     requests = [[8 * i + j for j in range(8)] for i in range(16)]
-    s = spec(requests, requests, blocks=128, wait_ms=30_000,
+    # Requests still parked for a connection that is not up when the ctx dies wait out the
+    # dialer's reconnect budget (`gen::MAX_RECONNECT_ATTEMPTS`, about 40 s) before they fail.
+    s = spec(requests, requests, blocks=128, wait_ms=90_000,
              config={"kv_transfer_sender_future_timeout_ms": 5_000})
     ctx, gen = pair(s)
     dead, alive = (gen, ctx) if victim == "gen" else (ctx, gen)
     os.kill(dead.pid, signal.SIGKILL)
     dead.wait(10)
     out = json.loads(line(alive))
-    assert alive.wait(30) == 0
+    assert alive.wait(60) == 0
     return out
 
 
