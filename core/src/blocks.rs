@@ -41,6 +41,15 @@ pub enum BlockError {
     NotOwned { block: u32, request: RequestId },
     #[error("block {0} has too many pins")]
     TooManyPins(u32),
+    #[error(
+        "block {block} is not free (held by {owner:?}, or freed and still pinned by a transfer)"
+    )]
+    NotFree {
+        block: u32,
+        owner: Option<RequestId>,
+    },
+    #[error("block {0} is named twice")]
+    Repeated(u32),
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +135,45 @@ impl BlockPool {
                 "free list held a live block {id}"
             );
             *m = Meta {
+                owner: Some(owner),
+                epoch,
+                pins: 0,
+                free_deferred: false,
+            };
+            out.push(BlockRef { id, epoch });
+        }
+        Ok(out)
+    }
+
+    /// Exactly the blocks `ids`, in that order, all or none: for a pool whose block ids an
+    /// embedding engine's own KV cache manager assigns (the Python package), not this pool's
+    /// free list. Refuses an id past the pool, one named twice, or one that is not free (held,
+    /// or freed while a transfer still pins it: its memory may still be read or written).
+    /// Costs one pass over the free list, as the ids may sit anywhere in it.
+    pub fn allocate_ids(
+        &mut self,
+        owner: RequestId,
+        ids: &[u32],
+    ) -> Result<Vec<BlockRef>, BlockError> {
+        let mut wanted = std::collections::HashSet::with_capacity(ids.len());
+        for &id in ids {
+            let m = self.meta.get(id as usize).ok_or(BlockError::Unknown(id))?;
+            if m.owner.is_some() || m.pins > 0 {
+                return Err(BlockError::NotFree {
+                    block: id,
+                    owner: m.owner,
+                });
+            }
+            if !wanted.insert(id) {
+                return Err(BlockError::Repeated(id));
+            }
+        }
+        self.free.retain(|id| !wanted.contains(id));
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            self.meta[id as usize] = Meta {
                 owner: Some(owner),
                 epoch,
                 pins: 0,
@@ -277,6 +325,41 @@ mod tests {
         ));
         p.check_write(&new[0]).unwrap();
         assert!(p.check_owner(&new[0], RequestId(1)).is_err());
+    }
+
+    #[test]
+    fn allocate_ids_takes_exactly_the_free_ids_named_or_none() {
+        let mut p = BlockPool::new(6);
+        let a = p.allocate_ids(RequestId(1), &[4, 1]).unwrap();
+        assert_eq!(a.iter().map(|b| b.id).collect::<Vec<_>>(), vec![4, 1]);
+        assert_eq!(p.free_count(), 4);
+        // Held, repeated, past the pool: refused, and nothing of the call is taken.
+        assert!(matches!(
+            p.allocate_ids(RequestId(2), &[0, 4]),
+            Err(BlockError::NotFree { block: 4, .. })
+        ));
+        assert_eq!(
+            p.allocate_ids(RequestId(2), &[2, 2]),
+            Err(BlockError::Repeated(2))
+        );
+        assert_eq!(
+            p.allocate_ids(RequestId(2), &[9]),
+            Err(BlockError::Unknown(9))
+        );
+        assert_eq!(p.free_count(), 4);
+        // Freed while pinned: not free until the pin goes.
+        p.pin(&a[..1]).unwrap();
+        p.free(&a);
+        assert!(p.allocate_ids(RequestId(3), &[4]).is_err());
+        assert_eq!(p.allocate_ids(RequestId(3), &[1]).unwrap()[0].id, 1);
+        p.unpin(&a[..1]);
+        assert_eq!(p.allocate_ids(RequestId(3), &[4]).unwrap()[0].id, 4);
+        // The free list no longer hands out what was taken by id.
+        let rest = p.allocate(RequestId(4), 3).unwrap();
+        let mut ids: Vec<u32> = rest.iter().map(|b| b.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![0, 2, 3]);
+        assert_eq!(p.free_count(), 1, "block 5 is left");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (`block_id * block_bytes + offset`), the same addressing as plan fragments.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
 
 /// A zeroed block whose pages are mapped now. `vec![0; n]` may return untouched zero pages
@@ -14,11 +15,45 @@ pub(crate) fn prefaulted(n: usize) -> Vec<u8> {
     v
 }
 
+/// One block's bytes: the pool's own, or a piece of memory a program that embeds a rank lent
+/// it (`HostKv::lent`: an inference engine's KV cache).
+#[derive(Debug)]
+pub enum BlockMem {
+    Owned(Vec<u8>),
+    Lent { ptr: *mut u8, len: usize },
+}
+
+// SAFETY: a lent block is plain memory that `HostKv::lent`'s caller keeps valid for the
+// pool's life; every access goes through the block's mutex, as for an owned block.
+unsafe impl Send for BlockMem {}
+unsafe impl Sync for BlockMem {}
+
+impl Deref for BlockMem {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BlockMem::Owned(v) => v,
+            // SAFETY: see `HostKv::lent`.
+            BlockMem::Lent { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
+impl DerefMut for BlockMem {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            BlockMem::Owned(v) => v,
+            // SAFETY: see `HostKv::lent`; the block's mutex makes this the only reference.
+            BlockMem::Lent { ptr, len } => unsafe { std::slice::from_raw_parts_mut(*ptr, *len) },
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct HostKv {
     block_bytes: u64,
     // One lock per block: a receive landing in one block never waits on a send reading another.
-    blocks: Vec<Mutex<Vec<u8>>>,
+    blocks: Vec<Mutex<BlockMem>>,
 }
 
 impl HostKv {
@@ -26,7 +61,30 @@ impl HostKv {
         HostKv {
             block_bytes,
             blocks: (0..blocks)
-                .map(|_| Mutex::new(prefaulted(block_bytes as usize)))
+                .map(|_| Mutex::new(BlockMem::Owned(prefaulted(block_bytes as usize))))
+                .collect(),
+        }
+    }
+
+    /// A pool over `blocks * block_bytes` bytes of memory at `base` that the caller owns (an
+    /// engine's KV cache, block `i` at `base + i * block_bytes`).
+    ///
+    /// # Safety
+    /// The memory must be valid for reads and writes for as long as this pool (and every
+    /// clone of an `Arc` holding it) lives, and nothing else may write to a block while a
+    /// transfer pins it (the caller learns when that ends from the request's terminal state).
+    pub unsafe fn lent(base: *mut u8, blocks: u32, block_bytes: u64) -> HostKv {
+        let len = block_bytes as usize;
+        HostKv {
+            block_bytes,
+            blocks: (0..blocks as usize)
+                .map(|i| {
+                    Mutex::new(BlockMem::Lent {
+                        // SAFETY: in bounds of the caller's region, by the contract above.
+                        ptr: unsafe { base.add(i * len) },
+                        len,
+                    })
+                })
                 .collect(),
         }
     }
@@ -35,7 +93,12 @@ impl HostKv {
         self.block_bytes
     }
 
-    pub fn block(&self, id: u32) -> MutexGuard<'_, Vec<u8>> {
+    /// Blocks in the pool.
+    pub fn blocks(&self) -> u32 {
+        self.blocks.len() as u32
+    }
+
+    pub fn block(&self, id: u32) -> MutexGuard<'_, BlockMem> {
         self.blocks[id as usize]
             .lock()
             .expect("kv block lock poisoned")
@@ -118,7 +181,10 @@ impl HostKv {
     /// Locks every block `pieces` touch, in ascending id order: the only way this pool takes
     /// more than one block lock at a time, so two holders of several never deadlock (others
     /// hold one lock at a time and wait for nothing while they do).
-    fn lock_all(&self, pieces: &[(u32, usize, usize)]) -> (Vec<u32>, Vec<MutexGuard<'_, Vec<u8>>>) {
+    fn lock_all(
+        &self,
+        pieces: &[(u32, usize, usize)],
+    ) -> (Vec<u32>, Vec<MutexGuard<'_, BlockMem>>) {
         let mut ids: Vec<u32> = pieces.iter().map(|p| p.0).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -181,12 +247,29 @@ mod tests {
                 }
             }
         });
-        let all: Vec<u8> = (0..4u32).flat_map(|b| kv.block(b).clone()).collect();
+        let all: Vec<u8> = (0..4u32).flat_map(|b| kv.block(b).to_vec()).collect();
         assert_eq!(&all[40..52], &(1..=12).collect::<Vec<u8>>()[..]);
         assert_eq!(&all[2..5], &[13, 14, 15]);
         assert_eq!(&all[8..12], &[16, 17, 18, 19]);
         let written: usize = all.iter().filter(|&&x| x != 0).count();
         assert_eq!(written, 19, "nothing outside the ranges");
+    }
+
+    /// A lent pool reads and writes the caller's memory, block `i` at `i * block_bytes`.
+    #[test]
+    fn lent_pool_is_the_callers_memory() {
+        let mut mem: Vec<u8> = (0..64).collect();
+        // SAFETY: `mem` outlives `kv`, and nothing else touches it meanwhile.
+        let kv = unsafe { HostKv::lent(mem.as_mut_ptr(), 4, 16) };
+        assert_eq!(kv.blocks(), 4);
+        let got = kv.with_ranges(&[(20, 4)], |s| s[0].to_vec());
+        assert_eq!(got, vec![20, 21, 22, 23]);
+        kv.with_ranges_mut(&[(14, 4)], |s| {
+            s[0].copy_from_slice(&[7; 2]);
+            s[1].copy_from_slice(&[9; 2]);
+        });
+        drop(kv);
+        assert_eq!(&mem[12..20], &[12, 13, 7, 7, 9, 9, 18, 19]);
     }
 
     #[test]

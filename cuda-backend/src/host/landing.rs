@@ -282,7 +282,7 @@ mod tests {
 
         fn landed(&self) -> Vec<u8> {
             let block = layout().block_bytes() as usize;
-            let mut v = self.kv.block(3).clone();
+            let mut v = self.kv.block(3).to_vec();
             v.extend_from_slice(&self.kv.block(1));
             assert_eq!(v.len(), 2 * block);
             v

@@ -39,6 +39,13 @@ pub enum BackendError {
     Nixl(#[from] super::nixl_host::NixlNodeError),
     #[error("{0} frame on a node whose backend does not take it")]
     NotCuda(&'static str),
+    #[error("lent pool of {blocks} blocks of {block_bytes} bytes; the spec says {want_blocks} of {want_block_bytes}")]
+    LentPool {
+        blocks: u32,
+        block_bytes: u64,
+        want_blocks: u32,
+        want_block_bytes: u64,
+    },
     #[error("transceiver setup: {0}")]
     Setup(#[from] kvferry_core::transceiver::SetupError),
 }
@@ -63,7 +70,18 @@ impl Backend {
     ) -> Result<(Backend, Arc<dyn TransferAgent>), BackendError> {
         match spec {
             BackendSpec::Host => {
-                let kv = Arc::new(HostKv::new(p.blocks, p.block_bytes));
+                let kv = match p.lent {
+                    Some(kv) if kv.blocks() != p.blocks || kv.block_bytes() != p.block_bytes => {
+                        return Err(BackendError::LentPool {
+                            blocks: kv.blocks(),
+                            block_bytes: kv.block_bytes(),
+                            want_blocks: p.blocks,
+                            want_block_bytes: p.block_bytes,
+                        })
+                    }
+                    Some(kv) => kv,
+                    None => Arc::new(HostKv::new(p.blocks, p.block_bytes)),
+                };
                 let agent = Arc::new(HostAgent::new(p.rank, kv.clone(), p.links, p.wake));
                 Ok((
                     Backend::Host {

@@ -2,6 +2,7 @@
 //! builds the GPU one), so that neither imports the other for it.
 
 use super::link::Links;
+use crate::host::kv::HostKv;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::transceiver::Side;
 use std::sync::{Arc, Mutex};
@@ -19,4 +20,7 @@ pub struct BackendParts {
     pub wake: Arc<Notify>,
     /// The rank's block pool, for backends that check block epochs before bytes land.
     pub pool: Arc<Mutex<BlockPool>>,
+    /// The host backend's pool when a program that embeds the rank lends its own memory
+    /// (`HostKv::lent`); `None`: the backend allocates its pool.
+    pub lent: Option<Arc<HostKv>>,
 }

@@ -111,7 +111,8 @@ pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError
     }
 }
 
-async fn accept_loop(listener: TcpListener, a: Attach) {
+/// Accepts gen peers on `listener` for the driver behind `a`, seated by `admit`, until aborted.
+pub async fn accept_loop(listener: TcpListener, a: Attach) {
     let table = Arc::new(Mutex::new(Admission::new(
         MAX_CONNECTIONS,
         a.limits.max_conns_per_ip,

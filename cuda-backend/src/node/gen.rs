@@ -205,8 +205,9 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
     Ok(node.summarize(elapsed, cpu_time))
 }
 
-/// What the dialer hands each connection.
-async fn dial_loop(addr: SocketAddr, peer: PeerId, a: Attach) {
+/// Dials `addr` (the ctx `peer`) for the driver behind `a`, reconnecting with bounded backoff;
+/// tells the driver `GaveUp` when the attempts run out.
+pub async fn dial_loop(addr: SocketAddr, peer: PeerId, a: Attach) {
     let mut failures: u32 = 0;
     let mut ever_connected = false;
     loop {

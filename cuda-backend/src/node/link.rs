@@ -99,6 +99,11 @@ impl Links {
         self.lock().get(&peer).cloned()
     }
 
+    /// The peers with a connection now.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.lock().keys().copied().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod ctx;
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+pub mod embed;
 pub mod frame;
 pub mod gen;
 pub mod link;

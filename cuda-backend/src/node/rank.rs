@@ -7,6 +7,7 @@ use super::frame::Frame;
 use super::link::{LinkError, Links};
 use super::metrics::Metrics;
 use super::spec::{NodeLimits, NodeSpec};
+use crate::host::kv::HostKv;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::{agree, CollectiveError};
@@ -56,6 +57,27 @@ impl Rank {
         spec: &NodeSpec,
         backend: BackendSpec,
     ) -> Result<Rank, BackendError> {
+        Rank::build(me, side, spec, backend, None)
+    }
+
+    /// A host-memory rank whose KV pool is memory its embedding program lent (`kv`, made by
+    /// `HostKv::lent`); its geometry must be the spec's. Must run inside a tokio runtime.
+    pub fn with_lent_kv(
+        me: PeerId,
+        side: Side,
+        spec: &NodeSpec,
+        kv: Arc<HostKv>,
+    ) -> Result<Rank, BackendError> {
+        Rank::build(me, side, spec, BackendSpec::Host, Some(kv))
+    }
+
+    fn build(
+        me: PeerId,
+        side: Side,
+        spec: &NodeSpec,
+        backend: BackendSpec,
+        lent: Option<Arc<HostKv>>,
+    ) -> Result<Rank, BackendError> {
         let layout = spec.layout.with_rank(me.rank);
         let links = Links::default();
         let wake = Arc::new(Notify::new());
@@ -71,6 +93,7 @@ impl Rank {
                 links: links.clone(),
                 wake: wake.clone(),
                 pool: pool.clone(),
+                lent,
             },
         )?;
         let tx = Transceiver::new(TransceiverParts {

@@ -1,0 +1,28 @@
+//! The `kvferry` Python module: `KvCacheTransceiver` with the reference transceiver's API over
+//! an embedded kvferry rank (`kvferry_backends::node::embed`), its KV pool in a buffer the
+//! engine owns. One concept per file: `errors` (exceptions), `config`, `layout`, `pool` (the
+//! engine's buffer, checked), `params` (context parameters), `status`, `request`,
+//! `transceiver`.
+
+use pyo3::prelude::*;
+
+mod config;
+mod errors;
+mod layout;
+mod params;
+mod pool;
+mod request;
+mod status;
+mod transceiver;
+
+#[pymodule]
+fn kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<transceiver::KvCacheTransceiver>()?;
+    m.add_class::<layout::Layout>()?;
+    m.add_class::<params::ContextParams>()?;
+    m.add_class::<request::Request>()?;
+    m.add_class::<status::TransferStatus>()?;
+    errors::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

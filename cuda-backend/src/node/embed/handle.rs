@@ -1,0 +1,239 @@
+//! The embedding program's handle on its rank: starts the driver on a thread of its own (a
+//! one-thread tokio runtime), passes the program's calls to it and waits for the answer (the
+//! driver answers at once: no call waits on the network), hands out terminal statuses, and on
+//! close stops the driver and joins its thread. Every method is blocking-safe to call from any
+//! thread that is not inside a tokio runtime.
+
+use super::command::{Command, CommandError, COMMAND_QUEUE};
+use super::dialers::Dialers;
+use super::driver::{Driver, Role};
+use super::outcomes::{Outcome, Outcomes};
+use super::ticket::ContextTicket;
+use crate::host::kv::HostKv;
+use crate::node::backend::BackendError;
+use crate::node::conn::Attach;
+use crate::node::ctx::accept_loop;
+use crate::node::rank::{Occupancy, Rank};
+use crate::node::spec::NodeSpec;
+use crate::node::{runtime, OwnedTask, INBOX};
+use kvferry_core::transceiver::Side;
+use kvferry_core::{PeerId, RequestId};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// What an embedded rank is.
+#[derive(Clone, Debug)]
+pub struct EmbedSpec {
+    pub side: Side,
+    pub node: NodeSpec,
+    /// Context side: where to listen (port 0 picks one); tickets name the bound address.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting the driver thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Shared by the program's threads: one may wait for statuses while another closes.
+#[derive(Debug)]
+pub struct EmbeddedRank {
+    side: Side,
+    /// `None` once closed.
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    outcomes: Arc<Outcomes>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    listening: Option<SocketAddr>,
+}
+
+impl EmbeddedRank {
+    /// Starts a rank over `kv` (the program's memory, see `HostKv::lent`).
+    pub fn start(spec: EmbedSpec, kv: Arc<HostKv>) -> Result<EmbeddedRank, StartError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let outcomes = Arc::new(Outcomes::default());
+        let out = outcomes.clone();
+        let side = spec.side;
+        let thread = std::thread::Builder::new()
+            .name("kvferry-driver".into())
+            .spawn(move || {
+                drive(spec, kv, out.clone(), cmd_rx, ready_tx);
+                out.close();
+            })
+            .map_err(StartError::Thread)?;
+        let listening = match ready_rx.recv() {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = thread.join();
+                return Err(StartError::Thread(std::io::Error::other(
+                    "the driver thread ended before it was ready",
+                )));
+            }
+        };
+        Ok(EmbeddedRank {
+            side,
+            commands: Mutex::new(Some(cmd_tx)),
+            outcomes,
+            thread: Mutex::new(Some(thread)),
+            listening,
+        })
+    }
+
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// The context side's bound address.
+    pub fn listening(&self) -> Option<SocketAddr> {
+        self.listening
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.commands.lock().expect("commands lock").is_none()
+    }
+
+    fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, CommandError> {
+        let tx = self.commands.lock().expect("commands lock").clone();
+        let tx = tx.ok_or(CommandError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.blocking_send(make(reply))
+            .map_err(|_| CommandError::Closed)?;
+        rx.blocking_recv().map_err(|_| CommandError::Closed)
+    }
+
+    /// Context side: serve engine request `id` from `blocks`; its ticket for the generation side.
+    pub fn send(&self, id: RequestId, blocks: Vec<u32>) -> Result<ContextTicket, CommandError> {
+        self.call(|reply| Command::Send { id, blocks, reply })?
+    }
+
+    /// Generation side: receive `ticket`'s request into `blocks` as engine request `id`.
+    pub fn receive(
+        &self,
+        id: RequestId,
+        blocks: Vec<u32>,
+        ticket: ContextTicket,
+    ) -> Result<(), CommandError> {
+        self.call(|reply| Command::Receive {
+            id,
+            blocks,
+            ticket,
+            reply,
+        })?
+    }
+
+    /// Cancels engine request `id`; false if it is not active here.
+    pub fn cancel(&self, id: RequestId) -> Result<bool, CommandError> {
+        self.call(|reply| Command::Cancel { id, reply })
+    }
+
+    pub fn occupancy(&self) -> Result<Occupancy, CommandError> {
+        self.call(|reply| Command::Occupancy { reply })
+    }
+
+    /// Terminal statuses: every one ready, after waiting for at least `at_least` (see
+    /// `Outcomes::take`).
+    pub fn take(&self, at_least: usize, timeout: Option<Duration>) -> Vec<Outcome> {
+        self.outcomes.take(at_least, timeout)
+    }
+
+    /// Requests registered whose status has not come yet.
+    pub fn pending(&self) -> usize {
+        self.outcomes.pending()
+    }
+
+    /// Stops the driver (what is in flight is cancelled, its fences awaited for at most
+    /// `driver::CLOSE_DRAIN`) and joins its thread; every pool reference the driver held is
+    /// gone when this returns true. Idempotent.
+    pub fn close(&self) -> bool {
+        self.commands.lock().expect("commands lock").take();
+        let thread = self.thread.lock().expect("thread lock").take();
+        match thread {
+            Some(t) => t.join().is_ok(),
+            None => true,
+        }
+    }
+}
+
+impl Drop for EmbeddedRank {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The driver thread's body: builds the rank in its runtime, says whether that worked, runs.
+fn drive(
+    spec: EmbedSpec,
+    kv: Arc<HostKv>,
+    out: Arc<Outcomes>,
+    commands: mpsc::Receiver<Command>,
+    ready: std::sync::mpsc::SyncSender<Result<Option<SocketAddr>, StartError>>,
+) {
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(StartError::Thread(e)));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let (inbox_tx, inbox) = mpsc::channel(INBOX);
+        let (driver, listening) = match build(&spec, kv, inbox_tx, out).await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(listening));
+        if let Err(e) = driver.run(inbox, commands).await {
+            tracing::error!(error = %e, "embedded rank stopped");
+        }
+    });
+}
+
+async fn build(
+    spec: &EmbedSpec,
+    kv: Arc<HostKv>,
+    inbox: mpsc::Sender<crate::node::conn::Inbound>,
+    out: Arc<Outcomes>,
+) -> Result<(Driver, Option<SocketAddr>), StartError> {
+    // A generation rank names its context peers 0, 1, ... (`Dialers`): it takes the top id.
+    let instance = match spec.side {
+        Side::Context => crate::node::spec::CTX_INSTANCE,
+        Side::Generation => u32::MAX,
+    };
+    let me = PeerId { instance, rank: 0 };
+    let rank = Rank::with_lent_kv(me, spec.side, &spec.node, kv)?;
+    let attach = Attach::new(&rank, inbox);
+    let (role, listening) = match spec.side {
+        Side::Context => {
+            let listen = |source| StartError::Listen {
+                addr: spec.listen,
+                source,
+            };
+            let listener = TcpListener::bind(spec.listen).await.map_err(listen)?;
+            let addr = listener.local_addr().map_err(listen)?;
+            let accept = OwnedTask(tokio::spawn(accept_loop(listener, attach)));
+            let role = Role::Context {
+                addr,
+                _accept: accept,
+            };
+            (role, Some(addr))
+        }
+        Side::Generation => (Role::Generation(Dialers::new(attach)), None),
+    };
+    Ok((Driver::new(rank, role, out), listening))
+}
