@@ -21,6 +21,16 @@ impl fmt::Display for RequestId {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct TransferToken(pub u128);
 
+impl TransferToken {
+    /// Whether `other` is this token, in time that does not depend on where they differ (no
+    /// early exit on the first differing byte), so a peer guessing a token learns nothing from
+    /// how long a refusal took.
+    pub fn matches(self, other: TransferToken) -> bool {
+        let x = self.0 ^ other.0;
+        x.to_le_bytes().iter().fold(0u8, |acc, b| acc | b) == 0
+    }
+}
+
 impl fmt::Debug for TransferToken {
     // Never print a secret in full: logs travel further than the cluster.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -39,5 +49,21 @@ pub struct PeerId {
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "i{}r{}", self.instance, self.rank)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_when_every_byte_does() {
+        let t = |v| TransferToken(v);
+        assert!(t(0).matches(t(0)));
+        assert!(t(u128::MAX).matches(t(u128::MAX)));
+        assert!(!t(5).matches(t(6)));
+        // Two differing bytes whose differences cancel under xor still differ.
+        assert!(!t(0).matches(t(0x0101)));
+        assert!(!t(1 << 127).matches(t(0)));
     }
 }

@@ -52,7 +52,7 @@ impl Transceiver {
             return;
         };
         let proven = match token {
-            Some(t) => tokens_equal(t.0, e.req.token.0),
+            Some(t) => t.matches(e.req.token),
             None => is_bound(e, from),
         };
         if !proven && !any {

@@ -25,12 +25,6 @@ fn receive_plan(
         .map(Arc::new)
 }
 
-pub(super) fn tokens_equal(a: u128, b: u128) -> bool {
-    // No early exit on the first differing byte: the comparison time says nothing.
-    let x = a ^ b;
-    x.to_le_bytes().iter().fold(0u8, |acc, b| acc | b) == 0
-}
-
 impl Transceiver {
     pub(super) fn register(&mut self, now: Duration, req: Arc<Request>, side: Side) {
         // An id registered again is live again (its old tombstone ages out of the queue).
@@ -107,8 +101,8 @@ impl Transceiver {
             match parked {
                 Parked::Info { from, info } => self.on_request_info(now, from, info),
                 Parked::Abort { token: t, .. } => {
-                    aborted |= self.bugs.has(Bug::AcceptAnyAbort)
-                        || t.is_some_and(|t| tokens_equal(t.0, token.0));
+                    aborted |=
+                        self.bugs.has(Bug::AcceptAnyAbort) || t.is_some_and(|t| t.matches(token));
                 }
             }
         }
@@ -282,7 +276,7 @@ impl Transceiver {
             self.reject(from, id, ErrorCode::UnknownRequest, "not a context request");
             return;
         }
-        if !self.bugs.has(Bug::SkipTokenCheck) && !tokens_equal(info.token.0, entry.req.token.0) {
+        if !self.bugs.has(Bug::SkipTokenCheck) && !info.token.matches(entry.req.token) {
             self.reject(from, id, ErrorCode::BadToken, "transfer token mismatch");
             return;
         }
@@ -316,7 +310,7 @@ impl Transceiver {
             // The request ended before this peer asked (e.g. cancelled first): say so, so the
             // generation side fails now instead of waiting out its timeout. A peer without the
             // token learns nothing more than for any other request.
-            let (code, detail) = if tokens_equal(info.token.0, token.0) {
+            let (code, detail) = if info.token.matches(token) {
                 (ErrorCode::Cancelled, "request already ended here")
             } else {
                 (ErrorCode::BadToken, "transfer token mismatch")
@@ -398,20 +392,5 @@ impl Transceiver {
             self.try_start_leg(now, id, gen_rank);
         }
         self.check_finished(id);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tokens_equal;
-
-    #[test]
-    fn tokens_are_equal_only_when_every_byte_is() {
-        assert!(tokens_equal(0, 0));
-        assert!(tokens_equal(u128::MAX, u128::MAX));
-        assert!(!tokens_equal(5, 6));
-        // Two differing bytes whose differences cancel under xor still differ.
-        assert!(!tokens_equal(0, 0x0101));
-        assert!(!tokens_equal(1 << 127, 0));
     }
 }

@@ -1,6 +1,15 @@
 //! A registered request and its legs: what the transceiver keeps per request.
 
-use super::*;
+use super::events::{FailCause, Side};
+use crate::agent::TransferStatus;
+use crate::blocks::BlockRef;
+use crate::plan::TransferPlan;
+use crate::request::Request;
+use crate::staging::SlotGuard;
+use crate::PeerId;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub(super) enum LegState {

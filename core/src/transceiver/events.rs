@@ -1,6 +1,12 @@
 //! What a transceiver reports: events, failure causes, counters, status checks.
 
-use super::*;
+use crate::agent::TransferId;
+use crate::collective::Contribution;
+use crate::request::{Request, RequestState};
+use crate::wire::ErrorCode;
+use crate::{PeerId, RequestId};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Which side of a transfer a request is on here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,5 +1,6 @@
 //! Leg execution: a staging slot, pins, the agent's job, and its fence (I1, I2, I5, I6).
 
+use super::abort::abort_message;
 use super::*;
 
 impl Transceiver {

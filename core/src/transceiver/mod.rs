@@ -60,8 +60,6 @@ mod tombstones;
 use tombstones::Tombstones;
 pub use tombstones::MAX_TOMBSTONES;
 
-use abort::abort_message;
-use admission::tokens_equal;
 pub use early::{
     EarlyCounts, MAX_EARLY_ABORTS, MAX_EARLY_ABORTS_PER_PEER, MAX_EARLY_INFOS,
     MAX_EARLY_INFO_BYTES, MAX_EARLY_INFO_BYTES_PER_PEER,
