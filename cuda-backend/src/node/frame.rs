@@ -281,23 +281,36 @@ mod tests {
     /// whose length prefix says 2^60 ids, a body with bytes after its frame, an unknown variant.
     #[test]
     fn hostile_bodies_are_refused() {
-        let prepared = NodeFrame::prepared(1, RequestId(2), TransferToken(3), vec![4, 5], test_layout());
+        let prepared =
+            NodeFrame::prepared(1, RequestId(2), TransferToken(3), vec![4, 5], test_layout());
         let mut whole = BytesMut::new();
         encode_node(&prepared, &mut whole);
         let body = whole.split_off(NODE_HEADER_LEN);
         // Varint encoding: the block count follows tag (1 byte), request (1), token (1 + 32).
         let count_at = 1 + 1 + 1 + 1 + 32;
-        assert_eq!(body[count_at], 2, "the block count sits where this test lies about it");
+        assert_eq!(
+            body[count_at], 2,
+            "the block count sits where this test lies about it"
+        );
         let mut lying = body[..count_at].to_vec();
         lying.push(0xFD); // u64 follows
         lying.extend_from_slice(&(1u64 << 60).to_le_bytes());
         lying.extend_from_slice(&body[count_at + 1..]);
-        assert!(matches!(decode(&mut framed(&lying)), Err(FrameError::Body(_))));
+        assert!(matches!(
+            decode(&mut framed(&lying)),
+            Err(FrameError::Body(_))
+        ));
 
         let mut trailing = body.to_vec();
         trailing.push(0);
-        assert!(matches!(decode(&mut framed(&trailing)), Err(FrameError::Body(_))));
-        assert!(matches!(decode(&mut framed(&[200])), Err(FrameError::Body(_))));
+        assert!(matches!(
+            decode(&mut framed(&trailing)),
+            Err(FrameError::Body(_))
+        ));
+        assert!(matches!(
+            decode(&mut framed(&[200])),
+            Err(FrameError::Body(_))
+        ));
         assert_eq!(decode(&mut framed(&body)), Ok(Some(Frame::Node(prepared))));
     }
 
