@@ -422,8 +422,8 @@ impl Inner {
             .host
             .upload(desc.dev.ptr(), len, &self.stream)
             .and_then(|_| {
-                self.kernel
-                    .launch_expand(&self.stream, &args, &self.config.kernel)
+                let shape = self.config.kernel.fitted(st.next.largest_piece());
+                self.kernel.launch_expand(&self.stream, &args, &shape)
             })
             .and_then(|_| event.record(&self.stream));
         if let Err(e) = r {

@@ -60,6 +60,11 @@ impl Expansion {
         self.legs.last().map_or(0, |l| l.items_end)
     }
 
+    /// The largest template piece of every leg so far (the launch shape is fitted to it).
+    pub fn largest_piece(&self) -> u64 {
+        self.tmpl.iter().map(|p| p.len).max().unwrap_or(0)
+    }
+
     /// Adds the leg of `plan` that `src_rank` sends, from pool `src` to pool `dst`, each
     /// template fragment cut into pieces of at most `piece` bytes; returns the leg's bytes.
     /// A leg of no bytes adds nothing. Every fragment is checked against both regions first
@@ -270,7 +275,12 @@ mod tests {
             m.sort_unstable();
             m
         };
-        assert!(bytes(&got) == bytes(&want), "the expansion moves other bytes than the plan");
+        assert!(
+            bytes(&got) == bytes(&want),
+            "the expansion moves other bytes than the plan"
+        );
+        // Two heads of 16 × 4 × 2 bytes per (layer, kv) and rank, cut at 48 bytes.
+        assert_eq!(e.largest_piece(), 48);
         let mut out = vec![0u8; e.encoded_len()];
         let args = e.encode(&mut out, 4096);
         assert_eq!(args.n_legs, 4);

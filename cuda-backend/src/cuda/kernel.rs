@@ -175,7 +175,32 @@ impl Default for KernelConfig {
     }
 }
 
+/// Fewest threads `KernelConfig::fitted` gives a CTA.
+const MIN_FITTED_THREADS: u32 = 128;
+/// Resident CTAs per SM on Ampere and Hopper: `fitted` never asks for more.
+const MAX_CTAS_PER_SM: u32 = 32;
+/// Bytes one thread loads per word (`uint4`, the word of every 16-byte aligned KV fragment).
+const WORD_BYTES: u64 = 16;
+
 impl KernelConfig {
+    /// This shape with CTAs sized to pieces of `largest` bytes: a CTA of `threads` threads
+    /// with `unroll` loads each covers `threads × unroll × 16` bytes per round, so on smaller
+    /// pieces threads idle and fewer loads are in flight (16 KiB pieces at 512 × 4: half).
+    /// Halves the threads (down to 128) until one round fits the piece, and multiplies the
+    /// CTAs per SM by as much, so as many threads stay resident.
+    pub fn fitted(self, largest: u64) -> KernelConfig {
+        let mut c = self;
+        while c.threads / 2 >= MIN_FITTED_THREADS
+            && c.threads % 64 == 0
+            && c.ctas_per_sm * 2 <= MAX_CTAS_PER_SM
+            && u64::from(c.threads) * u64::from(c.unroll) * WORD_BYTES > largest
+        {
+            c.threads /= 2;
+            c.ctas_per_sm *= 2;
+        }
+        c
+    }
+
     pub fn validate(&self) -> Result<(), CudaError> {
         if !(32..=1024).contains(&self.threads) || self.threads & 31 != 0 {
             return Err(CudaError::Invalid(format!(
@@ -378,6 +403,23 @@ pub fn encode_pieces(pieces: &[CopyPiece], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 16 KiB pieces get 256-thread CTAs, twice as many; pieces as large as a round keep the
+    /// shape; the resident thread count never changes, and 128 threads is the floor.
+    #[test]
+    fn fitted_shapes_size_ctas_to_the_pieces() {
+        let base = KernelConfig::default(); // 512 threads, 4 per SM, 4 loads: 32 KiB a round
+        let f = base.fitted(16 << 10);
+        assert_eq!((f.threads, f.ctas_per_sm), (256, 8));
+        assert_eq!(base.fitted(32 << 10), base);
+        assert_eq!(base.fitted(10 << 20), base);
+        let tiny = base.fitted(256);
+        assert_eq!((tiny.threads, tiny.ctas_per_sm), (128, 16));
+        for c in [f, tiny] {
+            assert_eq!(c.threads * c.ctas_per_sm, base.threads * base.ctas_per_sm);
+            c.validate().unwrap();
+        }
+    }
 
     #[test]
     fn pieces_cover_the_fragment_and_cut_on_source_multiples() {
