@@ -191,7 +191,7 @@ impl KernelConfig {
     pub fn fitted(self, largest: u64) -> KernelConfig {
         let mut c = self;
         while c.threads / 2 >= MIN_FITTED_THREADS
-            && c.threads % 64 == 0
+            && c.threads.is_multiple_of(64)
             && c.ctas_per_sm * 2 <= MAX_CTAS_PER_SM
             && u64::from(c.threads) * u64::from(c.unroll) * WORD_BYTES > largest
         {
