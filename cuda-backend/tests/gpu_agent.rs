@@ -93,7 +93,9 @@ fn ctx_pools(s: &Setup, tp: u32) -> (Vec<Arc<DeviceBuffer>>, Vec<Vec<u8>>) {
     (dev, host)
 }
 
-fn pull_case(ctx_tp: u32, gen_tp: u32) {
+/// Every generation rank pulls its legs from the context pools, one launch per leg, or with
+/// `batched` all legs of a rank in one launch (`CudaAgent::batch`).
+fn pull_case(ctx_tp: u32, gen_tp: u32, batched: bool) {
     let Some(s) = setup() else { return };
     let (ctx_dev, ctx_host) = ctx_pools(&s, ctx_tp);
     for g in 0..gen_tp {
@@ -112,6 +114,7 @@ fn pull_case(ctx_tp: u32, gen_tp: u32) {
         let q = CompletionQueue::new(16);
         let mut expected = vec![POISON; pool_bytes];
         let sources = plan.sources();
+        let batch = batched.then(|| agent.batch());
         for &c in &sources {
             let peer = PeerId {
                 instance: 0,
@@ -122,6 +125,11 @@ fn pull_case(ctx_tp: u32, gen_tp: u32) {
             let j = job(u64::from(c), Direction::Receive { from: peer }, &plan, 0);
             agent.submit(j, q.clone()).unwrap();
         }
+        if batched {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(q.is_empty(), "a held batch launched before it was released");
+        }
+        drop(batch);
         for c in wait(&q, sources.len()) {
             let want = plan.bytes_from(c.id.0 as u32);
             assert_eq!(c.result, Ok(want));
@@ -136,22 +144,32 @@ fn pull_case(ctx_tp: u32, gen_tp: u32) {
 
 #[test]
 fn gpu_agent_same_tp() {
-    pull_case(1, 1);
+    pull_case(1, 1, false);
 }
 
 #[test]
 fn gpu_agent_concat_heads_ctx_tp2_to_gen_tp1() {
-    pull_case(2, 1);
+    pull_case(2, 1, false);
 }
 
 #[test]
 fn gpu_agent_split_heads_ctx_tp1_to_gen_tp2() {
-    pull_case(1, 2);
+    pull_case(1, 2, false);
 }
 
 #[test]
 fn gpu_agent_replicated_heads_ctx_tp8_to_gen_tp2() {
-    pull_case(8, 2);
+    pull_case(8, 2, false);
+}
+
+#[test]
+fn gpu_agent_all_legs_in_one_launch_ctx_tp4_to_gen_tp1() {
+    pull_case(4, 1, true);
+}
+
+#[test]
+fn gpu_agent_all_legs_in_one_launch_replicated_ctx_tp8_to_gen_tp2() {
+    pull_case(8, 2, true);
 }
 
 #[test]

@@ -468,10 +468,10 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
     );
     println!("node path: {:?}", o.backend);
     print_host_beside(rows);
-    println!("round  node MiB/s  raw MiB/s  ratio  raw pool MiB/s  ratio  p50 ms  p99 ms  failed  cpu s/GiB node  raw");
+    println!("round  node MiB/s  raw MiB/s  ratio  raw pool MiB/s  ratio  p50 ms  p99 ms  failed  cpu s/GiB node  raw  requests/s  cpu µs/req  fixed µs/req");
     for (i, r) in rows.iter().enumerate() {
         println!(
-            "{:>5}  {:>10.1}  {:>9.1}  {:>5.2}  {:>14.1}  {:>5.2}  {:>6.2}  {:>6.2}  {:>6}  {:>14.2}  {:>4.2}",
+            "{:>5}  {:>10.1}  {:>9.1}  {:>5.2}  {:>14.1}  {:>5.2}  {:>6.2}  {:>6.2}  {:>6}  {:>14.2}  {:>4.2}  {:>10.0}  {:>10.1}  {:>12.1}",
             i + 1,
             r.node_mib_s,
             r.raw_mib_s,
@@ -483,11 +483,17 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
             r.failed,
             r.node_cpu_s_per_gib,
             r.raw_cpu_s_per_gib,
+            r.requests_s,
+            r.node_cpu_us_per_request,
+            r.fixed_us_per_request,
         );
     }
-    let node = bench::median(rows.iter().map(|r| r.node_mib_s).collect());
-    let raw = bench::median(rows.iter().map(|r| r.raw_mib_s).collect());
-    let raw_pool = bench::median(rows.iter().map(|r| r.raw_pool_mib_s).collect());
+    let med = |f: fn(&bench::Round) -> f64| bench::median(rows.iter().map(f).collect());
+    let (node, raw, raw_pool) = (
+        med(|r| r.node_mib_s),
+        med(|r| r.raw_mib_s),
+        med(|r| r.raw_pool_mib_s),
+    );
     println!(
         "median node {:.1} MiB/s, raw {:.1} MiB/s, ratio {:.2}, raw pool {:.1} MiB/s, ratio {:.2}, p50 {:.2} ms, p99 {:.2} ms, cpu s/GiB node {:.2} raw {:.2}",
         node,
@@ -495,9 +501,15 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
         node / raw.max(1e-9),
         raw_pool,
         node / raw_pool.max(1e-9),
-        bench::median(rows.iter().map(|r| r.p50_ms).collect()),
-        bench::median(rows.iter().map(|r| r.p99_ms).collect()),
-        bench::median(rows.iter().map(|r| r.node_cpu_s_per_gib).collect()),
-        bench::median(rows.iter().map(|r| r.raw_cpu_s_per_gib).collect()),
+        med(|r| r.p50_ms),
+        med(|r| r.p99_ms),
+        med(|r| r.node_cpu_s_per_gib),
+        med(|r| r.raw_cpu_s_per_gib),
+    );
+    println!(
+        "median {:.0} requests/s, cpu {:.1} µs/request, fixed {:.1} µs/request (beyond the raw copy's cpu for the same bytes)",
+        med(|r| r.requests_s),
+        med(|r| r.node_cpu_us_per_request),
+        med(|r| r.fixed_us_per_request),
     );
 }

@@ -1,11 +1,14 @@
 //! `CudaAgent`: the core's `TransferAgent` over NVLink peer memory.
 //!
-//! Data path: a job's fragments become kernel pieces (absolute device addresses), uploaded from
-//! pinned memory and copied by one launch of the gather kernel on the agent's stream; an event
-//! recorded after the launch is the job's fence. Completions are found by querying events without
-//! blocking, from an agent-owned poller thread (or from `poll()` by a driver that prefers its own
-//! loop). Jobs share one stream, so they finish in submission order and a poll stops at the first
-//! unfinished one: O(completed), not O(in flight).
+//! Data path: a job's leg goes into an `Expansion` (its template pieces and block pairs, a few
+//! KiB whatever the request's length), uploaded from pinned memory and copied by one launch of
+//! the expanding kernel on the agent's stream; an event recorded after the launch is the fence
+//! of every job in it. Jobs submitted while a `Batch` is held share one upload and one launch
+//! (all legs of a request: one launch). Completions are found by a poller thread that spins on
+//! the oldest launch's event for `spin`, then sleeps in the driver until that event fires (a
+//! blocking-sync event: no timer wakeups, no sleep granularity added to short jobs), or by
+//! `poll()` from a driver that prefers its own loop. Launches share one stream, so they finish
+//! in submission order and a poll stops at the first unfinished one: O(completed).
 //!
 //! Roles, one GPU per process as in production: the generation rank maps each context rank's
 //! pool (`IpcMapping`, registered with `register_peer`) and *pulls* on `Receive`. The context
@@ -16,8 +19,8 @@
 
 use super::device::{Event, Gpu, Stream};
 use super::error::CudaError;
-use super::kernel::PIECE_BYTES;
-use super::kernel::{encode_pieces, split_into_pieces, CopyKernel, CopyPiece, KernelConfig};
+use super::expand::Expansion;
+use super::kernel::{CopyKernel, KernelConfig};
 use super::memory::{DeviceBuffer, PinnedBuffer, Region};
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -27,15 +30,21 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Smallest descriptor buffer: the legs of a typical request fit (a 2,048-token TP4 → TP1
+/// request needs about 6 KiB).
+const MIN_DESC_BYTES: usize = 16 << 10;
 
 #[derive(Clone, Debug)]
 pub struct CudaAgentConfig {
     pub kernel: KernelConfig,
     /// Jobs on the GPU at once; more is refused at submit (never queued unboundedly).
     pub max_in_flight: usize,
-    /// Poller sleep between event queries while jobs are in flight. Zero spins (yielding).
-    pub poll_interval: Duration,
+    /// How long the poller spins on the oldest launch's event before it sleeps in the driver
+    /// until the event fires. Spinning finds a completion within about a microsecond but holds
+    /// a core; the blocking wait frees it at the cost of a wakeup (BENCHMARKS.md).
+    pub spin: Duration,
     /// Start the poller thread. Without it the owner must call `poll()`.
     pub poller_thread: bool,
 }
@@ -45,28 +54,35 @@ impl Default for CudaAgentConfig {
         CudaAgentConfig {
             kernel: KernelConfig::default(),
             max_in_flight: 256,
-            poll_interval: Duration::from_micros(5),
+            spin: Duration::from_millis(2),
             poller_thread: true,
         }
     }
 }
 
-/// Descriptor staging of one job: pinned host copy and the device copy the kernel reads.
+/// Descriptor staging of one launch: pinned host copy and the device copy the kernel reads.
 struct DescBuf {
     host: PinnedBuffer,
     dev: DeviceBuffer,
     cap: usize,
 }
 
-struct InFlight {
+/// A job accepted into a launch (or into the batch of the next one).
+struct Job {
     id: TransferId,
     done: CompletionQueue,
     bytes: u64,
-    event: Event,
-    desc: DescBuf,
     cancelled: bool,
     /// Keeps both pools mapped until the kernel finished, even if a peer is unregistered.
     _regions: [Region; 2],
+}
+
+/// One launch on the GPU: its event fences every job in it.
+struct InFlight {
+    jobs: Vec<Job>,
+    /// Shared with the poller while it sleeps on it outside the lock.
+    event: Arc<Event>,
+    desc: DescBuf,
 }
 
 struct Parked {
@@ -82,7 +98,18 @@ struct State {
     free_descs: Vec<DescBuf>,
     /// Sticky: a failed event query means the context is broken; later submits fail fast.
     failed: Option<String>,
-    scratch: Vec<CopyPiece>,
+    /// Legs accepted but not launched yet: while a `Batch` is held, or within one submit.
+    next: Expansion,
+    next_jobs: Vec<Job>,
+    /// `Batch` guards alive; the launch happens when the last one drops.
+    holds: usize,
+}
+
+impl State {
+    /// Jobs accepted and not completed (parked sends aside).
+    fn jobs(&self) -> usize {
+        self.next_jobs.len() + self.in_flight.iter().map(|l| l.jobs.len()).sum::<usize>()
+    }
 }
 
 struct Inner {
@@ -210,14 +237,39 @@ impl CudaAgent {
         self.inner.poll()
     }
 
-    /// Jobs on the GPU plus parked sends.
+    /// Jobs accepted and not completed, parked sends included.
     pub fn pending(&self) -> usize {
         let st = self.inner.lock();
-        st.in_flight.len() + st.parked.len()
+        st.jobs() + st.parked.len()
+    }
+
+    /// Holds launches back while the returned guard lives: jobs submitted meanwhile (the legs
+    /// of one request from several context ranks, say) go to the GPU as one upload and one
+    /// launch when the last guard drops. A launch that fails then ends its jobs with the error.
+    pub fn batch(&self) -> Batch<'_> {
+        self.inner.lock().holds += 1;
+        Batch { agent: self }
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.inner.gpu
+    }
+}
+
+/// See `CudaAgent::batch`.
+#[must_use = "jobs are launched when the batch drops"]
+pub struct Batch<'a> {
+    agent: &'a CudaAgent,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        let inner = &self.agent.inner;
+        let mut st = inner.lock();
+        st.holds -= 1;
+        if st.holds == 0 {
+            inner.launch_or_fail(&mut st);
+        }
     }
 }
 
@@ -231,29 +283,41 @@ impl Inner {
             return;
         }
         while !self.shutdown.load(Ordering::Acquire) {
-            if self.poll() > 0 {
-                if self.config.poll_interval.is_zero() {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(self.config.poll_interval);
+            if self.poll() == 0 {
+                // Idle: sleep until a submit wakes us. Emptiness is checked under the lock
+                // that submit holds while pushing, so a wake-up cannot be lost.
+                let st = self.lock();
+                if st.in_flight.is_empty() && !self.shutdown.load(Ordering::Acquire) {
+                    let _ = self.wake.wait_timeout(st, Duration::from_millis(50));
                 }
                 continue;
             }
-            // Idle: sleep until a submit wakes us. Emptiness is checked under the lock that
-            // submit holds while pushing, so a wake-up cannot be lost.
-            let st = self.lock();
-            if st.in_flight.is_empty() && !self.shutdown.load(Ordering::Acquire) {
-                let _ = self.wake.wait_timeout(st, Duration::from_millis(50));
+            let oldest = self.lock().in_flight.front().map(|l| l.event.clone());
+            if let Some(event) = oldest {
+                self.await_event(&event);
             }
         }
     }
 
+    /// Waits for `event` outside the lock (submits and polls go on meanwhile): spins on it for
+    /// `spin`, then sleeps in the driver until it fires. An error shows in the next poll.
+    fn await_event(&self, event: &Event) {
+        let start = Instant::now();
+        while start.elapsed() < self.config.spin {
+            if !matches!(event.query(), Ok(false)) || self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        let _ = event.synchronize();
+    }
+
+    /// Completes finished launches; returns the launches still on the GPU.
     fn poll(&self) -> usize {
         let mut st = self.lock();
-        let before = st.in_flight.len();
-        let left = self.poll_locked(&mut st);
+        let (completed, left) = self.poll_locked(&mut st);
         drop(st);
-        if left < before {
+        if completed > 0 {
             if let Some(f) = self.on_complete.get() {
                 f();
             }
@@ -261,139 +325,131 @@ impl Inner {
         left
     }
 
-    fn poll_locked(&self, st: &mut State) -> usize {
+    fn poll_locked(&self, st: &mut State) -> (usize, usize) {
         if st.in_flight.is_empty() {
-            return 0;
+            return (0, 0);
         }
         if let Err(e) = self.gpu.bind() {
-            Self::fail_all(st, e.to_string());
-            return 0;
+            let n = Self::fail_all(st, e.to_string());
+            return (n, 0);
         }
+        let mut completed = 0;
         while let Some(front) = st.in_flight.front() {
             match front.event.query() {
                 Ok(true) => {
-                    let job = st.in_flight.pop_front().expect("front exists");
-                    let result = if job.cancelled {
-                        Err(AgentError::Cancelled)
-                    } else {
-                        Ok(job.bytes)
-                    };
-                    job.done.push(Completion { id: job.id, result });
-                    st.free_descs.push(job.desc);
+                    let launch = st.in_flight.pop_front().expect("front exists");
+                    completed += launch.jobs.len();
+                    for job in launch.jobs {
+                        let result = if job.cancelled {
+                            Err(AgentError::Cancelled)
+                        } else {
+                            Ok(job.bytes)
+                        };
+                        job.done.push(Completion { id: job.id, result });
+                    }
+                    st.free_descs.push(launch.desc);
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    Self::fail_all(st, e.to_string());
+                    completed += Self::fail_all(st, e.to_string());
                     break;
                 }
             }
         }
-        st.in_flight.len()
+        (completed, st.in_flight.len())
     }
 
-    /// The context is unusable: every job on it ends with the error (once each).
-    fn fail_all(st: &mut State, msg: String) {
-        for job in st.in_flight.drain(..) {
-            job.done.push(Completion {
-                id: job.id,
-                result: Err(AgentError::Backend(msg.clone())),
-            });
+    /// The context is unusable: every job on it ends with the error (once each). Returns how
+    /// many ended.
+    fn fail_all(st: &mut State, msg: String) -> usize {
+        let mut n = 0;
+        for launch in st.in_flight.drain(..) {
+            for job in launch.jobs {
+                job.done.push(Completion {
+                    id: job.id,
+                    result: Err(AgentError::Backend(msg.clone())),
+                });
+                n += 1;
+            }
         }
         st.failed = Some(msg);
+        n
     }
 
     fn desc_buf(&self, st: &mut State, n: usize) -> Result<DescBuf, CudaError> {
         if let Some(i) = st.free_descs.iter().position(|d| d.cap >= n) {
             return Ok(st.free_descs.swap_remove(i));
         }
-        let cap = n.next_power_of_two().max(1024);
+        let cap = n.next_power_of_two().max(MIN_DESC_BYTES);
         Ok(DescBuf {
-            host: PinnedBuffer::alloc(&self.gpu, cap * PIECE_BYTES)?,
-            dev: DeviceBuffer::alloc(&self.gpu, cap * PIECE_BYTES)?,
+            host: PinnedBuffer::alloc(&self.gpu, cap)?,
+            dev: DeviceBuffer::alloc(&self.gpu, cap)?,
             cap,
         })
     }
 
-    fn start(
-        &self,
-        st: &mut State,
-        job: &TransferJob,
-        src: &Region,
-        dst: &Region,
-        src_rank: u32,
-    ) -> Result<(u64, Option<(Event, DescBuf)>), CudaError> {
-        let mut pieces = std::mem::take(&mut st.scratch);
-        pieces.clear();
-        let piece = self.config.kernel.piece_bytes;
-        let mut bytes = 0u64;
-        for (index, f) in job.plan.fragments_from(src_rank).enumerate() {
-            for (side, offset, size) in [
-                ("source", f.src_offset, src.len()),
-                ("destination", f.dst_offset, dst.len()),
-            ] {
-                if offset.checked_add(f.len).is_none_or(|end| end > size) {
-                    st.scratch = pieces;
-                    return Err(CudaError::OutOfBounds {
-                        index,
-                        side,
-                        offset,
-                        len: f.len,
-                        size,
-                    });
-                }
-            }
-            split_into_pieces(
-                src.base() + f.src_offset,
-                dst.base() + f.dst_offset,
-                f.len,
-                piece,
-                &mut pieces,
-            );
-            bytes += f.len;
+    /// Launches the accepted legs (`next`) unless a batch holds them; a failed launch ends
+    /// their jobs with its error (they were accepted, so they complete, never vanish).
+    fn launch_or_fail(&self, st: &mut State) {
+        if st.holds > 0 {
+            return;
         }
-        let launched = if pieces.is_empty() {
-            None
-        } else {
-            let r = self.launch(st, &pieces);
-            match r {
-                Ok(x) => Some(x),
-                Err(e) => {
-                    st.scratch = pieces;
-                    return Err(e);
-                }
+        if let Err(e) = self.launch_next(st) {
+            let err = AgentError::from(e);
+            for job in st.next_jobs.drain(..) {
+                job.done.push(Completion {
+                    id: job.id,
+                    result: Err(err.clone()),
+                });
             }
-        };
-        st.scratch = pieces;
-        Ok((bytes, launched))
+            st.next.clear();
+        }
     }
 
-    fn launch(&self, st: &mut State, pieces: &[CopyPiece]) -> Result<(Event, DescBuf), CudaError> {
+    /// One upload and one launch for every leg in `next`; its event fences their jobs.
+    fn launch_next(&self, st: &mut State) -> Result<(), CudaError> {
+        if st.next_jobs.is_empty() {
+            return Ok(());
+        }
         self.gpu.bind()?;
-        let mut desc = self.desc_buf(st, pieces.len())?;
-        let len = pieces.len() * PIECE_BYTES;
-        encode_pieces(pieces, &mut desc.host.as_mut_slice()[..len]);
-        let event = Event::new(&self.gpu, false)?;
+        let len = st.next.encoded_len();
+        let mut desc = self.desc_buf(st, len)?;
+        let args = st
+            .next
+            .encode(&mut desc.host.as_mut_slice()[..len], desc.dev.ptr());
+        let event = Arc::new(Event::blocking(&self.gpu)?);
         let r = desc
             .host
             .upload(desc.dev.ptr(), len, &self.stream)
             .and_then(|_| {
-                self.kernel.launch(
-                    &self.stream,
-                    desc.dev.ptr(),
-                    pieces.len() as u64,
-                    &self.config.kernel,
-                )
+                let shape = self.config.kernel.fitted(st.next.largest_piece());
+                self.kernel.launch_expand(&self.stream, &args, &shape)
             })
             .and_then(|_| event.record(&self.stream));
-        match r {
-            Ok(()) => Ok((event, desc)),
-            Err(e) => {
-                // The upload may be queued: this buffer is not reusable until the stream passes.
-                let _ = self.stream.synchronize();
-                st.free_descs.push(desc);
-                Err(e)
-            }
+        if let Err(e) = r {
+            // The upload may be queued: this buffer is not reusable until the stream passes.
+            let _ = self.stream.synchronize();
+            st.free_descs.push(desc);
+            return Err(e);
         }
+        st.next.clear();
+        let jobs = std::mem::take(&mut st.next_jobs);
+        st.in_flight.push_back(InFlight { jobs, event, desc });
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Parks a pull-mode `Send` (the peer copies out of our pool; we keep the job open).
+    fn park(st: &mut State, id: TransferId, done: CompletionQueue) -> Result<(), AgentError> {
+        if st.parked.contains_key(&id) {
+            return Err(AgentError::Backend(format!("duplicate {id:?}")));
+        }
+        let parked = Parked {
+            done,
+            cancelled: false,
+        };
+        st.parked.insert(id, parked);
+        Ok(())
     }
 }
 
@@ -413,26 +469,13 @@ impl TransferAgent for CudaAgent {
         };
         let remote = match st.peers.get(&peer) {
             Some(r) => r.clone(),
-            None if push => {
-                // Pull mode: the peer copies out of our pool; we only keep the job open.
-                if st.parked.contains_key(&job.id) {
-                    return Err(AgentError::Backend(format!("duplicate {:?}", job.id)));
-                }
-                st.parked.insert(
-                    job.id,
-                    Parked {
-                        done,
-                        cancelled: false,
-                    },
-                );
-                return Ok(());
-            }
+            None if push => return Inner::park(&mut st, job.id, done),
             None => return Err(CudaError::UnknownPeer(peer).into()),
         };
-        if st.in_flight.len() >= inner.config.max_in_flight {
+        if st.jobs() >= inner.config.max_in_flight {
             return Err(AgentError::Backend(format!(
                 "{} jobs in flight (limit)",
-                st.in_flight.len()
+                st.jobs()
             )));
         }
         let local = inner.local.clone();
@@ -441,23 +484,28 @@ impl TransferAgent for CudaAgent {
         } else {
             (&remote, &local, peer.rank)
         };
-        let (bytes, launched) = inner.start(&mut st, &job, src, dst, src_rank)?;
-        match launched {
-            None => done.push(Completion {
+        let piece = inner.config.kernel.piece_bytes;
+        let bytes = st.next.add_leg(&job.plan, src_rank, (src, dst), piece)?;
+        if bytes == 0 {
+            done.push(Completion {
                 id: job.id,
                 result: Ok(0),
-            }),
-            Some((event, desc)) => {
-                st.in_flight.push_back(InFlight {
-                    id: job.id,
-                    done,
-                    bytes,
-                    event,
-                    desc,
-                    cancelled: false,
-                    _regions: [local.clone(), remote],
-                });
-                inner.wake.notify_one();
+            });
+            return Ok(());
+        }
+        st.next_jobs.push(Job {
+            id: job.id,
+            done,
+            bytes,
+            cancelled: false,
+            _regions: [local.clone(), remote],
+        });
+        if st.holds == 0 {
+            // Unbatched: this job alone, and its launch error is the submit's.
+            if let Err(e) = inner.launch_next(&mut st) {
+                st.next_jobs.clear();
+                st.next.clear();
+                return Err(e.into());
             }
         }
         Ok(())
@@ -467,7 +515,9 @@ impl TransferAgent for CudaAgent {
     /// its event fires, which is also the proof that it no longer writes.
     fn cancel(&self, id: TransferId) {
         let mut st = self.inner.lock();
-        if let Some(j) = st.in_flight.iter_mut().find(|j| j.id == id) {
+        let st = &mut *st;
+        let launched = st.in_flight.iter_mut().flat_map(|l| l.jobs.iter_mut());
+        if let Some(j) = st.next_jobs.iter_mut().chain(launched).find(|j| j.id == id) {
             j.cancelled = true;
         } else if let Some(p) = st.parked.get_mut(&id) {
             p.cancelled = true;

@@ -205,6 +205,24 @@ impl Event {
         })
     }
 
+    /// A completion event a thread can sleep on: `synchronize` blocks in the driver until it
+    /// fires (`CU_EVENT_BLOCKING_SYNC`) instead of spinning a core; no timing.
+    pub fn blocking(gpu: &Arc<Gpu>) -> Result<Event, CudaError> {
+        gpu.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+            | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; flags are a valid combination.
+        check(
+            unsafe { sys::cuEventCreate(&mut raw, flags) },
+            "cuEventCreate",
+        )?;
+        Ok(Event {
+            gpu: gpu.clone(),
+            raw,
+        })
+    }
+
     pub fn record(&self, stream: &Stream) -> Result<(), CudaError> {
         // SAFETY: live event and stream.
         unsafe { result::event::record(self.raw, stream.raw) }.op("cuEventRecord")

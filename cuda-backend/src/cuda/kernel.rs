@@ -55,17 +55,50 @@ __device__ __forceinline__ void copy_piece(const unsigned char* s, unsigned char
 }
 
 template <int U>
+__device__ __forceinline__ void copy_any(unsigned long long src, unsigned long long dst,
+                                         unsigned long long len) {
+  const unsigned char* s = (const unsigned char*)src;
+  unsigned char* d = (unsigned char*)dst;
+  const unsigned long long mis = src ^ dst;
+  if ((mis & 15) == 0) copy_piece<uint4, U>(s, d, len);
+  else if ((mis & 7) == 0) copy_piece<uint2, U>(s, d, len);
+  else if ((mis & 3) == 0) copy_piece<unsigned int, U>(s, d, len);
+  else if ((mis & 1) == 0) copy_piece<unsigned short, U>(s, d, len);
+  else copy_piece<unsigned char, U>(s, d, len);
+}
+
+template <int U>
 __device__ __forceinline__ void gather(const Piece* __restrict__ pieces, unsigned long long n) {
   for (unsigned long long p = blockIdx.x; p < n; p += gridDim.x) {
     const Piece pc = pieces[p];
-    const unsigned char* s = (const unsigned char*)pc.src;
-    unsigned char* d = (unsigned char*)pc.dst;
-    const unsigned long long mis = pc.src ^ pc.dst;
-    if ((mis & 15) == 0) copy_piece<uint4, U>(s, d, pc.len);
-    else if ((mis & 7) == 0) copy_piece<uint2, U>(s, d, pc.len);
-    else if ((mis & 3) == 0) copy_piece<unsigned int, U>(s, d, pc.len);
-    else if ((mis & 1) == 0) copy_piece<unsigned short, U>(s, d, pc.len);
-    else copy_piece<unsigned char, U>(s, d, pc.len);
+    copy_any<U>(pc.src, pc.dst, pc.len);
+  }
+}
+
+// One leg of a device-expanded launch (see expand.rs): its work items are every (block pair,
+// template piece), pair-major; `items_end` is the running total over the legs so far.
+struct Leg {
+  unsigned long long src_base; unsigned long long dst_base;
+  unsigned long long src_block; unsigned long long dst_block;
+  unsigned long long items_end;
+  unsigned int tmpl_start; unsigned int tmpl_count; unsigned int pair_start; unsigned int pad;
+};
+
+template <int U>
+__device__ __forceinline__ void expand(const Leg* __restrict__ legs, unsigned int n_legs,
+                                       const Piece* __restrict__ tmpl,
+                                       const uint2* __restrict__ pairs,
+                                       unsigned long long items) {
+  for (unsigned long long i = blockIdx.x; i < items; i += gridDim.x) {
+    unsigned int l = 0;
+    while (l + 1 < n_legs && i >= legs[l].items_end) ++l;
+    const Leg g = legs[l];
+    const unsigned long long local = i - (l == 0 ? 0ull : legs[l - 1].items_end);
+    const unsigned long long p = local / g.tmpl_count;
+    const Piece t = tmpl[g.tmpl_start + (local - p * g.tmpl_count)];
+    const uint2 b = pairs[g.pair_start + p];
+    copy_any<U>(g.src_base + (unsigned long long)b.x * g.src_block + t.src,
+                g.dst_base + (unsigned long long)b.y * g.dst_block + t.dst, t.len);
   }
 }
 
@@ -74,6 +107,18 @@ extern "C" __global__ void kvferry_gather_u4(const Piece* __restrict__ p, unsign
 }
 extern "C" __global__ void kvferry_gather_u8(const Piece* __restrict__ p, unsigned long long n) {
   gather<8>(p, n);
+}
+extern "C" __global__ void kvferry_expand_u4(const Leg* __restrict__ legs, unsigned int n_legs,
+                                             const Piece* __restrict__ tmpl,
+                                             const uint2* __restrict__ pairs,
+                                             unsigned long long items) {
+  expand<4>(legs, n_legs, tmpl, pairs, items);
+}
+extern "C" __global__ void kvferry_expand_u8(const Leg* __restrict__ legs, unsigned int n_legs,
+                                             const Piece* __restrict__ tmpl,
+                                             const uint2* __restrict__ pairs,
+                                             unsigned long long items) {
+  expand<8>(legs, n_legs, tmpl, pairs, items);
 }
 "#;
 
@@ -130,7 +175,32 @@ impl Default for KernelConfig {
     }
 }
 
+/// Fewest threads `KernelConfig::fitted` gives a CTA.
+const MIN_FITTED_THREADS: u32 = 128;
+/// Resident CTAs per SM on Ampere and Hopper: `fitted` never asks for more.
+const MAX_CTAS_PER_SM: u32 = 32;
+/// Bytes one thread loads per word (`uint4`, the word of every 16-byte aligned KV fragment).
+const WORD_BYTES: u64 = 16;
+
 impl KernelConfig {
+    /// This shape with CTAs sized to pieces of `largest` bytes: a CTA of `threads` threads
+    /// with `unroll` loads each covers `threads × unroll × 16` bytes per round, so on smaller
+    /// pieces threads idle and fewer loads are in flight (16 KiB pieces at 512 × 4: half).
+    /// Halves the threads (down to 128) until one round fits the piece, and multiplies the
+    /// CTAs per SM by as much, so as many threads stay resident.
+    pub fn fitted(self, largest: u64) -> KernelConfig {
+        let mut c = self;
+        while c.threads / 2 >= MIN_FITTED_THREADS
+            && c.threads.is_multiple_of(64)
+            && c.ctas_per_sm * 2 <= MAX_CTAS_PER_SM
+            && u64::from(c.threads) * u64::from(c.unroll) * WORD_BYTES > largest
+        {
+            c.threads /= 2;
+            c.ctas_per_sm *= 2;
+        }
+        c
+    }
+
     pub fn validate(&self) -> Result<(), CudaError> {
         if !(32..=1024).contains(&self.threads) || self.threads & 31 != 0 {
             return Err(CudaError::Invalid(format!(
@@ -178,6 +248,8 @@ pub struct CopyKernel {
     module: sys::CUmodule,
     u4: sys::CUfunction,
     u8: sys::CUfunction,
+    expand_u4: sys::CUfunction,
+    expand_u8: sys::CUfunction,
     sms: u32,
 }
 
@@ -209,6 +281,8 @@ impl CopyKernel {
             module,
             u4: get("kvferry_gather_u4")?,
             u8: get("kvferry_gather_u8")?,
+            expand_u4: get("kvferry_expand_u4")?,
+            expand_u8: get("kvferry_expand_u8")?,
             sms: gpu.sm_count()?,
         })
     }
@@ -226,19 +300,57 @@ impl CopyKernel {
         n: u64,
         cfg: &KernelConfig,
     ) -> Result<(), CudaError> {
-        if n == 0 {
-            return Ok(());
-        }
         let f = if cfg.unroll == 8 { self.u8 } else { self.u4 };
-        let grid = (u64::from(self.sms) * u64::from(cfg.ctas_per_sm)).min(n) as u32;
-        let mut p_pieces = pieces;
-        let mut p_n = n;
+        let (mut p_pieces, mut p_n) = (pieces, n);
         let mut params: [*mut c_void; 2] = [
             (&mut p_pieces as *mut u64).cast(),
             (&mut p_n as *mut u64).cast(),
         ];
-        // SAFETY: `f` comes from this module; params match the kernel's (pointer, u64)
-        // signature and are read by the driver during the call.
+        self.enqueue(stream, f, n, cfg, &mut params)
+    }
+
+    /// Enqueues one launch of the expanding kernel over the legs of `d` (see `expand`): the
+    /// device computes every piece's addresses from block ids and templates. The same
+    /// accessibility rule as `launch` holds for every address the legs name.
+    pub fn launch_expand(
+        &self,
+        stream: &Stream,
+        d: &ExpandArgs,
+        cfg: &KernelConfig,
+    ) -> Result<(), CudaError> {
+        let f = if cfg.unroll == 8 {
+            self.expand_u8
+        } else {
+            self.expand_u4
+        };
+        let (mut legs, mut n_legs, mut tmpl, mut pairs, mut items) =
+            (d.legs, d.n_legs, d.tmpl, d.pairs, d.items);
+        let mut params: [*mut c_void; 5] = [
+            (&mut legs as *mut u64).cast(),
+            (&mut n_legs as *mut u32).cast(),
+            (&mut tmpl as *mut u64).cast(),
+            (&mut pairs as *mut u64).cast(),
+            (&mut items as *mut u64).cast(),
+        ];
+        self.enqueue(stream, f, d.items, cfg, &mut params)
+    }
+
+    /// Launches `f` over `work` grid-stride items (no launch for none) with `params`, which
+    /// must match `f`'s signature.
+    fn enqueue(
+        &self,
+        stream: &Stream,
+        f: sys::CUfunction,
+        work: u64,
+        cfg: &KernelConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        if work == 0 {
+            return Ok(());
+        }
+        let grid = (u64::from(self.sms) * u64::from(cfg.ctas_per_sm)).min(work) as u32;
+        // SAFETY: `f` comes from this module; the callers' params match its signature and are
+        // read by the driver during the call.
         check(
             unsafe {
                 sys::cuLaunchKernel(
@@ -258,6 +370,16 @@ impl CopyKernel {
             "cuLaunchKernel",
         )
     }
+}
+
+/// Device addresses and counts of an uploaded expansion (`expand::Expansion::args`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpandArgs {
+    pub legs: u64,
+    pub n_legs: u32,
+    pub tmpl: u64,
+    pub pairs: u64,
+    pub items: u64,
 }
 
 impl Drop for CopyKernel {
@@ -281,6 +403,23 @@ pub fn encode_pieces(pieces: &[CopyPiece], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 16 KiB pieces get 256-thread CTAs, twice as many; pieces as large as a round keep the
+    /// shape; the resident thread count never changes, and 128 threads is the floor.
+    #[test]
+    fn fitted_shapes_size_ctas_to_the_pieces() {
+        let base = KernelConfig::default(); // 512 threads, 4 per SM, 4 loads: 32 KiB a round
+        let f = base.fitted(16 << 10);
+        assert_eq!((f.threads, f.ctas_per_sm), (256, 8));
+        assert_eq!(base.fitted(32 << 10), base);
+        assert_eq!(base.fitted(10 << 20), base);
+        let tiny = base.fitted(256);
+        assert_eq!((tiny.threads, tiny.ctas_per_sm), (128, 16));
+        for c in [f, tiny] {
+            assert_eq!(c.threads * c.ctas_per_sm, base.threads * base.ctas_per_sm);
+            c.validate().unwrap();
+        }
+    }
 
     #[test]
     fn pieces_cover_the_fragment_and_cut_on_source_multiples() {

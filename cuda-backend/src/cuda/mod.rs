@@ -1,5 +1,6 @@
 //! The CUDA backend (feature `cuda`): a `TransferAgent` that moves KV fragments over NVLink
-//! with one gather/scatter kernel launch per plan leg, KV pools from `cuMemAlloc`, and CUDA IPC
+//! with one gather/scatter kernel launch per submitted batch of plan legs (the device expands
+//! fragments from block ids and templates, `expand`), KV pools from `cuMemAlloc`, and CUDA IPC
 //! so one process can map another's pool.
 //!
 //! cudarc loads `libcuda` (and `libnvrtc`) at run time, so this builds without CUDA; `probe()`
@@ -8,6 +9,7 @@
 pub mod agent;
 pub mod device;
 pub mod error;
+pub mod expand;
 pub mod kernel;
 pub mod memory;
 pub mod verify;

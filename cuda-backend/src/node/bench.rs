@@ -49,6 +49,18 @@ pub struct Round {
     /// CPU seconds per GiB of each path (this process: both ends of each).
     pub node_cpu_s_per_gib: f64,
     pub raw_cpu_s_per_gib: f64,
+    /// Requests completed per second of the node round.
+    pub requests_s: f64,
+    /// CPU µs per request of the node path, both ends.
+    pub node_cpu_us_per_request: f64,
+    /// The fixed cost: CPU µs per request beyond what the raw copy spends on the same bytes
+    /// (control frames, driver steps, wakeups, allocations).
+    pub fixed_us_per_request: f64,
+}
+
+/// CPU µs that `s_per_gib` CPU seconds per GiB spend on `bytes` bytes.
+fn cpu_us(s_per_gib: f64, bytes: f64) -> f64 {
+    s_per_gib * bytes / f64::from(1u32 << 30) * 1e6
 }
 
 fn io(context: &str) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -228,14 +240,21 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
         let raw = raw_copy(s.bytes.max(1), o.threads, DATA_CHUNK).await?;
         let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
         let raw_pool = raw_copy(s.bytes.max(1), o.threads, pool_bytes).await?;
+        let node_cpu_s_per_gib = s.cpu_s_per_gib.unwrap_or(f64::NAN);
+        // Per request: the bytes one request moved, at each path's CPU cost per byte.
+        let per_request = s.bytes as f64 / s.done.max(1) as f64;
+        let node_us = cpu_us(node_cpu_s_per_gib, per_request);
         rounds.push(Round {
             node_mib_s: s.throughput_mib_s,
             host_mib_s: host,
             raw_mib_s: raw.mib_s,
             raw_pool_mib_s: raw_pool.mib_s,
             // A round that moved nothing shows NaN, not a made-up figure.
-            node_cpu_s_per_gib: s.cpu_s_per_gib.unwrap_or(f64::NAN),
+            node_cpu_s_per_gib,
             raw_cpu_s_per_gib: raw.cpu_s_per_gib,
+            requests_s: s.done as f64 / s.seconds.max(1e-9),
+            node_cpu_us_per_request: node_us,
+            fixed_us_per_request: node_us - cpu_us(raw.cpu_s_per_gib, per_request),
             p50_ms: s.p50_ms.unwrap_or(f64::NAN),
             p99_ms: s.p99_ms.unwrap_or(f64::NAN),
             failed: s.failed,

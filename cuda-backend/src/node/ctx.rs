@@ -272,7 +272,9 @@ impl CtxNode {
             self.rank.pool.lock().expect("pool lock").free(&blocks);
             return Err(e.to_string());
         }
-        let span = tracing::info_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
+        // DEBUG, not INFO: a span the default filter lets through is formatted on creation,
+        // some µs a request (BENCHMARKS.md, "per-request cost").
+        let span = tracing::debug_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
         self.owned.insert(
             id,
             Owned {

@@ -2,7 +2,9 @@
 //! that tells them apart from the core's wire frames on the same connection.
 //!
 //! Node frames live in a separate namespace so the core's wire format stays untouched:
-//! `magic "KVFN" u32 | version u8 | reserved u8 x3 | length u32 | JSON body`, big-endian.
+//! `magic "KVFN" u32 | version u8 | reserved u8 x3 | length u32 | body`, big-endian header;
+//! the body is the frame in bincode (version 2; version 1 was JSON, whose encoding and
+//! parsing cost several µs of every small request's CPU, BENCHMARKS.md "per-request cost").
 //! A connection carries both kinds; the first four bytes of each frame pick the decoder.
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const NODE_MAGIC: u32 = 0x4B56_464E; // "KVFN"
-pub const NODE_VERSION: u8 = 1;
+pub const NODE_VERSION: u8 = 2;
 pub const NODE_HEADER_LEN: usize = 12;
 /// Bound on a node frame body: a `Prepared` naming `MAX_PREPARE_BLOCKS` ids fits easily.
 pub const MAX_NODE_BODY: usize = 64 << 10;
@@ -152,15 +154,31 @@ pub enum FrameError {
     Body(String),
 }
 
+/// The body codec: bincode, its reads bounded by the body's length (a length prefix inside
+/// that claims more than the body holds fails before anything is allocated for it), and
+/// trailing bytes refused, so one frame has one encoding.
+fn body_codec() -> impl bincode::Options + Copy {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_NODE_BODY as u64)
+        .reject_trailing_bytes()
+}
+
 pub fn encode_node(frame: &NodeFrame, out: &mut BytesMut) {
-    let body = serde_json::to_vec(frame).expect("node frames always serialize");
-    assert!(body.len() <= MAX_NODE_BODY, "node frame over its own bound");
-    out.reserve(NODE_HEADER_LEN + body.len());
+    use bincode::Options;
+    let codec = body_codec();
+    let len = codec
+        .serialized_size(frame)
+        .expect("node frames always serialize") as usize;
+    assert!(len <= MAX_NODE_BODY, "node frame over its own bound");
+    out.reserve(NODE_HEADER_LEN + len);
     out.put_u32(NODE_MAGIC);
     out.put_u8(NODE_VERSION);
     out.put_slice(&[0; 3]);
-    out.put_u32(body.len() as u32);
-    out.put_slice(&body);
+    out.put_u32(len as u32);
+    codec
+        .serialize_into(out.writer(), frame)
+        .expect("node frames always serialize");
 }
 
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
@@ -236,7 +254,9 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     }
     buf.advance(NODE_HEADER_LEN);
     let body = buf.split_to(len);
-    serde_json::from_slice(&body)
+    use bincode::Options;
+    body_codec()
+        .deserialize(&body)
         .map(|f| Some(Frame::Node(f)))
         .map_err(|e| FrameError::Body(e.to_string()))
 }
@@ -267,6 +287,54 @@ mod tests {
         lie.put_slice(&[0; 3]);
         lie.put_u32(u32::MAX);
         assert!(matches!(decode(&mut lie), Err(FrameError::TooLarge { .. })));
+    }
+
+    /// Wraps `body` in a node frame header of the current version.
+    fn framed(body: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_u32(NODE_MAGIC);
+        b.put_u8(NODE_VERSION);
+        b.put_slice(&[0; 3]);
+        b.put_u32(body.len() as u32);
+        b.put_slice(body);
+        b
+    }
+
+    /// Hostile bodies fail as `Body` errors without allocating what they claim: a block list
+    /// whose length prefix says 2^60 ids, a body with bytes after its frame, an unknown variant.
+    #[test]
+    fn hostile_bodies_are_refused() {
+        let prepared =
+            NodeFrame::prepared(1, RequestId(2), TransferToken(3), vec![4, 5], test_layout());
+        let mut whole = BytesMut::new();
+        encode_node(&prepared, &mut whole);
+        let body = whole.split_off(NODE_HEADER_LEN);
+        // Varint encoding: the block count follows tag (1 byte), request (1), token (1 + 32).
+        let count_at = 1 + 1 + 1 + 1 + 32;
+        assert_eq!(
+            body[count_at], 2,
+            "the block count sits where this test lies about it"
+        );
+        let mut lying = body[..count_at].to_vec();
+        lying.push(0xFD); // u64 follows
+        lying.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        lying.extend_from_slice(&body[count_at + 1..]);
+        assert!(matches!(
+            decode(&mut framed(&lying)),
+            Err(FrameError::Body(_))
+        ));
+
+        let mut trailing = body.to_vec();
+        trailing.push(0);
+        assert!(matches!(
+            decode(&mut framed(&trailing)),
+            Err(FrameError::Body(_))
+        ));
+        assert!(matches!(
+            decode(&mut framed(&[200])),
+            Err(FrameError::Body(_))
+        ));
+        assert_eq!(decode(&mut framed(&body)), Ok(Some(Frame::Node(prepared))));
     }
 
     #[test]
