@@ -127,20 +127,7 @@ impl BlockPool {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let id = self.free.pop_front().expect("checked length");
-            let epoch = self.next_epoch;
-            self.next_epoch += 1;
-            let m = &mut self.meta[id as usize];
-            assert!(
-                m.owner.is_none() && m.pins == 0,
-                "free list held a live block {id}"
-            );
-            *m = Meta {
-                owner: Some(owner),
-                epoch,
-                pins: 0,
-                free_deferred: false,
-            };
-            out.push(BlockRef { id, epoch });
+            out.push(self.hand_out(id, owner));
         }
         Ok(out)
     }
@@ -169,19 +156,25 @@ impl BlockPool {
             }
         }
         self.free.retain(|id| !wanted.contains(id));
-        let mut out = Vec::with_capacity(ids.len());
-        for &id in ids {
-            let epoch = self.next_epoch;
-            self.next_epoch += 1;
-            self.meta[id as usize] = Meta {
-                owner: Some(owner),
-                epoch,
-                pins: 0,
-                free_deferred: false,
-            };
-            out.push(BlockRef { id, epoch });
-        }
-        Ok(out)
+        Ok(ids.iter().map(|&id| self.hand_out(id, owner)).collect())
+    }
+
+    /// Gives free block `id` (already off the free list) to `owner` under a fresh epoch.
+    fn hand_out(&mut self, id: u32, owner: RequestId) -> BlockRef {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let m = &mut self.meta[id as usize];
+        assert!(
+            m.owner.is_none() && m.pins == 0,
+            "handing out live block {id}"
+        );
+        *m = Meta {
+            owner: Some(owner),
+            epoch,
+            pins: 0,
+            free_deferred: false,
+        };
+        BlockRef { id, epoch }
     }
 
     fn meta_for(&self, b: &BlockRef) -> Result<&Meta, BlockError> {

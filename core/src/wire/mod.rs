@@ -634,3 +634,67 @@ impl Decoder {
         Ok(Some(len))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::unit_layout;
+
+    fn one_of_each() -> Vec<Message> {
+        let request = RequestId(7);
+        vec![
+            Message::RequestInfo(RequestInfo {
+                request,
+                token: TransferToken(9),
+                gen_layout: unit_layout(),
+                ctx_blocks: vec![1, 2, 3],
+                gen_blocks: vec![BlockRef { id: 4, epoch: 5 }, BlockRef { id: 6, epoch: 8 }],
+            }),
+            Message::Ready {
+                request,
+                ctx_rank: 1,
+            },
+            Message::Done {
+                request,
+                ctx_rank: 1,
+                bytes: 2,
+                crc: 3,
+            },
+            Message::Cancel {
+                request,
+                token: TransferToken(9),
+            },
+            Message::Error {
+                request,
+                code: ErrorCode::BadToken,
+                detail: "no".into(),
+            },
+            Message::Heartbeat { seq: 11 },
+            Message::Data {
+                request,
+                ctx_rank: 1,
+                offset: 2,
+                payload: Bytes::from_static(b"kv"),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_reserved_size_is_the_encoded_size() {
+        // `encode` reserves once from the hint; a short hint would reallocate per frame.
+        for m in one_of_each() {
+            let mut out = BytesMut::new();
+            encode(&m, &mut out);
+            assert_eq!(out.len(), HEADER_LEN + body_len_hint(&m), "{m:?}");
+        }
+    }
+
+    #[cfg(feature = "arbitrary")]
+    #[test]
+    fn an_arbitrary_payload_carries_the_input_bytes() {
+        let raw = [3u8, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff, 1];
+        let mut u = arbitrary::Unstructured::new(&raw);
+        let p = arbitrary_payload(&mut u).expect("enough input");
+        assert!(!p.is_empty(), "fuzzing needs payloads with bytes in them");
+    }
+}
