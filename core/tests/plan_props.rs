@@ -179,153 +179,183 @@ fn pair_sources(pairs: &[PlanPair]) -> BTreeMap<(u32, u32), u32> {
 fn check_case(c: &Case) {
     let m = &c.model;
     let ctx = m.layout(c.ctx_tp, c.ctx_pp, 0);
-    let ctx_bb = m.block_bytes(c.ctx_tp, c.ctx_pp);
-    let gen_bb = m.block_bytes(c.gen_tp, c.gen_pp);
     let max_ctx_block = c.blocks.iter().map(|b| b.0).max().unwrap_or(0);
-    let max_gen_block = c.blocks.iter().map(|b| b.1).max().unwrap_or(0);
     let pools = context_pools(c, max_ctx_block);
-    let ctx_world = c.ctx_tp * c.ctx_pp;
-
     for g in 0..c.gen_tp * c.gen_pp {
         let gen = m.layout(c.gen_tp, c.gen_pp, g);
         let plan = TransferPlan::new(&ctx, &gen, &c.blocks).expect("valid case");
-        assert_eq!(plan.gen_layout().block_bytes(), gen_bb, "gen block size");
-        assert_eq!(plan.ctx_layout().block_bytes(), ctx_bb, "ctx block size");
-
-        // Apply the fragments as memcpys, counting writes per destination byte.
-        let gen_len = ((u64::from(max_gen_block) + 1) * gen_bb) as usize;
-        let mut dst = vec![0u64; gen_len];
-        let mut writes = vec![0u8; gen_len];
-        let frags: Vec<Fragment> = plan.fragments().collect();
-        for f in &frags {
-            assert!(f.len > 0, "empty fragment {f:?}");
-            assert!(
-                f.src_rank < ctx_world,
-                "source rank outside the instance: {f:?}"
-            );
-            let src = &pools[f.src_rank as usize];
-            let (s, d, n) = (f.src_offset as usize, f.dst_offset as usize, f.len as usize);
-            assert!(s + n <= src.len(), "source out of the pool: {f:?}");
-            assert!(d + n <= dst.len(), "destination out of the pool: {f:?}");
-            dst[d..d + n].copy_from_slice(&src[s..s + n]);
-            for w in &mut writes[d..d + n] {
-                *w += 1;
-            }
-        }
-
-        // Every byte of every destination block: written once, with the right element of the
-        // right context block. Bytes of blocks not in the request: never touched.
-        let ctx_of: BTreeMap<u32, u32> = c.blocks.iter().map(|&(cb, gb)| (gb, cb)).collect();
-        for gb in 0..=max_gen_block {
-            for off in 0..gen_bb {
-                let i = (u64::from(gb) * gen_bb + off) as usize;
-                match ctx_of.get(&gb) {
-                    Some(&cb) => {
-                        let e = m.element_at(c.gen_tp, c.gen_pp, g, off);
-                        assert_eq!(writes[i], 1, "gen rank {g} block {gb} byte {off} ({e:?})");
-                        assert_eq!(
-                            dst[i],
-                            m.tag(cb, e),
-                            "gen rank {g} block {gb} byte {off} expected {e:?} of ctx block {cb}"
-                        );
-                    }
-                    None => assert_eq!(writes[i], 0, "gen rank {g} block {gb} not requested"),
-                }
-            }
-        }
-
-        // Accounting agrees with the fragments.
-        let template = plan.template();
-        assert_eq!(frags.len(), template.len() * c.blocks.len());
-        assert_eq!(plan.total_bytes(), gen_bb * c.blocks.len() as u64);
-        assert_eq!(frags.iter().map(|f| f.len).sum::<u64>(), plan.total_bytes());
-        let sources: BTreeSet<u32> = template.iter().map(|f| f.src_rank).collect();
-        assert_eq!(plan.sources(), sources.iter().copied().collect::<Vec<_>>());
-        for r in 0..ctx_world {
-            let from: Vec<Fragment> = plan.fragments_from(r).collect();
-            let want: Vec<Fragment> = frags.iter().filter(|f| f.src_rank == r).copied().collect();
-            assert_eq!(from, want, "fragments_from({r})");
-            assert_eq!(
-                plan.bytes_from(r),
-                want.iter().map(|f| f.len).sum::<u64>(),
-                "bytes_from({r})"
-            );
-        }
-        // Coalescing is complete: no two consecutive template fragments could have been one.
-        for w in template.windows(2) {
-            let mergeable = w[0].src_rank == w[1].src_rank
-                && w[0].src_offset + w[0].len == w[1].src_offset
-                && w[0].dst_offset + w[0].len == w[1].dst_offset;
-            assert!(!mergeable, "uncoalesced fragments {:?}", w);
-        }
-
-        // pairs(): sorted, all for this generation rank, a partition of what it holds, and the
-        // rank each pair names is the rank the fragments read those (layer, head)s from.
-        let pairs = plan.pairs();
-        assert!(pairs.iter().all(|p| p.gen_rank == g));
-        let keys: Vec<_> = pairs
-            .iter()
-            .map(|p| (p.gen_rank, p.ctx_rank, p.layers[0], p.heads[0]))
-            .collect();
-        let mut sorted = keys.clone();
-        sorted.sort_unstable();
-        assert_eq!(keys, sorted, "pairs not sorted");
-        let by_pair = pair_sources(&pairs);
-        let held: BTreeSet<(u32, u32)> = m
-            .layers_of(c.gen_tp, c.gen_pp, g)
-            .flat_map(|l| m.heads_of(c.gen_tp, g).map(move |h| (l, h)))
-            .collect();
-        assert_eq!(by_pair.keys().copied().collect::<BTreeSet<_>>(), held);
-        for f in template {
-            for off in f.dst_offset..f.dst_offset + f.len {
-                let e = m.element_at(c.gen_tp, c.gen_pp, g, off);
-                assert_eq!(
-                    by_pair[&(e.layer, e.head)],
-                    f.src_rank,
-                    "pairs() disagree with fragment {f:?} at {e:?}"
-                );
-            }
-        }
-        // And as few pairs as the ranges allow: none could be merged with another.
-        for (i, a) in pairs.iter().enumerate() {
-            for b in &pairs[i + 1..] {
-                let same = a.ctx_rank == b.ctx_rank;
-                let layer_join = a.heads == b.heads
-                    && (a.layers[1] == b.layers[0] || b.layers[1] == a.layers[0]);
-                let head_join =
-                    a.layers == b.layers && (a.heads[1] == b.heads[0] || b.heads[1] == a.heads[0]);
-                assert!(
-                    !(same && (layer_join || head_join)),
-                    "mergeable {a:?} {b:?}"
-                );
-            }
-        }
-        let pair_ranks: BTreeSet<u32> = pairs.iter().map(|p| p.ctx_rank).collect();
-        assert_eq!(pair_ranks, sources, "pairs() and sources() disagree");
-
-        // Exactly one context rank serves each (layer, head) of this generation rank (the
-        // pair map is a function, checked above). For MLA that means one rank per context PP
-        // stage the generation rank's layers span: never two TP replicas of the same stage.
-        if m.mla {
-            let stages: BTreeSet<u32> = m
-                .layers_of(c.gen_tp, c.gen_pp, g)
-                .map(|l| l / (m.layers / c.ctx_pp))
-                .collect();
-            assert_eq!(sources.len(), stages.len(), "MLA: one source per stage");
-            let src_stages: BTreeSet<u32> = sources.iter().map(|r| r / c.ctx_tp).collect();
-            assert_eq!(src_stages, stages);
-        }
-
-        // Deterministic, and the context layout's rank fields do not matter.
-        let again = TransferPlan::new(&ctx, &gen, &c.blocks).unwrap();
-        assert_eq!(again, plan);
-        assert_eq!(again.fragments().collect::<Vec<_>>(), frags);
-        let other_rank = m.layout(c.ctx_tp, c.ctx_pp, ctx_world - 1);
         assert_eq!(
-            TransferPlan::new(&other_rank, &gen, &c.blocks).unwrap(),
-            plan
+            plan.gen_layout().block_bytes(),
+            m.block_bytes(c.gen_tp, c.gen_pp),
+            "gen block size"
+        );
+        assert_eq!(
+            plan.ctx_layout().block_bytes(),
+            m.block_bytes(c.ctx_tp, c.ctx_pp),
+            "ctx block size"
+        );
+        let frags: Vec<Fragment> = plan.fragments().collect();
+        check_bytes(c, &pools, g, &frags);
+        let sources = check_accounting(c, &plan, &frags);
+        check_pairs(c, g, &plan, &sources);
+        if m.mla {
+            check_mla_sources(c, g, &sources);
+        }
+        check_deterministic(c, &gen, &plan, &frags);
+    }
+}
+
+/// Applies the fragments as memcpys: every byte of every destination block is written once,
+/// with the right element of the right context block; bytes of other blocks never.
+fn check_bytes(c: &Case, pools: &[Vec<u64>], g: u32, frags: &[Fragment]) {
+    let m = &c.model;
+    let gen_bb = m.block_bytes(c.gen_tp, c.gen_pp);
+    let ctx_world = c.ctx_tp * c.ctx_pp;
+    let max_gen_block = c.blocks.iter().map(|b| b.1).max().unwrap_or(0);
+    let gen_len = ((u64::from(max_gen_block) + 1) * gen_bb) as usize;
+    let mut dst = vec![0u64; gen_len];
+    let mut writes = vec![0u8; gen_len];
+    for f in frags {
+        assert!(f.len > 0, "empty fragment {f:?}");
+        assert!(
+            f.src_rank < ctx_world,
+            "source rank outside the instance: {f:?}"
+        );
+        let src = &pools[f.src_rank as usize];
+        let (s, d, n) = (f.src_offset as usize, f.dst_offset as usize, f.len as usize);
+        assert!(s + n <= src.len(), "source out of the pool: {f:?}");
+        assert!(d + n <= dst.len(), "destination out of the pool: {f:?}");
+        dst[d..d + n].copy_from_slice(&src[s..s + n]);
+        for w in &mut writes[d..d + n] {
+            *w += 1;
+        }
+    }
+
+    let ctx_of: BTreeMap<u32, u32> = c.blocks.iter().map(|&(cb, gb)| (gb, cb)).collect();
+    for gb in 0..=max_gen_block {
+        for off in 0..gen_bb {
+            let i = (u64::from(gb) * gen_bb + off) as usize;
+            match ctx_of.get(&gb) {
+                Some(&cb) => {
+                    let e = m.element_at(c.gen_tp, c.gen_pp, g, off);
+                    assert_eq!(writes[i], 1, "gen rank {g} block {gb} byte {off} ({e:?})");
+                    assert_eq!(
+                        dst[i],
+                        m.tag(cb, e),
+                        "gen rank {g} block {gb} byte {off} expected {e:?} of ctx block {cb}"
+                    );
+                }
+                None => assert_eq!(writes[i], 0, "gen rank {g} block {gb} not requested"),
+            }
+        }
+    }
+}
+
+/// Accounting agrees with the fragments, and the template is fully coalesced. Returns the
+/// plan's source ranks.
+fn check_accounting(c: &Case, plan: &TransferPlan, frags: &[Fragment]) -> BTreeSet<u32> {
+    let gen_bb = c.model.block_bytes(c.gen_tp, c.gen_pp);
+    let template = plan.template();
+    assert_eq!(frags.len(), template.len() * c.blocks.len());
+    assert_eq!(plan.total_bytes(), gen_bb * c.blocks.len() as u64);
+    assert_eq!(frags.iter().map(|f| f.len).sum::<u64>(), plan.total_bytes());
+    let sources: BTreeSet<u32> = template.iter().map(|f| f.src_rank).collect();
+    assert_eq!(plan.sources(), sources.iter().copied().collect::<Vec<_>>());
+    for r in 0..c.ctx_tp * c.ctx_pp {
+        let from: Vec<Fragment> = plan.fragments_from(r).collect();
+        let want: Vec<Fragment> = frags.iter().filter(|f| f.src_rank == r).copied().collect();
+        assert_eq!(from, want, "fragments_from({r})");
+        assert_eq!(
+            plan.bytes_from(r),
+            want.iter().map(|f| f.len).sum::<u64>(),
+            "bytes_from({r})"
         );
     }
+    // Coalescing is complete: no two consecutive template fragments could have been one.
+    for w in template.windows(2) {
+        let mergeable = w[0].src_rank == w[1].src_rank
+            && w[0].src_offset + w[0].len == w[1].src_offset
+            && w[0].dst_offset + w[0].len == w[1].dst_offset;
+        assert!(!mergeable, "uncoalesced fragments {:?}", w);
+    }
+    sources
+}
+
+/// pairs(): sorted, all for this generation rank, a partition of what it holds, the rank each
+/// pair names is the rank the fragments read those (layer, head)s from, and as few pairs as
+/// the ranges allow.
+fn check_pairs(c: &Case, g: u32, plan: &TransferPlan, sources: &BTreeSet<u32>) {
+    let m = &c.model;
+    let template = plan.template();
+    let pairs = plan.pairs();
+    assert!(pairs.iter().all(|p| p.gen_rank == g));
+    let keys: Vec<_> = pairs
+        .iter()
+        .map(|p| (p.gen_rank, p.ctx_rank, p.layers[0], p.heads[0]))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    assert_eq!(keys, sorted, "pairs not sorted");
+    let by_pair = pair_sources(&pairs);
+    let held: BTreeSet<(u32, u32)> = m
+        .layers_of(c.gen_tp, c.gen_pp, g)
+        .flat_map(|l| m.heads_of(c.gen_tp, g).map(move |h| (l, h)))
+        .collect();
+    assert_eq!(by_pair.keys().copied().collect::<BTreeSet<_>>(), held);
+    for f in template {
+        for off in f.dst_offset..f.dst_offset + f.len {
+            let e = m.element_at(c.gen_tp, c.gen_pp, g, off);
+            assert_eq!(
+                by_pair[&(e.layer, e.head)],
+                f.src_rank,
+                "pairs() disagree with fragment {f:?} at {e:?}"
+            );
+        }
+    }
+    // And as few pairs as the ranges allow: none could be merged with another.
+    for (i, a) in pairs.iter().enumerate() {
+        for b in &pairs[i + 1..] {
+            let same = a.ctx_rank == b.ctx_rank;
+            let layer_join =
+                a.heads == b.heads && (a.layers[1] == b.layers[0] || b.layers[1] == a.layers[0]);
+            let head_join =
+                a.layers == b.layers && (a.heads[1] == b.heads[0] || b.heads[1] == a.heads[0]);
+            assert!(
+                !(same && (layer_join || head_join)),
+                "mergeable {a:?} {b:?}"
+            );
+        }
+    }
+    let pair_ranks: BTreeSet<u32> = pairs.iter().map(|p| p.ctx_rank).collect();
+    assert_eq!(&pair_ranks, sources, "pairs() and sources() disagree");
+}
+
+/// Exactly one context rank serves each (layer, head) of this generation rank (the pair map
+/// is a function, checked in `check_pairs`). For MLA that means one rank per context PP stage
+/// the generation rank's layers span: never two TP replicas of the same stage.
+fn check_mla_sources(c: &Case, g: u32, sources: &BTreeSet<u32>) {
+    let m = &c.model;
+    let stages: BTreeSet<u32> = m
+        .layers_of(c.gen_tp, c.gen_pp, g)
+        .map(|l| l / (m.layers / c.ctx_pp))
+        .collect();
+    assert_eq!(sources.len(), stages.len(), "MLA: one source per stage");
+    let src_stages: BTreeSet<u32> = sources.iter().map(|r| r / c.ctx_tp).collect();
+    assert_eq!(src_stages, stages);
+}
+
+/// Deterministic, and the context layout's rank fields do not matter.
+fn check_deterministic(c: &Case, gen: &CacheLayout, plan: &TransferPlan, frags: &[Fragment]) {
+    let m = &c.model;
+    let ctx = m.layout(c.ctx_tp, c.ctx_pp, 0);
+    let again = TransferPlan::new(&ctx, gen, &c.blocks).unwrap();
+    assert_eq!(&again, plan);
+    assert_eq!(again.fragments().collect::<Vec<_>>(), frags.to_vec());
+    let other_rank = m.layout(c.ctx_tp, c.ctx_pp, c.ctx_tp * c.ctx_pp - 1);
+    assert_eq!(
+        TransferPlan::new(&other_rank, gen, &c.blocks).unwrap(),
+        *plan
+    );
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
