@@ -15,7 +15,8 @@ use super::jobs::{Ended, JobTable, MAX_IN_FLIGHT};
 use kvferry_core::agent::{AgentError, TransferId};
 use kvferry_core::PeerId;
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,8 +28,8 @@ pub const DRAIN_BOUND: Duration = Duration::from_secs(5);
 /// Notifications kept for the owner; past this the newest are dropped (a flooding peer loses
 /// its own, the owner's parked sends then end by timeout or peer loss).
 pub const MAX_NOTIFS: usize = 4096;
-/// Pause between polls while READs are in flight (a 2-core host cannot afford a spin).
-const BUSY_PAUSE: Duration = Duration::from_micros(20);
+/// Pause between polls while teardown drains.
+const DRAIN_PAUSE: Duration = Duration::from_micros(20);
 /// Pause between notification fetches when nothing is in flight.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
 
@@ -44,11 +45,18 @@ pub struct Read {
 
 #[derive(Debug)]
 enum Command {
-    Load { peer: PeerId, md: Vec<u8> },
+    Load {
+        peer: PeerId,
+        md: Vec<u8>,
+    },
     Read(Read),
     Cancel(TransferId),
     Forget(PeerId),
-    Stop { leak: bool },
+    /// Wakes an idle thread: the owner began awaiting notifications.
+    Nudge,
+    Stop {
+        leak: bool,
+    },
 }
 
 type Wake = Box<dyn Fn() + Send + Sync>;
@@ -57,6 +65,8 @@ type Wake = Box<dyn Fn() + Send + Sync>;
 struct Outbox {
     ended: Mutex<Vec<Ended>>,
     notifs: Mutex<VecDeque<(String, Vec<u8>)>>,
+    /// Notifications the owner awaits (its parked sends).
+    awaiting: AtomicUsize,
     wake: Wake,
 }
 
@@ -82,6 +92,7 @@ impl Driver {
         let out = Arc::new(Outbox {
             ended: Mutex::default(),
             notifs: Mutex::default(),
+            awaiting: AtomicUsize::new(0),
             wake: Box::new(wake),
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -123,6 +134,16 @@ impl Driver {
     /// Best effort (a full queue drops it): the READ then ends with its real result.
     pub fn cancel(&self, id: TransferId) {
         let _ = self.send(Command::Cancel(id));
+    }
+
+    /// The owner now awaits `n` notifications. While it awaits any, the thread progresses UCX
+    /// as busily as for its own READs: over TCP a peer's READ of this agent's memory moves
+    /// only as fast as this side's worker is progressed (it serves the READ's data).
+    pub fn awaiting(&self, n: usize) {
+        if self.out.awaiting.swap(n, Ordering::Relaxed) == 0 && n > 0 {
+            // Best effort: a full queue wakes the thread anyway.
+            let _ = self.send(Command::Nudge);
+        }
     }
 
     /// Invalidates `peer`'s metadata once no READ from it is in flight.
@@ -191,12 +212,7 @@ impl<E: Engine> Worker<E> {
 
     fn run(mut self, rx: Receiver<Command>) {
         loop {
-            let pause = if self.jobs.is_empty() {
-                IDLE_PAUSE
-            } else {
-                BUSY_PAUSE
-            };
-            match rx.recv_timeout(pause) {
+            match self.next(&rx) {
                 Ok(Command::Stop { leak }) => return self.stop(leak),
                 Ok(c) => self.command(c),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -209,6 +225,24 @@ impl<E: Engine> Worker<E> {
                 self.command(c);
             }
             self.progress();
+        }
+    }
+
+    /// The next command, or a timeout when it is time to progress. Busy, the thread only
+    /// yields the core between polls: a timed sleep lasts tens of microseconds past its
+    /// request (timer slack), and each lost microsecond is a stalled READ on the wire.
+    fn next(&self, rx: &Receiver<Command>) -> Result<Command, RecvTimeoutError> {
+        let busy = !self.jobs.is_empty() || self.out.awaiting.load(Ordering::Relaxed) > 0;
+        if !busy {
+            return rx.recv_timeout(IDLE_PAUSE);
+        }
+        match rx.try_recv() {
+            Ok(c) => Ok(c),
+            Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            Err(TryRecvError::Empty) => {
+                std::thread::yield_now();
+                Err(RecvTimeoutError::Timeout)
+            }
         }
     }
 
@@ -226,6 +260,7 @@ impl<E: Engine> Worker<E> {
                 self.jobs.cancel(id);
             }
             Command::Forget(peer) => self.forgetting.push(peer),
+            Command::Nudge => {}
             Command::Stop { .. } => unreachable!("handled by run"),
         }
     }
@@ -297,7 +332,7 @@ impl<E: Engine> Worker<E> {
         let engine = &mut self.engine;
         let stuck = self
             .jobs
-            .drain(DRAIN_BOUND, BUSY_PAUSE, |x| engine.state(x), &mut ended);
+            .drain(DRAIN_BOUND, DRAIN_PAUSE, |x| engine.state(x), &mut ended);
         self.ended(ended);
         for name in self.names.values() {
             self.engine.invalidate_remote(name);

@@ -92,6 +92,11 @@ pub enum NodeFrame {
         transfer: u64,
         error: String,
     },
+    /// NIXL backend, gen to ctx, first on a connection: the name of the gen's NIXL agent.
+    /// The ctx ends a parked send only on a notification from that agent.
+    NixlAgent {
+        name: String,
+    },
 }
 
 impl NodeFrame {
@@ -106,6 +111,7 @@ impl NodeFrame {
             NodeFrame::PullFinished { .. } => "PullFinished",
             NodeFrame::NixlReady { .. } => "NixlReady",
             NodeFrame::NixlFailed { .. } => "NixlFailed",
+            NodeFrame::NixlAgent { .. } => "NixlAgent",
         }
     }
 
