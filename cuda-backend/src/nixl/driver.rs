@@ -16,10 +16,10 @@ use kvferry_core::agent::{AgentError, TransferId};
 use kvferry_core::PeerId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Commands queued to the driver before callers are told it is busy.
 pub const COMMANDS: usize = 1024;
@@ -28,8 +28,15 @@ pub const DRAIN_BOUND: Duration = Duration::from_secs(5);
 /// Notifications kept for the owner; past this the newest are dropped (a flooding peer loses
 /// its own, the owner's parked sends then end by timeout or peer loss).
 pub const MAX_NOTIFS: usize = 4096;
-/// Pause between polls while teardown drains.
-const DRAIN_PAUSE: Duration = Duration::from_micros(20);
+/// Pause between polls while READs are in flight or notifications awaited. A yield-spin
+/// instead measured no faster on a loaded 2-core host and burned more CPU (BENCHMARKS.md).
+const BUSY_PAUSE: Duration = Duration::from_micros(20);
+/// How long a failed READ is held before its owner hears of it. NIXL's errors carry no cause
+/// (it is only logged), and a peer's death fails its READs as soon as UCX sees it, often
+/// before the node sees its control connection drop, which names the cause; held this long,
+/// the failure reaches a node that already knows why. The READ is over: nothing it touches
+/// is at risk meanwhile, only its blocks are freed later.
+const FAIL_GRACE: Duration = Duration::from_millis(200);
 /// Pause between notification fetches when nothing is in flight.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
 
@@ -196,6 +203,8 @@ struct Worker<E: Engine> {
     jobs: JobTable<E::Xfer>,
     names: HashMap<PeerId, String>,
     forgetting: Vec<PeerId>,
+    /// Failed READs held for `FAIL_GRACE`, oldest first.
+    failing: VecDeque<(Instant, Ended)>,
     out: Arc<Outbox>,
 }
 
@@ -206,6 +215,7 @@ impl<E: Engine> Worker<E> {
             jobs: JobTable::new(MAX_IN_FLIGHT),
             names: HashMap::new(),
             forgetting: Vec::new(),
+            failing: VecDeque::new(),
             out,
         }
     }
@@ -228,22 +238,11 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    /// The next command, or a timeout when it is time to progress. Busy, the thread only
-    /// yields the core between polls: a timed sleep lasts tens of microseconds past its
-    /// request (timer slack), and each lost microsecond is a stalled READ on the wire.
+    /// The next command, or a timeout when it is time to progress: soon while this agent's
+    /// READs or a peer's READs of this agent (awaited notifications) are under way.
     fn next(&self, rx: &Receiver<Command>) -> Result<Command, RecvTimeoutError> {
         let busy = !self.jobs.is_empty() || self.out.awaiting.load(Ordering::Relaxed) > 0;
-        if !busy {
-            return rx.recv_timeout(IDLE_PAUSE);
-        }
-        match rx.try_recv() {
-            Ok(c) => Ok(c),
-            Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
-            Err(TryRecvError::Empty) => {
-                std::thread::yield_now();
-                Err(RecvTimeoutError::Timeout)
-            }
-        }
+        rx.recv_timeout(if busy { BUSY_PAUSE } else { IDLE_PAUSE })
     }
 
     fn command(&mut self, c: Command) {
@@ -284,11 +283,27 @@ impl<E: Engine> Worker<E> {
         }
     }
 
+    /// Holds new failures back (`FAIL_GRACE`) and lets through those held long enough.
+    fn hold_failures(&mut self, ended: Vec<Ended>) -> Vec<Ended> {
+        let now = Instant::now();
+        let (failed, mut ended): (Vec<Ended>, Vec<Ended>) =
+            (ended.into_iter()).partition(|(_, r)| matches!(r, Err(AgentError::Backend(_))));
+        self.failing.extend(failed.into_iter().map(|f| (now, f)));
+        while let Some((at, _)) = self.failing.front() {
+            if now.duration_since(*at) < FAIL_GRACE {
+                break;
+            }
+            ended.extend(self.failing.pop_front().map(|(_, f)| f));
+        }
+        ended
+    }
+
     /// Polls READs, invalidates peers nothing reads from any more, fetches notifications.
     fn progress(&mut self) {
         let mut ended = Vec::new();
         let engine = &mut self.engine;
         self.jobs.poll(|x| engine.state(x), &mut ended);
+        let ended = self.hold_failures(ended);
         self.ended(ended);
         let (jobs, names, engine) = (&self.jobs, &mut self.names, &mut self.engine);
         self.forgetting.retain(|peer| {
@@ -328,11 +343,11 @@ impl<E: Engine> Worker<E> {
     }
 
     fn stop(mut self, leak: bool) {
-        let mut ended = Vec::new();
+        let mut ended: Vec<Ended> = self.failing.drain(..).map(|(_, f)| f).collect();
         let engine = &mut self.engine;
         let stuck = self
             .jobs
-            .drain(DRAIN_BOUND, DRAIN_PAUSE, |x| engine.state(x), &mut ended);
+            .drain(DRAIN_BOUND, BUSY_PAUSE, |x| engine.state(x), &mut ended);
         self.ended(ended);
         for name in self.names.values() {
             self.engine.invalidate_remote(name);

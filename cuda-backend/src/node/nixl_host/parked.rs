@@ -127,7 +127,8 @@ impl ParkedSends {
         self.parked.drain().collect()
     }
 
-    pub fn len(&self) -> usize {
+    /// Sends parked now.
+    pub fn count(&self) -> usize {
         self.parked.len()
     }
 }
@@ -196,10 +197,10 @@ mod tests {
             t.on_notification("gen-a", b"hi").unwrap_err(),
             Refused::Foreign
         );
-        assert_eq!(t.len(), 1, "nothing refused ended the send");
+        assert_eq!(t.count(), 1, "nothing refused ended the send");
         let (id, p) = t.on_notification("gen-a", &right).unwrap();
         assert_eq!((id, p.to, p.bytes), (TransferId(1), GEN, 64));
-        assert_eq!(t.len(), 0);
+        assert_eq!(t.count(), 0);
         // Once ended, the same notification ends nothing.
         assert_eq!(
             t.on_notification("gen-a", &right).unwrap_err(),

@@ -80,7 +80,7 @@ impl NixlServe {
             };
             p.done.push(Completion { id, result });
         }
-        self.driver().awaiting(st.parked.len());
+        self.driver().awaiting(st.parked.count());
     }
 
     /// The gen `peer` announced its NIXL agent.
@@ -95,7 +95,7 @@ impl NixlServe {
         let Some(p) = st.parked.take_failed(id, from, request) else {
             return false;
         };
-        self.driver().awaiting(st.parked.len());
+        self.driver().awaiting(st.parked.count());
         let why = AgentError::Backend(format!("gen READ failed: {error}"));
         p.done.push(Completion {
             id,
@@ -111,7 +111,7 @@ impl NixlServe {
         let mut st = self.lock();
         st.told.remove(&peer);
         let lost = st.parked.take_peer(peer);
-        self.driver().awaiting(st.parked.len());
+        self.driver().awaiting(st.parked.count());
         let any = !lost.is_empty();
         for (id, p) in lost {
             let result = Err(AgentError::PeerUnreachable(peer));
@@ -162,7 +162,7 @@ impl TransferAgent for NixlServe {
             st.parked.take_failed(job.id, to, job.request);
             return Err(AgentError::Backend(format!("nixl-ready not sent: {e}")));
         }
-        self.driver().awaiting(st.parked.len());
+        self.driver().awaiting(st.parked.count());
         Ok(())
     }
 
