@@ -31,13 +31,13 @@ const BIG_LAYOUT: [&str; 10] = [
     "--dtype-bytes",
     "2",
 ];
-/// The gen's pool holds 8 such requests (4 at once, 4 more cancelled with their READs still
-/// landing), so a freed block goes to a new request soon; the ctx's holds twice that, so a
-/// ctx that frees a cancelled send's blocks a little after the gen (at the READ's
-/// notification) never turns a request away.
+/// The gen's pool holds exactly the 4 requests it runs at once, so a block freed early (before
+/// its READ is over) would go straight to the next request; the ctx's holds 16, so a ctx that
+/// frees a cancelled send's blocks a little after the gen (at the READ's notification) never
+/// turns a request away.
 const GEN_SHAPE: [&str; 8] = [
     "--blocks",
-    "256",
+    "128",
     "--concurrency",
     "4",
     "--min-blocks",
