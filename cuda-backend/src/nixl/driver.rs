@@ -363,3 +363,80 @@ impl<E: Engine> Worker<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nixl::engine::ReadSpec;
+    use crate::nixl::XferState;
+    use std::time::Instant;
+
+    /// A NIXL whose READs end at once: failed when their notification says "fail".
+    struct Fake;
+
+    impl Engine for Fake {
+        type Xfer = bool;
+
+        fn local_md(&mut self) -> Result<Vec<u8>, NixlError> {
+            Ok(b"md".to_vec())
+        }
+        fn load_remote(&mut self, _md: &[u8]) -> Result<String, NixlError> {
+            Ok("peer".into())
+        }
+        fn invalidate_remote(&mut self, _agent: &str) {}
+        fn post_read(&mut self, read: &ReadSpec) -> Result<bool, NixlError> {
+            Ok(read.notif == b"fail")
+        }
+        fn state(&mut self, fails: &bool) -> XferState {
+            if *fails {
+                XferState::Failed("peer died".into())
+            } else {
+                XferState::Done
+            }
+        }
+        fn notifications(&mut self, _out: &mut Vec<(String, Vec<u8>)>) {}
+    }
+
+    fn read(id: u64, notif: &[u8]) -> Read {
+        Read {
+            id: TransferId(id),
+            peer: PeerId {
+                instance: 0,
+                rank: 0,
+            },
+            bytes: 10,
+            pieces: Vec::new(),
+            notif: notif.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_failed_read_reaches_the_owner_only_after_the_grace_and_a_good_one_at_once() {
+        let (mut driver, md) = Driver::spawn(|| Ok(Fake), || {}).unwrap();
+        driver.load(read(0, b"").peer, md).unwrap();
+        let posted = Instant::now();
+        driver.read(read(1, b"fail")).unwrap();
+        driver.read(read(2, b"ok")).unwrap();
+        let (mut good_at, mut failed_at) = (None, None);
+        let mut out = Vec::new();
+        while failed_at.is_none() && posted.elapsed() < DRAIN_BOUND {
+            driver.take_ended(&mut out);
+            for (id, r) in out.drain(..) {
+                let at = Some(posted.elapsed());
+                match (id.0, r) {
+                    (1, Err(AgentError::Backend(why))) => {
+                        assert!(why.contains("peer died"), "{why}");
+                        failed_at = at;
+                    }
+                    (2, Ok(10)) => good_at = at,
+                    other => panic!("unexpected end {other:?}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let failed_at = failed_at.expect("the failure was never reported");
+        assert!(failed_at >= FAIL_GRACE, "failure held only {failed_at:?}");
+        assert!(good_at.expect("the success was never reported") < failed_at);
+        driver.stop(false);
+    }
+}
