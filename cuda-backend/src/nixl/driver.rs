@@ -367,9 +367,7 @@ impl<E: Engine> Worker<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nixl::engine::ReadSpec;
-    use crate::nixl::XferState;
-    use std::time::Instant;
+    use crate::nixl::engine::XferState;
 
     /// A NIXL whose READs end at once: failed when their notification says "fail".
     struct Fake;
