@@ -306,6 +306,37 @@ mod tests {
     }
 
     #[test]
+    fn nixl_frames_round_trip() {
+        let frames = [
+            NodeFrame::NixlAgent {
+                name: "kvferry-gen0-1-ab".into(),
+            },
+            NodeFrame::NixlReady {
+                request: RequestId(9),
+                ctx_rank: 1,
+                transfer: 3,
+                pool_base: 1 << 40,
+                pool_bytes: 64 << 20,
+                md: Some("00ff".into()),
+            },
+            NodeFrame::NixlFailed {
+                request: RequestId(9),
+                ctx_rank: 1,
+                transfer: 3,
+                error: "refused".into(),
+            },
+        ];
+        let mut b = BytesMut::new();
+        for f in &frames {
+            encode_node(f, &mut b);
+        }
+        for f in frames {
+            assert_eq!(decode(&mut b), Ok(Some(Frame::Node(f))));
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
     fn token_survives_hex() {
         let t = TransferToken(u128::MAX - 5);
         let NodeFrame::Prepared { token, .. } =

@@ -1,6 +1,7 @@
 //! Ctx side: a `TransferAgent` whose send jobs move no bytes themselves. Each is parked, its
 //! blocks pinned by the core, and offered to the gen with a `NixlReady`; the gen READs the
-//! blocks with NIXL and its READ's notification (request, token, transfer) completes the send.
+//! blocks with NIXL and its READ's notification (request, token, transfer), from the agent
+//! that gen announced (`NixlAgent`, see `parked`), completes the send.
 //! A `NixlFailed` from that gen, or the loss of its connection, fails it instead. The core
 //! unpins only on that completion, so no READ of the gen reads blocks already reused here.
 
