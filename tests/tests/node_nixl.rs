@@ -18,26 +18,62 @@ const GEN_TIMEOUT: Duration = Duration::from_secs(240);
 /// Loopback only: UCX would otherwise also use every other interface.
 const UCX_LOOPBACK: [(&str, &str); 2] = [("UCX_TLS", "tcp"), ("UCX_NET_DEVICES", "lo")];
 
+/// 256 KiB blocks: a request of 32 (8 MiB) READs for tens of milliseconds.
+const BIG_LAYOUT: [&str; 10] = [
+    "--layers",
+    "4",
+    "--kv-heads",
+    "1",
+    "--head-dim",
+    "64",
+    "--tokens-per-block",
+    "256",
+    "--dtype-bytes",
+    "2",
+];
+/// The gen's pool holds exactly the 4 requests it runs at once, so a block freed early (before
+/// its READ is over) would go straight to the next request; the ctx's holds 16, so a ctx that
+/// frees a cancelled send's blocks a little after the gen (at the READ's notification) never
+/// turns a request away.
+const GEN_SHAPE: [&str; 8] = [
+    "--blocks",
+    "128",
+    "--concurrency",
+    "4",
+    "--min-blocks",
+    "32",
+    "--max-blocks",
+    "32",
+];
+const CTX_BLOCKS: [&str; 4] = ["--blocks", "512", "--max-blocks-per-ip", "512"];
+
 fn ctx(listen: &str, config: &str) -> NodeProc {
+    ctx_with(listen, config, &SMALL_LAYOUT)
+}
+
+fn ctx_with(listen: &str, config: &str, layout: &[&str]) -> NodeProc {
     let mut args = vec!["ctx", "--backend", "nixl", "--listen", listen];
     args.extend(["--config", config, "--metrics", "127.0.0.1:0"]);
-    args.extend(SMALL_LAYOUT);
+    args.extend(layout);
     NodeProc::spawn_env(BIN, &args, &UCX_LOOPBACK)
 }
 
 fn gen(peer: SocketAddr, requests: &str, config: &str) -> NodeProc {
+    let shape = ["--concurrency", "8", "--max-blocks", "16"];
+    gen_with(
+        peer,
+        requests,
+        config,
+        &[&SMALL_LAYOUT[..], &shape].concat(),
+    )
+}
+
+fn gen_with(peer: SocketAddr, requests: &str, config: &str, layout: &[&str]) -> NodeProc {
     let peer = peer.to_string();
     let mut args = vec!["gen", "--backend", "nixl", "--peer", &peer];
-    args.extend([
-        "--requests",
-        requests,
-        "--concurrency",
-        "8",
-        "--max-blocks",
-        "16",
-    ]);
+    args.extend(["--requests", requests]);
     args.extend(["--progress-ms", "50", "--config", config]);
-    args.extend(SMALL_LAYOUT);
+    args.extend(layout);
     NodeProc::spawn_env(BIN, &args, &UCX_LOOPBACK)
 }
 
@@ -129,4 +165,60 @@ fn nixl_killed_ctx_mid_read_fails_gen_requests_without_a_hang() {
         "every request ends exactly once: {s}"
     );
     assert_pools_free(&s);
+}
+
+#[test]
+fn nixl_cancel_mid_read_reuses_no_block_before_the_read_is_over() {
+    let ctx_cfg = write_config("kv_transfer_sender_future_timeout_ms = 30000\n");
+    // Every request still moving after 15 ms is cancelled: most while their READ of 8 MiB is
+    // in flight, some before it was posted.
+    let gen_cfg = write_config("kv_transfer_timeout_ms = 15\ninflight_cancel = true\n");
+    let (ctx_cfg, gen_cfg) = (ctx_cfg.to_str().unwrap(), gen_cfg.to_str().unwrap());
+    let c = ctx_with(
+        "127.0.0.1:0",
+        ctx_cfg,
+        &[&BIG_LAYOUT[..], &CTX_BLOCKS].concat(),
+    );
+    let metrics = c.addr("metrics ");
+    let addr = c.addr("listening ");
+    let gen_layout = [&BIG_LAYOUT[..], &GEN_SHAPE].concat();
+    let mut g = gen_with(addr, "100", gen_cfg, &gen_layout);
+    let status = g.wait_exit(GEN_TIMEOUT);
+    let s = g.summary();
+    // Exit 1 is the gen's verdict on failed (here: cancelled) requests, not a crash.
+    let verdict = if s["failed"] == 0 { 0 } else { 1 };
+    assert_eq!(status.code(), Some(verdict), "{s}\n{}", g.stderr_text());
+    let n = |k: &str| {
+        s["backend"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k}: {s}"))
+    };
+    assert!(
+        n("nixl_cancelled_in_flight") >= 1,
+        "no READ was cancelled in flight: {s}"
+    );
+    // A cancelled READ ends (and lets its blocks go) only at its terminal status, and no
+    // later READ was ever posted into a block an unfinished READ still targets.
+    assert_eq!(
+        n("nixl_cancelled_ended"),
+        n("nixl_cancelled_in_flight"),
+        "{s}"
+    );
+    assert_eq!(n("nixl_reused_in_flight"), 0, "{s}");
+    // Requests that completed hold the ctx's bytes (the gen verifies): no late READ landed
+    // in a block after it was handed to another request.
+    assert_eq!(
+        s["done"].as_u64().unwrap() + s["failed"].as_u64().unwrap(),
+        100,
+        "{s}"
+    );
+    let errors = s["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|k| k.contains("timed out")),
+        "a failure other than the cancel: {s}"
+    );
+    assert_pools_free(&s);
+    // The ctx kept each cancelled send's blocks pinned until the READ's notification or
+    // failure, and then freed every one.
+    wait_released(metrics);
 }

@@ -438,18 +438,23 @@ fn print_host_beside(rows: &[bench::Round]) {
     if rows.iter().all(|r| r.host_mib_s.is_none()) {
         return;
     }
-    println!("round  node MiB/s  host node MiB/s  raw MiB/s  node/raw  host/raw");
+    println!(
+        "round  node MiB/s  host node MiB/s  NIXL alone MiB/s  raw MiB/s  node/raw  host/raw  NIXL alone/raw"
+    );
     for (i, r) in rows.iter().enumerate() {
         let host = r.host_mib_s.unwrap_or(f64::NAN);
+        let nixl = r.nixl_mib_s.unwrap_or(f64::NAN);
         let raw = r.raw_mib_s.max(1e-9);
         println!(
-            "{:>5}  {:>10.1}  {:>15.1}  {:>9.1}  {:>8.2}  {:>8.2}",
+            "{:>5}  {:>10.1}  {:>15.1}  {:>16.1}  {:>9.1}  {:>8.2}  {:>8.2}  {:>14.2}",
             i + 1,
             r.node_mib_s,
             host,
+            nixl,
             r.raw_mib_s,
             r.node_mib_s / raw,
-            host / raw
+            host / raw,
+            nixl / raw
         );
     }
 }

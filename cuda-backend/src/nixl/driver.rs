@@ -15,10 +15,11 @@ use super::jobs::{Ended, JobTable, MAX_IN_FLIGHT};
 use kvferry_core::agent::{AgentError, TransferId};
 use kvferry_core::PeerId;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Commands queued to the driver before callers are told it is busy.
 pub const COMMANDS: usize = 1024;
@@ -27,8 +28,15 @@ pub const DRAIN_BOUND: Duration = Duration::from_secs(5);
 /// Notifications kept for the owner; past this the newest are dropped (a flooding peer loses
 /// its own, the owner's parked sends then end by timeout or peer loss).
 pub const MAX_NOTIFS: usize = 4096;
-/// Pause between polls while READs are in flight (a 2-core host cannot afford a spin).
+/// Pause between polls while READs are in flight or notifications awaited. A yield-spin
+/// instead measured no faster on a loaded 2-core host and burned more CPU (BENCHMARKS.md).
 const BUSY_PAUSE: Duration = Duration::from_micros(20);
+/// How long a failed READ is held before its owner hears of it. NIXL's errors carry no cause
+/// (it is only logged), and a peer's death fails its READs as soon as UCX sees it, often
+/// before the node sees its control connection drop, which names the cause; held this long,
+/// the failure reaches a node that already knows why. The READ is over: nothing it touches
+/// is at risk meanwhile, only its blocks are freed later.
+const FAIL_GRACE: Duration = Duration::from_millis(200);
 /// Pause between notification fetches when nothing is in flight.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
 
@@ -44,11 +52,18 @@ pub struct Read {
 
 #[derive(Debug)]
 enum Command {
-    Load { peer: PeerId, md: Vec<u8> },
+    Load {
+        peer: PeerId,
+        md: Vec<u8>,
+    },
     Read(Read),
     Cancel(TransferId),
     Forget(PeerId),
-    Stop { leak: bool },
+    /// Wakes an idle thread: the owner began awaiting notifications.
+    Nudge,
+    Stop {
+        leak: bool,
+    },
 }
 
 type Wake = Box<dyn Fn() + Send + Sync>;
@@ -57,6 +72,8 @@ type Wake = Box<dyn Fn() + Send + Sync>;
 struct Outbox {
     ended: Mutex<Vec<Ended>>,
     notifs: Mutex<VecDeque<(String, Vec<u8>)>>,
+    /// Notifications the owner awaits (its parked sends).
+    awaiting: AtomicUsize,
     wake: Wake,
 }
 
@@ -82,6 +99,7 @@ impl Driver {
         let out = Arc::new(Outbox {
             ended: Mutex::default(),
             notifs: Mutex::default(),
+            awaiting: AtomicUsize::new(0),
             wake: Box::new(wake),
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -123,6 +141,16 @@ impl Driver {
     /// Best effort (a full queue drops it): the READ then ends with its real result.
     pub fn cancel(&self, id: TransferId) {
         let _ = self.send(Command::Cancel(id));
+    }
+
+    /// The owner now awaits `n` notifications. While it awaits any, the thread progresses UCX
+    /// as busily as for its own READs: over TCP a peer's READ of this agent's memory moves
+    /// only as fast as this side's worker is progressed (it serves the READ's data).
+    pub fn awaiting(&self, n: usize) {
+        if self.out.awaiting.swap(n, Ordering::Relaxed) == 0 && n > 0 {
+            // Best effort: a full queue wakes the thread anyway.
+            let _ = self.send(Command::Nudge);
+        }
     }
 
     /// Invalidates `peer`'s metadata once no READ from it is in flight.
@@ -175,6 +203,8 @@ struct Worker<E: Engine> {
     jobs: JobTable<E::Xfer>,
     names: HashMap<PeerId, String>,
     forgetting: Vec<PeerId>,
+    /// Failed READs held for `FAIL_GRACE`, oldest first.
+    failing: VecDeque<(Instant, Ended)>,
     out: Arc<Outbox>,
 }
 
@@ -185,18 +215,14 @@ impl<E: Engine> Worker<E> {
             jobs: JobTable::new(MAX_IN_FLIGHT),
             names: HashMap::new(),
             forgetting: Vec::new(),
+            failing: VecDeque::new(),
             out,
         }
     }
 
     fn run(mut self, rx: Receiver<Command>) {
         loop {
-            let pause = if self.jobs.is_empty() {
-                IDLE_PAUSE
-            } else {
-                BUSY_PAUSE
-            };
-            match rx.recv_timeout(pause) {
+            match self.next(&rx) {
                 Ok(Command::Stop { leak }) => return self.stop(leak),
                 Ok(c) => self.command(c),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -210,6 +236,13 @@ impl<E: Engine> Worker<E> {
             }
             self.progress();
         }
+    }
+
+    /// The next command, or a timeout when it is time to progress: soon while this agent's
+    /// READs or a peer's READs of this agent (awaited notifications) are under way.
+    fn next(&self, rx: &Receiver<Command>) -> Result<Command, RecvTimeoutError> {
+        let busy = !self.jobs.is_empty() || self.out.awaiting.load(Ordering::Relaxed) > 0;
+        rx.recv_timeout(if busy { BUSY_PAUSE } else { IDLE_PAUSE })
     }
 
     fn command(&mut self, c: Command) {
@@ -226,6 +259,7 @@ impl<E: Engine> Worker<E> {
                 self.jobs.cancel(id);
             }
             Command::Forget(peer) => self.forgetting.push(peer),
+            Command::Nudge => {}
             Command::Stop { .. } => unreachable!("handled by run"),
         }
     }
@@ -249,11 +283,27 @@ impl<E: Engine> Worker<E> {
         }
     }
 
+    /// Holds new failures back (`FAIL_GRACE`) and lets through those held long enough.
+    fn hold_failures(&mut self, ended: Vec<Ended>) -> Vec<Ended> {
+        let now = Instant::now();
+        let (failed, mut ended): (Vec<Ended>, Vec<Ended>) =
+            (ended.into_iter()).partition(|(_, r)| matches!(r, Err(AgentError::Backend(_))));
+        self.failing.extend(failed.into_iter().map(|f| (now, f)));
+        while let Some((at, _)) = self.failing.front() {
+            if now.duration_since(*at) < FAIL_GRACE {
+                break;
+            }
+            ended.extend(self.failing.pop_front().map(|(_, f)| f));
+        }
+        ended
+    }
+
     /// Polls READs, invalidates peers nothing reads from any more, fetches notifications.
     fn progress(&mut self) {
         let mut ended = Vec::new();
         let engine = &mut self.engine;
         self.jobs.poll(|x| engine.state(x), &mut ended);
+        let ended = self.hold_failures(ended);
         self.ended(ended);
         let (jobs, names, engine) = (&self.jobs, &mut self.names, &mut self.engine);
         self.forgetting.retain(|peer| {
@@ -293,7 +343,7 @@ impl<E: Engine> Worker<E> {
     }
 
     fn stop(mut self, leak: bool) {
-        let mut ended = Vec::new();
+        let mut ended: Vec<Ended> = self.failing.drain(..).map(|(_, f)| f).collect();
         let engine = &mut self.engine;
         let stuck = self
             .jobs
@@ -311,5 +361,80 @@ impl<E: Engine> Worker<E> {
             std::mem::forget(stuck);
             std::mem::forget(self.engine);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nixl::engine::XferState;
+
+    /// A NIXL whose READs end at once: failed when their notification says "fail".
+    struct Fake;
+
+    impl Engine for Fake {
+        type Xfer = bool;
+
+        fn local_md(&mut self) -> Result<Vec<u8>, NixlError> {
+            Ok(b"md".to_vec())
+        }
+        fn load_remote(&mut self, _md: &[u8]) -> Result<String, NixlError> {
+            Ok("peer".into())
+        }
+        fn invalidate_remote(&mut self, _agent: &str) {}
+        fn post_read(&mut self, read: &ReadSpec) -> Result<bool, NixlError> {
+            Ok(read.notif == b"fail")
+        }
+        fn state(&mut self, fails: &bool) -> XferState {
+            if *fails {
+                XferState::Failed("peer died".into())
+            } else {
+                XferState::Done
+            }
+        }
+        fn notifications(&mut self, _out: &mut Vec<(String, Vec<u8>)>) {}
+    }
+
+    fn read(id: u64, notif: &[u8]) -> Read {
+        Read {
+            id: TransferId(id),
+            peer: PeerId {
+                instance: 0,
+                rank: 0,
+            },
+            bytes: 10,
+            pieces: Vec::new(),
+            notif: notif.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_failed_read_reaches_the_owner_only_after_the_grace_and_a_good_one_at_once() {
+        let (mut driver, md) = Driver::spawn(|| Ok(Fake), || {}).unwrap();
+        driver.load(read(0, b"").peer, md).unwrap();
+        let posted = Instant::now();
+        driver.read(read(1, b"fail")).unwrap();
+        driver.read(read(2, b"ok")).unwrap();
+        let (mut good_at, mut failed_at) = (None, None);
+        let mut out = Vec::new();
+        while failed_at.is_none() && posted.elapsed() < DRAIN_BOUND {
+            driver.take_ended(&mut out);
+            for (id, r) in out.drain(..) {
+                let at = Some(posted.elapsed());
+                match (id.0, r) {
+                    (1, Err(AgentError::Backend(why))) => {
+                        assert!(why.contains("peer died"), "{why}");
+                        failed_at = at;
+                    }
+                    (2, Ok(10)) => good_at = at,
+                    other => panic!("unexpected end {other:?}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let failed_at = failed_at.expect("the failure was never reported");
+        assert!(failed_at >= FAIL_GRACE, "failure held only {failed_at:?}");
+        assert!(good_at.expect("the success was never reported") < failed_at);
+        driver.stop(false);
     }
 }

@@ -13,7 +13,9 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod jobs;
+pub mod md;
 pub mod pool;
+pub mod probe;
 pub mod runtime;
 pub mod ucx;
 

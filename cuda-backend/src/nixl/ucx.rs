@@ -4,11 +4,12 @@
 
 use super::engine::{Engine, ReadSpec, XferState};
 use super::error::NixlError;
+use super::md;
 use super::pool::HostPool;
 use super::runtime;
 use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs,
-    RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
+    RegDescList, RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
 };
 use std::sync::Arc;
 
@@ -39,11 +40,11 @@ impl NixlDescriptor for PoolRegion {
 #[derive(Debug)]
 pub struct UcxEngine {
     agent: Agent,
-    _ucx: Backend,
+    ucx: Backend,
     // Field order is drop order: deregister before the pool may be freed.
     _reg: RegistrationHandle,
     // Holds the pool alive while it is registered (and leaked with the engine).
-    _pool: PoolRegion,
+    pool: PoolRegion,
 }
 
 impl UcxEngine {
@@ -69,9 +70,9 @@ impl UcxEngine {
             .map_err(NixlError::call("register the KV pool"))?;
         Ok(UcxEngine {
             agent,
-            _ucx: ucx,
+            ucx,
             _reg: reg,
-            _pool: pool,
+            pool,
         })
     }
 
@@ -87,19 +88,36 @@ impl UcxEngine {
 impl Engine for UcxEngine {
     type Xfer = XferRequest;
 
+    /// UCX's connection info, then the KV pool's section (see `md`).
     fn local_md(&mut self) -> Result<Vec<u8>, NixlError> {
-        // The KV pool is this agent's only registration, so its metadata is the pool's and
-        // the UCX connection info. (nixl-sys 1.5.1's partial metadata of the pool alone, even
-        // naming the backend, is refused by the loading peer with NOT_FOUND.)
-        self.agent
-            .get_local_md()
-            .map_err(NixlError::call("pool metadata"))
+        let mut args = OptArgs::new().map_err(NixlError::call("opt args"))?;
+        args.add_backend(&self.ucx)
+            .map_err(NixlError::call("opt args"))?;
+        let none = RegDescList::new(MemType::Dram).map_err(NixlError::call("descriptors"))?;
+        let conns = (self.agent.get_local_partial_md(&none, Some(&args)))
+            .map_err(NixlError::call("connection metadata"))?;
+        let mut pool = RegDescList::new(MemType::Dram).map_err(NixlError::call("descriptors"))?;
+        pool.add_storage_desc(&self.pool)
+            .map_err(NixlError::call("descriptors"))?;
+        let section = (self.agent.get_local_partial_md(&pool, Some(&args)))
+            .map_err(NixlError::call("pool metadata"))?;
+        Ok(md::join(&conns, &section))
     }
 
     fn load_remote(&mut self, md: &[u8]) -> Result<String, NixlError> {
-        self.agent
-            .load_remote_md(md)
-            .map_err(NixlError::call("load remote metadata"))
+        let (conns, section) = md::split(md)?;
+        let load = |part: &[u8]| {
+            (self.agent.load_remote_md(part)).map_err(NixlError::call("load remote metadata"))
+        };
+        let name = load(conns)?;
+        let again = load(section)?;
+        if again != name {
+            self.invalidate_remote(&name);
+            self.invalidate_remote(&again);
+            let why = format!("metadata parts of two agents: {name} and {again}");
+            return Err(NixlError::Invalid(why));
+        }
+        Ok(name)
     }
 
     fn invalidate_remote(&mut self, agent: &str) {

@@ -12,7 +12,7 @@ use crate::host::agent::HostAgent;
 use crate::host::kv::HostKv;
 use crate::host::pattern;
 use kvferry_core::agent::TransferAgent;
-use kvferry_core::PeerId;
+use kvferry_core::{PeerId, RequestId};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -137,14 +137,15 @@ impl Backend {
         }
     }
 
-    /// The node frame a ctx sends every gen that connects, if any.
+    /// The node frame sent first on a new connection, if any: a ctx's to every gen that
+    /// connects (a CUDA pool), a gen's to its ctx (a NIXL agent's name).
     pub fn greeting(&self) -> Option<NodeFrame> {
         match self {
             Backend::Host { .. } => None,
             #[cfg(feature = "cuda")]
             Backend::Gpu(g) => g.greeting(),
             #[cfg(feature = "nixl")]
-            Backend::Nixl(_) => None,
+            Backend::Nixl(n) => n.greeting(),
         }
     }
 
@@ -205,6 +206,26 @@ impl Backend {
         #[cfg(feature = "nixl")]
         if let Backend::Nixl(n) = self {
             n.pump();
+        }
+    }
+
+    /// A gen's request is over: a NIXL gen refuses its ctx's offers from now on.
+    #[cfg_attr(not(feature = "nixl"), allow(unused_variables))]
+    pub fn request_ended(&self, request: RequestId) {
+        #[cfg(feature = "nixl")]
+        if let Backend::Nixl(n) = self {
+            n.request_ended(request);
+        }
+    }
+
+    /// The backend's own counters, by name (the NIXL gen's READs); empty for the others.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        match self {
+            Backend::Host { .. } => Vec::new(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(_) => Vec::new(),
+            #[cfg(feature = "nixl")]
+            Backend::Nixl(n) => n.counters(),
         }
     }
 

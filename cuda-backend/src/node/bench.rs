@@ -38,6 +38,9 @@ pub struct Round {
     pub node_mib_s: f64,
     /// The host node in the same round, when `node_mib_s` is another backend's.
     pub host_mib_s: Option<f64>,
+    /// With `--backend nixl`: NIXL's own READs of the same bytes, request-sized, without the
+    /// node (`nixl::probe`): the ceiling of the node's NIXL path.
+    pub nixl_mib_s: Option<f64>,
     /// The plain raw copy: one buffer per side, always in cache. The target is against this.
     pub raw_mib_s: f64,
     /// A raw copy that cycles through KV-pool-sized buffers, touching as much memory as the
@@ -237,8 +240,9 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
                     .throughput_mib_s,
             ),
         };
-        let raw = raw_copy(s.bytes.max(1), o.threads, DATA_CHUNK).await?;
         let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
+        let nixl = nixl_probe(spec, o, s.bytes, pool_bytes).await?;
+        let raw = raw_copy(s.bytes.max(1), o.threads, DATA_CHUNK).await?;
         let raw_pool = raw_copy(s.bytes.max(1), o.threads, pool_bytes).await?;
         let node_cpu_s_per_gib = s.cpu_s_per_gib.unwrap_or(f64::NAN);
         // Per request: the bytes one request moved, at each path's CPU cost per byte.
@@ -247,6 +251,7 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
         rounds.push(Round {
             node_mib_s: s.throughput_mib_s,
             host_mib_s: host,
+            nixl_mib_s: nixl,
             raw_mib_s: raw.mib_s,
             raw_pool_mib_s: raw_pool.mib_s,
             // A round that moved nothing shows NaN, not a made-up figure.
@@ -261,6 +266,31 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
         });
     }
     Ok(rounds)
+}
+
+/// NIXL's READs alone (`nixl::probe`), one per request of the node round, as many at once.
+#[cfg_attr(not(feature = "nixl"), allow(unused_variables))]
+async fn nixl_probe(
+    spec: &NodeSpec,
+    o: &BenchOptions,
+    bytes: u64,
+    pool_bytes: usize,
+) -> Result<Option<f64>, NodeError> {
+    #[cfg(feature = "nixl")]
+    if o.backend == BackendSpec::Nixl {
+        let shape = crate::nixl::probe::ProbeShape {
+            bytes: bytes.max(1),
+            read_bytes: spec.layout.block_bytes() * u64::from(o.blocks_per_request),
+            concurrency: o.concurrency,
+            pool_bytes: pool_bytes as u64,
+        };
+        let probe = tokio::task::spawn_blocking(move || crate::nixl::probe::read_mib_s(shape));
+        let mib_s = (probe.await)
+            .map_err(|e| io("nixl probe")(std::io::Error::other(e.to_string())))?
+            .map_err(|e| io("nixl probe")(std::io::Error::other(e.to_string())))?;
+        return Ok(Some(mib_s));
+    }
+    Ok(None)
 }
 
 /// What the bench ran on, for its header: CPU model, cores, kernel.

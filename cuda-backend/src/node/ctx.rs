@@ -210,7 +210,11 @@ impl CtxNode {
             Inbound::Frame {
                 peer,
                 frame:
-                    Frame::Node(f @ (NodeFrame::PullFinished { .. } | NodeFrame::NixlFailed { .. })),
+                    Frame::Node(
+                        f @ (NodeFrame::PullFinished { .. }
+                        | NodeFrame::NixlFailed { .. }
+                        | NodeFrame::NixlAgent { .. }),
+                    ),
             } => {
                 if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
                     tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");

@@ -94,6 +94,11 @@ pub enum NodeFrame {
         transfer: u64,
         error: String,
     },
+    /// NIXL backend, gen to ctx, first on a connection: the name of the gen's NIXL agent.
+    /// The ctx ends a parked send only on a notification from that agent.
+    NixlAgent {
+        name: String,
+    },
 }
 
 impl NodeFrame {
@@ -108,6 +113,7 @@ impl NodeFrame {
             NodeFrame::PullFinished { .. } => "PullFinished",
             NodeFrame::NixlReady { .. } => "NixlReady",
             NodeFrame::NixlFailed { .. } => "NixlFailed",
+            NodeFrame::NixlAgent { .. } => "NixlAgent",
         }
     }
 
@@ -355,6 +361,37 @@ mod tests {
                 request: RequestId(7),
                 ctx_rank: 0,
                 error: Some("cancelled".into()),
+            },
+        ];
+        let mut b = BytesMut::new();
+        for f in &frames {
+            encode_node(f, &mut b);
+        }
+        for f in frames {
+            assert_eq!(decode(&mut b), Ok(Some(Frame::Node(f))));
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn nixl_frames_round_trip() {
+        let frames = [
+            NodeFrame::NixlAgent {
+                name: "kvferry-gen0-1-ab".into(),
+            },
+            NodeFrame::NixlReady {
+                request: RequestId(9),
+                ctx_rank: 1,
+                transfer: 3,
+                pool_base: 1 << 40,
+                pool_bytes: 64 << 20,
+                md: Some("00ff".into()),
+            },
+            NodeFrame::NixlFailed {
+                request: RequestId(9),
+                ctx_rank: 1,
+                transfer: 3,
+                error: "refused".into(),
             },
         ];
         let mut b = BytesMut::new();

@@ -84,6 +84,8 @@ pub struct Summary {
     pub staging_poisoned: usize,
     pub blocks_total: usize,
     pub blocks_free: usize,
+    /// The backend's own counters (`Backend::counters`).
+    pub backend: BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -315,6 +317,7 @@ impl GenNode {
                     self.s.reconnects += 1;
                 }
                 tracing::info!(%peer, "connected to ctx");
+                self.greet(peer);
                 // A CUDA gen launches once it has mapped the ctx's pool (its first frame).
                 self.connected = self.rank.backend.ready_on_connect();
                 self.pool_wait = (!self.connected).then(Instant::now);
@@ -368,6 +371,17 @@ impl GenNode {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Sends the ctx what the backend needs it to know before any request (a NIXL gen's
+    /// agent name): sent first, so the ctx holds it before it parks a send for this gen.
+    fn greet(&mut self, peer: PeerId) {
+        let Some(hello) = self.rank.backend.greeting() else {
+            return;
+        };
+        if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(hello)) {
+            self.give_up(peer, &format!("greeting not sent: {e}"));
+        }
     }
 
     fn check_pool_wait(&mut self) {
@@ -444,7 +458,8 @@ impl GenNode {
             f @ (NodeFrame::PullReady { .. }
             | NodeFrame::PullFinished { .. }
             | NodeFrame::NixlReady { .. }
-            | NodeFrame::NixlFailed { .. }) => {
+            | NodeFrame::NixlFailed { .. }
+            | NodeFrame::NixlAgent { .. }) => {
                 if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
                     tracing::warn!(%peer, error = %e, "node frame refused");
                 }
@@ -530,6 +545,7 @@ impl GenNode {
 
     fn on_finished(&mut self, f: Finished) {
         let id = f.request.id;
+        self.rank.backend.request_ended(id);
         let Some(a) = self.active.remove(&id) else {
             self.rank.release(&f);
             return;
@@ -622,6 +638,9 @@ impl GenNode {
             staging_poisoned,
             blocks_total,
             blocks_free,
+            backend: (self.rank.backend.counters().into_iter())
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             ..self.s
         }
     }

@@ -20,6 +20,7 @@
 //! The runtime is found without `LD_LIBRARY_PATH` (`nixl::runtime`).
 
 pub mod notice;
+pub mod parked;
 pub mod pull;
 pub mod serve;
 
@@ -33,7 +34,7 @@ use crate::nixl::ucx::UcxEngine;
 use crate::nixl::{Driver, HostPool, NixlError};
 use kvferry_core::agent::TransferAgent;
 use kvferry_core::transceiver::Side;
-use kvferry_core::PeerId;
+use kvferry_core::{PeerId, RequestId};
 use pull::Offer;
 use serve::PoolOffer;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub enum NixlNodeError {
     Unexpected(&'static str, &'static str),
     #[error("NixlReady from {peer}: {why}")]
     BadOffer { peer: PeerId, why: String },
+    #[error("NixlAgent from {peer}: {why}")]
+    BadAgent { peer: PeerId, why: String },
 }
 
 #[derive(Debug)]
@@ -62,6 +65,8 @@ enum Role {
 pub struct NixlBackend {
     pool: Arc<HostPool>,
     block_bytes: u64,
+    /// This rank's NIXL agent.
+    name: String,
     role: Role,
 }
 
@@ -89,10 +94,10 @@ impl NixlBackend {
             std::process::id(),
             rand::random::<u32>()
         );
-        let engine_pool = pool.clone();
+        let (engine_name, engine_pool) = (name.clone(), pool.clone());
         let wake = p.wake.clone();
         let (driver, md) = Driver::spawn(
-            move || UcxEngine::new(&name, engine_pool),
+            move || UcxEngine::new(&engine_name, engine_pool),
             move || wake.notify_one(),
         )?;
         let (role, agent): (Role, Arc<dyn TransferAgent>) = match p.side {
@@ -114,6 +119,7 @@ impl NixlBackend {
         let backend = NixlBackend {
             pool,
             block_bytes: p.block_bytes,
+            name,
             role,
         };
         Ok((backend, agent))
@@ -121,6 +127,13 @@ impl NixlBackend {
 
     pub fn block_bytes(&self) -> u64 {
         self.block_bytes
+    }
+
+    /// A gen's first frame to its ctx: its agent's name, which the ctx's notifications must
+    /// come from.
+    pub fn greeting(&self) -> Option<NodeFrame> {
+        let name = self.name.clone();
+        matches!(self.role, Role::Pull(_)).then_some(NodeFrame::NixlAgent { name })
     }
 
     /// Writes the seeded pattern of each block (`index` = position in the request).
@@ -195,6 +208,9 @@ impl NixlBackend {
                 }
                 Ok(())
             }
+            (Role::Serve(serve), NodeFrame::NixlAgent { name }) => serve
+                .on_agent(peer, name)
+                .map_err(|why| NixlNodeError::BadAgent { peer, why }),
             (Role::Serve(_), f) => Err(NixlNodeError::Unexpected(f.name(), "ctx")),
             (Role::Pull(_), f) => Err(NixlNodeError::Unexpected(f.name(), "gen")),
         }
@@ -206,6 +222,27 @@ impl NixlBackend {
             Role::Serve(serve) => serve.pump(),
             Role::Pull(pull) => pull.pump(),
         }
+    }
+
+    /// A gen's request is over (see `NixlPull::request_ended`).
+    pub fn request_ended(&self, request: RequestId) {
+        if let Role::Pull(pull) = &self.role {
+            pull.request_ended(request);
+        }
+    }
+
+    /// A gen's READ counters, by name (a ctx keeps none).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let Role::Pull(pull) = &self.role else {
+            return Vec::new();
+        };
+        let c = pull.counters();
+        vec![
+            ("nixl_reads_posted", c.posted),
+            ("nixl_cancelled_in_flight", c.cancelled_in_flight),
+            ("nixl_cancelled_ended", c.cancelled_ended),
+            ("nixl_reused_in_flight", c.reused_in_flight),
+        ]
     }
 
     pub fn peer_lost(&self, peer: PeerId) {

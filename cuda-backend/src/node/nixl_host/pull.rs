@@ -5,7 +5,11 @@
 //! answered with `NixlFailed` instead, so every `NixlReady` gets exactly one answer.
 //!
 //! Before posting, the job's own blocks are checked at their epochs: a block freed or
-//! reassigned here since the job was built is never written by NIXL.
+//! reassigned here since the job was built is never written by NIXL. They are also checked
+//! against the blocks of READs not yet terminal (a cancelled READ's bytes still land): a READ
+//! into one of those is refused and counted (`PullCounters::reused_in_flight`), which the core
+//! never causes, since it keeps a cancelled job's pins until its completion, which comes only
+//! at the READ's terminal status.
 
 use super::super::frame::{Frame, NodeFrame};
 use super::super::link::Links;
@@ -16,7 +20,7 @@ use kvferry_core::agent::{
 };
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::{PeerId, RequestId};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -53,6 +57,20 @@ struct Posted {
     done: CompletionQueue,
     request: RequestId,
     offer: Offer,
+    blocks: Vec<u32>,
+    cancelled: bool,
+}
+
+/// What the pull did with READs in flight, for the node's summary and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PullCounters {
+    pub posted: u64,
+    /// Cancels that found their READ posted and not yet terminal.
+    pub cancelled_in_flight: u64,
+    /// Cancelled READs that then reached their terminal status (only then did they end).
+    pub cancelled_ended: u64,
+    /// READs refused because a block of theirs was still the target of a READ in flight.
+    pub reused_in_flight: u64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +78,15 @@ struct State {
     slots: HashMap<Key, Slot>,
     marks: VecDeque<Key>,
     posted: HashMap<TransferId, Posted>,
+    /// Each block posted READs land in, until they are terminal: the request they are for
+    /// and how many (a request's READs from several ctx ranks share its blocks). Bounded by
+    /// the pool.
+    landing: HashMap<u32, (RequestId, usize)>,
+    /// Requests over here (`request_ended`), newest last, bounded by `MAX_MARKS`: an offer of
+    /// one is refused at once, since no receive job of it will come.
+    over: VecDeque<RequestId>,
+    over_set: HashSet<RequestId>,
+    counters: PullCounters,
 }
 
 #[derive(Debug)]
@@ -109,6 +136,11 @@ impl NixlPull {
         }
         let key = (request, ctx_rank);
         let mut st = self.lock();
+        if st.over_set.contains(&request) {
+            drop(st);
+            self.failed(offer, request, "the request ended here before the READ");
+            return;
+        }
         match st.slots.remove(&key) {
             Some(Slot::Waiting { job, done, .. }) => self.post(&mut st, job, done, offer),
             Some(Slot::Ended) => {
@@ -128,7 +160,7 @@ impl NixlPull {
         let mut ended = Vec::new();
         self.driver().take_ended(&mut ended);
         for (id, result) in ended {
-            let Some(p) = self.lock().posted.remove(&id) else {
+            let Some(p) = self.landed(id) else {
                 continue;
             };
             if let Err(e) = &result {
@@ -136,6 +168,51 @@ impl NixlPull {
             }
             p.done.push(Completion { id, result });
         }
+    }
+
+    /// The gen's request is over (completed, failed or cancelled, possibly before its receive
+    /// job was ever submitted here): its offers, here or still to come, are refused, so the
+    /// ctx's sends fail instead of pinning their blocks until the connection ends.
+    pub fn request_ended(&self, request: RequestId) {
+        let mut st = self.lock();
+        let offered: Vec<Key> = (st.slots.iter())
+            .filter(|(k, s)| k.0 == request && matches!(s, Slot::Ready(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in offered {
+            if let Some(Slot::Ready(offer)) = st.slots.remove(&key) {
+                self.failed(offer, request, "the request ended here before the READ");
+            }
+        }
+        if st.over_set.insert(request) {
+            st.over.push_back(request);
+        }
+        while st.over.len() > MAX_MARKS {
+            let old = st.over.pop_front().expect("non-empty");
+            st.over_set.remove(&old);
+        }
+    }
+
+    pub fn counters(&self) -> PullCounters {
+        self.lock().counters
+    }
+
+    /// Forgets a READ at its terminal status: its blocks may be reused from now on.
+    fn landed(&self, id: TransferId) -> Option<Posted> {
+        let mut st = self.lock();
+        let p = st.posted.remove(&id)?;
+        for b in &p.blocks {
+            if let Some((_, n)) = st.landing.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    st.landing.remove(b);
+                }
+            }
+        }
+        if p.cancelled {
+            st.counters.cancelled_ended += 1;
+        }
+        Some(p)
     }
 
     /// The ctx's connection is gone: its metadata is invalidated once its READs end, and
@@ -164,27 +241,48 @@ impl NixlPull {
     /// refused READ completes the job at once and tells the ctx.
     fn post(&self, st: &mut State, job: TransferJob, done: CompletionQueue, offer: Offer) {
         let (id, request) = (job.id, job.request);
-        let read = self.read_of(&job, offer).and_then(|read| {
-            self.driver()
-                .read(read)
-                .map_err(|e| AgentError::Backend(e.to_string()))
-        });
+        let blocks: Vec<u32> = job.local_blocks.iter().map(|b| b.id).collect();
+        let read = Self::not_landing(st, request, &blocks)
+            .and_then(|()| self.read_of(&job, offer))
+            .and_then(|read| {
+                self.driver()
+                    .read(read)
+                    .map_err(|e| AgentError::Backend(e.to_string()))
+            });
         match read {
             Ok(()) => {
-                st.posted.insert(
-                    id,
-                    Posted {
-                        done,
-                        request,
-                        offer,
-                    },
-                );
+                st.counters.posted += 1;
+                for b in &blocks {
+                    st.landing.entry(*b).or_insert((request, 0)).1 += 1;
+                }
+                let p = Posted {
+                    done,
+                    request,
+                    offer,
+                    blocks,
+                    cancelled: false,
+                };
+                st.posted.insert(id, p);
             }
             Err(e) => {
                 self.failed(offer, request, &e.to_string());
                 self.complete(&done, id, Err(e));
             }
         }
+    }
+
+    /// Refuses blocks a READ for another request, not yet terminal, may still write.
+    fn not_landing(st: &mut State, request: RequestId, blocks: &[u32]) -> Result<(), AgentError> {
+        let Some((b, other)) = blocks.iter().find_map(|b| {
+            let (other, _) = st.landing.get(b)?;
+            (*other != request).then_some((*b, *other))
+        }) else {
+            return Ok(());
+        };
+        st.counters.reused_in_flight += 1;
+        Err(AgentError::StaleBlock(format!(
+            "block {b} is still the target of a READ for {other}, not yet terminal"
+        )))
     }
 
     fn read_of(&self, job: &TransferJob, offer: Offer) -> Result<Read, AgentError> {
@@ -289,7 +387,10 @@ impl TransferAgent for NixlPull {
     /// the ctx ends now, since nothing of it touches memory.
     fn cancel(&self, id: TransferId) {
         let mut st = self.lock();
-        if st.posted.contains_key(&id) {
+        if let Some(p) = st.posted.get_mut(&id) {
+            if !std::mem::replace(&mut p.cancelled, true) {
+                st.counters.cancelled_in_flight += 1;
+            }
             drop(st);
             self.driver().cancel(id);
             return;

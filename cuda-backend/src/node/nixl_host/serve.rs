@@ -1,36 +1,25 @@
 //! Ctx side: a `TransferAgent` whose send jobs move no bytes themselves. Each is parked, its
 //! blocks pinned by the core, and offered to the gen with a `NixlReady`; the gen READs the
-//! blocks with NIXL and its READ's notification (request, token, transfer) completes the send.
+//! blocks with NIXL and its READ's notification (request, token, transfer), from the agent
+//! that gen announced (`NixlAgent`, see `parked`), completes the send.
 //! A `NixlFailed` from that gen, or the loss of its connection, fails it instead. The core
 //! unpins only on that completion, so no READ of the gen reads blocks already reused here.
 
 use super::super::frame::{Frame, NodeFrame};
 use super::super::link::Links;
-use super::notice::Notice;
+use super::parked::{Parked, ParkedSends};
 use crate::nixl::Driver;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
-use kvferry_core::{PeerId, RequestId, TransferToken};
-use std::collections::{HashMap, HashSet};
+use kvferry_core::{PeerId, RequestId};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-#[derive(Debug)]
-struct Parked {
-    request: RequestId,
-    token: TransferToken,
-    to: PeerId,
-    bytes: u64,
-    done: CompletionQueue,
-    cancelled: bool,
-}
-
 #[derive(Debug, Default)]
 struct State {
-    /// By the send job's id (the `transfer` of its `NixlReady`). Bounded by the core's jobs
-    /// in flight.
-    parked: HashMap<TransferId, Parked>,
+    parked: ParkedSends,
     /// Connections that were sent this agent's metadata.
     told: HashSet<PeerId>,
 }
@@ -72,45 +61,42 @@ impl NixlServe {
     pub fn pump(&self) {
         let mut notes = Vec::new();
         self.driver().take_notifs(&mut notes);
+        if notes.is_empty() {
+            return;
+        }
         let mut st = self.lock();
         for (agent, bytes) in notes {
-            let Some(n) = Notice::parse(&bytes) else {
-                tracing::debug!(agent, "foreign NIXL notification ignored");
-                continue;
+            let (id, p) = match st.parked.on_notification(&agent, &bytes) {
+                Ok(ended) => ended,
+                // Debug, not warn: any agent could otherwise flood the log at will.
+                Err(why) => {
+                    tracing::debug!(agent, ?why, "NIXL notification ignored");
+                    continue;
+                }
             };
-            let ours = st
-                .parked
-                .get(&n.transfer)
-                .is_some_and(|p| p.request == n.request && p.token == n.token);
-            if !ours {
-                tracing::debug!(agent, request = %n.request, "NIXL notification without authority");
-                continue;
-            }
-            let p = st.parked.remove(&n.transfer).expect("checked above");
             let result = if p.cancelled {
                 Err(AgentError::Cancelled)
             } else {
                 Ok(p.bytes)
             };
-            p.done.push(Completion {
-                id: n.transfer,
-                result,
-            });
+            p.done.push(Completion { id, result });
         }
+        self.driver().awaiting(st.parked.count());
+    }
+
+    /// The gen `peer` announced its NIXL agent.
+    pub fn on_agent(&self, peer: PeerId, name: String) -> Result<(), String> {
+        self.lock().parked.bind_agent(peer, name)
     }
 
     /// The gen `from` says its READ of `transfer` will not notify: the send fails.
     pub fn on_failed(&self, from: PeerId, request: RequestId, transfer: u64, error: &str) -> bool {
         let id = TransferId(transfer);
         let mut st = self.lock();
-        if !st
-            .parked
-            .get(&id)
-            .is_some_and(|p| p.to == from && p.request == request)
-        {
+        let Some(p) = st.parked.take_failed(id, from, request) else {
             return false;
-        }
-        let p = st.parked.remove(&id).expect("checked above");
+        };
+        self.driver().awaiting(st.parked.count());
         let why = AgentError::Backend(format!("gen READ failed: {error}"));
         p.done.push(Completion {
             id,
@@ -121,22 +107,18 @@ impl NixlServe {
     }
 
     /// The gen's connection is gone: its parked sends fail instead of waiting forever, and a
-    /// reconnect is sent the metadata again.
+    /// reconnect is sent the metadata again (and must announce its agent again).
     pub fn peer_lost(&self, peer: PeerId) {
         let mut st = self.lock();
         st.told.remove(&peer);
-        let lost: Vec<TransferId> = st
-            .parked
-            .iter()
-            .filter(|(_, p)| p.to == peer)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &lost {
-            let p = st.parked.remove(id).expect("listed above");
+        let lost = st.parked.take_peer(peer);
+        self.driver().awaiting(st.parked.count());
+        let any = !lost.is_empty();
+        for (id, p) in lost {
             let result = Err(AgentError::PeerUnreachable(peer));
-            p.done.push(Completion { id: *id, result });
+            p.done.push(Completion { id, result });
         }
-        if !lost.is_empty() {
+        if any {
             self.wake.notify_one();
         }
     }
@@ -164,15 +146,6 @@ impl TransferAgent for NixlServe {
             return Err(AgentError::Backend("a NIXL ctx node only sends".into()));
         };
         let mut st = self.lock();
-        if st.parked.contains_key(&job.id) {
-            return Err(AgentError::Backend(format!("{:?} already parked", job.id)));
-        }
-        let frame = self.ready_frame(&mut st, to, job.request, job.id);
-        if let Err(e) = self.links.send_frame(to, frame) {
-            // Nobody will READ: refuse now rather than leave the blocks pinned.
-            st.told.remove(&to);
-            return Err(AgentError::Backend(format!("nixl-ready not sent: {e}")));
-        }
         let parked = Parked {
             request: job.request,
             token: job.token,
@@ -181,16 +154,23 @@ impl TransferAgent for NixlServe {
             done,
             cancelled: false,
         };
-        st.parked.insert(job.id, parked);
+        // Parked before the gen is told, so its notification cannot come first.
+        st.parked.park(job.id, parked)?;
+        let frame = self.ready_frame(&mut st, to, job.request, job.id);
+        if let Err(e) = self.links.send_frame(to, frame) {
+            // Nobody will READ: refuse now rather than leave the blocks pinned.
+            st.told.remove(&to);
+            st.parked.take_failed(job.id, to, job.request);
+            return Err(AgentError::Backend(format!("nixl-ready not sent: {e}")));
+        }
+        self.driver().awaiting(st.parked.count());
         Ok(())
     }
 
     /// Only marks: the gen may be reading the blocks right now, so the send still ends at the
     /// READ's notification (as `Cancelled`), its failure, or the gen's loss.
     fn cancel(&self, id: TransferId) {
-        if let Some(p) = self.lock().parked.get_mut(&id) {
-            p.cancelled = true;
-        }
+        self.lock().parked.cancel(id);
     }
 }
 
@@ -198,9 +178,9 @@ impl Drop for NixlServe {
     /// Parked sends end with `ShutDown`; their gens may still be reading, so the pool and its
     /// registration are leaked rather than freed under them.
     fn drop(&mut self) {
-        let st = std::mem::take(&mut *self.lock());
-        let leak = !st.parked.is_empty();
-        for (id, p) in st.parked {
+        let parked = self.lock().parked.take_all();
+        let leak = !parked.is_empty();
+        for (id, p) in parked {
             p.done.push(Completion {
                 id,
                 result: Err(AgentError::ShutDown),
