@@ -13,6 +13,7 @@ use crate::agent::AgentRegistry;
 use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
 use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
+use crate::gray;
 use crate::mailbox::Command;
 use crate::rank::{run_rank, Instance, RankShared};
 use crate::report::{Invariant, SeedReport};
@@ -175,9 +176,39 @@ impl Sim {
         for (ctx_uid, id) in cancels {
             self.command_all(ctx_uid, |_| Command::Cancel(id));
         }
+        self.restart_later(inst.side, inst.index);
+    }
+
+    /// Silent death: the instance stops, but nothing resets. It stays joined, so what peers
+    /// send it is accepted and vanishes (`Fabric::silence`), and no peer's transfer fails
+    /// for it: only heartbeats tell them. The scheduler stops routing to it and counts its
+    /// requests lost, as for a crash, but tells no peer (no cancels). A fresh incarnation
+    /// comes up later, as after a crash.
+    fn silent_death(self: &Arc<Self>, uid: u32) {
+        let Some(inst) = self.instances.lock().expect("instances lock").remove(&uid) else {
+            return;
+        };
+        self.fabric.lock().expect("fabric lock").silence(uid);
+        inst.kill();
+        self.fault(
+            FaultKind::SilentDeath,
+            u64::MAX,
+            Reach::Instances(vec![uid]),
+            format!("{} (incarnation {uid})", inst.name()),
+        );
+        let now = self.now_us();
+        let mut router = self.router.lock().expect("router lock");
+        router.set_slot(inst.side, inst.index, None);
+        // The cancels a crash would send are exactly what a silent death never gives.
+        let _untold = router.instance_lost(uid, now);
+        drop(router);
+        self.restart_later(inst.side, inst.index);
+    }
+
+    /// A fresh incarnation of (`side`, `index`) within `MAX_RESTART_MS`.
+    fn restart_later(self: &Arc<Self>, side: Side, index: u32) {
         // Held weakly, as by every timed fault task (see `later`).
         let sim = Arc::downgrade(self);
-        let (side, index) = (inst.side, inst.index);
         madsim::task::spawn(async move {
             let ms = madsim::rand::thread_rng().gen_range(1..MAX_RESTART_MS);
             madsim::time::sleep(Duration::from_millis(ms)).await;
@@ -369,9 +400,39 @@ async fn injector(sim: Arc<Sim>) {
         if sim.draw(m.rogue_peer) {
             rogue(&sim);
         }
+        strike_gray(&sim, &pick_inst, restart_room);
     }
     sim.fabric.lock().expect("fabric lock").heal_all();
     sim.trace("faults", "all faults healed".to_string());
+}
+
+/// The gray faults of this tick (`gray`; a silent death is the cluster's, like a crash).
+fn strike_gray(
+    sim: &Arc<Sim>,
+    pick_inst: &dyn Fn(Option<Side>) -> Option<Arc<Instance>>,
+    restart_room: bool,
+) {
+    let m = sim.mix;
+    if sim.draw(m.one_way) {
+        let pair = (
+            pick_inst(Some(Side::Context)),
+            pick_inst(Some(Side::Generation)),
+        );
+        if let (Some(c), Some(g)) = pair {
+            let (from, to) = if sim.draw(0.5) { (&c, &g) } else { (&g, &c) };
+            gray::one_way(&sim.world, from, to);
+        }
+    }
+    if sim.draw(m.stall) {
+        if let Some(i) = pick_inst(None) {
+            gray::stall(&sim.world, &i);
+        }
+    }
+    if sim.draw(m.silent_death) && restart_room {
+        if let Some(i) = pick_inst(None) {
+            sim.silent_death(i.uid);
+        }
+    }
 }
 
 fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
