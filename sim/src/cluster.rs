@@ -707,8 +707,10 @@ fn check_staging(sim: &Sim) {
 }
 
 /// Waits until the client has issued every request and faults have healed, then for
-/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2.
-async fn settle(sim: &Arc<Sim>) {
+/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2. Returns the
+/// convergence time (two-phase liveness): from the later of the two to quiescence, or the
+/// bound itself when the seed never got there.
+async fn settle(sim: &Arc<Sim>) -> u64 {
     madsim::time::sleep(HEAL_AT + GRACE).await;
     let client_done = loop {
         if let Some(at) = *sim.client_done_us.lock().expect("client lock") {
@@ -716,14 +718,16 @@ async fn settle(sim: &Arc<Sim>) {
         }
         madsim::time::sleep(SETTLE_POLL).await;
     };
-    let deadline = client_done.max(HEAL_AT.as_micros() as u64) + DRAIN.as_micros() as u64;
+    let calm = client_done.max(HEAL_AT.as_micros() as u64);
+    let deadline = calm + DRAIN.as_micros() as u64;
     loop {
         if quiescent(sim) {
+            let converged = sim.now_us().saturating_sub(calm);
             // Every rank publishes its counters after each pass; a grace lets the last pass
             // of a rank woken at the quiescent instant finish.
             madsim::time::sleep(GRACE).await;
             check_staging(sim);
-            return;
+            return converged;
         }
         if sim.now_us() >= deadline {
             let stuck = sim.router.lock().expect("router lock").unsettled();
@@ -743,7 +747,7 @@ async fn settle(sim: &Arc<Sim>) {
                     "ranks still busy after the drain bound".to_string(),
                 );
             }
-            return;
+            return DRAIN.as_micros() as u64;
         }
         madsim::time::sleep(SETTLE_POLL).await;
     }
@@ -771,7 +775,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     }
     madsim::task::spawn(client(sim.clone()));
     madsim::task::spawn(injector(sim.clone()));
-    settle(&sim).await;
+    let converged_us = settle(&sim).await;
     let sim_time_us = sim.now_us();
     sim.world.stop();
     // Let every rank, rung by the stop, exit.
@@ -788,7 +792,9 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     }
     outcomes.failures_by_cause = found.by_cause;
     outcomes.failures_by_core_cause = found.by_core_cause;
-    report(seed, sim_time_us, planned, outcomes, checker)
+    let mut r = report(seed, sim_time_us, planned, outcomes, checker);
+    r.convergence_us = converged_us;
+    r
 }
 
 fn report(
@@ -814,6 +820,7 @@ fn report(
         violations,
         trace_hash,
         trace,
+        convergence_us: 0,
     }
 }
 
