@@ -53,8 +53,7 @@ impl Transceiver {
         for at in &timeout_keys {
             self.timeouts.insert((*at, req.id));
         }
-        let interval = Duration::from_millis(self.config.heartbeat_interval_ms);
-        self.liveness.arm(now, interval);
+        self.arm_liveness(now);
         self.entries.insert(
             req.id,
             Entry {

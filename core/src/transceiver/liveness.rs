@@ -111,6 +111,15 @@ impl Liveness {
 }
 
 impl Transceiver {
+    /// A request registered: ticks run (none under the `ignore-heartbeats` switch, which
+    /// would otherwise leave a tick due for ever).
+    pub(super) fn arm_liveness(&mut self, now: Duration) {
+        if !self.bugs.has(Bug::IgnoreHeartbeats) {
+            let interval = Duration::from_millis(self.config.heartbeat_interval_ms);
+            self.liveness.arm(now, interval);
+        }
+    }
+
     /// Every frame from `from`: it is alive. A tick's heartbeat from a peer this rank does
     /// not watch is answered (see the module docs).
     pub(super) fn on_frame_from(&mut self, now: Duration, from: PeerId, msg: &Message) {
