@@ -76,7 +76,13 @@ impl FaultMix {
             // Drawn only in their own scenarios, so the others' seeds draw what they always did.
             one_way: only(&mut pick, "asymmetric-partition", 0.05),
             silent_death: only(&mut pick, "silent-death", 0.01),
-            wedge: only(&mut pick, "wedged-agent", 0.05),
+            // Only eviction past a deadline ends a wedged job: without it (the scenario's
+            // default is on) a wedge hangs its request by design, which proves nothing.
+            wedge: if s.inflight_cancel {
+                only(&mut pick, "wedged-agent", 0.05)
+            } else {
+                0.0
+            },
             stall: only(&mut pick, "stalled-reader", 0.03),
         }
     }
