@@ -34,10 +34,13 @@ pub enum Bug {
     /// A generation rank asks the context rank for bytes before its receive is posted, so
     /// the send can start first and be refused (I10).
     AskBeforePosted,
+    /// Heartbeats are neither sent nor checked: a peer that goes silent without a reset is
+    /// never noticed, and what waits on it waits for ever (I7).
+    IgnoreHeartbeats,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 12] = [
         Bug::ReleaseEarly,
         Bug::LeakSlotOnError,
         Bug::DropAgentEarly,
@@ -49,6 +52,7 @@ impl Bug {
         Bug::SkipTokenCheck,
         Bug::AcceptAnyAbort,
         Bug::AskBeforePosted,
+        Bug::IgnoreHeartbeats,
     ];
 
     /// The CLI name (`kvferry sim --inject-bug NAME`).
@@ -65,6 +69,7 @@ impl Bug {
             Bug::SkipTokenCheck => "skip-token-check",
             Bug::AcceptAnyAbort => "accept-any-abort",
             Bug::AskBeforePosted => "ask-before-posted",
+            Bug::IgnoreHeartbeats => "ignore-heartbeats",
         }
     }
 
@@ -80,6 +85,7 @@ impl Bug {
             Bug::SkipIdleCollective => "I7",
             Bug::SkipTokenCheck | Bug::AcceptAnyAbort => "I9",
             Bug::AskBeforePosted => "I10",
+            Bug::IgnoreHeartbeats => "I7",
         }
     }
 }
@@ -91,7 +97,7 @@ impl fmt::Display for Bug {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted")]
+#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted, ignore-heartbeats")]
 pub struct UnknownBug(pub String);
 
 impl FromStr for Bug {
@@ -109,7 +115,7 @@ impl FromStr for Bug {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BugSet {
     #[cfg(feature = "bug-switches")]
-    bits: u16,
+    bits: u32,
 }
 
 impl BugSet {
@@ -122,7 +128,7 @@ impl BugSet {
     pub fn has(&self, bug: Bug) -> bool {
         #[cfg(feature = "bug-switches")]
         {
-            self.bits & (1 << bug as u16) != 0
+            self.bits & (1 << bug as u32) != 0
         }
         #[cfg(not(feature = "bug-switches"))]
         {
@@ -135,7 +141,7 @@ impl BugSet {
     #[cfg(feature = "bug-switches")]
     pub fn with(self, bug: Bug) -> BugSet {
         BugSet {
-            bits: self.bits | (1 << bug as u16),
+            bits: self.bits | (1 << bug as u32),
         }
     }
 

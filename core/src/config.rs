@@ -14,6 +14,12 @@ pub const MAX_IN_FLIGHT: usize = 1 << 20;
 pub const MAX_TOKENS_IN_BUFFER: u64 = 1 << 24;
 /// The default `kv_transfer_sender_future_timeout_ms`: see that field.
 pub const DEFAULT_SENDER_FUTURE_TIMEOUT_MS: u64 = 60_000;
+/// The default `heartbeat_interval_ms`: see that field.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1000;
+/// The default `heartbeat_missed_limit`: see that field.
+pub const DEFAULT_HEARTBEAT_MISSED_LIMIT: u32 = 5;
+/// More missed heartbeats than this is a typo (at the longest interval, years of silence).
+pub const MAX_HEARTBEAT_MISSED_LIMIT: u32 = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -57,6 +63,19 @@ pub struct TransceiverConfig {
     /// How long a context rank holds a `RequestInfo` for a request not registered there yet;
     /// past it the asking rank is told `UnknownRequest` instead of waiting on.
     pub early_info_ttl_ms: u64,
+    /// How often this rank sends a `Heartbeat` to each peer a live request depends on (the
+    /// peer it reads from or serves), and checks when it last heard from each. Default 1 s
+    /// ([`DEFAULT_HEARTBEAT_INTERVAL_MS`]): one 17-byte frame per second per busy peer pair
+    /// costs nothing next to KV traffic, and it makes a silent peer's detection a matter of
+    /// seconds where the sender budget (60 s) and the early-info TTL (30 s) take a minute.
+    pub heartbeat_interval_ms: u64,
+    /// A peer that a live request depends on and that has sent no frame (of any kind) for this
+    /// many intervals is lost, exactly as if its connection had reset (`handle_peer_lost`).
+    /// Default 5 ([`DEFAULT_HEARTBEAT_MISSED_LIMIT`]): 5 s of silence at the default interval,
+    /// which rides out a stop-the-world pause or TCP's first retransmits (RTO 200 ms, doubling)
+    /// and still frees a silent peer's requests an order of magnitude sooner than the sender
+    /// budget. At least 2: one late heartbeat must never cut a live peer.
+    pub heartbeat_missed_limit: u32,
 }
 
 impl Default for TransceiverConfig {
@@ -73,6 +92,8 @@ impl Default for TransceiverConfig {
             staging_wait_ms: 1000,
             max_in_flight: 4096,
             early_info_ttl_ms: 30_000,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            heartbeat_missed_limit: DEFAULT_HEARTBEAT_MISSED_LIMIT,
         }
     }
 }
@@ -151,6 +172,7 @@ impl TransceiverConfig {
                 format!("must be in 1..={MAX_IN_FLIGHT}, got {}", self.max_in_flight),
             ));
         }
+        self.validate_heartbeats()?;
         if self.inflight_cancel && self.kv_transfer_timeout_ms.is_none() {
             return Err(invalid(
                 "inflight_cancel",
@@ -158,6 +180,31 @@ impl TransceiverConfig {
             ));
         }
         Ok(())
+    }
+
+    fn validate_heartbeats(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms > MAX_TIMEOUT_MS {
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                format!("must be in 1..={MAX_TIMEOUT_MS} ms"),
+            ));
+        }
+        if !(2..=MAX_HEARTBEAT_MISSED_LIMIT).contains(&self.heartbeat_missed_limit) {
+            return Err(invalid(
+                "heartbeat_missed_limit",
+                format!(
+                    "must be in 2..={MAX_HEARTBEAT_MISSED_LIMIT} (one late heartbeat must not \
+                     cut a live peer), got {}",
+                    self.heartbeat_missed_limit
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a peer a live request depends on may stay silent before it is lost.
+    pub fn silence_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.heartbeat_interval_ms) * self.heartbeat_missed_limit
     }
 
     fn validate_timeouts(&self) -> Result<(), ConfigError> {
@@ -236,6 +283,8 @@ mod tests {
         assert!(e.to_string().contains("inflight_cancel"), "{e}");
         let e = TransceiverConfig::from_toml_str("early_info_ttl_ms = 0").unwrap_err();
         assert!(e.to_string().contains("early_info_ttl_ms"), "{e}");
+        let e = TransceiverConfig::from_toml_str("heartbeat_missed_limit = 1").unwrap_err();
+        assert!(e.to_string().contains("heartbeat_missed_limit"), "{e}");
         let e = TransceiverConfig::from_toml_str("stagin_slots = 3").unwrap_err();
         assert!(e.to_string().contains("stagin_slots"), "{e}");
     }
@@ -262,7 +311,15 @@ mod tests {
     #[test]
     fn every_limit_is_inclusive_and_names_its_field() {
         type Edit = fn(&mut TransceiverConfig);
-        let ok: [(&str, Edit); 13] = [
+        let ok: [(&str, Edit); 17] = [
+            ("heartbeat_interval_ms", |c| c.heartbeat_interval_ms = 1),
+            ("heartbeat_interval_ms", |c| {
+                c.heartbeat_interval_ms = MAX_TIMEOUT_MS
+            }),
+            ("heartbeat_missed_limit", |c| c.heartbeat_missed_limit = 2),
+            ("heartbeat_missed_limit", |c| {
+                c.heartbeat_missed_limit = MAX_HEARTBEAT_MISSED_LIMIT
+            }),
             ("max_tokens_in_buffer", |c| c.max_tokens_in_buffer = 1),
             ("max_tokens_in_buffer", |c| {
                 c.max_tokens_in_buffer = MAX_TOKENS_IN_BUFFER
@@ -300,7 +357,15 @@ mod tests {
             c.validate()
                 .unwrap_or_else(|e| panic!("{field} at its edge refused: {e}"));
         }
-        let bad: [(&str, Edit); 14] = [
+        let bad: [(&str, Edit); 18] = [
+            ("heartbeat_interval_ms", |c| c.heartbeat_interval_ms = 0),
+            ("heartbeat_interval_ms", |c| {
+                c.heartbeat_interval_ms = MAX_TIMEOUT_MS + 1
+            }),
+            ("heartbeat_missed_limit", |c| c.heartbeat_missed_limit = 1),
+            ("heartbeat_missed_limit", |c| {
+                c.heartbeat_missed_limit = MAX_HEARTBEAT_MISSED_LIMIT + 1
+            }),
             ("max_tokens_in_buffer", |c| c.max_tokens_in_buffer = 0),
             ("max_tokens_in_buffer", |c| {
                 c.max_tokens_in_buffer = MAX_TOKENS_IN_BUFFER + 1
@@ -403,6 +468,17 @@ mod tests {
             TransceiverConfig::from_toml_str("= 3"),
             Err(ConfigError::Toml(_))
         ));
+    }
+
+    /// The defaults of the doc comments: a silent peer is lost after 5 s.
+    #[test]
+    fn a_silent_peer_is_lost_after_five_seconds_by_default() {
+        let c = TransceiverConfig::default();
+        assert_eq!(
+            (c.heartbeat_interval_ms, c.heartbeat_missed_limit),
+            (1000, 5)
+        );
+        assert_eq!(c.silence_limit(), std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -21,6 +21,18 @@ fn an_idle_rank_needs_no_wakeup_and_a_registered_one_names_its_deadline() {
     c.register_ctx(1, 1, 5);
     assert_eq!(
         c.ctx[0].tx.poll_timeout(),
+        Some(Duration::from_millis(7 + 1000)),
+        "the first heartbeat tick"
+    );
+    let slow_ticks = TransceiverConfig {
+        heartbeat_interval_ms: 120_000,
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(1, 1, slow_ticks);
+    c.now = Duration::from_millis(7);
+    c.register_ctx(1, 1, 5);
+    assert_eq!(
+        c.ctx[0].tx.poll_timeout(),
         Some(Duration::from_millis(7 + 60_000)),
         "the default sender budget"
     );

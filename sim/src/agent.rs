@@ -64,6 +64,8 @@ struct JobRec {
     /// Chunks landed and not yet scattered (receive) or mid-flight (send).
     busy: u32,
     trace_id: u64,
+    /// Injected wedge (`wedged-agent`): the job neither completes nor fails until cancelled.
+    wedged: bool,
 }
 
 /// Every live rank's agents, held weakly (the rank owns them): how an agent finds its own
@@ -441,7 +443,7 @@ impl AgentInner {
                 Some(Err(AgentError::Backend(
                     "injected failure after a partial write".into(),
                 )))
-            } else if job.landed >= job.expected {
+            } else if job.landed >= job.expected && !job.wedged {
                 Some(Ok(job.expected))
             } else {
                 None
@@ -529,6 +531,12 @@ impl AgentInner {
                 .expect("fabric lock")
                 .blocked(self.me, to)
             {
+                if self.cancelling(id) {
+                    // A write parked on a stalled link is abandoned: the chunk is a copy by
+                    // now, the slot is no longer read, so the cancel may complete the job.
+                    self.set_idle(id);
+                    return;
+                }
                 madsim::time::sleep(PARTITION_POLL).await;
             }
             if !self.alive() || self.send_over(id, to) {
@@ -548,6 +556,11 @@ impl AgentInner {
             sent += len as u64;
         }
         self.finish(id, Ok(sent));
+    }
+
+    fn cancelling(&self, id: TransferId) -> bool {
+        let jobs = self.jobs.lock().expect("agent jobs lock");
+        jobs.get(&id).is_none_or(|j| j.cancelling)
     }
 
     fn set_idle(&self, id: TransferId) {
@@ -599,9 +612,18 @@ impl TransferAgent for SimAgent {
                 .div_ceil(job.staging.lock().expect("slot buffer lock").len().max(1) as u64);
             madsim::rand::thread_rng().gen_range(0..chunks.max(1)) as u32
         });
+        let wedged = sim.draw(sim.mix.wedge);
         {
             let mut c = sim.checker.lock().expect("checker lock");
             c.job_submitted(inner.rank_key, job.request);
+            if wedged {
+                c.fault(
+                    at,
+                    FaultKind::Wedge,
+                    (at, Reach::Request(job.request)),
+                    format!("{} transfer {} of {}", inner.track, id.0, job.request),
+                );
+            }
             let dir = if matches!(job.direction, Direction::Send { .. }) {
                 "send"
             } else {
@@ -648,6 +670,7 @@ impl TransferAgent for SimAgent {
                 peer_lost: false,
                 busy: 0,
                 trace_id,
+                wedged,
             },
         );
         let me = inner.clone();
@@ -660,9 +683,11 @@ impl TransferAgent for SimAgent {
             return Ok(());
         }
         match job.direction.clone() {
-            Direction::Send { to } => {
+            // A wedged send never starts: only its cancel completes it.
+            Direction::Send { to } if !wedged => {
                 madsim::task::spawn(me.run_send(id, job, to));
             }
+            Direction::Send { .. } => {}
             Direction::Receive { .. } => {
                 if fail_after == Some(0) {
                     // Fails before any byte lands (e.g. registration error), a bit later.

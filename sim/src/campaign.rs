@@ -91,6 +91,9 @@ pub struct Summary {
     pub panicked_seeds: Vec<PanickedSeed>,
     pub seeds_per_minute: f64,
     pub sim_seconds_per_wall_second: f64,
+    /// The worst convergence time of any seed (`SeedReport::convergence_us`), and its seed.
+    pub worst_convergence_us: u64,
+    pub worst_convergence_seed: Option<u64>,
 }
 
 impl Summary {
@@ -236,6 +239,8 @@ impl<'a> Fold<'a> {
             panicked_seeds: Vec::new(),
             seeds_per_minute: 0.0,
             sim_seconds_per_wall_second: 0.0,
+            worst_convergence_us: 0,
+            worst_convergence_seed: None,
         };
         Fold {
             campaign,
@@ -280,6 +285,10 @@ impl<'a> Fold<'a> {
         };
         s.sim_time_us += report.sim_time_us;
         s.events += report.events;
+        if s.worst_convergence_seed.is_none() || report.convergence_us > s.worst_convergence_us {
+            s.worst_convergence_us = report.convergence_us;
+            s.worst_convergence_seed = Some(seed);
+        }
         s.requests_planned += report.requests_planned;
         s.requests_issued += report.requests_issued;
         s.requests_completed += report.requests_completed;

@@ -72,7 +72,7 @@ pub struct ReplayArgs {
 /// A named scenario and the knobs that override its fields.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ScenarioArgs {
-    /// Starting point: default, crashy, partition-heavy, hetero-tp or mla.
+    /// Starting point: default, crashy, partition-heavy, hetero-tp, mla, asymmetric-partition, silent-death, wedged-agent or stalled-reader.
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub scenario: String,
     /// Context (prefill) instances.

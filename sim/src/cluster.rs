@@ -13,6 +13,7 @@ use crate::agent::AgentRegistry;
 use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
 use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
+use crate::gray;
 use crate::mailbox::Command;
 use crate::rank::{run_rank, Instance, RankShared};
 use crate::report::{Invariant, SeedReport};
@@ -175,9 +176,39 @@ impl Sim {
         for (ctx_uid, id) in cancels {
             self.command_all(ctx_uid, |_| Command::Cancel(id));
         }
+        self.restart_later(inst.side, inst.index);
+    }
+
+    /// Silent death: the instance stops, but nothing resets. It stays joined, so what peers
+    /// send it is accepted and vanishes (`Fabric::silence`), and no peer's transfer fails
+    /// for it: only heartbeats tell them. The scheduler stops routing to it and counts its
+    /// requests lost, as for a crash, but tells no peer (no cancels). A fresh incarnation
+    /// comes up later, as after a crash.
+    fn silent_death(self: &Arc<Self>, uid: u32) {
+        let Some(inst) = self.instances.lock().expect("instances lock").remove(&uid) else {
+            return;
+        };
+        self.fabric.lock().expect("fabric lock").silence(uid);
+        inst.kill();
+        self.fault(
+            FaultKind::SilentDeath,
+            u64::MAX,
+            Reach::Instances(vec![uid]),
+            format!("{} (incarnation {uid})", inst.name()),
+        );
+        let now = self.now_us();
+        let mut router = self.router.lock().expect("router lock");
+        router.set_slot(inst.side, inst.index, None);
+        // The cancels a crash would send are exactly what a silent death never gives.
+        let _untold = router.instance_lost(uid, now);
+        drop(router);
+        self.restart_later(inst.side, inst.index);
+    }
+
+    /// A fresh incarnation of (`side`, `index`) within `MAX_RESTART_MS`.
+    fn restart_later(self: &Arc<Self>, side: Side, index: u32) {
         // Held weakly, as by every timed fault task (see `later`).
         let sim = Arc::downgrade(self);
-        let (side, index) = (inst.side, inst.index);
         madsim::task::spawn(async move {
             let ms = madsim::rand::thread_rng().gen_range(1..MAX_RESTART_MS);
             madsim::time::sleep(Duration::from_millis(ms)).await;
@@ -369,9 +400,39 @@ async fn injector(sim: Arc<Sim>) {
         if sim.draw(m.rogue_peer) {
             rogue(&sim);
         }
+        strike_gray(&sim, &pick_inst, restart_room);
     }
     sim.fabric.lock().expect("fabric lock").heal_all();
     sim.trace("faults", "all faults healed".to_string());
+}
+
+/// The gray faults of this tick (`gray`; a silent death is the cluster's, like a crash).
+fn strike_gray(
+    sim: &Arc<Sim>,
+    pick_inst: &dyn Fn(Option<Side>) -> Option<Arc<Instance>>,
+    restart_room: bool,
+) {
+    let m = sim.mix;
+    if sim.draw(m.one_way) {
+        let pair = (
+            pick_inst(Some(Side::Context)),
+            pick_inst(Some(Side::Generation)),
+        );
+        if let (Some(c), Some(g)) = pair {
+            let (from, to) = if sim.draw(0.5) { (&c, &g) } else { (&g, &c) };
+            gray::one_way(&sim.world, from, to);
+        }
+    }
+    if sim.draw(m.stall) {
+        if let Some(i) = pick_inst(None) {
+            gray::stall(&sim.world, &i);
+        }
+    }
+    if sim.draw(m.silent_death) && restart_room {
+        if let Some(i) = pick_inst(None) {
+            sim.silent_death(i.uid);
+        }
+    }
 }
 
 fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
@@ -646,8 +707,10 @@ fn check_staging(sim: &Sim) {
 }
 
 /// Waits until the client has issued every request and faults have healed, then for
-/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2.
-async fn settle(sim: &Arc<Sim>) {
+/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2. Returns the
+/// convergence time (two-phase liveness): from the later of the two to quiescence, or the
+/// bound itself when the seed never got there.
+async fn settle(sim: &Arc<Sim>) -> u64 {
     madsim::time::sleep(HEAL_AT + GRACE).await;
     let client_done = loop {
         if let Some(at) = *sim.client_done_us.lock().expect("client lock") {
@@ -655,14 +718,16 @@ async fn settle(sim: &Arc<Sim>) {
         }
         madsim::time::sleep(SETTLE_POLL).await;
     };
-    let deadline = client_done.max(HEAL_AT.as_micros() as u64) + DRAIN.as_micros() as u64;
+    let calm = client_done.max(HEAL_AT.as_micros() as u64);
+    let deadline = calm + DRAIN.as_micros() as u64;
     loop {
         if quiescent(sim) {
+            let converged = sim.now_us().saturating_sub(calm);
             // Every rank publishes its counters after each pass; a grace lets the last pass
             // of a rank woken at the quiescent instant finish.
             madsim::time::sleep(GRACE).await;
             check_staging(sim);
-            return;
+            return converged;
         }
         if sim.now_us() >= deadline {
             let stuck = sim.router.lock().expect("router lock").unsettled();
@@ -682,7 +747,7 @@ async fn settle(sim: &Arc<Sim>) {
                     "ranks still busy after the drain bound".to_string(),
                 );
             }
-            return;
+            return DRAIN.as_micros() as u64;
         }
         madsim::time::sleep(SETTLE_POLL).await;
     }
@@ -710,7 +775,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     }
     madsim::task::spawn(client(sim.clone()));
     madsim::task::spawn(injector(sim.clone()));
-    settle(&sim).await;
+    let converged_us = settle(&sim).await;
     let sim_time_us = sim.now_us();
     sim.world.stop();
     // Let every rank, rung by the stop, exit.
@@ -727,7 +792,9 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
     }
     outcomes.failures_by_cause = found.by_cause;
     outcomes.failures_by_core_cause = found.by_core_cause;
-    report(seed, sim_time_us, planned, outcomes, checker)
+    let mut r = report(seed, sim_time_us, planned, outcomes, checker);
+    r.convergence_us = converged_us;
+    r
 }
 
 fn report(
@@ -753,6 +820,7 @@ fn report(
         violations,
         trace_hash,
         trace,
+        convergence_us: 0,
     }
 }
 

@@ -29,6 +29,11 @@ pub struct Fabric {
     /// Extra latency of a latency spike, microseconds.
     pub spike_us: u64,
     pub links: BTreeMap<(PeerId, PeerId), Link>,
+    /// Blocked directions (from incarnation, to incarnation): an asymmetric partition.
+    one_way: BTreeSet<(u32, u32)>,
+    /// Incarnations that died silently: everything to or from them vanishes, for good, and
+    /// nothing resets (the heal does not bring them back).
+    silent: BTreeSet<u32>,
 }
 
 fn pair(a: u32, b: u32) -> (u32, u32) {
@@ -40,6 +45,25 @@ impl Fabric {
         self.partitions.contains(&pair(from.instance, to.instance))
             || self.clogged.contains(&from)
             || self.clogged.contains(&to)
+            || self.one_way.contains(&(from.instance, to.instance))
+            || self.silenced(from, to)
+    }
+
+    /// Whether what goes from `from` to `to` vanishes (one end died silently).
+    pub fn silenced(&self, from: PeerId, to: PeerId) -> bool {
+        self.silent.contains(&from.instance) || self.silent.contains(&to.instance)
+    }
+
+    pub fn block_one_way(&mut self, from: u32, to: u32) {
+        self.one_way.insert((from, to));
+    }
+
+    pub fn unblock_one_way(&mut self, from: u32, to: u32) {
+        self.one_way.remove(&(from, to));
+    }
+
+    pub fn silence(&mut self, uid: u32) {
+        self.silent.insert(uid);
     }
 
     pub fn partition(&mut self, a: u32, b: u32) {
@@ -61,6 +85,7 @@ impl Fabric {
     pub fn heal_all(&mut self) {
         self.partitions.clear();
         self.clogged.clear();
+        self.one_way.clear();
         self.spike_us = 0;
     }
 }

@@ -28,6 +28,14 @@ pub struct FaultMix {
     pub recycle: f64,
     pub client_cancel: f64,
     pub rogue_peer: f64,
+    /// One direction of a context-generation pair blocked (`asymmetric-partition`).
+    pub one_way: f64,
+    /// An instance dies without resetting anything (`silent-death`).
+    pub silent_death: f64,
+    /// Per submitted job: it neither completes nor fails until cancelled (`wedged-agent`).
+    pub wedge: f64,
+    /// A rank stops reading its control messages for a while (`stalled-reader`).
+    pub stall: f64,
 }
 
 impl FaultMix {
@@ -45,6 +53,14 @@ impl FaultMix {
                 0.0
             }
         };
+        // A gray fault: always on (at `base` times a level) in its own scenario, off elsewhere.
+        let only = |pick: &mut dyn FnMut(f64, bool) -> f64, name: &str, base: f64| {
+            if s.name == name {
+                pick(base, true)
+            } else {
+                0.0
+            }
+        };
         let crashy = s.name == "crashy";
         let parts = s.name == "partition-heavy";
         FaultMix {
@@ -57,6 +73,17 @@ impl FaultMix {
             recycle: pick(0.08, false),
             client_cancel: pick(0.25, false),
             rogue_peer: pick(0.15, false),
+            // Drawn only in their own scenarios, so the others' seeds draw what they always did.
+            one_way: only(&mut pick, "asymmetric-partition", 0.05),
+            silent_death: only(&mut pick, "silent-death", 0.01),
+            // Only eviction past a deadline ends a wedged job: without it (the scenario's
+            // default is on) a wedge hangs its request by design, which proves nothing.
+            wedge: if s.inflight_cancel {
+                only(&mut pick, "wedged-agent", 0.05)
+            } else {
+                0.0
+            },
+            stall: only(&mut pick, "stalled-reader", 0.03),
         }
     }
 
@@ -81,6 +108,14 @@ pub enum FaultKind {
     Latency,
     /// A peer without the token; never the cause of a failure (I9: it can end nothing).
     RoguePeer,
+    /// One direction of a pair blocked: one side hears the other, not the reverse.
+    OneWay,
+    /// An instance gone without a reset: only heartbeats tell its peers.
+    SilentDeath,
+    /// A transfer job that neither completes nor fails until cancelled.
+    Wedge,
+    /// A rank that stops reading its control messages.
+    Stall,
 }
 
 impl FaultKind {
@@ -96,6 +131,10 @@ impl FaultKind {
             FaultKind::Recycle => "recycle",
             FaultKind::Latency => "latency",
             FaultKind::RoguePeer => "rogue-peer",
+            FaultKind::OneWay => "one-way-partition",
+            FaultKind::SilentDeath => "silent-death",
+            FaultKind::Wedge => "wedge",
+            FaultKind::Stall => "stalled-reader",
         }
     }
 }

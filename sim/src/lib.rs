@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster;
 pub mod fabric;
 pub mod faults;
+pub mod gray;
 pub mod mailbox;
 pub mod memory;
 pub mod net;

@@ -7,7 +7,7 @@ use kvferry_core::request::Request;
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Control messages buffered for one rank between steps.
@@ -29,6 +29,9 @@ pub struct Mailbox {
     inbox: Mutex<VecDeque<(PeerId, Message)>>,
     cmds: Mutex<VecDeque<Command>>,
     recycle: AtomicBool,
+    /// Until when (simulated microseconds) the rank leaves its control messages unread: a
+    /// stalled reader (`gray`).
+    stalled_until_us: AtomicU64,
     /// Rung by every input above, by the rank's agents on a completion, and by a peer rank
     /// that wants a collective round.
     pub wake: Arc<Wake>,
@@ -42,6 +45,7 @@ impl Mailbox {
             inbox: Mutex::new(VecDeque::new()),
             cmds: Mutex::new(VecDeque::new()),
             recycle: AtomicBool::new(false),
+            stalled_until_us: AtomicU64::new(0),
             wake: Arc::new(Wake::default()),
         }
     }
@@ -83,6 +87,16 @@ impl Mailbox {
 
     pub fn take_messages(&self) -> Vec<(PeerId, Message)> {
         self.inbox.lock().expect("inbox lock").drain(..).collect()
+    }
+
+    /// The rank reads no control message before `until_us`.
+    pub fn stall_until(&self, until_us: u64) {
+        self.stalled_until_us.fetch_max(until_us, Ordering::Relaxed);
+    }
+
+    /// Whether the rank leaves its control messages unread at `now_us`.
+    pub fn stalled(&self, now_us: u64) -> bool {
+        now_us < self.stalled_until_us.load(Ordering::Relaxed)
     }
 
     pub fn take_recycle(&self) -> bool {

@@ -96,8 +96,8 @@ async fn pump(world: Arc<World>, from: PeerId, to: PeerId) {
         if at > now {
             madsim::time::sleep(Duration::from_micros(at - now)).await;
         }
-        while world.fabric.lock().expect("fabric lock").blocked(from, to) {
-            madsim::time::sleep(PARTITION_POLL).await;
+        if !wait_unblocked(&world, from, to).await {
+            continue; // one end died silently: the message vanishes, nobody is told
         }
         // A reset connection loses what was in flight: either end gone drops the message.
         if world.is_alive(from.instance) || from.instance == ROGUE_INSTANCE {
@@ -105,6 +105,23 @@ async fn pump(world: Arc<World>, from: PeerId, to: PeerId) {
                 mailbox.deliver(from, msg);
             }
         }
+    }
+}
+
+/// Holds a message while its link is blocked; false if it is silenced instead (then it never
+/// arrives: polling on would only burn time).
+async fn wait_unblocked(world: &World, from: PeerId, to: PeerId) -> bool {
+    loop {
+        {
+            let f = world.fabric.lock().expect("fabric lock");
+            if f.silenced(from, to) {
+                return false;
+            }
+            if !f.blocked(from, to) {
+                return true;
+            }
+        }
+        madsim::time::sleep(PARTITION_POLL).await;
     }
 }
 

@@ -237,8 +237,11 @@ impl Executor {
         if self.rank.mailbox.take_recycle() {
             self.recycle();
         }
-        for (from, msg) in self.rank.mailbox.take_messages() {
-            self.tx.handle_message(now, from, msg);
+        // A stalled reader (`gray`) leaves them queued; its timers still run.
+        if !self.rank.mailbox.stalled(self.world.now_us()) {
+            for (from, msg) in self.rank.mailbox.take_messages() {
+                self.tx.handle_message(now, from, msg);
+            }
         }
         self.tx.handle_timeout(now);
         flush(&self.world, &mut self.tx, now);

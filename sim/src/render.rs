@@ -78,6 +78,15 @@ pub fn summary_table(s: &Summary) -> String {
     row("failures by cause", counts(&s.failures_by_cause));
     row("  by core cause", counts(&s.failures_by_core_cause));
     row("violations", counts(&s.violations));
+    if let Some(seed) = s.worst_convergence_seed {
+        row(
+            "convergence",
+            format!(
+                "worst {:.1} ms after faults healed and the last request arrived (seed {seed})",
+                s.worst_convergence_us as f64 / 1000.0
+            ),
+        );
+    }
     if !s.panicked_seeds.is_empty() {
         row("panicked seeds", s.panicked_seeds.len().to_string());
     }

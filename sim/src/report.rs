@@ -105,4 +105,8 @@ pub struct SeedReport {
     /// Only filled when asked for (replay with --trace).
     #[serde(skip)]
     pub trace: Vec<TraceEvent>,
+    /// Two-phase liveness: simulated microseconds from the later of the heal and the last
+    /// request's arrival until every request was terminal and every rank idle (the drain
+    /// bound itself when that never happened: then I7 is reported too).
+    pub convergence_us: u64,
 }

@@ -2,7 +2,10 @@
 //! Named scenarios are starting points; CLI knobs override single fields.
 
 use kvferry_core::bugs::BugSet;
-use kvferry_core::config::{ConfigError, TransceiverConfig};
+use kvferry_core::config::{
+    ConfigError, TransceiverConfig, DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_MISSED_LIMIT,
+    DEFAULT_SENDER_FUTURE_TIMEOUT_MS,
+};
 use kvferry_core::layout::{CacheLayout, LayoutError};
 use kvferry_core::plan::{PlanError, TransferPlan};
 use kvferry_core::transceiver::Side;
@@ -55,10 +58,44 @@ pub struct Scenario {
     /// Bug switches to turn on (tests only; empty without the `bug-switches` feature).
     #[serde(skip)]
     pub bugs: BugSet,
+    /// `heartbeat_interval_ms` of every rank.
+    pub heartbeat_ms: u64,
+    /// `heartbeat_missed_limit` of every rank.
+    pub heartbeat_missed: u32,
+    /// `kv_transfer_sender_future_timeout_ms` of every rank.
+    pub sender_timeout_ms: Option<u64>,
 }
 
 /// Names accepted by `--scenario`.
-pub const SCENARIOS: [&str; 5] = ["default", "crashy", "partition-heavy", "hetero-tp", "mla"];
+pub const SCENARIOS: [&str; 9] = [
+    "default",
+    "crashy",
+    "partition-heavy",
+    "hetero-tp",
+    "mla",
+    "asymmetric-partition",
+    "silent-death",
+    "wedged-agent",
+    "stalled-reader",
+];
+
+/// The gray-failure scenarios (`gray`): faults that reset nothing. Their ranks heartbeat every
+/// `GRAY_HEARTBEAT_MS` and lose a peer after `GRAY_HEARTBEAT_MISSED` silent intervals (100
+/// ms: longer than any ordinary partition or clog, `MAX_FAULT_SPAN_MS`, shorter than a gray
+/// fault can last, `gray::MAX_GRAY_SPAN_MS`), and a sender gives up after
+/// `GRAY_SENDER_TIMEOUT_MS` (a generation side that died silently before asking is noticed
+/// by nothing else), so that all of it plays out well inside the drain bound.
+pub const GRAY_SCENARIOS: [&str; 4] = [
+    "asymmetric-partition",
+    "silent-death",
+    "wedged-agent",
+    "stalled-reader",
+];
+pub const GRAY_HEARTBEAT_MS: u64 = 20;
+pub const GRAY_HEARTBEAT_MISSED: u32 = 5;
+pub const GRAY_SENDER_TIMEOUT_MS: u64 = 1000;
+/// `wedged-agent`: the deadline past which a wedged transfer is evicted (`inflight_cancel`).
+pub const WEDGE_TIMEOUT_MS: u64 = 50;
 
 impl Scenario {
     /// The named starting points of `--scenario`. All use tiny layouts (head dim 4, 4 tokens
@@ -79,6 +116,17 @@ impl Scenario {
             inflight_cancel: false,
             timeout_ms: None,
             bugs: BugSet::NONE,
+            heartbeat_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            heartbeat_missed: DEFAULT_HEARTBEAT_MISSED_LIMIT,
+            sender_timeout_ms: Some(DEFAULT_SENDER_FUTURE_TIMEOUT_MS),
+        };
+        let gray = Scenario {
+            ctx_instances: 2,
+            gen_instances: 2,
+            heartbeat_ms: GRAY_HEARTBEAT_MS,
+            heartbeat_missed: GRAY_HEARTBEAT_MISSED,
+            sender_timeout_ms: Some(GRAY_SENDER_TIMEOUT_MS),
+            ..base.clone()
         };
         Some(match name {
             "default" => base,
@@ -105,6 +153,13 @@ impl Scenario {
                 ctx_tp: 2,
                 gen_tp: 2,
                 ..base
+            },
+            "asymmetric-partition" | "silent-death" | "stalled-reader" => gray,
+            // Only a deadline ends a job that neither completes nor fails.
+            "wedged-agent" => Scenario {
+                timeout_ms: Some(WEDGE_TIMEOUT_MS),
+                inflight_cancel: true,
+                ..gray
             },
             _ => return None,
         })
@@ -140,6 +195,9 @@ impl Scenario {
             inflight_cancel: self.inflight_cancel,
             staging_slots: 4,
             staging_wait_ms: 500,
+            heartbeat_interval_ms: self.heartbeat_ms,
+            heartbeat_missed_limit: self.heartbeat_missed,
+            kv_transfer_sender_future_timeout_ms: self.sender_timeout_ms,
             ..TransceiverConfig::default()
         }
     }
@@ -165,6 +223,11 @@ impl Scenario {
                 .map_err(|source| ScenarioError::Plan { gen_rank, source })?;
         }
         Ok(())
+    }
+
+    /// A gray-failure scenario (see [`GRAY_SCENARIOS`]).
+    pub fn is_gray(&self) -> bool {
+        GRAY_SCENARIOS.contains(&self.name.as_str())
     }
 
     /// KV heads of the simulated model: MLA has its single latent head.

@@ -130,3 +130,16 @@ fn accept_any_abort_breaks_i9() {
 fn ask_before_posted_breaks_i10() {
     catches(Bug::AskBeforePosted, default_args());
 }
+
+/// Without heartbeats, a generation rank whose context instance died silently (no reset, so
+/// no peer-lost) waits for its bytes for ever: a stuck request (I7).
+#[test]
+fn ignore_heartbeats_breaks_i7() {
+    catches(
+        Bug::IgnoreHeartbeats,
+        ScenarioArgs {
+            scenario: "silent-death".to_string(),
+            ..ScenarioArgs::default()
+        },
+    );
+}

@@ -255,3 +255,27 @@ fn rogue_aborts_end_nothing() {
     assert_eq!(failed, s.requests_failed + s.requests_cancelled);
     assert!(failed > 0);
 }
+
+/// Two-phase liveness: the summary carries the worst convergence time and its seed, and a
+/// real campaign converges within the drain bound.
+#[test]
+fn the_worst_convergence_time_is_reported_with_its_seed() {
+    let runner = |seed: u64, _: &Scenario, _: bool| SeedReport {
+        seed,
+        convergence_us: [5, 90, 40, 90][seed as usize],
+        ..SeedReport::default()
+    };
+    let s = campaign(0..4, 2).run(&runner, &mut |_| {});
+    assert_eq!(
+        (s.worst_convergence_us, s.worst_convergence_seed),
+        (90, Some(1))
+    );
+    let real = campaign(0..4, jobs()).run(&run_seed, &mut |_| {});
+    assert!(!real.failed(), "{}", kvferry_sim::render::failures(&real));
+    assert!(real.worst_convergence_seed.is_some());
+    assert!(
+        real.worst_convergence_us <= kvferry_sim::cluster::DRAIN.as_micros() as u64,
+        "{}",
+        real.worst_convergence_us
+    );
+}

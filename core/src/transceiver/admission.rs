@@ -47,6 +47,7 @@ impl Transceiver {
         for at in &timeout_keys {
             self.timeouts.insert((*at, req.id));
         }
+        self.arm_liveness(now);
         self.entries.insert(
             req.id,
             Entry {

@@ -97,6 +97,9 @@ pub enum TxEvent {
         request: RequestId,
         state: RequestState,
     },
+    /// A peer live requests depended on was silent past `heartbeat_missed_limit`: lost, as if
+    /// its connection had reset.
+    PeerSilent { peer: PeerId },
 }
 
 /// Lifetime counters for metrics.
@@ -112,6 +115,10 @@ pub struct TxCounters {
     pub events_dropped: u64,
     /// Control messages dropped because the driver did not drain the outbox.
     pub transmits_dropped: u64,
+    /// Peers lost because they stayed silent past `heartbeat_missed_limit` (`liveness`).
+    pub peers_silent: u64,
+    /// Peers a request depended on that were not watched: `MAX_WATCHED_PEERS` were already.
+    pub peers_unwatched: u64,
 }
 
 /// What `check_*_status` hands the driver for this step's collective.

@@ -28,7 +28,8 @@
 //! One concept per file: `admission` (registering, asking, checking a `RequestInfo`),
 //! `early` (input parked for unregistered requests), `abort` (cancel, peer aborts, the one
 //! failure path), `legs` (slot, pins, job, fence), `timeouts` (WARN, sender budget,
-//! eviction), `status` (local finish, contribution, agreement), `tombstones` (ended requests),
+//! eviction), `liveness` (heartbeats: a peer silent without a reset), `status` (local finish,
+//! contribution, agreement), `tombstones` (ended requests),
 //! `entry` (per-request state) and `events` (what drivers observe).
 
 use crate::agent::{
@@ -52,6 +53,7 @@ mod early;
 mod entry;
 mod events;
 mod legs;
+mod liveness;
 mod outbox;
 mod status;
 mod timeouts;
@@ -67,6 +69,8 @@ pub use early::{
 use early::{EarlyQueue, Parked, Refused};
 use entry::{is_bound, Entry, Leg, LegState};
 pub use events::{FailCause, Finished, Side, StatusCheck, TxCounters, TxEvent};
+use liveness::Liveness;
+pub use liveness::MAX_WATCHED_PEERS;
 use outbox::Outbox;
 pub use outbox::{OutboxFull, Transmit, MAX_OUTBOX};
 use std::sync::{Arc, Mutex};
@@ -142,6 +146,8 @@ pub struct Transceiver {
     events: VecDeque<TxEvent>,
     counters: TxCounters,
     scratch: Vec<Completion>,
+    /// Heartbeats: when each peer a live request depends on was last heard from.
+    liveness: Liveness,
 }
 
 /// Everything a transceiver needs from its rank.
@@ -195,6 +201,7 @@ impl Transceiver {
             events: VecDeque::new(),
             counters: TxCounters::default(),
             scratch: Vec::new(),
+            liveness: Liveness::default(),
         })
     }
 
@@ -255,6 +262,7 @@ impl Transceiver {
 
     /// Feeds one control message from `from`.
     pub fn handle_message(&mut self, now: Duration, from: PeerId, msg: Message) {
+        self.on_frame_from(now, from, &msg);
         match msg {
             Message::RequestInfo(info) => self.on_request_info(now, from, info),
             Message::Cancel { request, token } => {
@@ -286,6 +294,7 @@ impl Transceiver {
         }
         self.expire_early(now);
         self.serve_slot_waiters(now);
+        self.check_liveness(now);
     }
 
     /// The connection to `peer` is gone (reset, closed, or silent past the driver's liveness
@@ -313,7 +322,8 @@ impl Transceiver {
 
     /// The latest instant by which `handle_timeout` (or a completion step, which runs it) must
     /// be called, if anything is waiting on time: a timeout WARN, sender budget or deadline;
-    /// parked early input expiring; a leg's staging wait running out. A request finished
+    /// parked early input expiring; a leg's staging wait running out; the next heartbeat tick
+    /// (`liveness`). A request finished
     /// locally since the last contribution makes a step due at once (`Duration::ZERO`), so a
     /// cancel or a lost peer handled between steps is agreed without waiting for a timer.
     /// Agent completions are not here: the agent wakes the driver.
@@ -325,7 +335,12 @@ impl Transceiver {
         let ttl = Duration::from_millis(self.config.early_info_ttl_ms);
         let early = self.early.oldest().map(|since| since + ttl);
         let slot = self.next_slot_deadline();
-        [wheel, early, slot].into_iter().flatten().min()
+        // An idle rank needs no tick: the next registration runs one (`Liveness::arm`).
+        let tick = self
+            .liveness
+            .next_tick()
+            .filter(|_| !self.entries.is_empty());
+        [wheel, early, slot, tick].into_iter().flatten().min()
     }
 
     /// Queues a control message; a full outbox drops it (counted).

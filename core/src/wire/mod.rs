@@ -17,7 +17,7 @@
 //! | 3 | Done | request u64, ctx_rank u32, bytes u64, crc u32 |
 //! | 4 | Cancel | request u64, token u128 (the request's transfer token: the authority to end it) |
 //! | 5 | Error | request u64, code u16, detail length u16 (<= MAX_DETAIL_BYTES), UTF-8 detail |
-//! | 6 | Heartbeat | seq u64 |
+//! | 6 | Heartbeat | seq u64 (0: an answer to a heartbeat, never answered itself) |
 //! | 7 | Data | request u64, ctx_rank u32, offset u64, payload (rest of the body) |
 //!
 //! Block counts are bounded by `MAX_BLOCKS_PER_REQUEST`. Layout fields travel raw: the plan
@@ -107,6 +107,7 @@ pub enum Message {
         code: ErrorCode,
         detail: String,
     },
+    /// A sign of life (`transceiver::liveness`); `seq` 0 answers one and is never answered.
     Heartbeat {
         seq: u64,
     },

@@ -393,10 +393,9 @@ fn refused(ctx: &ConnCtx, request: RequestId, e: &DataError) -> Result<(), Close
 }
 
 async fn on_frame(ctx: &ConnCtx, f: Frame) -> Result<(), Closed> {
-    if let Frame::Core(Message::Heartbeat { .. }) = &f {
-        // A link-level liveness signal: it has reset the deadline; the driver need not see it.
-        return Ok(());
-    }
+    // A `Heartbeat` has reset this connection's read deadline and goes on to the driver too:
+    // the transceiver watches the peers its requests depend on (`liveness`) and answers the
+    // heartbeats of peers it does not watch.
     if let Frame::Core(Message::Data { request, .. }) = &f {
         // A host connection lands data frames head first (`land`), so one decoded whole is on
         // a CUDA connection, where bytes move over CUDA IPC.

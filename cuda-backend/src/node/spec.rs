@@ -40,6 +40,15 @@ pub const MAX_HEARTBEAT_MISSES: u32 = 1000;
 
 /// Per-peer bounds of a node, so no one peer (or one host) can take what all peers share:
 /// seats in the ctx's connection table, KV blocks, and the time a connection may stay silent.
+///
+/// Two heartbeats run, for two different things. These limits are the *connection's*: a
+/// connection that brings no frame for `heartbeat * heartbeat_misses` loses its seat, whether
+/// or not any request uses it (a hoarder that holds blocks but never asks, a half-open
+/// socket). The transceiver's (`TransceiverConfig::heartbeat_interval_ms` and
+/// `heartbeat_missed_limit`, in the node's `--config`) are the *requests'*: it fails what
+/// depends on a peer that stops answering while the connection itself may still look fine
+/// (its frames go to the driver, which feeds them to the transceiver). The connection-level
+/// one stays because the transceiver knows nothing of connections without requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeLimits {
     /// A connection that has sent no whole frame this long after it was accepted is closed.

@@ -1,0 +1,163 @@
+//! Heartbeats (`transceiver::liveness`): a peer that goes silent without a reset is lost after
+//! `heartbeat_missed_limit` intervals; a live peer, busy or idle, never is; and nothing is
+//! kept for a peer no request depends on.
+
+mod common;
+
+use common::*;
+use kvferry_core::config::TransceiverConfig;
+use kvferry_core::request::RequestState;
+use kvferry_core::transceiver::{FailCause, TxEvent};
+use kvferry_core::wire::Message;
+use kvferry_core::PeerId;
+use std::time::Duration;
+
+const INTERVAL_MS: u64 = 10;
+const MISSED: u32 = 3;
+
+fn config() -> TransceiverConfig {
+    TransceiverConfig {
+        heartbeat_interval_ms: INTERVAL_MS,
+        heartbeat_missed_limit: MISSED,
+        ..TransceiverConfig::default()
+    }
+}
+
+/// Advances time by whole intervals, delivering (`deliver`) or dropping every message.
+fn run_for(c: &mut Cluster, ms: u64, deliver: bool) {
+    for _ in 0..ms / INTERVAL_MS {
+        c.now += Duration::from_millis(INTERVAL_MS);
+        for r in c.ctx.iter_mut().chain(c.gen.iter_mut()) {
+            r.tx.handle_timeout(c.now);
+        }
+        if deliver {
+            c.pump();
+        } else {
+            while c.pop().is_some() {}
+        }
+    }
+}
+
+fn silent_losses(c: &mut Cluster) -> Vec<PeerId> {
+    c.gen[0]
+        .tx
+        .drain_events()
+        .filter_map(|e| match e {
+            TxEvent::PeerSilent { peer } => Some(peer),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The context rank's bytes never come (its job never completes) but it stays live: the
+/// generation rank waits on; the context rank answers or sends heartbeats all along.
+#[test]
+fn a_live_peer_is_never_lost_however_long_the_wait() {
+    let mut c = Cluster::new(1, 1, config());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    run_for(&mut c, 50 * INTERVAL_MS, true);
+    assert!(silent_losses(&mut c).is_empty());
+    assert_eq!(
+        c.gen[0].tx.watched_peers(),
+        1,
+        "the context rank it reads from"
+    );
+    assert!(c.step(GEN).is_empty(), "still waiting, not failed");
+}
+
+/// A context rank that has not registered the request yet knows nothing of the generation
+/// rank, yet answers its heartbeats: a slow prefill is not a dead peer.
+#[test]
+fn an_idle_peer_answers_heartbeats() {
+    let mut c = Cluster::new(1, 1, config());
+    c.submit(1, 1, 3, 3);
+    // Forget the context side's request: it now waits on nothing and watches nobody.
+    c.ctx[0].tx.cancel(c.now, kvferry_core::RequestId(1));
+    c.ctx[0].agent.complete_all();
+    c.pump();
+    c.step(CTX);
+    assert_eq!(c.ctx[0].tx.active(), 0);
+    let gen = c.gen[0].tx.me();
+    c.ctx[0]
+        .tx
+        .handle_message(c.now, gen, Message::Heartbeat { seq: 4 });
+    let answer = c.ctx[0].tx.poll_transmit().expect("an answer");
+    assert_eq!(
+        (answer.to, answer.msg),
+        (gen, Message::Heartbeat { seq: 0 })
+    );
+    c.ctx[0]
+        .tx
+        .handle_message(c.now, gen, Message::Heartbeat { seq: 0 });
+    assert_eq!(
+        c.ctx[0].tx.poll_transmit(),
+        None,
+        "an answer is never answered"
+    );
+}
+
+/// The context rank goes silent (nothing it sends arrives, nothing resets): after
+/// `heartbeat_missed_limit` intervals, one more at most, the generation rank loses it and
+/// fails the request as if the connection had reset; then it watches nobody.
+#[test]
+fn a_silent_peer_is_lost_within_the_bound_and_forgotten() {
+    let mut c = Cluster::new(1, 1, config());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    run_for(&mut c, 2 * INTERVAL_MS, true);
+    let silent_from = c.now;
+    let mut lost_at = None;
+    for _ in 0..2 * MISSED {
+        run_for(&mut c, INTERVAL_MS, false);
+        if !silent_losses(&mut c).is_empty() {
+            lost_at = Some(c.now);
+            break;
+        }
+    }
+    let lost_at = lost_at.expect("the silent peer is lost");
+    let limit = Duration::from_millis(INTERVAL_MS) * MISSED;
+    assert!(
+        lost_at >= silent_from + limit,
+        "not before the limit: {lost_at:?}"
+    );
+    assert!(
+        lost_at <= silent_from + limit + Duration::from_millis(INTERVAL_MS),
+        "at most one interval late: {lost_at:?}"
+    );
+    assert_eq!(c.gen[0].tx.counters().peers_silent, 1);
+    c.gen[0].agent.complete_all(); // the fence of the cancelled receive
+    let fin = c.step(GEN);
+    assert_eq!(states(&fin), vec![RequestState::TransferError]);
+    run_for(&mut c, INTERVAL_MS, false);
+    assert_eq!(
+        c.gen[0].tx.watched_peers(),
+        0,
+        "nothing kept for the lost peer"
+    );
+    assert_eq!(
+        c.gen[0].tx.poll_timeout(),
+        None,
+        "an idle rank needs no tick"
+    );
+}
+
+/// The failure is the one of a lost connection (the same path as `handle_peer_lost`).
+#[test]
+fn a_silent_peer_fails_its_requests_as_unreachable() {
+    let mut c = Cluster::new(1, 1, config());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    run_for(&mut c, (u64::from(MISSED) + 2) * INTERVAL_MS, false);
+    c.gen[0].agent.complete_all(); // the fence of the cancelled receive
+    c.gen[0].tx.handle_timeout(c.now);
+    let causes: Vec<_> = c.gen[0]
+        .tx
+        .drain_events()
+        .filter_map(|e| match e {
+            TxEvent::LocallyFinished { cause, .. } => cause,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(causes, vec![FailCause::Unreachable]);
+}
