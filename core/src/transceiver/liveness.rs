@@ -1,29 +1,9 @@
-//! Heartbeats: noticing a peer that goes silent without a reset.
-//!
-//! A crashed peer resets its connections and the driver calls `handle_peer_lost`; a peer whose
-//! host hangs, or whose links go quiet, resets nothing, and a rank that only waits on it would
-//! wait for ever. So every `heartbeat_interval_ms` (a *tick*, on the timer of `poll_timeout`)
-//! this rank sends a `Heartbeat` to each peer a live request depends on (the peer of an open
-//! leg: the context rank it reads from, or the generation rank it serves) and checks when it
-//! last heard from each: any frame from a peer counts. A peer silent for
-//! `heartbeat_missed_limit` intervals is lost, the same path as a reset
-//! (`handle_peer_lost`).
-//!
-//! A live peer is always heard within an interval: it either watches this rank too (it sends
-//! its own heartbeats) or it answers each of this rank's heartbeats. Answers carry sequence
-//! number 0 and are never answered, so two ranks cannot bounce heartbeats at each other; a
-//! context rank that has not registered the request yet still answers, so a generation rank
-//! waiting on a slow prefill is not cut.
-//!
-//! Detection bound: a peer watched since `w` and silent since `t >= w` is lost at the first
-//! tick at or after `t + interval * missed_limit`, so at most one interval later. A peer is
-//! watched from the first tick after a request starts depending on it.
-//!
-//! State is per watched peer, bounded by [`MAX_WATCHED_PEERS`], and a peer no live request
-//! depends on any more is forgotten at the next tick. Ticks run while any request is
-//! registered, and stop when none is.
+//! The table behind heartbeats (`heartbeats`): when each watched peer was last heard from,
+//! and when the next tick is due. A leaf: it knows peers and instants, not requests.
 
-use super::*;
+use crate::PeerId;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 /// Peers watched at most; a request depending on a further peer relies on its timeouts alone
 /// (counted in `TxCounters::peers_unwatched`).
@@ -38,10 +18,10 @@ pub(super) struct Liveness {
 }
 
 /// What one tick decided.
-struct Tick {
-    ping: Vec<PeerId>,
-    lost: Vec<PeerId>,
-    unwatched: u64,
+pub(super) struct Tick {
+    pub(super) ping: Vec<PeerId>,
+    pub(super) lost: Vec<PeerId>,
+    pub(super) unwatched: u64,
 }
 
 impl Liveness {
@@ -52,6 +32,11 @@ impl Liveness {
 
     pub(super) fn next_tick(&self) -> Option<Duration> {
         self.next_tick
+    }
+
+    /// After a tick: the next one, or none while no request is registered.
+    pub(super) fn reschedule(&mut self, at: Option<Duration>) {
+        self.next_tick = at;
     }
 
     /// Any frame from `from` counts as a sign of life.
@@ -72,7 +57,12 @@ impl Liveness {
 
     /// Watches exactly `wanted` (new ones as heard `now`), then sorts them into the silent
     /// past `limit`, forgotten, and the rest, to ping.
-    fn tick(&mut self, now: Duration, wanted: &BTreeSet<PeerId>, limit: Duration) -> Tick {
+    pub(super) fn tick(
+        &mut self,
+        now: Duration,
+        wanted: &BTreeSet<PeerId>,
+        limit: Duration,
+    ) -> Tick {
         self.last_heard.retain(|p, _| wanted.contains(p));
         let mut unwatched = 0;
         for p in wanted {
@@ -103,75 +93,9 @@ impl Liveness {
         }
     }
 
-    fn next_seq(&mut self) -> u64 {
+    pub(super) fn next_seq(&mut self) -> u64 {
         // 0 marks an answer: a tick's heartbeats never use it.
         self.seq = self.seq.wrapping_add(1).max(1);
         self.seq
-    }
-}
-
-impl Transceiver {
-    /// A request registered: ticks run (none under the `ignore-heartbeats` switch, which
-    /// would otherwise leave a tick due for ever).
-    pub(super) fn arm_liveness(&mut self, now: Duration) {
-        if !self.bugs.has(Bug::IgnoreHeartbeats) {
-            let interval = Duration::from_millis(self.config.heartbeat_interval_ms);
-            self.liveness.arm(now, interval);
-        }
-    }
-
-    /// Every frame from `from`: it is alive. A tick's heartbeat from a peer this rank does
-    /// not watch is answered (see the module docs).
-    pub(super) fn on_frame_from(&mut self, now: Duration, from: PeerId, msg: &Message) {
-        if self.bugs.has(Bug::IgnoreHeartbeats) {
-            return;
-        }
-        self.liveness.heard(now, from);
-        if let Message::Heartbeat { seq } = msg {
-            if *seq != 0 && !self.liveness.watches(from) {
-                let _ = self.transmit(from, Message::Heartbeat { seq: 0 });
-            }
-        }
-    }
-
-    /// A tick, if one is due: heartbeats out, silent peers lost.
-    pub(super) fn check_liveness(&mut self, now: Duration) {
-        if self.bugs.has(Bug::IgnoreHeartbeats) {
-            return;
-        }
-        if self.liveness.next_tick.is_none_or(|at| now < at) {
-            return;
-        }
-        let interval = Duration::from_millis(self.config.heartbeat_interval_ms);
-        let wanted = self.depended_on();
-        let tick = self
-            .liveness
-            .tick(now, &wanted, self.config.silence_limit());
-        self.counters.peers_unwatched += tick.unwatched;
-        self.liveness.next_tick = (!self.entries.is_empty()).then_some(now + interval);
-        for peer in tick.ping {
-            let seq = self.liveness.next_seq();
-            let _ = self.transmit(peer, Message::Heartbeat { seq });
-        }
-        for peer in tick.lost {
-            tracing::warn!(%peer, "peer silent past heartbeat_missed_limit: lost");
-            self.counters.peers_silent += 1;
-            self.emit(TxEvent::PeerSilent { peer });
-            self.handle_peer_lost(now, peer);
-        }
-    }
-
-    /// Peers some live request waits on: those of its open legs.
-    fn depended_on(&self) -> BTreeSet<PeerId> {
-        self.entries
-            .values()
-            .filter(|e| e.cause.is_none() && !e.reported)
-            .flat_map(|e| e.legs.values().filter(|l| l.is_open()).map(|l| l.peer))
-            .collect()
-    }
-
-    /// Peers watched by heartbeats now (bounded by [`MAX_WATCHED_PEERS`]).
-    pub fn watched_peers(&self) -> usize {
-        self.liveness.watched()
     }
 }

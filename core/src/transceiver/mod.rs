@@ -28,7 +28,7 @@
 //! One concept per file: `admission` (registering, asking, checking a `RequestInfo`),
 //! `early` (input parked for unregistered requests), `abort` (cancel, peer aborts, the one
 //! failure path), `legs` (slot, pins, job, fence), `timeouts` (WARN, sender budget,
-//! eviction), `liveness` (heartbeats: a peer silent without a reset), `status` (local finish,
+//! eviction), `heartbeats` (a peer silent without a reset; `liveness` is its table), `status` (local finish,
 //! contribution, agreement), `tombstones` (ended requests),
 //! `entry` (per-request state) and `events` (what drivers observe).
 
@@ -52,6 +52,7 @@ mod admission;
 mod early;
 mod entry;
 mod events;
+mod heartbeats;
 mod legs;
 mod liveness;
 mod outbox;
