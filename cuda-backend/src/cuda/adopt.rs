@@ -57,6 +57,17 @@ impl DeviceBuffer {
     }
 }
 
+/// The ordinal of the device whose memory `ptr` is (for a producer that does not say, as
+/// `__cuda_array_interface__` does not).
+pub fn device_of(ptr: u64) -> Result<usize, CudaError> {
+    super::device::probe()?;
+    let ordinal = pointer_attribute(
+        ptr,
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+    )?;
+    Ok(ordinal as usize)
+}
+
 /// A 32-bit pointer attribute of `ptr`; an error for an address the driver does not know.
 fn pointer_attribute(ptr: u64, attribute: sys::CUpointer_attribute) -> Result<u32, CudaError> {
     let mut value: u32 = 0;
