@@ -28,5 +28,12 @@ fn kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<status::TransferStatus>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The config `backend` values this build takes: "cuda" needs the crate's feature `cuda`.
+    let backends: &[&str] = if cfg!(feature = "cuda") {
+        &["host", "cuda"]
+    } else {
+        &["host"]
+    };
+    m.add("BACKENDS", pyo3::types::PyTuple::new(m.py(), backends)?)?;
     Ok(())
 }
