@@ -38,11 +38,13 @@ pub struct DeviceArray {
     pub keep: Py<PyAny>,
 }
 
-/// True if `obj` says (through either protocol) that its memory is not host memory.
+/// True if `obj` says (through either protocol) that its memory is not host memory. An
+/// answer that cannot be read counts as no: the buffer checks then say what is wrong.
 pub fn on_a_gpu(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     if obj.hasattr("__dlpack_device__")? {
-        let (ty, _): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
-        return Ok(ty != DL_CPU);
+        let device = obj.call_method0("__dlpack_device__");
+        let device = device.and_then(|d| d.extract::<(i32, i32)>());
+        return Ok(device.is_ok_and(|(ty, _)| ty != DL_CPU));
     }
     obj.hasattr("__cuda_array_interface__")
 }
