@@ -2,16 +2,21 @@
 //! DLPack (`__dlpack__` / `__dlpack_device__`: PyTorch, JAX, CuPy, ...) and
 //! `__cuda_array_interface__` (PyTorch, CuPy, Numba). DLPack is read first since it names
 //! every dtype (PyTorch's `__cuda_array_interface__` has no bfloat16). Nothing here touches the
-//! memory; `cuda_pool` checks the description and adopts it.
+//! memory; `cuda_pool` checks the description and adopts it (feature `cuda`: without it only
+//! `on_a_gpu` is built, so the host pool can refuse GPU memory by name).
 
 use pyo3::prelude::*;
+#[cfg(feature = "cuda")]
 use pyo3::types::{PyCapsule, PyDict};
+#[cfg(feature = "cuda")]
 use std::ffi::c_void;
 
 /// DLPack device types (`DLDeviceType`) this package tells apart.
 pub const DL_CPU: i32 = 1;
+#[cfg(feature = "cuda")]
 pub const DL_CUDA: i32 = 2;
 
+#[cfg(feature = "cuda")]
 /// The element type in DLPack's terms (`DLDataType`: type code, bits, lanes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +26,7 @@ pub struct DlType {
     pub lanes: u16,
 }
 
+#[cfg(feature = "cuda")]
 /// An array's memory as its producer describes it.
 #[derive(Debug)]
 pub struct DeviceArray {
@@ -49,6 +55,7 @@ pub fn on_a_gpu(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     obj.hasattr("__cuda_array_interface__")
 }
 
+#[cfg(feature = "cuda")]
 /// `obj`'s description, or `None` if it speaks neither protocol.
 pub fn describe(obj: &Bound<'_, PyAny>) -> PyResult<Option<DeviceArray>> {
     if obj.hasattr("__dlpack__")? {
@@ -60,6 +67,7 @@ pub fn describe(obj: &Bound<'_, PyAny>) -> PyResult<Option<DeviceArray>> {
     Ok(None)
 }
 
+#[cfg(feature = "cuda")]
 /// DLPack's `DLTensor` (dlpack.h, ABI stable since 0.6), the head of a `DLManagedTensor`.
 #[repr(C)]
 struct DlTensor {
@@ -73,6 +81,7 @@ struct DlTensor {
     byte_offset: u64,
 }
 
+#[cfg(feature = "cuda")]
 fn from_dlpack(obj: &Bound<'_, PyAny>) -> PyResult<DeviceArray> {
     let capsule = obj.call_method0("__dlpack__")?;
     let cap = capsule.downcast::<PyCapsule>()?;
@@ -104,6 +113,7 @@ fn from_dlpack(obj: &Bound<'_, PyAny>) -> PyResult<DeviceArray> {
     }
 }
 
+#[cfg(feature = "cuda")]
 /// `__cuda_array_interface__` (version 2+): `data` (address, read-only), `shape`, `typestr`
 /// (`<f2`, `|u1`, ...), `strides` in bytes or `None`. It names no device; `cuda_pool` asks the
 /// driver which device holds the address.
@@ -147,6 +157,7 @@ fn from_cai(obj: &Bound<'_, PyAny>) -> PyResult<DeviceArray> {
     })
 }
 
+#[cfg(feature = "cuda")]
 /// A numpy-style typestr (`<f2`) as DLPack's type: `f` float (2), `i` int (0), `u` uint (1).
 fn typestr_dtype(s: &str) -> Option<DlType> {
     let b = s.as_bytes();
