@@ -4,6 +4,9 @@
 from typing import Any, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 __version__: str
+BACKENDS: Tuple[str, ...]
+"""The config `backend` values this build takes: ("host",) or, built with feature cuda,
+("host", "cuda")."""
 
 class KvFerryError(Exception):
     """Base of every kvferry error. `reason` is a stable short name of why."""
@@ -66,10 +69,15 @@ class TransferStatus:
     def ok(self) -> bool: ...
 
 class KvCacheTransceiver:
-    """The cache transceiver of one rank. `pool` is the engine's KV cache: a writable,
-    C-contiguous buffer of `layout.dtype` holding a whole number of blocks (flat, or shaped
-    `layout.pool_shape(n)`). `config` takes the reference's field names
-    (`max_tokens_in_buffer`, `kv_transfer_timeout_ms`, `kv_transfer_sender_future_timeout_ms`, ...)."""
+    """The cache transceiver of one rank. `pool` is the engine's KV cache holding a whole
+    number of blocks of `layout.dtype` (flat, or shaped `layout.pool_shape(n)`): with the host
+    backend a writable C-contiguous buffer (numpy); with config `{"backend": "cuda"}` (a build
+    listing "cuda" in `BACKENDS`) a C-contiguous CUDA tensor (DLPack or
+    `__cuda_array_interface__`), adopted without a copy and held until `close()`; finish writes
+    to blocks (e.g. `torch.cuda.synchronize()`) before sending them. A pool that does not fit
+    raises `PoolError` (`reason`: `device`, `dtype`, `not-contiguous`, `size`, `shape`, ...).
+    `config` takes the reference's field names (`max_tokens_in_buffer`,
+    `kv_transfer_timeout_ms`, `kv_transfer_sender_future_timeout_ms`, `backend`, ...)."""
     def __init__(self, role: Literal["context", "generation"], layout: Layout, pool: Any,
                  config: Optional[Mapping[str, Any]] = None,
                  listen: str = "127.0.0.1:0") -> None: ...

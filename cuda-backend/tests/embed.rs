@@ -4,6 +4,7 @@
 
 use kvferry_backends::host::kv::HostKv;
 use kvferry_backends::layout::single_rank;
+use kvferry_backends::node::backend_parts::LentKv;
 use kvferry_backends::node::embed::command::CommandError;
 use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedRank};
 use kvferry_backends::node::spec::NodeSpec;
@@ -33,7 +34,7 @@ fn start(side: Side, mem: &mut [u8]) -> EmbeddedRank {
     assert_eq!(mem.len() as u64, bb * u64::from(BLOCKS));
     // SAFETY: each test closes its ranks (joining their threads) before `mem` goes.
     let kv = unsafe { HostKv::lent(mem.as_mut_ptr(), BLOCKS, bb) };
-    EmbeddedRank::start(spec(side), Arc::new(kv)).expect("rank starts")
+    EmbeddedRank::start(spec(side), LentKv::Host(Arc::new(kv))).expect("rank starts")
 }
 
 #[test]

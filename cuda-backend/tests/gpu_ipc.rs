@@ -156,6 +156,7 @@ fn gpu_ipc_two_process_pull_matches_host_plan_copy() {
     let bad = PoolExport {
         device: 0,
         len: 1 << 20,
+        offset: 0,
         handle: "00".repeat(64),
     };
     assert!(IpcMapping::open(&gpu, &bad).is_err());

@@ -1,6 +1,7 @@
 //! A `TransceiverConfig` from a Python mapping with the reference's field names
 //! (`max_tokens_in_buffer`, `kv_transfer_timeout_ms`, `kv_transfer_sender_future_timeout_ms`,
 //! ...): through JSON, so the core's own parser rejects unknown fields and names the bad one.
+//! `backend` is "host" (numpy pools) or, in a build with feature `cuda`, "cuda" (CUDA tensors).
 
 use crate::errors::{error, ConfigError};
 use kvferry_core::config::{Backend, TransceiverConfig};
@@ -30,12 +31,14 @@ pub fn from_py(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Tr
         };
         error::<ConfigError>(py, reason, e.to_string())
     })?;
-    if c.backend != Backend::Host {
-        return Err(error::<ConfigError>(
+    match c.backend {
+        Backend::Host => Ok(c),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => Ok(c),
+        b => Err(error::<ConfigError>(
             py,
             "backend",
-            "backend \"cuda\" is not in this build of the package; use \"host\"".into(),
-        ));
+            format!("backend {b:?} is not in this build of the package; use \"host\""),
+        )),
     }
-    Ok(c)
 }

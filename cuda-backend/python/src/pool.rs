@@ -1,32 +1,37 @@
-//! The engine's KV pool: any writable, C-contiguous buffer (a numpy array) whose element type
-//! and size fit the layout, lent to the rank without a copy. Checked before anything points
-//! into it, each refusal a `PoolError` naming what is wrong and what was expected. The buffer
-//! stays exported (so it can neither be resized nor freed) for as long as this holds it.
+//! The engine's KV pool with the host backend: any writable, C-contiguous buffer (a numpy
+//! array) whose element type and size fit the layout, lent to the rank without a copy. Checked
+//! before anything points into it, each refusal a `PoolError` naming what is wrong and what
+//! was expected. The buffer stays exported (so it can neither be resized nor freed) for as
+//! long as this holds it. (The CUDA backend's pool is `cuda_pool`'s.)
 
 use crate::errors::{error, PoolError};
 use crate::layout::Layout;
 use kvferry_backends::host::kv::HostKv;
+use kvferry_backends::node::backend_parts::LentKv;
 use kvferry_backends::node::spec::MAX_POOL_BLOCKS;
 use pyo3::prelude::*;
 use std::sync::Arc;
 
-/// A checked pool buffer and the export that keeps it in place.
+/// A checked pool and the Python objects that keep its memory in place.
 #[derive(Debug)]
 pub struct LentPool {
-    pub kv: Arc<HostKv>,
+    pub kv: LentKv,
     pub blocks: u32,
-    /// The buffer's memoryview and the ctypes array over it that gave its address: while they
-    /// live the buffer cannot move.
-    _view: Py<PyAny>,
-    _holder: Py<PyAny>,
+    /// Host: the buffer's memoryview and the ctypes array over it that gave its address
+    /// (while they live the buffer cannot move). CUDA: the tensor and its DLPack capsule.
+    pub _keep: Vec<Py<PyAny>>,
 }
 
-fn bad(py: Python<'_>, reason: &str, msg: String) -> PyErr {
+pub fn bad(py: Python<'_>, reason: &str, msg: String) -> PyErr {
     error::<PoolError>(py, reason, msg)
 }
 
 /// Checks `obj` against `layout` and lends its memory.
 pub fn lend(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: &Layout) -> PyResult<LentPool> {
+    if crate::device_array::on_a_gpu(obj)? {
+        let msg = "the KV pool is in GPU memory; it needs config backend \"cuda\"".to_string();
+        return Err(bad(py, "device", msg));
+    }
     let memoryview = py.import("builtins")?.getattr("memoryview")?;
     let view = memoryview.call1((obj,)).map_err(|e| {
         bad(
@@ -60,7 +65,8 @@ pub fn lend(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: &Layout) -> PyResult
         return Err(bad(py, "dtype", msg));
     }
     let nbytes: u64 = view.getattr("nbytes")?.extract()?;
-    let blocks = check_size(py, &view, nbytes, layout)?;
+    let shape: Vec<u64> = view.getattr("shape")?.extract()?;
+    let blocks = check_size(py, &shape, nbytes, layout)?;
     let ctypes = py.import("ctypes")?;
     let array_type = ctypes
         .getattr("c_char")?
@@ -72,20 +78,14 @@ pub fn lend(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: &Layout) -> PyResult
     // drops the pool only after the rank's driver thread (the only other user) is joined.
     let kv = unsafe { HostKv::lent(addr as *mut u8, blocks, layout.core.block_bytes()) };
     Ok(LentPool {
-        kv: Arc::new(kv),
+        kv: LentKv::Host(Arc::new(kv)),
         blocks,
-        _view: view.unbind(),
-        _holder: holder.unbind(),
+        _keep: vec![view.unbind(), holder.unbind()],
     })
 }
 
-/// The pool's block count, if its size and shape fit the layout.
-fn check_size(
-    py: Python<'_>,
-    view: &Bound<'_, PyAny>,
-    nbytes: u64,
-    layout: &Layout,
-) -> PyResult<u32> {
+/// The pool's block count, if its size and shape (`shape`, in elements) fit the layout.
+pub fn check_size(py: Python<'_>, shape: &[u64], nbytes: u64, layout: &Layout) -> PyResult<u32> {
     let bb = layout.core.block_bytes();
     if nbytes == 0 || nbytes % bb != 0 || nbytes / bb > u64::from(MAX_POOL_BLOCKS) {
         let msg = format!(
@@ -94,10 +94,9 @@ fn check_size(
         return Err(bad(py, "size", msg));
     }
     let blocks = (nbytes / bb) as u32;
-    let shape: Vec<u64> = view.getattr("shape")?.extract()?;
     let (n, l, k, h, t, d) = layout.pool_shape(blocks);
     let paged = [n, l, k, h, t, d].map(u64::from);
-    if shape.len() != 1 && shape[..] != paged[..] {
+    if shape.len() != 1 && shape != paged {
         let msg = format!(
             "the KV pool's shape is {shape:?}; the layout needs {paged:?} (blocks, layers, K/V, kv heads, tokens per block, head dim) or a flat buffer"
         );

@@ -9,14 +9,14 @@ use crate::params::{self, ContextParams};
 use crate::pool::{lend, LentPool};
 use crate::request::id_and_blocks;
 use crate::status::TransferStatus;
-use kvferry_backends::host::kv::HostKv;
 use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedRank};
 use kvferry_backends::node::spec::NodeSpec;
+use kvferry_core::config::TransceiverConfig;
 use kvferry_core::transceiver::Side;
 use kvferry_core::RequestId;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a status wait runs between checks for Python signals (Ctrl-C).
@@ -27,14 +27,13 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Open {
     rank: EmbeddedRank,
-    kv: Weak<HostKv>,
     pool: Option<LentPool>,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
         self.rank.close();
-        if self.kv.strong_count() > 0 {
+        if self.pool.as_ref().is_some_and(|p| p.kv.is_shared()) {
             // Something still points into the buffer (it cannot, once the driver is joined;
             // this guards the guarantee): keep the buffer exported for ever rather than free it.
             std::mem::forget(self.pool.take());
@@ -62,6 +61,22 @@ fn side_of(py: Python<'_>, role: &str) -> PyResult<Side> {
             format!("role {role:?} is not \"context\" or \"generation\""),
         )),
     }
+}
+
+/// Checks and lends `pool` for the configured backend: a host buffer, or (feature `cuda`) a
+/// CUDA tensor.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn lend_for(
+    py: Python<'_>,
+    config: &TransceiverConfig,
+    pool: &Bound<'_, PyAny>,
+    layout: &Layout,
+) -> PyResult<LentPool> {
+    #[cfg(feature = "cuda")]
+    if config.backend == kvferry_core::config::Backend::Cuda {
+        return crate::cuda_pool::lend_cuda(py, pool, layout);
+    }
+    lend(py, pool, layout)
 }
 
 impl KvCacheTransceiver {
@@ -119,7 +134,8 @@ impl KvCacheTransceiver {
 #[pymethods]
 impl KvCacheTransceiver {
     /// A transceiver of `role` ("context" or "generation") over `pool`, the engine's KV cache
-    /// (a writable C-contiguous buffer of `layout`'s dtype, a whole number of blocks).
+    /// (a writable C-contiguous buffer of `layout`'s dtype, a whole number of blocks; with
+    /// config backend "cuda", a CUDA tensor).
     /// `config` takes the reference's field names; a context transceiver listens on `listen`.
     #[new]
     #[pyo3(signature = (role, layout, pool, config = None, listen = "127.0.0.1:0"))]
@@ -136,7 +152,7 @@ impl KvCacheTransceiver {
         let listen = listen.parse().map_err(|e| {
             error::<ConfigError>(py, "listen", format!("listen address {listen:?}: {e}"))
         })?;
-        let lent = lend(py, pool, &layout)?;
+        let lent = lend_for(py, &config, pool, &layout)?;
         let spec = EmbedSpec {
             side,
             node: NodeSpec {
@@ -153,7 +169,6 @@ impl KvCacheTransceiver {
             .map_err(|e| error::<KvFerryError>(py, "start", e.to_string()))?;
         let listening = rank.listening().map(|a| a.to_string());
         let open = Open {
-            kv: Arc::downgrade(&lent.kv),
             rank,
             pool: Some(lent),
         };

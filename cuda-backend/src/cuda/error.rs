@@ -36,6 +36,10 @@ pub enum CudaError {
     BadHandle(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// Memory offered for adoption (`DeviceBuffer::adopt`) is not a device range of this GPU
+    /// inside one allocation.
+    #[error("device memory cannot be adopted: {0}")]
+    NotAdoptable(String),
     #[error("not supported by this driver: {0}")]
     Unsupported(String),
 }

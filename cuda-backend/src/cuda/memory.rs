@@ -1,5 +1,6 @@
-//! Device memory: KV pools from `cuMemAlloc`, pinned host staging for descriptor uploads, and
-//! CUDA IPC export/import of a pool between processes.
+//! Device memory: KV pools from `cuMemAlloc` (or adopted from the program that embeds the
+//! agent, `adopt`), pinned host staging for descriptor uploads, and CUDA IPC export/import of
+//! a pool between processes.
 
 use super::device::{Gpu, Stream};
 use super::error::{check, CudaError, DriverResultExt};
@@ -8,12 +9,15 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Device memory from `cuMemAlloc` (not the stream-ordered pool: pool memory without granted
-/// peer access copies ten times slower, and `cuIpcGetMemHandle` does not accept it).
+/// peer access copies ten times slower, and `cuIpcGetMemHandle` does not accept it), or a
+/// range of another owner's allocation (`DeviceBuffer::adopt`), which this never frees.
 #[derive(Debug)]
 pub struct DeviceBuffer {
-    gpu: Arc<Gpu>,
-    ptr: sys::CUdeviceptr,
-    len: usize,
+    pub(super) gpu: Arc<Gpu>,
+    pub(super) ptr: sys::CUdeviceptr,
+    pub(super) len: usize,
+    /// False for adopted memory: its owner frees it.
+    pub(super) owned: bool,
 }
 
 // SAFETY: a device address is plain data; access is ordered by streams/events.
@@ -32,7 +36,13 @@ impl DeviceBuffer {
             gpu: gpu.clone(),
             ptr,
             len,
+            owned: true,
         })
+    }
+
+    /// True if this buffer frees its memory on drop (false: adopted).
+    pub fn is_owned(&self) -> bool {
+        self.owned
     }
 
     pub fn ptr(&self) -> u64 {
@@ -101,26 +111,42 @@ impl DeviceBuffer {
         }
     }
 
-    /// An IPC handle other processes can open. Valid while this buffer lives.
+    /// An IPC handle other processes can open. Valid while this buffer lives. The handle names
+    /// the whole allocation that holds the buffer (an adopted buffer may start inside one, as
+    /// a caching allocator's sub-allocation does), so the export carries the buffer's offset
+    /// from that allocation's base.
     pub fn export(&self) -> Result<PoolExport, CudaError> {
         self.gpu.bind()?;
+        let (base, _) = allocation_of(self.ptr)?;
         let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
-        // SAFETY: `ptr` is the base of a cuMemAlloc allocation.
+        // SAFETY: `base` is the base of the live allocation holding this buffer.
         check(
-            unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) },
+            unsafe { sys::cuIpcGetMemHandle(&mut h, base) },
             "cuIpcGetMemHandle",
         )?;
         Ok(PoolExport {
             device: self.gpu.ordinal() as u32,
             len: self.len as u64,
+            offset: self.ptr - base,
             handle: IpcHandle(h.reserved.map(|b| b as u8)).to_hex(),
         })
     }
 }
 
+/// The base and size of the allocation that holds device address `ptr`.
+pub(super) fn allocation_of(ptr: sys::CUdeviceptr) -> Result<(u64, usize), CudaError> {
+    let (mut base, mut size) = (0u64, 0usize);
+    // SAFETY: out-pointers to locals; the driver rejects an address it did not allocate.
+    check(
+        unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) },
+        "cuMemGetAddressRange",
+    )?;
+    Ok((base, size))
+}
+
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if self.gpu.bind().is_ok() {
+        if self.owned && self.gpu.bind().is_ok() {
             // SAFETY: freed once. Callers keep the buffer alive (agent regions hold an Arc)
             // until every job that touches it has completed.
             let _ = unsafe { result::free_sync(self.ptr) };
@@ -165,8 +191,12 @@ impl IpcHandle {
 pub struct PoolExport {
     /// Exporting device ordinal (informational: IPC handles are device-independent).
     pub device: u32,
-    /// Pool bytes; the importer checks the mapping is at least this large.
+    /// Pool bytes; the importer checks the mapping holds `offset + len`.
     pub len: u64,
+    /// Where the pool starts in the allocation the handle names (0 for a `cuMemAlloc` pool;
+    /// an adopted pool may be a sub-allocation).
+    #[serde(default)]
+    pub offset: u64,
     /// `IpcHandle` as 128 hex digits.
     pub handle: String,
 }
@@ -175,6 +205,9 @@ pub struct PoolExport {
 #[derive(Debug)]
 pub struct IpcMapping {
     gpu: Arc<Gpu>,
+    /// What `cuIpcOpenMemHandle` returned: the peer allocation's base, closed on drop.
+    base: sys::CUdeviceptr,
+    /// The pool: `base` plus the export's offset.
     ptr: sys::CUdeviceptr,
     len: usize,
 }
@@ -193,13 +226,13 @@ impl IpcMapping {
         let raw = sys::CUipcMemHandle {
             reserved: handle.0.map(|b| b as _),
         };
-        let mut ptr: sys::CUdeviceptr = 0;
+        let mut base: sys::CUdeviceptr = 0;
         // SAFETY: out-pointer to a local; the handle bytes come from cuIpcGetMemHandle of a
         // live allocation in another process (or the driver rejects them).
         check(
             unsafe {
                 sys::cuIpcOpenMemHandle_v2(
-                    &mut ptr,
+                    &mut base,
                     raw,
                     sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
                 )
@@ -207,25 +240,23 @@ impl IpcMapping {
             "cuIpcOpenMemHandle",
         )
         .map_err(|e| CudaError::BadHandle(e.to_string()))?;
-        let mapping = IpcMapping {
+        let mut mapping = IpcMapping {
             gpu: gpu.clone(),
-            ptr,
+            base,
+            ptr: base,
             len: export.len as usize,
         };
-        // The claimed length comes from the peer: a too-large claim would let a plan read past
+        // The claimed range comes from the peer: one past the end would let a plan read past
         // the mapping, so check it against the driver's view of the allocation.
-        let (mut base, mut size) = (0u64, 0usize);
-        // SAFETY: out-pointers to locals; `ptr` is mapped.
-        check(
-            unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) },
-            "cuMemGetAddressRange",
-        )?;
-        if base != ptr || (size as u64) < export.len {
+        let (start, size) = allocation_of(base)?;
+        let end = export.offset.checked_add(export.len);
+        if start != base || end.is_none_or(|end| end > size as u64) {
             return Err(CudaError::BadHandle(format!(
-                "peer claims {} bytes, mapping holds {size}",
-                export.len
+                "peer claims {} bytes at offset {}, mapping holds {size}",
+                export.len, export.offset
             )));
         }
+        mapping.ptr = base + export.offset;
         Ok(mapping)
     }
 
@@ -246,7 +277,7 @@ impl Drop for IpcMapping {
     fn drop(&mut self) {
         if self.gpu.bind().is_ok() {
             // SAFETY: closes the mapping opened in `open`, once.
-            let _ = unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
+            let _ = unsafe { sys::cuIpcCloseMemHandle(self.base) };
         }
     }
 }

@@ -2,7 +2,7 @@
 //! default, always built), a GPU pool over CUDA IPC (feature `cuda`, see `node::cuda_ipc`) or
 //! host memory moved by NIXL (feature `nixl`, see `node::nixl_host`).
 
-use super::backend_parts::BackendParts;
+use super::backend_parts::{BackendParts, LentKv};
 #[cfg(feature = "cuda")]
 use super::cuda_ipc::GpuBackend;
 use super::frame::NodeFrame;
@@ -29,6 +29,19 @@ pub enum BackendSpec {
     Nixl,
 }
 
+impl BackendSpec {
+    /// The backend that lent memory is for (a CUDA pool: on its buffer's device).
+    pub fn for_lent(lent: &LentKv) -> BackendSpec {
+        match lent {
+            LentKv::Host(_) => BackendSpec::Host,
+            #[cfg(feature = "cuda")]
+            LentKv::Cuda(buf) => BackendSpec::Cuda {
+                device: buf.gpu().ordinal(),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum BackendError {
     #[cfg(feature = "cuda")]
@@ -39,6 +52,11 @@ pub enum BackendError {
     Nixl(#[from] super::nixl_host::NixlNodeError),
     #[error("{0} frame on a node whose backend does not take it")]
     NotCuda(&'static str),
+    #[error("lent {lent} memory for a {backend} backend")]
+    LentKind {
+        lent: &'static str,
+        backend: &'static str,
+    },
     #[error("lent pool of {blocks} blocks of {block_bytes} bytes; the spec says {want_blocks} of {want_block_bytes}")]
     LentPool {
         blocks: u32,
@@ -70,7 +88,7 @@ impl Backend {
     ) -> Result<(Backend, Arc<dyn TransferAgent>), BackendError> {
         match spec {
             BackendSpec::Host => {
-                let kv = match p.lent {
+                let kv = match p.lent.clone().map(host_memory).transpose()? {
                     Some(kv) if kv.blocks() != p.blocks || kv.block_bytes() != p.block_bytes => {
                         return Err(BackendError::LentPool {
                             blocks: kv.blocks(),
@@ -238,5 +256,17 @@ impl Backend {
             #[cfg(feature = "nixl")]
             Backend::Nixl(n) => n.peer_lost(peer),
         }
+    }
+}
+
+/// Lent memory the host backend can use.
+fn host_memory(lent: LentKv) -> Result<Arc<HostKv>, BackendError> {
+    match lent {
+        LentKv::Host(kv) => Ok(kv),
+        #[cfg(feature = "cuda")]
+        LentKv::Cuda(_) => Err(BackendError::LentKind {
+            lent: "device",
+            backend: "host",
+        }),
     }
 }

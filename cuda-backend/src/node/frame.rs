@@ -54,6 +54,9 @@ pub enum NodeFrame {
         /// Exporting device ordinal (informational: the handle names the allocation).
         device: u32,
         pool_bytes: u64,
+        /// Where the pool starts in the allocation the handle names (an adopted pool may be
+        /// a sub-allocation of an engine's caching allocator).
+        pool_offset: u64,
         block_bytes: u64,
         /// `cuIpcGetMemHandle` bytes as 128 hex digits.
         handle: String,
@@ -350,6 +353,7 @@ mod tests {
                 ctx_rank: 0,
                 device: 1,
                 pool_bytes: 64 << 20,
+                pool_offset: 512,
                 block_bytes: 64 << 10,
                 handle: "ab".repeat(64),
             },

@@ -2,12 +2,11 @@
 //! CUDA), pools, links and metrics, and the completion step that every loop iteration runs.
 
 use super::backend::{Backend, BackendError, BackendSpec};
-use super::backend_parts::BackendParts;
+use super::backend_parts::{BackendParts, LentKv};
 use super::frame::Frame;
 use super::link::{LinkError, Links};
 use super::metrics::Metrics;
 use super::spec::{NodeLimits, NodeSpec};
-use crate::host::kv::HostKv;
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::{agree, CollectiveError};
@@ -60,15 +59,17 @@ impl Rank {
         Rank::build(me, side, spec, backend, None)
     }
 
-    /// A host-memory rank whose KV pool is memory its embedding program lent (`kv`, made by
-    /// `HostKv::lent`); its geometry must be the spec's. Must run inside a tokio runtime.
+    /// A rank whose KV pool is memory its embedding program lent (host memory from
+    /// `HostKv::lent`, or device memory from `DeviceBuffer::adopt`, which picks the CUDA
+    /// backend on that buffer's device); its size must be the spec's. Must run inside a
+    /// tokio runtime.
     pub fn with_lent_kv(
         me: PeerId,
         side: Side,
         spec: &NodeSpec,
-        kv: Arc<HostKv>,
+        kv: LentKv,
     ) -> Result<Rank, BackendError> {
-        Rank::build(me, side, spec, BackendSpec::Host, Some(kv))
+        Rank::build(me, side, spec, BackendSpec::for_lent(&kv), Some(kv))
     }
 
     fn build(
@@ -76,7 +77,7 @@ impl Rank {
         side: Side,
         spec: &NodeSpec,
         backend: BackendSpec,
-        lent: Option<Arc<HostKv>>,
+        lent: Option<LentKv>,
     ) -> Result<Rank, BackendError> {
         let layout = spec.layout.with_rank(me.rank);
         let links = Links::default();

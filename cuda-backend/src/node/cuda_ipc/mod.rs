@@ -35,7 +35,7 @@ pub mod serve;
 pub use pull::PullAgent;
 pub use serve::ServeAgent;
 
-use super::backend_parts::BackendParts;
+use super::backend_parts::{BackendParts, LentKv};
 use super::frame::NodeFrame;
 use crate::cuda::{CudaAgent, CudaAgentConfig, CudaError, DeviceBuffer, Gpu};
 use crate::cuda::{IpcMapping, PoolExport, Region};
@@ -52,6 +52,8 @@ pub enum GpuError {
     Cuda(#[from] CudaError),
     #[error("a pool of {blocks} blocks of {block_bytes} bytes is too large")]
     PoolSize { blocks: u32, block_bytes: u64 },
+    #[error("the lent KV pool does not fit: {0}")]
+    Lent(String),
     #[error("the ctx's pool: {0}")]
     Pool(String),
     #[error("{0} frame not expected by a CUDA {1} node")]
@@ -75,7 +77,8 @@ pub struct GpuBackend {
 }
 
 impl GpuBackend {
-    /// Allocates the pool on `device` and builds the role's agent (compiling the kernel).
+    /// Allocates the pool on `device` (or takes the device memory the embedding program
+    /// lent, `BackendParts::lent`) and builds the role's agent (compiling the kernel).
     pub fn new(
         device: usize,
         p: BackendParts,
@@ -88,7 +91,18 @@ impl GpuBackend {
                 blocks: p.blocks,
                 block_bytes: p.block_bytes,
             })?;
-        let pool = Arc::new(DeviceBuffer::alloc(&gpu, bytes)?);
+        let pool = match p.lent.clone() {
+            None => Arc::new(DeviceBuffer::alloc(&gpu, bytes)?),
+            Some(LentKv::Cuda(buf)) if buf.len() == bytes && buf.gpu().ordinal() == device => buf,
+            Some(LentKv::Cuda(buf)) => {
+                return Err(GpuError::Lent(format!(
+                    "{} bytes on device {}; the spec needs {bytes} on device {device}",
+                    buf.len(),
+                    buf.gpu().ordinal()
+                )))
+            }
+            Some(LentKv::Host(_)) => return Err(GpuError::Lent("host memory".into())),
+        };
         let local = Region::from_buffer(pool.clone());
         let cuda = CudaAgent::new(gpu, p.rank, local, CudaAgentConfig::default())?;
         let wake = p.wake.clone();
@@ -131,6 +145,7 @@ impl GpuBackend {
             ctx_rank: self.rank,
             device: export.device,
             pool_bytes: export.len,
+            pool_offset: export.offset,
             block_bytes: self.block_bytes,
             handle: export.handle.clone(),
         })
@@ -176,6 +191,7 @@ impl GpuBackend {
                     ctx_rank,
                     device,
                     pool_bytes,
+                    pool_offset,
                     handle,
                     ..
                 },
@@ -188,6 +204,7 @@ impl GpuBackend {
                 let export = PoolExport {
                     device,
                     len: pool_bytes,
+                    offset: pool_offset,
                     handle,
                 };
                 let map = IpcMapping::open(self.pool.gpu(), &export)?;

@@ -249,15 +249,38 @@ impl Driver {
             let _ = self.rank.links.send_frame(peer, reply);
             return;
         }
-        if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
-            tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");
-            if let Some(l) = self.rank.links.get(peer) {
-                let _ = l.control.try_send(Outgoing::Close);
+        let pool = matches!(f, NodeFrame::CudaPool { .. });
+        match self.rank.backend.on_backend_frame(peer, f) {
+            // A CUDA generation rank launches once it has mapped the context's pool.
+            Ok(()) if pool => self.launch_parked(peer),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");
+                if let Some(l) = self.rank.links.get(peer) {
+                    let _ = l.control.try_send(Outgoing::Close);
+                }
             }
         }
     }
 
+    /// A connection is up: a context rank greets it with what its backend needs the peer to
+    /// know first (a CUDA pool's IPC handle); a generation rank launches what was parked for
+    /// it, unless its backend must first hear that greeting.
     fn on_up(&mut self, peer: PeerId) {
+        if let Some(hello) = self.rank.backend.greeting() {
+            if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(hello)) {
+                tracing::warn!(%peer, error = %e, "greeting not sent, closing");
+                if let Some(l) = self.rank.links.get(peer) {
+                    let _ = l.control.try_send(Outgoing::Close);
+                }
+            }
+        }
+        if self.rank.backend.ready_on_connect() {
+            self.launch_parked(peer);
+        }
+    }
+
+    fn launch_parked(&mut self, peer: PeerId) {
         let Role::Generation(d) = &mut self.role else {
             return;
         };

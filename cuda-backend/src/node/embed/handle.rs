@@ -9,8 +9,8 @@ use super::dialers::Dialers;
 use super::driver::{Driver, Role};
 use super::outcomes::{Outcome, Outcomes};
 use super::ticket::ContextTicket;
-use crate::host::kv::HostKv;
 use crate::node::backend::BackendError;
+use crate::node::backend_parts::LentKv;
 use crate::node::conn::Attach;
 use crate::node::ctx::accept_loop;
 use crate::node::rank::{Occupancy, Rank};
@@ -60,8 +60,9 @@ pub struct EmbeddedRank {
 }
 
 impl EmbeddedRank {
-    /// Starts a rank over `kv` (the program's memory, see `HostKv::lent`).
-    pub fn start(spec: EmbedSpec, kv: Arc<HostKv>) -> Result<EmbeddedRank, StartError> {
+    /// Starts a rank over `kv`, the program's memory: host memory (`HostKv::lent`, the host
+    /// backend) or device memory (`DeviceBuffer::adopt`, the CUDA backend).
+    pub fn start(spec: EmbedSpec, kv: LentKv) -> Result<EmbeddedRank, StartError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let outcomes = Arc::new(Outcomes::default());
@@ -176,7 +177,7 @@ impl Drop for EmbeddedRank {
 /// The driver thread's body: builds the rank in its runtime, says whether that worked, runs.
 fn drive(
     spec: EmbedSpec,
-    kv: Arc<HostKv>,
+    kv: LentKv,
     out: Arc<Outcomes>,
     commands: mpsc::Receiver<Command>,
     ready: std::sync::mpsc::SyncSender<Result<Option<SocketAddr>, StartError>>,
@@ -206,7 +207,7 @@ fn drive(
 
 async fn build(
     spec: &EmbedSpec,
-    kv: Arc<HostKv>,
+    kv: LentKv,
     inbox: mpsc::Sender<crate::node::conn::Inbound>,
     out: Arc<Outcomes>,
 ) -> Result<(Driver, Option<SocketAddr>), StartError> {
