@@ -24,9 +24,10 @@ pub enum BackendSpec {
     /// The KV pool on this CUDA device ordinal.
     #[cfg(feature = "cuda")]
     Cuda { device: usize },
-    /// Host memory moved by NIXL over UCX.
+    /// Memory moved by NIXL over UCX: host memory, or GPU memory on this CUDA device
+    /// ordinal (registered as VRAM; needs feature `cuda` too).
     #[cfg(feature = "nixl")]
-    Nixl,
+    Nixl { device: Option<usize> },
 }
 
 #[derive(Debug, Error)]
@@ -97,8 +98,8 @@ impl Backend {
                 Ok((Backend::Gpu(gpu), agent))
             }
             #[cfg(feature = "nixl")]
-            BackendSpec::Nixl => {
-                let (nixl, agent) = NixlBackend::new(p)?;
+            BackendSpec::Nixl { device } => {
+                let (nixl, agent) = NixlBackend::new(p, device)?;
                 Ok((Backend::Nixl(nixl), agent))
             }
         }
