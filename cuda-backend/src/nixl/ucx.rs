@@ -67,9 +67,17 @@ impl UcxEngine {
             .create_backend("UCX", &params)
             .map_err(NixlError::call("UCX backend"))?;
         let pool = PoolRegion(pool);
+        // NIXL logs why a VRAM registration fails; the error itself carries no cause.
+        let op = match pool.mem_type() {
+            MemType::Vram => {
+                "register the KV pool as VRAM (UCX needs its CUDA transports in \
+                 UCX_TLS and, without libcudart beside it, UCX_MEMTYPE_CACHE=n)"
+            }
+            _ => "register the KV pool",
+        };
         let reg = agent
             .register_memory(&pool, None)
-            .map_err(NixlError::call("register the KV pool"))?;
+            .map_err(NixlError::call(op))?;
         Ok(UcxEngine {
             agent,
             ucx,

@@ -1,5 +1,7 @@
-//! The node over NIXL (feature `nixl`): KV pools in host memory, bytes moved by NIXL over UCX
-//! (TCP, shared memory or RDMA, as `UCX_TLS` allows), not over the node's connection.
+//! The node over NIXL (feature `nixl`): KV pools in host memory or (with feature `cuda`,
+//! `--backend nixl-cuda`) in GPU memory registered as VRAM (`pool`), bytes moved by NIXL over
+//! UCX (TCP, shared memory, CUDA IPC or RDMA, as `UCX_TLS` allows), not over the node's
+//! connection.
 //!
 //! ```text
 //! UCX_TLS=tcp UCX_NET_DEVICES=lo kvferry-node ctx --backend nixl --listen 127.0.0.1:7000
