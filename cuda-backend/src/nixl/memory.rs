@@ -9,7 +9,8 @@ use nixl_sys::MemType;
 pub trait PoolMemory: std::fmt::Debug + Send + Sync {
     /// The region's first address, in the address space `mem_type` names.
     fn base(&self) -> u64;
-    fn len(&self) -> u64;
+    /// The region's size in bytes (`size`, not `len`: a pool is never empty).
+    fn size(&self) -> u64;
     /// `Dram` for host memory, `Vram` for device memory.
     fn mem_type(&self) -> MemType;
     /// The CUDA device ordinal of VRAM; 0 for DRAM.
@@ -17,7 +18,7 @@ pub trait PoolMemory: std::fmt::Debug + Send + Sync {
 
     /// True if `[offset, offset + len)` lies inside the region.
     fn contains(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.len())
+        offset.checked_add(len).is_some_and(|end| end <= self.size())
     }
 }
 
@@ -26,7 +27,7 @@ impl PoolMemory for HostPool {
         HostPool::base(self)
     }
 
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         HostPool::len(self)
     }
 

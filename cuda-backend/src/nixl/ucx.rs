@@ -23,7 +23,7 @@ impl MemoryRegion for PoolRegion {
     }
 
     fn size(&self) -> usize {
-        self.0.len() as usize
+        self.0.size() as usize
     }
 }
 

@@ -126,7 +126,7 @@ impl NixlBackend {
                 let offer = PoolOffer {
                     rank: p.rank,
                     base: memory.base(),
-                    bytes: memory.len(),
+                    bytes: memory.size(),
                     md_hex: hex(&md),
                 };
                 let a = Arc::new(NixlServe::new(driver, offer, p.links, p.wake));

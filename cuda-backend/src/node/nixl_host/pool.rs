@@ -96,7 +96,7 @@ impl PoolMemory for VramPool {
         self.0.ptr()
     }
 
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.0.len() as u64
     }
 
