@@ -18,7 +18,9 @@ pub trait PoolMemory: std::fmt::Debug + Send + Sync {
 
     /// True if `[offset, offset + len)` lies inside the region.
     fn contains(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size())
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
     }
 }
 
