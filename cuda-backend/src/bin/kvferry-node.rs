@@ -254,7 +254,7 @@ fn backend(spec: &NodeSpec, common: &Common) -> Result<BackendSpec> {
     }
 }
 
-/// A device without feature `cuda` is refused when the pool is made (`NixlNodeError::NoCuda`).
+/// A device without feature `cuda` is refused when the pool is made (`PoolError::NoCuda`).
 #[cfg(feature = "nixl")]
 fn nixl_backend(device: Option<usize>) -> Result<BackendSpec> {
     Ok(BackendSpec::Nixl { device })

@@ -56,13 +56,8 @@ pub enum NixlNodeError {
     BadOffer { peer: PeerId, why: String },
     #[error("NixlAgent from {peer}: {why}")]
     BadAgent { peer: PeerId, why: String },
-    #[cfg(feature = "cuda")]
     #[error(transparent)]
-    Cuda(#[from] crate::cuda::error::CudaError),
-    #[error("a pool in device memory needs a build with `--features cuda`")]
-    NoCuda,
-    #[error("pool offset {0} does not fit this machine's address space")]
-    Offset(u64),
+    Pool(#[from] pool::PoolError),
 }
 
 #[derive(Debug)]

@@ -3,15 +3,30 @@
 //! transports (`cuda_ipc` between processes on one host). The node fills and verifies blocks
 //! through it; NIXL sees only `PoolMemory`.
 
-use super::NixlNodeError;
 #[cfg(feature = "cuda")]
 use crate::cuda::device::Gpu;
 #[cfg(feature = "cuda")]
+use crate::cuda::error::CudaError;
+#[cfg(feature = "cuda")]
 use crate::cuda::memory::DeviceBuffer;
-use crate::nixl::{HostPool, PoolMemory};
+use crate::nixl::{HostPool, NixlError, PoolMemory};
 #[cfg(feature = "cuda")]
 use nixl_sys::MemType;
 use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Host(#[from] NixlError),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error("a pool in device memory needs a build with `--features cuda`")]
+    NoCuda,
+    #[error("pool offset {0} does not fit this machine's address space")]
+    Offset(u64),
+}
 
 #[derive(Debug, Clone)]
 pub enum KvPool {
@@ -22,13 +37,13 @@ pub enum KvPool {
 
 impl KvPool {
     /// A zeroed pool of `bytes` in host memory, or on CUDA device `device`.
-    pub fn new(bytes: usize, device: Option<usize>) -> Result<KvPool, NixlNodeError> {
+    pub fn new(bytes: usize, device: Option<usize>) -> Result<KvPool, PoolError> {
         match device {
             None => Ok(KvPool::Host(Arc::new(HostPool::new(bytes)?))),
             #[cfg(feature = "cuda")]
             Some(ordinal) => Ok(KvPool::Device(Arc::new(VramPool::new(ordinal, bytes)?))),
             #[cfg(not(feature = "cuda"))]
-            Some(_) => Err(NixlNodeError::NoCuda),
+            Some(_) => Err(PoolError::NoCuda),
         }
     }
 
@@ -42,7 +57,7 @@ impl KvPool {
 
     /// Makes the pool's device current on the calling thread (the NIXL driver's, before
     /// UCX registers the pool); nothing for host memory.
-    pub fn bind(&self) -> Result<(), NixlNodeError> {
+    pub fn bind(&self) -> Result<(), PoolError> {
         match self {
             KvPool::Host(_) => Ok(()),
             #[cfg(feature = "cuda")]
@@ -50,7 +65,7 @@ impl KvPool {
         }
     }
 
-    pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), NixlNodeError> {
+    pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), PoolError> {
         match self {
             KvPool::Host(h) => Ok(h.write(offset, src)?),
             #[cfg(feature = "cuda")]
@@ -60,7 +75,7 @@ impl KvPool {
 
     /// Copies the pool's bytes at `offset` into `dst` (from the device: a synchronous
     /// download after the context's work, so a finished READ's bytes are seen).
-    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), NixlNodeError> {
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), PoolError> {
         match self {
             KvPool::Host(h) => Ok(h.read(offset, dst)?),
             #[cfg(feature = "cuda")]
@@ -76,7 +91,7 @@ pub struct VramPool(DeviceBuffer);
 
 #[cfg(feature = "cuda")]
 impl VramPool {
-    fn new(ordinal: usize, bytes: usize) -> Result<VramPool, NixlNodeError> {
+    fn new(ordinal: usize, bytes: usize) -> Result<VramPool, PoolError> {
         let gpu = Gpu::open(ordinal)?;
         let buf = DeviceBuffer::alloc(&gpu, bytes)?;
         // cuMemAlloc leaves the bytes undefined; a gen's unwritten blocks must not pass for
@@ -85,8 +100,8 @@ impl VramPool {
         Ok(VramPool(buf))
     }
 
-    fn offset(&self, offset: u64) -> Result<usize, NixlNodeError> {
-        usize::try_from(offset).map_err(|_| NixlNodeError::Offset(offset))
+    fn offset(&self, offset: u64) -> Result<usize, PoolError> {
+        usize::try_from(offset).map_err(|_| PoolError::Offset(offset))
     }
 }
 
