@@ -4,6 +4,7 @@
 //   kvferry-node ctx --listen 127.0.0.1:0
 //   kvferry-node gen --peer 127.0.0.1:PORT --requests 1000
 //   kvferry-node ctx --backend cuda --device 0          (gen likewise, --device 1)
+//   kvferry-node ctx --backend nixl-cuda --device 0     (NIXL over UCX, pools in GPU memory)
 //   kvferry-node bench
 //
 // Machine-readable lines on stdout: `listening ADDR`, `metrics ADDR`, `summary {json}`.
@@ -96,7 +97,7 @@ struct Common {
     /// Where the KV pool lives (default: the config's `backend`, else host).
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
-    /// CUDA device ordinal of the pool (with `--backend cuda`).
+    /// CUDA device ordinal of the pool (with `--backend cuda` or `nixl-cuda`).
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// Runtime threads (0: one per core). Default: 1 on a machine of fewer than 4 cores, else
@@ -151,6 +152,10 @@ enum BackendArg {
     Cuda,
     /// Host memory; the gen READs the ctx's pool with NIXL over UCX (feature `nixl`).
     Nixl,
+    /// GPU memory on `--device`, registered with NIXL as VRAM; the gen READs the ctx's pool
+    /// with NIXL over UCX's CUDA transports (features `cuda,nixl`). A config file's `nixl`
+    /// means host memory: the pool's place is a flag of this process, not of the config.
+    NixlCuda,
 }
 
 #[derive(Args)]
@@ -225,7 +230,7 @@ impl Common {
             config.backend = match b {
                 BackendArg::Host => config::Backend::Host,
                 BackendArg::Cuda => config::Backend::Cuda,
-                BackendArg::Nixl => config::Backend::Nixl,
+                BackendArg::Nixl | BackendArg::NixlCuda => config::Backend::Nixl,
             };
         }
         Ok(NodeSpec {
@@ -242,17 +247,21 @@ fn backend(spec: &NodeSpec, common: &Common) -> Result<BackendSpec> {
     match spec.config.backend {
         config::Backend::Host => Ok(BackendSpec::Host),
         config::Backend::Cuda => cuda_backend(common.device),
-        config::Backend::Nixl => nixl_backend(),
+        config::Backend::Nixl => {
+            let vram = matches!(common.backend, Some(BackendArg::NixlCuda));
+            nixl_backend(vram.then_some(common.device))
+        }
     }
 }
 
+/// A device without feature `cuda` is refused when the pool is made (`PoolError::NoCuda`).
 #[cfg(feature = "nixl")]
-fn nixl_backend() -> Result<BackendSpec> {
-    Ok(BackendSpec::Nixl)
+fn nixl_backend(device: Option<usize>) -> Result<BackendSpec> {
+    Ok(BackendSpec::Nixl { device })
 }
 
 #[cfg(not(feature = "nixl"))]
-fn nixl_backend() -> Result<BackendSpec> {
+fn nixl_backend(_device: Option<usize>) -> Result<BackendSpec> {
     bail!("the NIXL backend is not in this build: rebuild with `--features nixl` (cargo build -p kvferry-backends --features nixl; needs .ci/install-nixl)")
 }
 

@@ -1,4 +1,4 @@
-//! The NIXL transfer engine (feature `nixl`): host memory moved by NIXL over UCX, driven from a
+//! The NIXL transfer engine (feature `nixl`): host or device memory (`memory`) moved by NIXL over UCX, driven from a
 //! thread of its own. It knows nothing of the node (`node::nixl_host` builds the agents the core
 //! sees on top of it), so it imports nothing of the crate.
 //!
@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod jobs;
 pub mod md;
+pub mod memory;
 pub mod pool;
 pub mod probe;
 pub mod runtime;
@@ -22,4 +23,5 @@ pub mod ucx;
 pub use driver::{Driver, Read};
 pub use engine::{Engine, XferState};
 pub use error::NixlError;
+pub use memory::PoolMemory;
 pub use pool::HostPool;

@@ -5,7 +5,7 @@
 use super::engine::{Engine, ReadSpec, XferState};
 use super::error::NixlError;
 use super::md;
-use super::pool::HostPool;
+use super::memory::PoolMemory;
 use super::runtime;
 use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs,
@@ -13,9 +13,9 @@ use nixl_sys::{
 };
 use std::sync::Arc;
 
-/// The pool as NIXL sees it: one DRAM region.
+/// The pool as NIXL sees it: one DRAM or VRAM region.
 #[derive(Debug)]
-struct PoolRegion(Arc<HostPool>);
+struct PoolRegion(Arc<dyn PoolMemory>);
 
 impl MemoryRegion for PoolRegion {
     unsafe fn as_ptr(&self) -> *const u8 {
@@ -23,17 +23,17 @@ impl MemoryRegion for PoolRegion {
     }
 
     fn size(&self) -> usize {
-        self.0.len() as usize
+        self.0.size() as usize
     }
 }
 
 impl NixlDescriptor for PoolRegion {
     fn mem_type(&self) -> MemType {
-        MemType::Dram
+        self.0.mem_type()
     }
 
     fn device_id(&self) -> u64 {
-        0
+        self.0.device_id()
     }
 }
 
@@ -48,8 +48,10 @@ pub struct UcxEngine {
 }
 
 impl UcxEngine {
-    /// Loads the runtime, creates agent `name` with UCX and registers `pool`.
-    pub fn new(name: &str, pool: Arc<HostPool>) -> Result<UcxEngine, NixlError> {
+    /// Loads the runtime, creates agent `name` with UCX and registers `pool`. A VRAM pool
+    /// needs its device's context current on the calling thread (UCX's CUDA transports
+    /// query it when the memory is registered).
+    pub fn new(name: &str, pool: Arc<dyn PoolMemory>) -> Result<UcxEngine, NixlError> {
         runtime::preload()?;
         // UCX's progress thread would compete with the node for 2 cores; the driver thread
         // progresses the worker through its polls instead.
@@ -65,9 +67,17 @@ impl UcxEngine {
             .create_backend("UCX", &params)
             .map_err(NixlError::call("UCX backend"))?;
         let pool = PoolRegion(pool);
+        // NIXL logs why a VRAM registration fails; the error itself carries no cause.
+        let op = match pool.mem_type() {
+            MemType::Vram => {
+                "register the KV pool as VRAM (UCX needs its CUDA transports in \
+                 UCX_TLS and, without libcudart beside it, UCX_MEMTYPE_CACHE=n)"
+            }
+            _ => "register the KV pool",
+        };
         let reg = agent
             .register_memory(&pool, None)
-            .map_err(NixlError::call("register the KV pool"))?;
+            .map_err(NixlError::call(op))?;
         Ok(UcxEngine {
             agent,
             ucx,
@@ -76,10 +86,17 @@ impl UcxEngine {
         })
     }
 
-    fn descs(pieces: &[(u64, u64, u64)], remote: bool) -> Result<XferDescList<'static>, NixlError> {
-        let mut l = XferDescList::new(MemType::Dram).map_err(NixlError::call("descriptors"))?;
+    /// Both sides' descriptors carry this pool's kind and device: a peer's pool of another
+    /// kind has no matching section and NIXL refuses the READ (NOT_FOUND) rather than guess.
+    fn descs(
+        &self,
+        pieces: &[(u64, u64, u64)],
+        remote: bool,
+    ) -> Result<XferDescList<'static>, NixlError> {
+        let (kind, dev) = (self.pool.mem_type(), self.pool.device_id());
+        let mut l = XferDescList::new(kind).map_err(NixlError::call("descriptors"))?;
         for &(local, far, len) in pieces {
-            l.add_desc(if remote { far } else { local } as usize, len as usize, 0);
+            l.add_desc(if remote { far } else { local } as usize, len as usize, dev);
         }
         Ok(l)
     }
@@ -93,10 +110,11 @@ impl Engine for UcxEngine {
         let mut args = OptArgs::new().map_err(NixlError::call("opt args"))?;
         args.add_backend(&self.ucx)
             .map_err(NixlError::call("opt args"))?;
-        let none = RegDescList::new(MemType::Dram).map_err(NixlError::call("descriptors"))?;
+        let kind = self.pool.mem_type();
+        let none = RegDescList::new(kind).map_err(NixlError::call("descriptors"))?;
         let conns = (self.agent.get_local_partial_md(&none, Some(&args)))
             .map_err(NixlError::call("connection metadata"))?;
-        let mut pool = RegDescList::new(MemType::Dram).map_err(NixlError::call("descriptors"))?;
+        let mut pool = RegDescList::new(kind).map_err(NixlError::call("descriptors"))?;
         pool.add_storage_desc(&self.pool)
             .map_err(NixlError::call("descriptors"))?;
         let section = (self.agent.get_local_partial_md(&pool, Some(&args)))
@@ -127,8 +145,8 @@ impl Engine for UcxEngine {
     }
 
     fn post_read(&mut self, read: &ReadSpec) -> Result<XferRequest, NixlError> {
-        let local = UcxEngine::descs(&read.pieces, false)?;
-        let remote = UcxEngine::descs(&read.pieces, true)?;
+        let local = self.descs(&read.pieces, false)?;
+        let remote = self.descs(&read.pieces, true)?;
         let mut args = OptArgs::new().map_err(NixlError::call("opt args"))?;
         args.set_has_notification(true)
             .and_then(|()| args.set_notification_message(&read.notif))

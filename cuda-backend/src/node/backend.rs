@@ -24,9 +24,10 @@ pub enum BackendSpec {
     /// The KV pool on this CUDA device ordinal.
     #[cfg(feature = "cuda")]
     Cuda { device: usize },
-    /// Host memory moved by NIXL over UCX.
+    /// Memory moved by NIXL over UCX: host memory, or GPU memory on this CUDA device
+    /// ordinal (registered as VRAM; needs feature `cuda` too).
     #[cfg(feature = "nixl")]
-    Nixl,
+    Nixl { device: Option<usize> },
 }
 
 impl BackendSpec {
@@ -115,8 +116,8 @@ impl Backend {
                 Ok((Backend::Gpu(gpu), agent))
             }
             #[cfg(feature = "nixl")]
-            BackendSpec::Nixl => {
-                let (nixl, agent) = NixlBackend::new(p)?;
+            BackendSpec::Nixl { device } => {
+                let (nixl, agent) = NixlBackend::new(p, device)?;
                 Ok((Backend::Nixl(nixl), agent))
             }
         }

@@ -277,7 +277,8 @@ async fn nixl_probe(
     pool_bytes: usize,
 ) -> Result<Option<f64>, NodeError> {
     #[cfg(feature = "nixl")]
-    if o.backend == BackendSpec::Nixl {
+    // The probe's pools are host memory: beside a node round over host memory only.
+    if o.backend == (BackendSpec::Nixl { device: None }) {
         let shape = crate::nixl::probe::ProbeShape {
             bytes: bytes.max(1),
             read_bytes: spec.layout.block_bytes() * u64::from(o.blocks_per_request),

@@ -1,5 +1,7 @@
-//! The node over NIXL (feature `nixl`): KV pools in host memory, bytes moved by NIXL over UCX
-//! (TCP, shared memory or RDMA, as `UCX_TLS` allows), not over the node's connection.
+//! The node over NIXL (feature `nixl`): KV pools in host memory or (with feature `cuda`,
+//! `--backend nixl-cuda`) in GPU memory registered as VRAM (`pool`), bytes moved by NIXL over
+//! UCX (TCP, shared memory, CUDA IPC or RDMA, as `UCX_TLS` allows), not over the node's
+//! connection.
 //!
 //! ```text
 //! UCX_TLS=tcp UCX_NET_DEVICES=lo kvferry-node ctx --backend nixl --listen 127.0.0.1:7000
@@ -21,6 +23,7 @@
 
 pub mod notice;
 pub mod parked;
+pub mod pool;
 pub mod pull;
 pub mod serve;
 
@@ -31,10 +34,11 @@ use super::backend_parts::BackendParts;
 use super::frame::NodeFrame;
 use crate::host::pattern;
 use crate::nixl::ucx::UcxEngine;
-use crate::nixl::{Driver, HostPool, NixlError};
+use crate::nixl::{Driver, NixlError};
 use kvferry_core::agent::TransferAgent;
 use kvferry_core::transceiver::Side;
 use kvferry_core::{PeerId, RequestId};
+use pool::KvPool;
 use pull::Offer;
 use serve::PoolOffer;
 use std::sync::Arc;
@@ -52,6 +56,8 @@ pub enum NixlNodeError {
     BadOffer { peer: PeerId, why: String },
     #[error("NixlAgent from {peer}: {why}")]
     BadAgent { peer: PeerId, why: String },
+    #[error(transparent)]
+    Pool(#[from] pool::PoolError),
 }
 
 #[derive(Debug)]
@@ -60,10 +66,10 @@ enum Role {
     Pull(Arc<NixlPull>),
 }
 
-/// One rank's KV pool in host memory and the NIXL agent that moves it.
+/// One rank's KV pool (host or device memory) and the NIXL agent that moves it.
 #[derive(Debug)]
 pub struct NixlBackend {
-    pool: Arc<HostPool>,
+    pool: KvPool,
     block_bytes: u64,
     /// This rank's NIXL agent.
     name: String,
@@ -71,8 +77,12 @@ pub struct NixlBackend {
 }
 
 impl NixlBackend {
-    /// Allocates and registers the pool and starts the agent's driver thread.
-    pub fn new(p: BackendParts) -> Result<(NixlBackend, Arc<dyn TransferAgent>), NixlNodeError> {
+    /// Allocates the pool (on CUDA device `device`, else in host memory), registers it and
+    /// starts the agent's driver thread.
+    pub fn new(
+        p: BackendParts,
+        device: Option<usize>,
+    ) -> Result<(NixlBackend, Arc<dyn TransferAgent>), NixlNodeError> {
         let too_large = NixlNodeError::PoolSize {
             blocks: p.blocks,
             block_bytes: p.block_bytes,
@@ -81,7 +91,7 @@ impl NixlBackend {
             .checked_mul(p.block_bytes)
             .and_then(|b| usize::try_from(b).ok())
             .ok_or(too_large)?;
-        let pool = Arc::new(HostPool::new(bytes)?);
+        let pool = KvPool::new(bytes, device)?;
         let side = if p.side == Side::Context {
             "ctx"
         } else {
@@ -97,22 +107,28 @@ impl NixlBackend {
         let (engine_name, engine_pool) = (name.clone(), pool.clone());
         let wake = p.wake.clone();
         let (driver, md) = Driver::spawn(
-            move || UcxEngine::new(&engine_name, engine_pool),
+            move || {
+                engine_pool
+                    .bind()
+                    .map_err(|e| NixlError::Invalid(format!("pool's device: {e}")))?;
+                UcxEngine::new(&engine_name, engine_pool.memory())
+            },
             move || wake.notify_one(),
         )?;
+        let memory = pool.memory();
         let (role, agent): (Role, Arc<dyn TransferAgent>) = match p.side {
             Side::Context => {
                 let offer = PoolOffer {
                     rank: p.rank,
-                    base: pool.base(),
-                    bytes: pool.len(),
+                    base: memory.base(),
+                    bytes: memory.size(),
                     md_hex: hex(&md),
                 };
                 let a = Arc::new(NixlServe::new(driver, offer, p.links, p.wake));
                 (Role::Serve(a.clone()), a)
             }
             Side::Generation => {
-                let a = Arc::new(NixlPull::new(driver, pool.clone(), p.pool, p.links, p.wake));
+                let a = Arc::new(NixlPull::new(driver, memory, p.pool, p.links, p.wake));
                 (Role::Pull(a.clone()), a)
             }
         };

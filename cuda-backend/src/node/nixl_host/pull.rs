@@ -14,7 +14,7 @@
 use super::super::frame::{Frame, NodeFrame};
 use super::super::link::Links;
 use super::notice::Notice;
-use crate::nixl::{Driver, HostPool, Read};
+use crate::nixl::{Driver, PoolMemory, Read};
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
@@ -92,7 +92,7 @@ struct State {
 #[derive(Debug)]
 pub struct NixlPull {
     driver: Mutex<Driver>,
-    local: Arc<HostPool>,
+    local: Arc<dyn PoolMemory>,
     blocks: Arc<Mutex<BlockPool>>,
     links: Links,
     wake: Arc<Notify>,
@@ -102,7 +102,7 @@ pub struct NixlPull {
 impl NixlPull {
     pub fn new(
         driver: Driver,
-        local: Arc<HostPool>,
+        local: Arc<dyn PoolMemory>,
         blocks: Arc<Mutex<BlockPool>>,
         links: Links,
         wake: Arc<Notify>,
