@@ -13,7 +13,7 @@
 //! other hosts; the real gen is 127.0.0.1. `measure_*` tests (ignored) print the numbers quoted
 //! in the README under the default limits.
 
-use kvferry_backends::node::frame::{Frame, NodeFrame};
+use kvferry_backends::node::frame::{Answer, Ask, Frame, NodeFrame};
 use kvferry_core::wire::{ErrorCode, Message, RequestInfo};
 use kvferry_core::{RequestId, TransferToken};
 use kvferry_tests::{
@@ -105,15 +105,20 @@ fn served_in_full_with(
 /// A raw peer that asks the ctx for one request and returns its id.
 fn prepare(p: &mut RawPeer, tag: u64, blocks: u32) -> Result<RequestId, String> {
     p.send(&Frame::Node(NodeFrame::Prepare {
-        tag,
-        blocks,
-        seed: None,
+        asks: vec![Ask {
+            tag,
+            blocks,
+            seed: None,
+        }],
     }));
     let reply = p.recv_until(|f| matches!(f, Frame::Node(_)));
-    match reply {
-        Some(Frame::Node(NodeFrame::Prepared { request, .. })) => Ok(request),
-        Some(Frame::Node(NodeFrame::PrepareFailed { reason, .. })) => Err(reason),
-        other => panic!("prepare answered with {other:?}"),
+    let Some(Frame::Node(NodeFrame::Prepared { answers, .. })) = reply else {
+        panic!("prepare answered with {reply:?}")
+    };
+    match <[Answer; 1]>::try_from(answers) {
+        Ok([Answer::Prepared { request, .. }]) => Ok(request),
+        Ok([Answer::Failed { reason, .. }]) => Err(reason),
+        Err(more) => panic!("one ask answered with {more:?}"),
     }
 }
 
