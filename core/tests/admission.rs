@@ -10,7 +10,7 @@ use kvferry_core::layout::CacheLayout;
 use kvferry_core::loopback::LoopbackNet;
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{TransceiverError, TxEvent};
-use kvferry_core::wire::{ErrorCode, Message};
+use kvferry_core::wire::ErrorCode;
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::sync::Arc;
 use std::time::Duration;
