@@ -4,7 +4,7 @@
 //! served afterwards.
 
 use bytes::{BufMut, BytesMut};
-use kvferry_backends::node::frame::{Answer, Ask, Frame, NodeFrame};
+use kvferry_backends::node::frame::{Answer, Ask, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use kvferry_core::wire::{self, ErrorCode, Message, RequestInfo, HEADER_LEN, MAGIC, VERSION};
 use kvferry_tests::{scrape, NodeProc, RawPeer, SMALL_LAYOUT};
 use std::net::SocketAddr;
@@ -81,6 +81,19 @@ fn hostile_peers_are_refused_and_others_still_served() {
     h.put_u32(u32::MAX - 1);
     h.put_u32(0);
     p.send_raw(&h);
+    expect_closed(&mut p);
+    expect_warn(&ctx, p.local_addr());
+
+    // A Prepare over its ask bound: nothing prepared, the connection cut off.
+    let mut p = RawPeer::connect(addr);
+    let ask = |tag| Ask {
+        tag,
+        blocks: 1,
+        seed: None,
+    };
+    p.send(&Frame::Node(NodeFrame::Prepare {
+        asks: (0..=MAX_PREPARE_ASKS as u64).map(ask).collect(),
+    }));
     expect_closed(&mut p);
     expect_warn(&ctx, p.local_addr());
 
