@@ -4,7 +4,7 @@
 //! served afterwards.
 
 use bytes::{BufMut, BytesMut};
-use kvferry_backends::node::frame::{parse_token, Frame, NodeFrame};
+use kvferry_backends::node::frame::{Answer, Ask, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use kvferry_core::wire::{self, ErrorCode, Message, RequestInfo, HEADER_LEN, MAGIC, VERSION};
 use kvferry_tests::{scrape, NodeProc, RawPeer, SMALL_LAYOUT};
 use std::net::SocketAddr;
@@ -84,24 +84,43 @@ fn hostile_peers_are_refused_and_others_still_served() {
     expect_closed(&mut p);
     expect_warn(&ctx, p.local_addr());
 
+    // A Prepare over its ask bound: nothing prepared, the connection cut off.
+    let mut p = RawPeer::connect(addr);
+    let ask = |tag| Ask {
+        tag,
+        blocks: 1,
+        seed: None,
+    };
+    p.send(&Frame::Node(NodeFrame::Prepare {
+        asks: (0..=MAX_PREPARE_ASKS as u64).map(ask).collect(),
+    }));
+    expect_closed(&mut p);
+    expect_warn(&ctx, p.local_addr());
+
     // A real request, then a wrong token and foreign blocks for it: typed errors, no bytes.
     let mut p = RawPeer::connect(addr);
     p.send(&Frame::Node(NodeFrame::Prepare {
-        tag: 1,
-        blocks: 2,
-        seed: Some(3),
+        asks: vec![Ask {
+            tag: 1,
+            blocks: 2,
+            seed: Some(3),
+        }],
     }));
-    let Some(Frame::Node(NodeFrame::Prepared {
-        request,
-        token,
-        ctx_blocks,
-        layout,
-        ..
-    })) = p.recv()
-    else {
+    let Some(Frame::Node(NodeFrame::Prepared { layout, answers })) = p.recv() else {
         panic!("prepare not answered");
     };
-    let token = parse_token(&token).unwrap();
+    let Ok(
+        [Answer::Prepared {
+            request,
+            token,
+            ctx_blocks,
+            ..
+        }],
+    ) = <[Answer; 1]>::try_from(answers)
+    else {
+        panic!("one ask, one prepared answer");
+    };
+    let token = kvferry_core::TransferToken(token);
     let gen_blocks = vec![
         kvferry_core::blocks::BlockRef { id: 0, epoch: 1 },
         kvferry_core::blocks::BlockRef { id: 1, epoch: 2 },

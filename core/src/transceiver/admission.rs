@@ -385,11 +385,6 @@ impl Transceiver {
         };
         entry.legs.insert(gen_rank, leg);
         if bytes > 0 {
-            let ready = Message::Ready {
-                request: id,
-                ctx_rank: self.me.rank,
-            };
-            let _ = self.transmit(from, ready);
             self.try_start_leg(now, id, gen_rank);
         }
         self.check_finished(id);

@@ -146,18 +146,11 @@ impl Transceiver {
         });
         let (side, token, peer) = self.release_leg(id, key, ok);
         match c.result {
+            // Nothing goes to the peer: the generation side's own receive completes when its
+            // last byte lands (wire version 3 has no `Done`).
             Ok(bytes) => {
                 self.counters.transfers_completed += 1;
                 self.counters.bytes += bytes;
-                if side == Side::Context {
-                    let done = Message::Done {
-                        request: id,
-                        ctx_rank: self.me.rank,
-                        bytes,
-                        crc: 0,
-                    };
-                    let _ = self.transmit(peer, done);
-                }
             }
             Err(err) => {
                 self.counters.transfers_failed += 1;

@@ -273,7 +273,7 @@ impl Transceiver {
                 tracing::debug!(request = %request, peer = %from, ?code, "peer reported an error");
                 self.on_peer_abort(now, from, request, None)
             }
-            Message::Ready { .. } | Message::Done { .. } | Message::Heartbeat { .. } => {}
+            Message::Heartbeat { .. } => {}
             Message::Data { request, .. } => {
                 // Data frames belong to the host data plane, not the control plane.
                 tracing::warn!(request = %request, peer = %from, "data frame on the control plane");

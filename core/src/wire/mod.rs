@@ -13,8 +13,7 @@
 //! | kind | message | body |
 //! | --- | --- | --- |
 //! | 1 | RequestInfo | request u64, token u128, layout (9 x u32 in field order, mla u8 0/1), ctx block count u32 + ids u32, gen block count u32 + (id u32, epoch u64) |
-//! | 2 | Ready | request u64, ctx_rank u32 |
-//! | 3 | Done | request u64, ctx_rank u32, bytes u64, crc u32 |
+//! | 2, 3 | retired (version 2's `Ready` and `Done`): decoded as an unknown kind |
 //! | 4 | Cancel | request u64, token u128 (the request's transfer token: the authority to end it) |
 //! | 5 | Error | request u64, code u16, detail length u16 (<= MAX_DETAIL_BYTES), UTF-8 detail |
 //! | 6 | Heartbeat | seq u64 (0: an answer to a heartbeat, never answered itself) |
@@ -35,8 +34,11 @@ pub use crc::{crc32c, Crc32c};
 pub use data::{DataHead, DataSeal, DATA_HEAD_LEN};
 
 pub const MAGIC: u32 = 0x4B56_4652; // "KVFR"
-/// Version 2: `Cancel` carries the request's token.
-pub const VERSION: u8 = 2;
+/// Version 2: `Cancel` carries the request's token. Version 3: no `Ready` or `Done` (kinds 2
+/// and 3): no receiver acted on them, and on a small request they were two of its five
+/// control frames (BENCHMARKS.md, "control frames per request"). A transfer's end is its
+/// receive job's completion on the generation side, an `Error`/`Cancel` when it fails.
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 16;
 /// Default bound on a frame body; a peer claiming more is cut off, not buffered.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -84,18 +86,6 @@ pub struct RequestInfo {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum Message {
     RequestInfo(RequestInfo),
-    /// Context rank accepted the request info; the transfer starts.
-    Ready {
-        request: RequestId,
-        ctx_rank: u32,
-    },
-    /// Context rank finished sending `bytes` with body checksum `crc`.
-    Done {
-        request: RequestId,
-        ctx_rank: u32,
-        bytes: u64,
-        crc: u32,
-    },
     /// The generation side gives the request up. Only a `token` equal to the request's own
     /// ends it: a peer that never held the token cannot end another's request (I9).
     Cancel {
@@ -152,8 +142,7 @@ pub enum WireError {
 /// Frame kinds on the wire. Values are part of the format: never renumber, only append.
 mod kind {
     pub const REQUEST_INFO: u8 = 1;
-    pub const READY: u8 = 2;
-    pub const DONE: u8 = 3;
+    // 2 and 3 were `Ready` and `Done` (version 2); not reused, so an old frame is refused.
     pub const CANCEL: u8 = 4;
     pub const ERROR: u8 = 5;
     pub const HEARTBEAT: u8 = 6;
@@ -189,8 +178,6 @@ impl Message {
     fn kind(&self) -> u8 {
         match self {
             Message::RequestInfo(_) => kind::REQUEST_INFO,
-            Message::Ready { .. } => kind::READY,
-            Message::Done { .. } => kind::DONE,
             Message::Cancel { .. } => kind::CANCEL,
             Message::Error { .. } => kind::ERROR,
             Message::Heartbeat { .. } => kind::HEARTBEAT,
@@ -237,21 +224,6 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
                 out.put_u32(b.id);
                 out.put_u64(b.epoch);
             }
-        }
-        Message::Ready { request, ctx_rank } => {
-            out.put_u64(request.0);
-            out.put_u32(*ctx_rank);
-        }
-        Message::Done {
-            request,
-            ctx_rank,
-            bytes,
-            crc,
-        } => {
-            out.put_u64(request.0);
-            out.put_u32(*ctx_rank);
-            out.put_u64(*bytes);
-            out.put_u32(*crc);
         }
         Message::Cancel { request, token } => {
             out.put_u64(request.0);
@@ -319,8 +291,6 @@ fn body_len_hint(msg: &Message) -> usize {
                 + 4
                 + BLOCK_REF_LEN * i.gen_blocks.len()
         }
-        Message::Ready { .. } => 12,
-        Message::Done { .. } => 24,
         Message::Cancel { .. } => 24,
         Message::Heartbeat { .. } => 8,
         Message::Error { detail, .. } => 12 + detail.len().min(MAX_DETAIL_BYTES),
@@ -464,16 +434,6 @@ fn decode_body(frame_kind: u8, body: BytesMut) -> Result<Message, WireError> {
     let mut r = Reader { buf: &body };
     let msg = match frame_kind {
         kind::REQUEST_INFO => Message::RequestInfo(read_request_info(&mut r)?),
-        kind::READY => Message::Ready {
-            request: RequestId(r.u64("request")?),
-            ctx_rank: r.u32("ctx_rank")?,
-        },
-        kind::DONE => Message::Done {
-            request: RequestId(r.u64("request")?),
-            ctx_rank: r.u32("ctx_rank")?,
-            bytes: r.u64("bytes")?,
-            crc: r.u32("crc")?,
-        },
         kind::CANCEL => Message::Cancel {
             request: RequestId(r.u64("request")?),
             token: TransferToken(r.u128("token")?),

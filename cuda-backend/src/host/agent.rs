@@ -16,7 +16,7 @@
 use super::early::{Early, EarlyData, Key};
 use super::iov::copy_into;
 use super::kv::HostKv;
-use super::route::{DataOut, DataRoutes};
+use super::route::{DataOut, DataRoutes, Written};
 use bytes::Bytes;
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
@@ -28,7 +28,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::mpsc::{self, PermitIterator};
+use tokio::sync::{oneshot, Notify};
 
 /// Payload bytes per `Data` frame: large enough to amortise framing and CRC setup, small
 /// enough that a cancel or a control frame waits for little.
@@ -375,6 +376,11 @@ impl HostAgent {
                 f.src_offset, f.len
             )));
         }
+        let frames = frames(&frags, DATA_CHUNK as u64);
+        if let Ok(permits) = queue.try_reserve_many(frames.len().max(1)) {
+            self.queue_all(permits, frames, &job, to, done);
+            return Ok(());
+        }
         let cancel = Arc::new(AtomicBool::new(false));
         self.sends
             .lock()
@@ -395,11 +401,75 @@ impl HostAgent {
                 to,
                 cancel: &cancel,
             };
-            let result = sender.run(&frags).await;
+            let result = sender.run(frames).await;
             sends.lock().expect("sends lock").remove(&job.id);
             finish(&wake, &done, job.id, result);
         });
         Ok(())
+    }
+}
+
+impl HostAgent {
+    /// Queues every frame of a send whose data queue had room for all of them (`permits`):
+    /// the last frame's `Written` completes the job, so the send needs no task, and the only
+    /// wakeup between submit and completion is the writer's. A cancel cannot take back frames
+    /// already queued (nor can it on the task path), so this path has no cancel flag.
+    fn queue_all(
+        &self,
+        permits: PermitIterator<'_, DataOut>,
+        frames: Vec<Vec<(u64, u64)>>,
+        job: &TransferJob,
+        to: PeerId,
+        done: CompletionQueue,
+    ) {
+        let total: u64 = frames.iter().flatten().map(|p| p.1).sum();
+        if frames.is_empty() {
+            self.finish(&done, job.id, Ok(0));
+            return;
+        }
+        let (n, id, wake) = (frames.len(), job.id, self.wake.clone());
+        let mut last = Some(Written::new(move |ok| {
+            let result = if ok {
+                Ok(total)
+            } else {
+                Err(AgentError::PeerUnreachable(to))
+            };
+            finish(&wake, &done, id, result);
+        }));
+        let mut offset = 0;
+        for (i, (permit, pieces)) in permits.zip(frames).enumerate() {
+            let written = if i + 1 == n {
+                last.take().expect("one last frame")
+            } else {
+                Written::ignored()
+            };
+            let frame = sealed(&self.kv, (job.request, self.rank, offset), pieces, written);
+            offset += frame.pieces.iter().map(|p| p.1).sum::<u64>();
+            permit.send(frame);
+        }
+    }
+}
+
+/// A data frame of `pieces` at `offset` of what `rank` sends for `request`, its CRC computed
+/// here, not by the connection's writer: on a runtime of several threads, senders checksum
+/// their next frames while the writer copies earlier ones.
+fn sealed(
+    kv: &Arc<HostKv>,
+    (request, rank, offset): (RequestId, u32, u64),
+    pieces: Vec<(u64, u64)>,
+    written: Written,
+) -> DataOut {
+    let len: u64 = pieces.iter().map(|p| p.1).sum();
+    let len = usize::try_from(len).expect("a data chunk fits in memory");
+    let mut seal = DataSeal::new(request, rank, offset, len);
+    for &(at, n) in &pieces {
+        kv.for_each_piece(at, n, |s| seal.update(s));
+    }
+    DataOut {
+        head: seal.finish(),
+        pieces,
+        kv: kv.clone(),
+        written,
     }
 }
 
@@ -439,13 +509,13 @@ struct ChunkSender<'a> {
 impl ChunkSender<'_> {
     /// Queues the fragments as `DATA_CHUNK`-sized frames, then waits until the last one is in
     /// the kernel: the writer sends them in order, so then every byte is out of the blocks.
-    async fn run(&self, frags: &[Fragment]) -> Result<u64, AgentError> {
+    async fn run(&self, frames: Vec<Vec<(u64, u64)>>) -> Result<u64, AgentError> {
         let mut sent = 0u64;
         let mut last = None;
         let mut result = Ok(());
-        for pieces in frames(frags, DATA_CHUNK as u64) {
+        for pieces in frames {
             let len: u64 = pieces.iter().map(|p| p.1).sum();
-            match self.queue(pieces, len, sent).await {
+            match self.queue(pieces, sent).await {
                 Ok(written) => last = Some(written),
                 Err(e) => {
                     result = Err(e);
@@ -463,31 +533,17 @@ impl ChunkSender<'_> {
         result.map(|()| sent)
     }
 
-    /// Queues one frame of `pieces` (`len` bytes in all) at `offset`; returns what fires once
-    /// it is written.
+    /// Queues one frame of `pieces` at `offset`; returns what fires once it is written.
     async fn queue(
         &self,
         pieces: Vec<(u64, u64)>,
-        len: u64,
         offset: u64,
     ) -> Result<oneshot::Receiver<()>, AgentError> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(AgentError::Cancelled);
         }
-        // The CRC pass is done here, not by the connection's writer: on a runtime of several
-        // threads, sends checksum their next frames while the writer copies earlier ones.
-        let len = usize::try_from(len).expect("a data chunk fits in memory");
-        let mut seal = DataSeal::new(self.request, self.rank, offset, len);
-        for &(at, n) in &pieces {
-            self.kv.for_each_piece(at, n, |s| seal.update(s));
-        }
-        let (tx, rx) = oneshot::channel();
-        let frame = DataOut {
-            head: seal.finish(),
-            pieces,
-            kv: self.kv.clone(),
-            written: tx,
-        };
+        let (written, rx) = Written::signal();
+        let frame = sealed(self.kv, (self.request, self.rank, offset), pieces, written);
         self.queue
             .send(frame)
             .await

@@ -20,7 +20,59 @@ pub struct DataOut {
     pub kv: Arc<HostKv>,
     /// Fired once the whole frame is in the kernel; dropped unfired if the connection ends
     /// first. Until then the payload's blocks are still being read.
-    pub written: oneshot::Sender<()>,
+    pub written: Written,
+}
+
+/// What a data frame's writer reports once the frame is whole in the kernel (`fire`), or
+/// that it never will be (dropped unfired). A send's last frame completes its job through it
+/// directly, so a send that fits its data queue needs no task and no channel of its own.
+pub struct Written(Option<Box<dyn FnOnce(bool) + Send>>);
+
+impl Written {
+    /// Calls `f(true)` when fired, `f(false)` when dropped unfired; exactly once either way.
+    pub fn new(f: impl FnOnce(bool) + Send + 'static) -> Written {
+        Written(Some(Box::new(f)))
+    }
+
+    /// Nobody waits on this frame (a send's frames before its last).
+    pub fn ignored() -> Written {
+        Written(None)
+    }
+
+    /// Through a oneshot: it resolves when the frame is written, errs when it is dropped.
+    pub fn signal() -> (Written, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let w = Written::new(move |ok| {
+            if ok {
+                let _ = tx.send(());
+            }
+        });
+        (w, rx)
+    }
+
+    pub fn fire(mut self) {
+        if let Some(f) = self.0.take() {
+            f(true);
+        }
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(false);
+        }
+    }
+}
+
+impl Debug for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Written(waited)"
+        } else {
+            "Written(ignored)"
+        })
+    }
 }
 
 /// Where the data frames for each connected peer go.

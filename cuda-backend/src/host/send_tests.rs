@@ -1,6 +1,7 @@
 //! The host send path's lifecycle promise: a send job's blocks are read until its last frame
 //! is in the kernel, so the job completes only then, and fails if the connection drops its
-//! frames unwritten. A cancel is honoured between frames.
+//! frames unwritten. A send that fits its data queue is queued whole at submit (no task); one
+//! that does not runs as a task, and a cancel is honoured between its frames.
 
 use super::agent::HostAgent;
 use super::kv::HostKv;
@@ -39,6 +40,11 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with_queue(32)
+}
+
+/// A rig whose data queue holds `frames` frames.
+fn rig_with_queue(frames: usize) -> Rig {
     let l = layout();
     let kv = Arc::new(HostKv::new(4, l.block_bytes()));
     for b in 0..4u32 {
@@ -46,7 +52,7 @@ fn rig() -> Rig {
             *x = (i as u32).wrapping_mul(31).wrapping_add(b) as u8;
         }
     }
-    let (tx, queue) = mpsc::channel(32);
+    let (tx, queue) = mpsc::channel(frames);
     let routes = HashMap::from([(TO, tx)]);
     Rig {
         agent: HostAgent::new(0, kv.clone(), routes, Arc::new(Notify::new())),
@@ -132,15 +138,44 @@ async fn a_send_completes_only_once_its_last_frame_is_written() {
     let mut none = Vec::new();
     r.done.drain_into(&mut none);
     assert!(none.is_empty(), "completed while its frames were unwritten");
-    let _ = first.written.send(());
-    let _ = second.written.send(());
+    first.written.fire();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    r.done.drain_into(&mut none);
+    assert!(
+        none.is_empty(),
+        "completed while its last frame was unwritten"
+    );
+    second.written.fire();
     let c = r.completion().await.expect("completes once written");
     assert_eq!(c.result, Ok(2 * block));
 }
 
+/// A send whose frames all fit its data queue has queued them when `submit` returns, with no
+/// task to wait for; one that does not fit queues them from a task, as the queue drains.
+#[tokio::test]
+async fn a_send_that_fits_its_queue_is_queued_at_submit() {
+    let mut r = rig();
+    r.send();
+    assert!(r.queue.try_recv().is_ok(), "first frame queued at submit");
+    assert!(r.queue.try_recv().is_ok(), "second frame queued at submit");
+    let mut r = rig_with_queue(1);
+    r.send();
+    assert!(
+        r.queue.try_recv().is_err(),
+        "a queue of one frame: the task queues"
+    );
+    let first = r.frame().await;
+    let second = r.frame().await;
+    first.written.fire();
+    second.written.fire();
+    let c = r.completion().await.expect("completes once written");
+    assert_eq!(c.result, Ok(2 * layout().block_bytes()));
+}
+
 #[tokio::test]
 async fn a_send_cancelled_before_its_first_frame_queues_nothing() {
-    let mut r = rig();
+    // Its two frames do not fit a queue of one: it runs as a task.
+    let mut r = rig_with_queue(1);
     r.send();
     // The send task has not run yet (this test's runtime has one thread): it sees the flag
     // before queueing anything.

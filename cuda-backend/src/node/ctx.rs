@@ -9,11 +9,14 @@
 
 use super::admit::{Admission, Admit, SeatGuard, SeatSignals};
 use super::conn::{Attach, Inbound, ReadDeadlines};
-use super::frame::{Frame, NodeFrame, MAX_PREPARE_BLOCKS};
+use super::frame::{
+    Answer, Ask, Frame, NodeFrame, MAX_NODE_BODY, MAX_PREPARE_ASKS, MAX_PREPARE_BLOCKS,
+};
 use super::link::Outgoing;
 use super::rank::Rank;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
+use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
 use kvferry_core::{PeerId, RequestId, TransferToken};
@@ -31,6 +34,18 @@ use tracing::Span;
 pub const MAX_CONNECTIONS: usize = 256;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Bytes of answers per `Prepared` frame: half the node frame bound, so the estimate in
+/// `answer_bytes` has room to spare.
+const REPLY_BYTES: usize = MAX_NODE_BODY / 2;
+
+/// An upper bound on an answer's encoded size (bincode varints: at most 17 bytes for a
+/// u128, 9 for a u64, 5 for a u32 or a length).
+fn answer_bytes(a: &Answer) -> usize {
+    match a {
+        Answer::Prepared { ctx_blocks, .. } => 1 + 9 + 9 + 17 + 9 + 5 * ctx_blocks.len(),
+        Answer::Failed { reason, .. } => 1 + 9 + 9 + reason.len(),
+    }
+}
 
 #[derive(Debug)]
 struct Owned {
@@ -195,18 +210,8 @@ impl CtxNode {
             } => self.rank.tx.handle_message(now, peer, msg),
             Inbound::Frame {
                 peer,
-                frame: Frame::Node(NodeFrame::Prepare { tag, blocks, seed }),
-            } => {
-                let reply = match self.prepare(peer, blocks, seed) {
-                    Ok((id, token, ctx_blocks)) => {
-                        NodeFrame::prepared(tag, id, token, ctx_blocks, *self.rank.tx.layout())
-                    }
-                    Err(reason) => NodeFrame::PrepareFailed { tag, reason },
-                };
-                if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(reply)) {
-                    tracing::warn!(%peer, error = %e, "prepare reply not sent");
-                }
-            }
+                frame: Frame::Node(NodeFrame::Prepare { asks }),
+            } => self.on_prepare(peer, asks),
             Inbound::Frame {
                 peer,
                 frame:
@@ -239,6 +244,40 @@ impl CtxNode {
                 self.greet(peer);
             }
             Inbound::GaveUp { .. } => {}
+        }
+    }
+
+    /// Answers one `Prepare`: every ask in order, in as few `Prepared` frames as fit the node
+    /// frame bound (one, unless many asks name many blocks or fail with long reasons).
+    fn on_prepare(&mut self, peer: PeerId, asks: Vec<Ask>) {
+        if asks.len() > MAX_PREPARE_ASKS {
+            tracing::warn!(peer = %self.rank.links.describe(peer), asks = asks.len(), limit = MAX_PREPARE_ASKS, "prepare over its ask bound, closing");
+            self.close(peer);
+            return;
+        }
+        let layout = *self.rank.tx.layout();
+        let mut answers = Vec::with_capacity(asks.len());
+        let mut bytes = 0;
+        for Ask { tag, blocks, seed } in asks {
+            let answer = match self.prepare(peer, blocks, seed) {
+                Ok((id, token, ctx_blocks)) => Answer::prepared(tag, id, token, ctx_blocks),
+                Err(reason) => Answer::Failed { tag, reason },
+            };
+            let size = answer_bytes(&answer);
+            if bytes + size > REPLY_BYTES {
+                self.reply(peer, layout, std::mem::take(&mut answers));
+                bytes = 0;
+            }
+            bytes += size;
+            answers.push(answer);
+        }
+        self.reply(peer, layout, answers);
+    }
+
+    fn reply(&self, peer: PeerId, layout: CacheLayout, answers: Vec<Answer>) {
+        let reply = Frame::Node(NodeFrame::Prepared { layout, answers });
+        if let Err(e) = self.rank.links.send_frame(peer, reply) {
+            tracing::warn!(%peer, error = %e, "prepare reply not sent");
         }
     }
 
@@ -293,7 +332,7 @@ impl CtxNode {
     }
 
     /// The asking peer's host, if `n` more blocks stay within its share
-    /// (`NodeLimits::max_blocks_per_ip`); else why not, for its `PrepareFailed`.
+    /// (`NodeLimits::max_blocks_per_ip`); else why not, for its `Answer::Failed`.
     fn share_left(&self, peer: PeerId, n: u32) -> Result<IpAddr, String> {
         let Some(&ip) = self.peer_ips.get(&peer) else {
             return Err("the connection is closing".into());

@@ -4,7 +4,8 @@
 //! Node frames live in a separate namespace so the core's wire format stays untouched:
 //! `magic "KVFN" u32 | version u8 | reserved u8 x3 | length u32 | body`, big-endian header;
 //! the body is the frame in bincode (version 2; version 1 was JSON, whose encoding and
-//! parsing cost several µs of every small request's CPU, BENCHMARKS.md "per-request cost").
+//! parsing cost several µs of every small request's CPU, BENCHMARKS.md "per-request cost";
+//! version 3 batches `Prepare`/`Prepared` and carries tokens as integers, not hex).
 //! A connection carries both kinds; the first four bytes of each frame pick the decoder.
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -15,37 +16,28 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const NODE_MAGIC: u32 = 0x4B56_464E; // "KVFN"
-pub const NODE_VERSION: u8 = 2;
+pub const NODE_VERSION: u8 = 3;
 pub const NODE_HEADER_LEN: usize = 12;
 /// Bound on a node frame body: a `Prepared` naming `MAX_PREPARE_BLOCKS` ids fits easily.
 pub const MAX_NODE_BODY: usize = 64 << 10;
+/// Bound on the asks of one `Prepare` (a gen asks for at most its free launch slots at once).
+pub const MAX_PREPARE_ASKS: usize = 256;
 /// Bound on the blocks one synthetic request may ask for.
 pub const MAX_PREPARE_BLOCKS: u32 = 1024;
 /// Bound on a core frame on a node connection: data chunks are far smaller.
 pub const MAX_CORE_FRAME: usize = 2 << 20;
 
-/// Load setup: the gen node asks the ctx node for one synthetic request.
+/// Load setup: the gen node asks the ctx node for synthetic requests, all it launches in one
+/// driver step in one frame, and the ctx answers them all in one (version 3: one frame each
+/// way per step, not per request; BENCHMARKS.md, "control frames per request").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeFrame {
-    /// "Prepare a request of `blocks` blocks filled from `seed`; answer with `tag`." Without
-    /// a seed the contents are left as they are (the asker will not verify them).
-    Prepare {
-        tag: u64,
-        blocks: u32,
-        seed: Option<u64>,
-    },
-    /// The disaggregated params of a prepared request.
+    /// At most `MAX_PREPARE_ASKS` asks; a peer that sends more is cut off.
+    Prepare { asks: Vec<Ask> },
+    /// The answers to one `Prepare`, in its order; `layout` is the ctx rank's.
     Prepared {
-        tag: u64,
-        request: RequestId,
-        /// Hex, so JSON carries all 128 bits.
-        token: String,
-        ctx_blocks: Vec<u32>,
         layout: CacheLayout,
-    },
-    PrepareFailed {
-        tag: u64,
-        reason: String,
+        answers: Vec<Answer>,
     },
     /// CUDA backend, ctx to gen on connect: the ctx rank's KV pool as a CUDA IPC handle, so
     /// the gen maps it and pulls fragments itself (no `Data` frames on this connection).
@@ -63,10 +55,7 @@ pub enum NodeFrame {
     },
     /// CUDA backend, ctx to gen: the ctx's send job for the request is parked, so the
     /// request's blocks are pinned and its token checked; only now may the gen read them.
-    PullReady {
-        request: RequestId,
-        ctx_rank: u32,
-    },
+    PullReady { request: RequestId, ctx_rank: u32 },
     /// CUDA backend, gen to ctx: the gen's reads of the request's blocks are over (its kernel
     /// fence passed, or it never launched). Answers every `PullReady` exactly once; the ctx
     /// completes its parked send on it, which is what lets the blocks be unpinned.
@@ -104,13 +93,53 @@ pub enum NodeFrame {
     },
 }
 
+/// "Prepare a request of `blocks` blocks filled from `seed`; answer with `tag`." Without a
+/// seed the contents are left as they are (the asker will not verify them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ask {
+    pub tag: u64,
+    pub blocks: u32,
+    pub seed: Option<u64>,
+}
+
+/// The ctx's answer to one `Ask`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    /// The disaggregated params of a prepared request.
+    Prepared {
+        tag: u64,
+        request: RequestId,
+        token: u128,
+        ctx_blocks: Vec<u32>,
+    },
+    Failed {
+        tag: u64,
+        reason: String,
+    },
+}
+
+impl Answer {
+    pub fn prepared(
+        tag: u64,
+        request: RequestId,
+        token: TransferToken,
+        ctx_blocks: Vec<u32>,
+    ) -> Answer {
+        Answer::Prepared {
+            tag,
+            request,
+            token: token.0,
+            ctx_blocks,
+        }
+    }
+}
+
 impl NodeFrame {
     /// The variant's name, for messages.
     pub fn name(&self) -> &'static str {
         match self {
             NodeFrame::Prepare { .. } => "Prepare",
             NodeFrame::Prepared { .. } => "Prepared",
-            NodeFrame::PrepareFailed { .. } => "PrepareFailed",
             NodeFrame::CudaPool { .. } => "CudaPool",
             NodeFrame::PullReady { .. } => "PullReady",
             NodeFrame::PullFinished { .. } => "PullFinished",
@@ -119,25 +148,9 @@ impl NodeFrame {
             NodeFrame::NixlAgent { .. } => "NixlAgent",
         }
     }
-
-    pub fn prepared(
-        tag: u64,
-        request: RequestId,
-        token: TransferToken,
-        ctx_blocks: Vec<u32>,
-        layout: CacheLayout,
-    ) -> NodeFrame {
-        NodeFrame::Prepared {
-            tag,
-            request,
-            token: format!("{:032x}", token.0),
-            ctx_blocks,
-            layout,
-        }
-    }
 }
 
-/// Parses the hex token of a `Prepared` frame.
+/// Parses a token written as hex (an embedding program's ticket).
 pub fn parse_token(hex: &str) -> Result<TransferToken, FrameError> {
     u128::from_str_radix(hex, 16)
         .map(TransferToken)
@@ -277,10 +290,13 @@ mod tests {
 
     #[test]
     fn node_frame_round_trips_and_bounds_length() {
-        let f = NodeFrame::Prepare {
-            tag: 7,
+        let ask = |tag| Ask {
+            tag,
             blocks: 3,
             seed: Some(9),
+        };
+        let f = NodeFrame::Prepare {
+            asks: vec![ask(7), ask(8)],
         };
         let mut b = BytesMut::new();
         encode_node(&f, &mut b);
@@ -313,13 +329,21 @@ mod tests {
     /// whose length prefix says 2^60 ids, a body with bytes after its frame, an unknown variant.
     #[test]
     fn hostile_bodies_are_refused() {
-        let prepared =
-            NodeFrame::prepared(1, RequestId(2), TransferToken(3), vec![4, 5], test_layout());
+        let prepared = NodeFrame::Prepared {
+            layout: test_layout(),
+            answers: vec![Answer::prepared(
+                1,
+                RequestId(2),
+                TransferToken(3),
+                vec![4, 5],
+            )],
+        };
         let mut whole = BytesMut::new();
         encode_node(&prepared, &mut whole);
         let body = whole.split_off(NODE_HEADER_LEN);
-        // Varint encoding: the block count follows tag (1 byte), request (1), token (1 + 32).
-        let count_at = 1 + 1 + 1 + 1 + 32;
+        // Varint encoding: the block count follows the variant (1 byte), the layout (9 x 1 + 1
+        // for mla), the answer count (1), the answer's variant, tag, request and token (1 each).
+        let count_at = 1 + 10 + 1 + 1 + 1 + 1 + 1;
         assert_eq!(
             body[count_at], 2,
             "the block count sits where this test lies about it"
@@ -411,12 +435,7 @@ mod tests {
     #[test]
     fn token_survives_hex() {
         let t = TransferToken(u128::MAX - 5);
-        let NodeFrame::Prepared { token, .. } =
-            NodeFrame::prepared(1, RequestId(2), t, vec![], test_layout())
-        else {
-            unreachable!()
-        };
-        assert_eq!(parse_token(&token).unwrap(), t);
+        assert_eq!(parse_token(&format!("{:032x}", t.0)).unwrap(), t);
     }
 
     fn test_layout() -> CacheLayout {

@@ -5,7 +5,7 @@
 use super::admit::SeatSignals;
 use super::conn::{self, Attach, Inbound, ReadDeadlines};
 use super::cpu;
-use super::frame::{parse_token, Frame, NodeFrame};
+use super::frame::{Answer, Ask, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use super::link::Outgoing;
 use super::rank::{Occupancy, Rank};
 use super::spec::{NodeSpec, CTX_INSTANCE};
@@ -13,7 +13,7 @@ use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
 use kvferry_core::wire::Message;
-use kvferry_core::{PeerId, RequestId};
+use kvferry_core::{PeerId, RequestId, TransferToken};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -269,43 +269,54 @@ impl GenNode {
         *self.s.errors.entry(key).or_default() += 1;
     }
 
+    /// Asks the ctx for as many requests as the concurrency and the pool allow, all in one
+    /// `Prepare` frame (at most `MAX_PREPARE_ASKS` asks).
     fn launch_more(&mut self) {
         if !self.connected || self.s.gave_up.is_some() {
             return;
         }
         let max = self.opts.max_blocks as usize;
-        while self.launched < self.opts.requests
-            && self.pending.len() + self.active.len() < self.opts.concurrency
+        let free = self.rank.pool.lock().expect("pool lock").free_count();
+        let mut asks = Vec::new();
+        let mut reserved = self.reserved;
+        while self.launched + (asks.len() as u64) < self.opts.requests
+            && self.pending.len() + self.active.len() + asks.len() < self.opts.concurrency
+            && asks.len() < MAX_PREPARE_ASKS
+            && free >= reserved + max
         {
-            let free = self.rank.pool.lock().expect("pool lock").free_count();
-            if free < self.reserved + max {
-                return;
-            }
             let blocks = self
                 .rng
                 .random_range(self.opts.min_blocks..=self.opts.max_blocks);
             let seed = self.rng.random();
-            let tag = self.next_tag;
-            let frame = Frame::Node(NodeFrame::Prepare {
-                tag,
-                blocks,
-                seed: self.opts.verify.then_some(seed),
-            });
-            if let Err(e) = self.rank.links.send_frame(self.ctx, frame) {
-                tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
-                return;
-            }
+            reserved += blocks as usize;
+            asks.push((self.next_tag + asks.len() as u64, blocks, seed));
+        }
+        if asks.is_empty() {
+            return;
+        }
+        let verify = self.opts.verify;
+        let frame = Frame::Node(NodeFrame::Prepare {
+            asks: asks
+                .iter()
+                .map(|&(tag, blocks, seed)| Ask {
+                    tag,
+                    blocks,
+                    seed: verify.then_some(seed),
+                })
+                .collect(),
+        });
+        if let Err(e) = self.rank.links.send_frame(self.ctx, frame) {
+            // The asks' seeds were drawn: a retry draws new ones, which only the seed's
+            // stream, not correctness, depends on.
+            tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
+            return;
+        }
+        let at = Instant::now();
+        for (tag, blocks, seed) in asks {
             self.next_tag += 1;
             self.launched += 1;
             self.reserved += blocks as usize;
-            self.pending.insert(
-                tag,
-                Launch {
-                    blocks,
-                    seed,
-                    at: Instant::now(),
-                },
-            );
+            self.pending.insert(tag, Launch { blocks, seed, at });
         }
     }
 
@@ -421,26 +432,9 @@ impl GenNode {
 
     fn on_node_frame(&mut self, peer: PeerId, f: NodeFrame) {
         match f {
-            NodeFrame::Prepared {
-                tag,
-                request,
-                token,
-                ctx_blocks,
-                layout,
-            } => {
-                let Some(l) = self.pending.remove(&tag) else {
-                    tracing::warn!(tag, "prepared reply for no pending launch");
-                    return;
-                };
-                self.reserved -= l.blocks as usize;
-                if let Err(cause) = self.start(l, request, &token, ctx_blocks, layout) {
-                    self.record_error(cause);
-                }
-            }
-            NodeFrame::PrepareFailed { tag, reason } => {
-                if let Some(l) = self.pending.remove(&tag) {
-                    self.reserved -= l.blocks as usize;
-                    self.record_error(format!("ctx could not prepare: {reason}"));
+            NodeFrame::Prepared { layout, answers } => {
+                for a in answers {
+                    self.on_answer(a, layout);
                 }
             }
             NodeFrame::Prepare { .. } => {
@@ -467,15 +461,38 @@ impl GenNode {
         }
     }
 
+    /// Starts the request the ctx prepared for a pending launch, or fails the launch.
+    fn on_answer(&mut self, a: Answer, layout: kvferry_core::layout::CacheLayout) {
+        let tag = match &a {
+            Answer::Prepared { tag, .. } | Answer::Failed { tag, .. } => *tag,
+        };
+        let Some(l) = self.pending.remove(&tag) else {
+            tracing::warn!(tag, "prepare answer for no pending launch");
+            return;
+        };
+        self.reserved -= l.blocks as usize;
+        let started = match a {
+            Answer::Prepared {
+                request,
+                token,
+                ctx_blocks,
+                ..
+            } => self.start(l, request, TransferToken(token), ctx_blocks, layout),
+            Answer::Failed { reason, .. } => Err(format!("ctx could not prepare: {reason}")),
+        };
+        if let Err(cause) = started {
+            self.record_error(cause);
+        }
+    }
+
     fn start(
         &mut self,
         l: Launch,
         id: RequestId,
-        token: &str,
+        token: TransferToken,
         ctx_blocks: Vec<u32>,
         layout: kvferry_core::layout::CacheLayout,
     ) -> Result<(), String> {
-        let token = parse_token(token).map_err(|e| e.to_string())?;
         if ctx_blocks.len() != l.blocks as usize {
             return Err(format!(
                 "ctx prepared {} blocks, {} asked",

@@ -120,8 +120,11 @@ impl Links {
         }
     }
 
+    /// Queues under the table's lock, without cloning the link: a clone is two channel-sender
+    /// clones and drops (atomic counts) for every control frame.
     pub fn send_frame(&self, peer: PeerId, frame: Frame) -> Result<(), LinkError> {
-        self.get(peer)
+        self.lock()
+            .get(&peer)
             .ok_or(LinkError::Unreachable(peer))?
             .send_frame(peer, frame)
     }

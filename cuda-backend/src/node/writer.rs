@@ -142,7 +142,7 @@ async fn write_data(
         }
     }
     // Every payload byte is in the kernel: the sender may let its blocks go.
-    let _ = d.written.send(());
+    d.written.fire();
     Ok(())
 }
 
@@ -150,6 +150,7 @@ async fn write_data(
 mod tests {
     use super::*;
     use crate::host::kv::HostKv;
+    use crate::host::route::Written;
     use crate::node::frame::Frame;
     use crate::node::link::Link;
     use kvferry_core::wire::{DataSeal, Decoder, Message};
@@ -157,7 +158,6 @@ mod tests {
     use std::sync::Arc;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpSocket};
-    use tokio::sync::oneshot;
 
     /// Control frames and a data frame whose payload spans blocks and lies out of address
     /// order arrive as the bytes `encode` would write, through a send buffer far smaller than
@@ -191,7 +191,7 @@ mod tests {
         link.control
             .try_send(Outgoing::Frame(Frame::Core(hb.clone())))
             .unwrap();
-        let (tx, written) = oneshot::channel();
+        let (tx, written) = Written::signal();
         link.data
             .try_send(DataOut {
                 head: seal.finish(),
@@ -296,7 +296,7 @@ mod tests {
         let pieces = vec![(0, 4 << 20)];
         let mut seal = DataSeal::new(RequestId(1), 0, 0, 4 << 20);
         kv.for_each_piece(0, 4 << 20, |s| seal.update(s));
-        let (tx, written) = oneshot::channel();
+        let (tx, written) = Written::signal();
         link.data
             .try_send(DataOut {
                 head: seal.finish(),

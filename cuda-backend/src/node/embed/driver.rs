@@ -9,7 +9,7 @@ use super::dialers::Dialers;
 use super::outcomes::{Outcome, Outcomes, MAX_UNCLAIMED};
 use super::ticket::ContextTicket;
 use crate::node::conn::Inbound;
-use crate::node::frame::{Frame, NodeFrame};
+use crate::node::frame::{Answer, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use crate::node::link::Outgoing;
 use crate::node::rank::Rank;
 use crate::node::{drain_inbox, sleep_until, NodeError, OwnedTask};
@@ -243,9 +243,18 @@ impl Driver {
     }
 
     fn on_node_frame(&mut self, peer: PeerId, f: NodeFrame) {
-        if let (NodeFrame::Prepare { tag, .. }, Role::Context { .. }) = (&f, &self.role) {
-            let reason = "this ctx serves its engine's requests, not synthetic ones".to_string();
-            let reply = Frame::Node(NodeFrame::PrepareFailed { tag: *tag, reason });
+        if let (NodeFrame::Prepare { asks }, Role::Context { .. }) = (&f, &self.role) {
+            let reason = "this ctx serves its engine's requests, not synthetic ones";
+            let answers = asks
+                .iter()
+                .take(MAX_PREPARE_ASKS)
+                .map(|a| Answer::Failed {
+                    tag: a.tag,
+                    reason: reason.to_string(),
+                })
+                .collect();
+            let layout = *self.rank.tx.layout();
+            let reply = Frame::Node(NodeFrame::Prepared { layout, answers });
             let _ = self.rank.links.send_frame(peer, reply);
             return;
         }
