@@ -611,16 +611,6 @@ mod tests {
                 ctx_blocks: vec![1, 2, 3],
                 gen_blocks: vec![BlockRef { id: 4, epoch: 5 }, BlockRef { id: 6, epoch: 8 }],
             }),
-            Message::Ready {
-                request,
-                ctx_rank: 1,
-            },
-            Message::Done {
-                request,
-                ctx_rank: 1,
-                bytes: 2,
-                crc: 3,
-            },
             Message::Cancel {
                 request,
                 token: TransferToken(9),
