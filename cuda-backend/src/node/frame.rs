@@ -88,9 +88,7 @@ pub enum NodeFrame {
     },
     /// NIXL backend, gen to ctx, first on a connection: the name of the gen's NIXL agent.
     /// The ctx ends a parked send only on a notification from that agent.
-    NixlAgent {
-        name: String,
-    },
+    NixlAgent { name: String },
 }
 
 /// "Prepare a request of `blocks` blocks filled from `seed`; answer with `tag`." Without a
