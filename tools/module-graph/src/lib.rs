@@ -40,6 +40,26 @@ pub fn graph(src: &Path) -> Graph {
     g
 }
 
+/// The module graph of the crate whose manifest is in `manifest_dir` (a test passes
+/// `env!("CARGO_MANIFEST_DIR")`).
+pub fn of_crate(manifest_dir: &str) -> Graph {
+    graph(&Path::new(manifest_dir).join("src"))
+}
+
+/// Whether module `from` imports module `to` (both as `a::b` paths).
+pub fn imports(g: &Graph, from: &str, to: &str) -> bool {
+    g.get(&module(from))
+        .is_some_and(|e| e.contains(&module(to)))
+}
+
+/// Panics naming the modules along the first cycle of `g`, if there is one.
+pub fn assert_acyclic(g: &Graph) {
+    if let Some(c) = cycle(g) {
+        let c: Vec<String> = c.iter().map(name).collect();
+        panic!("module cycle: {} -> {}", c.join(" -> "), c[0]);
+    }
+}
+
 /// `node::ctx` as a `Module`.
 pub fn module(s: &str) -> Module {
     s.split("::").map(String::from).collect()
