@@ -172,6 +172,33 @@ impl Drop for NodeProc {
     }
 }
 
+/// A gen's summary says every staging slot and KV block is free again, none poisoned.
+pub fn assert_pools_free(s: &serde_json::Value) {
+    assert_eq!(s["staging_free"], s["staging_slots"], "{s}");
+    assert_eq!(s["staging_poisoned"], 0, "{s}");
+    assert_eq!(s["blocks_free"], s["blocks_total"], "{s}");
+}
+
+/// A gen's summary after its ctx was killed mid-run and restarted on the same address: some
+/// requests failed, each naming the lost connection; some completed after the reconnect;
+/// each of the `requests` ended exactly once; and its pools are free.
+pub fn assert_survived_ctx_restart(s: &serde_json::Value, requests: u64) {
+    let failed = s["failed"].as_u64().unwrap();
+    assert!(failed >= 1, "no request was caught by the kill: {s}");
+    let errors = s["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|k| k.contains("ctx connection lost")),
+        "unclear errors: {s}"
+    );
+    assert!(s["done_after_reconnect"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(
+        s["done"].as_u64().unwrap() + failed,
+        requests,
+        "every request ends exactly once: {s}"
+    );
+    assert_pools_free(s);
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(n)..].join("\n")
