@@ -11,6 +11,7 @@ use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs,
     RegDescList, RegistrationHandle, XferDescList, XferOp, XferRequest, XferStatus,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The pool as NIXL sees it: one DRAM or VRAM region.
@@ -45,6 +46,9 @@ pub struct UcxEngine {
     _reg: RegistrationHandle,
     // Holds the pool alive while it is registered (and leaked with the engine).
     pool: PoolRegion,
+    /// The device of each loaded peer's pool, by agent name: one entry per loaded metadata,
+    /// gone when it is invalidated.
+    remote_devices: HashMap<String, u64>,
 }
 
 impl UcxEngine {
@@ -83,17 +87,20 @@ impl UcxEngine {
             ucx,
             _reg: reg,
             pool,
+            remote_devices: HashMap::new(),
         })
     }
 
-    /// Both sides' descriptors carry this pool's kind and device: a peer's pool of another
-    /// kind has no matching section and NIXL refuses the READ (NOT_FOUND) rather than guess.
+    /// Both sides' descriptors carry this pool's kind: a peer's pool of another kind has no
+    /// matching section and NIXL refuses the READ (NOT_FOUND) rather than guess. The device
+    /// is each side's own (`dev`): ours for the local list, the peer's for the remote one.
     fn descs(
         &self,
         pieces: &[(u64, u64, u64)],
         remote: bool,
+        dev: u64,
     ) -> Result<XferDescList<'static>, NixlError> {
-        let (kind, dev) = (self.pool.mem_type(), self.pool.device_id());
+        let kind = self.pool.mem_type();
         let mut l = XferDescList::new(kind).map_err(NixlError::call("descriptors"))?;
         for &(local, far, len) in pieces {
             l.add_desc(if remote { far } else { local } as usize, len as usize, dev);
@@ -119,11 +126,13 @@ impl Engine for UcxEngine {
             .map_err(NixlError::call("descriptors"))?;
         let section = (self.agent.get_local_partial_md(&pool, Some(&args)))
             .map_err(NixlError::call("pool metadata"))?;
-        Ok(md::join(&conns, &section))
+        let device = u32::try_from(self.pool.device_id()).expect("CUDA ordinals fit u32");
+        Ok(md::join(device, &conns, &section))
     }
 
     fn load_remote(&mut self, md: &[u8]) -> Result<String, NixlError> {
-        let (conns, section) = md::split(md)?;
+        let peer = md::split(md)?;
+        let (conns, section) = (peer.conns, peer.section);
         let load = |part: &[u8]| {
             (self.agent.load_remote_md(part)).map_err(NixlError::call("load remote metadata"))
         };
@@ -135,18 +144,24 @@ impl Engine for UcxEngine {
             let why = format!("metadata parts of two agents: {name} and {again}");
             return Err(NixlError::Invalid(why));
         }
+        self.remote_devices
+            .insert(name.clone(), u64::from(peer.device));
         Ok(name)
     }
 
     fn invalidate_remote(&mut self, agent: &str) {
+        self.remote_devices.remove(agent);
         if let Err(e) = self.agent.invalidate_remote_md(agent) {
             tracing::debug!(agent, error = %e, "remote metadata not invalidated");
         }
     }
 
     fn post_read(&mut self, read: &ReadSpec) -> Result<XferRequest, NixlError> {
-        let local = self.descs(&read.pieces, false)?;
-        let remote = self.descs(&read.pieces, true)?;
+        let far_dev = *self.remote_devices.get(&read.remote).ok_or_else(|| {
+            NixlError::Invalid(format!("READ from {} before its metadata", read.remote))
+        })?;
+        let local = self.descs(&read.pieces, false, self.pool.device_id())?;
+        let remote = self.descs(&read.pieces, true, far_dev)?;
         let mut args = OptArgs::new().map_err(NixlError::call("opt args"))?;
         args.set_has_notification(true)
             .and_then(|()| args.set_notification_message(&read.notif))

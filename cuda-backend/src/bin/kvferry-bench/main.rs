@@ -6,32 +6,28 @@
 //! then the production shape: context ranks as child processes exporting their KV pools through
 //! CUDA IPC, the generation rank mapping them and pulling through `CudaAgent`. Every measured
 //! result is checked byte for byte against a host reference (random source, poisoned
-//! destination).
+//! destination). With `--bidir CASE` it also measures both directions at once: two contiguous
+//! peer copies together (the bidirectional ceiling) beside one two-process CASE each way.
+
+mod bidir;
+mod two_process;
+
+use bidir::bidir;
+use two_process::two_process;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cudarc::driver::sys;
 use kvferry_backends::cuda::kernel::{encode_pieces, split_into_pieces, PIECE_BYTES};
-use kvferry_backends::cuda::verify::{apply_fragments, compare, fill_pattern, POISON};
+use kvferry_backends::cuda::verify::{compare, fill_pattern, POISON};
 use kvferry_backends::cuda::{
-    compile_ptx, CopyKernel, CopyPiece, CudaAgent, CudaAgentConfig, DeviceBuffer, Event, Gpu,
-    IpcMapping, KernelConfig, PinnedBuffer, PoolExport, Region, Stream,
+    compile_ptx, CopyKernel, CopyPiece, DeviceBuffer, Event, Gpu, KernelConfig, PinnedBuffer,
+    Stream,
 };
-use kvferry_backends::layout::single_rank;
-use kvferry_core::agent::{
-    Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
-};
-use kvferry_core::layout::CacheLayout;
-use kvferry_core::plan::TransferPlan;
-use kvferry_core::{PeerId, RequestId, TransferToken};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::Serialize;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(about = "NVLink KV-transfer benchmark (needs 2 GPUs)")]
@@ -83,6 +79,10 @@ struct RunArgs {
     skip_micro: bool,
     #[arg(long)]
     skip_two_process: bool,
+    /// Also measure both directions at once with this two-process case (ctx_tp:gen_tp) each
+    /// way, at the first `--tokens`, beside the bidirectional ceiling.
+    #[arg(long)]
+    bidir: Option<String>,
     /// Skip the kernel launch-shape sweep (use the defaults).
     #[arg(long)]
     no_sweep: bool,
@@ -170,6 +170,25 @@ struct Report {
     sweep: Vec<(String, String, f64)>,
     micro: Vec<Row>,
     two_process: Vec<CaseRow>,
+    bidir: Option<BidirReport>,
+}
+
+/// Both directions at once (`--bidir`).
+#[derive(Serialize)]
+struct BidirReport {
+    /// Two contiguous peer copies at once, one per direction: bytes of both over wall time.
+    ceiling_gbps: f64,
+    /// The gather kernel alone both ways at once (pull, fragments of the first `--sizes-kib`,
+    /// every other block of `--buffer-mib`), over the same ceiling: what the path can reach.
+    kernel_gbps: f64,
+    kernel_of_ceiling: f64,
+    case: String,
+    /// Bytes of both requests.
+    bytes: u64,
+    median_ms: f64,
+    gbps: f64,
+    of_ceiling: f64,
+    verified: bool,
 }
 
 fn gbps(bytes: u64, ms: f64) -> f64 {
@@ -289,11 +308,20 @@ fn check_every_other(src: &[u8], got: &[u8], f: usize) -> Result<()> {
 }
 
 fn kernel_pieces(m: &Micro, f: u64, piece: u64) -> Vec<CopyPiece> {
+    every_other_pieces((&m.src, &m.dst), f, piece)
+}
+
+/// Kernel pieces copying fragments of `f` bytes at every other block of `src` into `dst`.
+fn every_other_pieces(
+    (src, dst): (&DeviceBuffer, &DeviceBuffer),
+    f: u64,
+    piece: u64,
+) -> Vec<CopyPiece> {
     let mut pieces = Vec::new();
-    let n = m.src.len() as u64 / (2 * f);
+    let n = src.len() as u64 / (2 * f);
     for i in 0..n {
         let off = 2 * i * f;
-        split_into_pieces(m.src.ptr() + off, m.dst.ptr() + off, f, piece, &mut pieces);
+        split_into_pieces(src.ptr() + off, dst.ptr() + off, f, piece, &mut pieces);
     }
     pieces
 }
@@ -546,239 +574,6 @@ fn micro(a: &RunArgs, rep: &mut Report) -> Result<(KernelConfig, KernelConfig)> 
     Ok((best_push.0, best_pull.0))
 }
 
-fn llama70b(tp: u32, rank: u32) -> CacheLayout {
-    CacheLayout {
-        tp_size: tp,
-        ..single_rank(80, 8, 128, 32, 2)
-    }
-    .with_rank(rank)
-}
-
-/// Children that exit (and free their pools) when dropped.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_ctx(device: usize, pool_bytes: usize, seed: u64) -> Result<(Child, PoolExport)> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args([
-            "ctx-child",
-            "--device",
-            &device.to_string(),
-            "--pool-bytes",
-            &pool_bytes.to_string(),
-            "--seed",
-            &seed.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("spawn context child")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .context("read child export")?;
-    let export: PoolExport = serde_json::from_str(line.trim())
-        .with_context(|| format!("child sent {line:?} instead of a pool export"))?;
-    Ok((child, export))
-}
-
-fn two_process(
-    a: &RunArgs,
-    (case, tokens): (&str, u32),
-    cfg: KernelConfig,
-    ceiling: f64,
-    ptx: &str,
-) -> Result<CaseRow> {
-    let (ctx_tp, gen_tp) = case
-        .split_once(':')
-        .and_then(|(c, g)| Some((c.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
-        .ok_or_else(|| anyhow!("case {case:?} is not ctx_tp:gen_tp"))?;
-    let ctx = llama70b(ctx_tp, 0);
-    let nblocks = tokens / ctx.tokens_per_block;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0xb10c);
-    let mut ids: Vec<u32> = (0..a.pool_blocks).collect();
-    ids.shuffle(&mut rng);
-    let ctx_ids = ids[..nblocks as usize].to_vec();
-    ids.shuffle(&mut rng);
-    let blocks: Vec<(u32, u32)> = ctx_ids.into_iter().zip(ids.iter().copied()).collect();
-
-    // Context ranks: one process each, on the source device.
-    let ctx_pool = ctx.block_bytes() as usize * a.pool_blocks as usize;
-    let mut children = Children(Vec::new());
-    let mut exports = Vec::new();
-    for r in 0..ctx_tp {
-        let (child, export) = spawn_ctx(a.src_device, ctx_pool, a.seed + u64::from(r))?;
-        children.0.push(child);
-        exports.push(export);
-    }
-
-    // Generation ranks: in this process, on the destination device (one agent each).
-    let gpu = Gpu::open(a.dst_device)?;
-    let mut mapped = Vec::new();
-    for e in &exports {
-        mapped.push(Region::from_ipc(Arc::new(IpcMapping::open(&gpu, e)?)));
-    }
-    let mut host_ctx = Vec::new();
-    for r in 0..ctx_tp {
-        let mut h = vec![0u8; ctx_pool];
-        fill_pattern(a.seed + u64::from(r), &mut h);
-        host_ctx.push(h);
-    }
-    struct GenRank {
-        agent: Arc<CudaAgent>,
-        pool: Arc<DeviceBuffer>,
-        jobs: Vec<TransferJob>,
-        expected: Vec<u8>,
-    }
-    let config = CudaAgentConfig {
-        kernel: cfg,
-        ..CudaAgentConfig::default()
-    };
-    let mut ranks = Vec::new();
-    let mut frag_count = 0;
-    let mut frag_sizes = std::collections::BTreeSet::new();
-    let mut total = 0u64;
-    let mut next_id = 0u64;
-    for g in 0..gen_tp {
-        let gl = llama70b(gen_tp, g);
-        let plan = Arc::new(TransferPlan::new(&ctx, &gl, &blocks)?);
-        let pool_bytes = gl.block_bytes() as usize * a.pool_blocks as usize;
-        let pool = Arc::new(DeviceBuffer::alloc(&gpu, pool_bytes)?);
-        let agent = CudaAgent::with_kernel(
-            gpu.clone(),
-            CopyKernel::load(&gpu, ptx)?,
-            g,
-            Region::from_buffer(pool.clone()),
-            config.clone(),
-        )?;
-        let mut expected = vec![POISON; pool_bytes];
-        let mut jobs = Vec::new();
-        for c in plan.sources() {
-            let peer = PeerId {
-                instance: 0,
-                rank: c,
-            };
-            agent.register_peer(peer, mapped[c as usize].clone());
-            apply_fragments(&host_ctx[c as usize], &mut expected, plan.fragments_from(c));
-            frag_count += plan.fragments_from(c).count();
-            frag_sizes.extend(
-                plan.template()
-                    .iter()
-                    .filter(|f| f.src_rank == c)
-                    .map(|f| f.len),
-            );
-            total += plan.bytes_from(c);
-            jobs.push(TransferJob {
-                id: TransferId(next_id),
-                request: RequestId(1),
-                token: TransferToken(0x1234),
-                direction: Direction::Receive { from: peer },
-                plan: plan.clone(),
-                local_blocks: Vec::new(),
-                remote_blocks: Vec::new(),
-                bytes: plan.bytes_from(c),
-                staging: Default::default(),
-            });
-            next_id += 1;
-        }
-        ranks.push(GenRank {
-            agent,
-            pool,
-            jobs,
-            expected,
-        });
-    }
-    drop(host_ctx);
-
-    let done = CompletionQueue::new(1024);
-    let mut times = Vec::new();
-    for it in 0..=a.iters {
-        for r in &ranks {
-            r.pool.fill_byte(POISON)?;
-        }
-        let t0 = Instant::now();
-        let mut want = 0;
-        for r in &ranks {
-            // Every leg of this generation rank in one launch.
-            let _batch = r.agent.batch();
-            for j in &r.jobs {
-                r.agent
-                    .submit(j.clone(), done.clone())
-                    .map_err(|e| anyhow!("submit: {e}"))?;
-                want += 1;
-            }
-        }
-        let mut got: Vec<Completion> = Vec::new();
-        let deadline = t0 + Duration::from_secs(30);
-        while got.len() < want {
-            done.drain_into(&mut got);
-            if Instant::now() > deadline {
-                bail!("transfer not complete after 30 s ({} of {want})", got.len());
-            }
-            std::hint::spin_loop();
-        }
-        let dt = t0.elapsed().as_secs_f64() * 1e3;
-        let moved: u64 = got
-            .iter()
-            .map(|c| c.result.clone().map_err(|e| anyhow!("job {:?}: {e}", c.id)))
-            .sum::<Result<u64>>()?;
-        if moved != total {
-            bail!("moved {moved} bytes, plan says {total}");
-        }
-        if it > 0 {
-            times.push(dt);
-        }
-    }
-    // The last iteration's bytes (written over fresh poison) against the host plan copy.
-    let mut back = Vec::new();
-    for (g, r) in ranks.iter().enumerate() {
-        back.resize(r.pool.len(), 0);
-        r.pool.read(0, &mut back)?;
-        compare(&r.expected, &back).map_err(|m| anyhow!("case {case} gen rank {g}: {m}"))?;
-    }
-    drop(ranks);
-    drop(mapped);
-    drop(children);
-    let med = median(times.clone());
-    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
-    let sizes: Vec<String> = frag_sizes.iter().map(|s| format!("{}", s >> 10)).collect();
-    let row = CaseRow {
-        case: format!("ctx TP{ctx_tp} -> gen TP{gen_tp}"),
-        ctx_processes: ctx_tp,
-        gen_ranks: gen_tp,
-        fragments: frag_count,
-        fragment_kib: sizes.join("/"),
-        bytes: total,
-        median_ms: med,
-        best_ms: best,
-        gbps: gbps(total, med),
-        of_ceiling: gbps(total, med) / ceiling,
-        fixed_us: med * 1e3 - total as f64 / (ceiling * 1e3),
-        verified: true,
-    };
-    println!(
-        "two-process {:<22} {:>6} frags of {:>6} KiB  {:>7.1} MiB  {:>7.3} ms  {:>6.1} GB/s  {:>5.1}%  fixed {:>7.1} µs",
-        row.case,
-        row.fragments,
-        row.fragment_kib,
-        row.bytes as f64 / (1 << 20) as f64,
-        row.median_ms,
-        row.gbps,
-        100.0 * row.of_ceiling,
-        row.fixed_us
-    );
-    Ok(row)
-}
-
 fn markdown(rep: &Report) -> String {
     let mut s = String::new();
     s += &format!(
@@ -828,6 +623,20 @@ fn markdown(rep: &Report) -> String {
             );
         }
     }
+    if let Some(b) = &rep.bidir {
+        s += &format!(
+            "\nBoth directions at once: bidirectional ceiling (two contiguous peer copies together) {:.1} GB/s; gather kernel alone both ways {:.1} GB/s ({:.1}%); {} : {:.0} MiB in {:.3} ms, {:.1} GB/s, **{:.1}%** of the ceiling, bytes checked: {}\n",
+            b.ceiling_gbps,
+            b.kernel_gbps,
+            100.0 * b.kernel_of_ceiling,
+            b.case,
+            b.bytes as f64 / (1 << 20) as f64,
+            b.median_ms,
+            b.gbps,
+            100.0 * b.of_ceiling,
+            if b.verified { "yes" } else { "no" }
+        );
+    }
     s
 }
 
@@ -860,9 +669,8 @@ fn run(a: RunArgs) -> Result<()> {
     if rep.ceiling_gbps == 0.0 {
         bail!("the two-process path needs the ceiling: do not skip the micro bench");
     }
+    let ptx = compile_ptx(Gpu::open(a.dst_device)?.compute_capability()?)?;
     if !a.skip_two_process {
-        let gpu = Gpu::open(a.dst_device)?;
-        let ptx = compile_ptx(gpu.compute_capability()?)?;
         for &tokens in &a.tokens {
             for case in &a.cases {
                 let row = two_process(&a, (case, tokens), pull, rep.ceiling_gbps, &ptx)
@@ -870,6 +678,12 @@ fn run(a: RunArgs) -> Result<()> {
                 rep.two_process.push(row);
             }
         }
+    }
+    if let Some(case) = &a.bidir {
+        let tokens = a.tokens[0];
+        let r = bidir(&a, (case, tokens), pull, &ptx)
+            .with_context(|| format!("both directions, case {case}, {tokens} tokens"))?;
+        rep.bidir = Some(r);
     }
     let _ = push;
     let md = markdown(&rep);

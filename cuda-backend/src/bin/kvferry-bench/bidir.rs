@@ -1,0 +1,217 @@
+//! Both directions at once: a ctx → gen request each way over the same pair of devices.
+//!
+//! The ceiling is two contiguous peer copies started together, one per direction, each on a
+//! stream of its source device; the path is one two-process TP1 → TP1 case each way, submitted
+//! together by [`timed_rounds`]. Both are wall clock from the first submit to the last byte,
+//! so the ratio compares like with like. Between them, the gather kernel alone both ways
+//! (no processes, no agent) says how much of a shortfall is the kernel's and how much the path's.
+
+use crate::two_process::{parse_case, timed_rounds, Case, Shape};
+use crate::{cu, every_other_pieces, gbps, kernel_op, median, stage_pieces, BidirReport, RunArgs};
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::sys;
+use kvferry_backends::cuda::verify::{compare, fill_pattern, POISON};
+use kvferry_backends::cuda::{CopyKernel, DeviceBuffer, Gpu, KernelConfig, PinnedBuffer, Stream};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One direction of the ceiling: a source buffer on one device, its destination on the other.
+struct Way {
+    src: DeviceBuffer,
+    dst: DeviceBuffer,
+    stream: Stream,
+    host: Vec<u8>,
+}
+
+impl Way {
+    fn new(from: &Arc<Gpu>, to: &Arc<Gpu>, n: usize, seed: u64) -> Result<Way> {
+        let mut host = vec![0u8; n];
+        fill_pattern(seed, &mut host);
+        let src = DeviceBuffer::alloc(from, n)?;
+        src.write(0, &host)?;
+        Ok(Way {
+            src,
+            dst: DeviceBuffer::alloc(to, n)?,
+            stream: Stream::new(from)?,
+            host,
+        })
+    }
+
+    fn launch(&self) -> Result<()> {
+        let (sc, dc) = (self.src.gpu().raw_context(), self.dst.gpu().raw_context());
+        // SAFETY: both buffers are `host.len()` bytes on their devices; contexts retained.
+        cu(
+            unsafe {
+                sys::cuMemcpyPeerAsync(
+                    self.dst.ptr(),
+                    dc,
+                    self.src.ptr(),
+                    sc,
+                    self.host.len(),
+                    self.stream.raw(),
+                )
+            },
+            "cuMemcpyPeerAsync",
+        )
+    }
+}
+
+/// The gather kernel pulling one way's fragments on its destination device.
+struct Pull {
+    kernel: CopyKernel,
+    stream: Stream,
+    host: PinnedBuffer,
+    dev: DeviceBuffer,
+    pieces: usize,
+}
+
+impl Pull {
+    fn new(w: &Way, f: u64, cfg: KernelConfig, ptx: &str) -> Result<Pull> {
+        let to = w.dst.gpu();
+        let pieces = every_other_pieces((&w.src, &w.dst), f, cfg.piece_bytes);
+        let (host, dev) = stage_pieces(to, &pieces)?;
+        Ok(Pull {
+            kernel: CopyKernel::load(to, ptx)?,
+            stream: Stream::new(to)?,
+            host,
+            dev,
+            pieces: pieces.len(),
+        })
+    }
+}
+
+/// Both ways of the ceiling: buffers of `--buffer-mib` on each device, seeded sources.
+fn ways(a: &RunArgs) -> Result<[Way; 2]> {
+    let (g0, g1) = (Gpu::open(a.src_device)?, Gpu::open(a.dst_device)?);
+    g0.enable_peer_access(&g1)?;
+    g1.enable_peer_access(&g0)?;
+    let n = (a.buffer_mib << 20) as usize;
+    Ok([
+        Way::new(&g0, &g1, n, a.seed)?,
+        Way::new(&g1, &g0, n, a.seed + 1)?,
+    ])
+}
+
+/// Median wall milliseconds of `launch` on both ways at once (after one warm-up, checked by
+/// `check`), from the first launch to both streams drained.
+fn both_at_once(
+    ways: &[Way; 2],
+    streams: [&Stream; 2],
+    iters: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+    check: impl Fn(&Way, &[u8]) -> Result<()>,
+) -> Result<f64> {
+    let mut times = Vec::new();
+    for it in 0..=iters {
+        for w in ways {
+            w.dst.fill_byte(POISON)?;
+        }
+        let t0 = Instant::now();
+        launch(0)?;
+        launch(1)?;
+        for s in streams {
+            s.synchronize()?;
+        }
+        if it > 0 {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        } else {
+            let mut back = vec![0u8; ways[0].host.len()];
+            for w in ways {
+                w.dst.read(0, &mut back)?;
+                check(w, &back)?;
+            }
+        }
+    }
+    Ok(median(times))
+}
+
+/// GB/s of both contiguous copies at once, and of the gather kernel pulling fragments of `f`
+/// bytes both ways at once (bytes of both over wall time), bytes checked.
+fn ceilings(a: &RunArgs, f: u64, cfg: KernelConfig, ptx: &str) -> Result<(f64, f64)> {
+    let ways = ways(a)?;
+    let n = ways[0].host.len();
+    let streams = [&ways[0].stream, &ways[1].stream];
+    let whole = |w: &Way, back: &[u8]| {
+        compare(&w.host, back).map_err(|m| anyhow!("bidirectional ceiling: {m}"))
+    };
+    let ms = both_at_once(&ways, streams, a.iters, |i| ways[i].launch(), whole)?;
+    let ceiling = gbps(2 * n as u64, ms);
+    let pulls = [
+        Pull::new(&ways[0], f, cfg, ptx)?,
+        Pull::new(&ways[1], f, cfg, ptx)?,
+    ];
+    let mut ops = [0, 1].map(|i| {
+        let p = &pulls[i];
+        kernel_op(&p.kernel, &p.host, &p.dev, p.pieces, cfg)
+    });
+    let streams = [&pulls[0].stream, &pulls[1].stream];
+    let fragments = |w: &Way, back: &[u8]| crate::check_every_other(&w.host, back, f as usize);
+    let ms = both_at_once(
+        &ways,
+        streams,
+        a.iters,
+        |i| ops[i](&pulls[i].stream),
+        fragments,
+    )?;
+    let moved = 2 * (n as u64 / (2 * f)) * f;
+    Ok((ceiling, gbps(moved, ms)))
+}
+
+/// The bidirectional ceiling and one `case` each way at `tokens`, measured together.
+pub fn bidir(
+    a: &RunArgs,
+    (case, tokens): (&str, u32),
+    cfg: KernelConfig,
+    ptx: &str,
+) -> Result<BidirReport> {
+    let f = a.sizes_kib[0] << 10;
+    let (ceiling, kernel) = ceilings(a, f, cfg, ptx).context("bidirectional ceiling")?;
+    println!(
+        "bidirectional ceiling: two contiguous {} MiB peer copies at once {ceiling:.1} GB/s; \
+         gather kernel alone at {} KiB both ways {kernel:.1} GB/s ({:.1}%)",
+        a.buffer_mib,
+        f >> 10,
+        100.0 * kernel / ceiling
+    );
+    let (ctx_tp, gen_tp) = parse_case(case)?;
+    let shape = |src_device, dst_device, seed| Shape {
+        ctx_tp,
+        gen_tp,
+        tokens,
+        src_device,
+        dst_device,
+        seed,
+    };
+    let fwd = shape(a.src_device, a.dst_device, a.seed);
+    let back = shape(a.dst_device, a.src_device, a.seed + 100);
+    let cases = [
+        Case::new(a, &fwd, cfg, ptx)?,
+        Case::new(a, &back, cfg, ptx)?,
+    ];
+    let times = timed_rounds(&[&cases[0], &cases[1]], a.iters)?;
+    for c in &cases {
+        c.verify()?;
+    }
+    let bytes: u64 = cases.iter().map(|c| c.total).sum();
+    let med = median(times.clone());
+    let rep = BidirReport {
+        ceiling_gbps: ceiling,
+        kernel_gbps: kernel,
+        kernel_of_ceiling: kernel / ceiling,
+        case: format!("{} each way", cases[0].label),
+        bytes,
+        median_ms: med,
+        gbps: gbps(bytes, med),
+        of_ceiling: gbps(bytes, med) / ceiling,
+        verified: true,
+    };
+    println!(
+        "bidirectional {}: {:.1} MiB in {:.3} ms, {:.1} GB/s, {:.1}% of the bidirectional ceiling",
+        rep.case,
+        bytes as f64 / (1 << 20) as f64,
+        med,
+        rep.gbps,
+        100.0 * rep.of_ceiling
+    );
+    Ok(rep)
+}
