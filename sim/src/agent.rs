@@ -12,18 +12,23 @@
 //! being scattered, so the completion really is a fence. Teardown (the agent's `Drop`, or the
 //! `drop-agent-early` bug) sets `torn_down`; a job that writes or completes after it is I3.
 
+mod pull;
+mod read_check;
+
 use crate::attribution::Reach;
 use crate::checker::RankKey;
 use crate::fabric::PARTITION_POLL;
 use crate::faults::FaultKind;
 use crate::memory::RankMemory;
 use crate::report::{Invariant, TraceKind};
+use crate::transfer_mode::SeedMode;
 use crate::wake::Wake;
 use crate::world::{World, ROGUE_INSTANCE};
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::blocks::{BlockPool, BlockRef};
+use kvferry_core::bugs::Bug;
 use kvferry_core::plan::Fragment;
 use kvferry_core::staging::SlotBuffer;
 use kvferry_core::{PeerId, RequestId};
@@ -72,6 +77,9 @@ struct JobRec {
 #[derive(Debug, Default)]
 pub struct AgentRegistry {
     by_rank: Mutex<BTreeMap<PeerId, Vec<Weak<AgentInner>>>>,
+    /// Each rank's endpoint (its slot and rank, the same across incarnations), kept after a
+    /// crash: what a cached endpoint reaches (`pull`, the `stale-endpoint` bug).
+    endpoints: Mutex<BTreeMap<PeerId, String>>,
 }
 
 impl AgentRegistry {
@@ -80,6 +88,8 @@ impl AgentRegistry {
         let v = m.entry(a.me).or_default();
         v.retain(|w| w.strong_count() > 0);
         v.push(Arc::downgrade(a));
+        drop(m);
+        self.remember_endpoint(a.me, &a.track);
     }
 
     /// Every agent of rank `p` of a live incarnation, oldest first.
@@ -272,6 +282,15 @@ impl AgentInner {
                 if peer.instance != instance {
                     continue;
                 }
+                if self.world.mode == SeedMode::Pull {
+                    // A pull's other side is gone: a parked send's reader is dead, a reader's
+                    // source is (but a reader behind a stale endpoint does not notice).
+                    if !(self.stale_endpoint() && matches!(j.direction, Direction::Receive { .. }))
+                    {
+                        now.push((*id, peer));
+                    }
+                    continue;
+                }
                 // A send's chunk in flight still reads its slot: completing it now would let the
                 // slot go to another job under that read (I6). Its task completes it instead.
                 if j.busy > 0 && matches!(j.direction, Direction::Send { .. }) {
@@ -454,27 +473,7 @@ impl AgentInner {
 
     /// Sender side: the whole job, chunk by chunk.
     async fn run_send(self: Arc<Self>, id: TransferId, job: TransferJob, to: PeerId) {
-        let frags: Vec<Fragment> = job.plan.fragments_from(self.me.rank).collect();
-        let cap = job.staging.lock().expect("slot buffer lock").len().max(1);
-        let mut chunks: Vec<Vec<Fragment>> = Vec::new();
-        let mut cur: Vec<Fragment> = Vec::new();
-        let mut cur_len = 0usize;
-        for f in frags {
-            assert!(
-                f.len as usize <= cap,
-                "a fragment of {} B exceeds the {cap} B staging slot",
-                f.len
-            );
-            if cur_len + f.len as usize > cap {
-                chunks.push(std::mem::take(&mut cur));
-                cur_len = 0;
-            }
-            cur_len += f.len as usize;
-            cur.push(f);
-        }
-        if !cur.is_empty() {
-            chunks.push(cur);
-        }
+        let chunks = chunks_of(&job, self.me.rank);
         let mut sent = 0u64;
         for (k, chunk) in chunks.into_iter().enumerate() {
             let fail = {
@@ -502,6 +501,7 @@ impl AgentInner {
             // Gather into the staging slot, wait the copy, then ship what the slot holds then.
             let len: usize = chunk.iter().map(|f| f.len as usize).sum();
             self.check_alive_agent("gathered into staging", id);
+            self.check_read(&self.track, (id, job.request), &job.local_blocks, &chunk);
             {
                 let mem = self.memory.lock().expect("memory lock");
                 let mut s = job.staging.lock().expect("slot buffer lock");
@@ -563,13 +563,38 @@ impl AgentInner {
                 None => return,
                 Some(j) => j.busy,
             };
-            if busy == 0 || !self.alive() {
+            if busy == 0 || !self.alive() || self.cancel_skips_reads(id) {
                 break;
             }
             madsim::time::sleep(rand_us(COPY_US)).await;
         }
         self.finish(id, Err(AgentError::Cancelled));
     }
+}
+
+/// The fragments context rank `src` moves for `job`, in chunks that each fit its staging slot.
+fn chunks_of(job: &TransferJob, src: u32) -> Vec<Vec<Fragment>> {
+    let cap = job.staging.lock().expect("slot buffer lock").len().max(1);
+    let mut chunks: Vec<Vec<Fragment>> = Vec::new();
+    let mut cur: Vec<Fragment> = Vec::new();
+    let mut cur_len = 0usize;
+    for f in job.plan.fragments_from(src) {
+        assert!(
+            f.len as usize <= cap,
+            "a fragment of {} B exceeds the {cap} B staging slot",
+            f.len
+        );
+        if cur_len + f.len as usize > cap {
+            chunks.push(std::mem::take(&mut cur));
+            cur_len = 0;
+        }
+        cur_len += f.len as usize;
+        cur.push(f);
+    }
+    if !cur.is_empty() {
+        chunks.push(cur);
+    }
+    chunks
 }
 
 fn peer_of(d: &Direction) -> PeerId {
@@ -651,7 +676,8 @@ impl TransferAgent for SimAgent {
             },
         );
         let me = inner.clone();
-        if !sim.is_alive(peer.instance) {
+        let pull = sim.mode == SeedMode::Pull;
+        if !sim.is_alive(peer.instance) && !(pull && inner.stale_endpoint()) {
             // Connection refused: the peer is gone; fail soon, not inside submit.
             madsim::task::spawn(async move {
                 madsim::time::sleep(rand_us(DATA_LATENCY_US)).await;
@@ -660,8 +686,13 @@ impl TransferAgent for SimAgent {
             return Ok(());
         }
         match job.direction.clone() {
+            // Parked: pinned until the reader's "finished", the reader's loss, or a cancel.
+            Direction::Send { .. } if pull => {}
             Direction::Send { to } => {
                 madsim::task::spawn(me.run_send(id, job, to));
+            }
+            Direction::Receive { from } if pull => {
+                madsim::task::spawn(me.run_pull(id, job, from));
             }
             Direction::Receive { .. } => {
                 if fail_after == Some(0) {

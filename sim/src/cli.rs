@@ -5,6 +5,7 @@
 
 use crate::plan_cmd::PlanArgs;
 use crate::scenario::{Scenario, SCENARIOS};
+use crate::transfer_mode::TransferMode;
 use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvferry_core::bugs::Bug;
@@ -72,7 +73,9 @@ pub struct ReplayArgs {
 /// A named scenario and the knobs that override its fields.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ScenarioArgs {
-    /// Starting point: default, crashy, partition-heavy, hetero-tp or mla.
+    /// Starting point: default, crashy, partition-heavy, hetero-tp, mla, or a field hazard
+    /// (abort-during-write, failed-transfer-served, timeout-frees-while-reading,
+    /// lost-notification, evicted-before-send, stale-endpoint, abort-never-reclaimed).
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub scenario: String,
     /// Context (prefill) instances.
@@ -109,6 +112,9 @@ pub struct ScenarioArgs {
     /// Turn a bug switch on (repeatable); needs a build with `--features bug-switches`.
     #[arg(long, value_name = "NAME")]
     pub inject_bug: Vec<Bug>,
+    /// push, pull or mixed (each seed draws one); the scenario's own when not given.
+    #[arg(long, value_name = "MODE")]
+    pub transfer_mode: Option<TransferMode>,
 }
 
 /// `--timeout-ms` value; `None` is `off`.
@@ -178,6 +184,9 @@ impl ScenarioArgs {
         if let Some(TimeoutMs(ms)) = self.timeout_ms {
             s.timeout_ms = ms;
         }
+        if let Some(mode) = self.transfer_mode {
+            s.transfer_mode = mode;
+        }
         // The simulator builds every rank's transceiver from these two; reject a bad pair here
         // as one line instead of a panic in every seed.
         TransceiverConfig {
@@ -233,6 +242,7 @@ impl ScenarioArgs {
         for bug in &self.inject_bug {
             push("inject-bug", Some(bug.name().to_string()));
         }
+        push("transfer-mode", self.transfer_mode.map(|m| m.to_string()));
         // `require_equals` makes this flag one token.
         if let Some(on) = self.inflight_cancel {
             out.push(format!("--inflight-cancel={on}"));

@@ -2,6 +2,7 @@
 //! scaled by the scenario's `fault_rate`. A seed with few kinds on reaches deep states that a
 //! uniform mix of everything never would.
 
+use crate::hazard::Forced;
 use crate::scenario::Scenario;
 use madsim::rand::Rng;
 use serde::Serialize;
@@ -28,6 +29,10 @@ pub struct FaultMix {
     pub recycle: f64,
     pub client_cancel: f64,
     pub rogue_peer: f64,
+    /// Per request: the context side's scheduler evicts its blocks before or during its send.
+    pub evict: f64,
+    /// Per pull: the reader's "finished" notification to the context side is lost.
+    pub lost_notification: f64,
 }
 
 impl FaultMix {
@@ -45,18 +50,26 @@ impl FaultMix {
                 0.0
             }
         };
-        let crashy = s.name == "crashy";
+        let h = Forced::of(&s.name);
+        let crashy = s.name == "crashy" || h.crash;
         let parts = s.name == "partition-heavy";
         FaultMix {
             crash: pick(if crashy { 0.05 } else { 0.012 }, crashy),
-            partition: pick(if parts { 0.15 } else { 0.04 }, parts),
+            partition: pick(if parts { 0.15 } else { 0.04 }, parts || h.partition),
             clog: pick(if parts { 0.15 } else { 0.04 }, parts),
-            latency: pick(0.05, false),
-            agent_error: pick(0.08, false),
+            latency: pick(0.05, h.latency),
+            agent_error: pick(0.08, h.agent_error),
             alloc_fail: pick(0.05, false),
             recycle: pick(0.08, false),
-            client_cancel: pick(0.25, false),
+            client_cancel: pick(0.25, h.client_cancel),
             rogue_peer: pick(0.15, false),
+            // Drawn only where a hazard is about them, so other scenarios' seeds are unchanged.
+            evict: if h.evict { pick(0.3, true) } else { 0.0 },
+            lost_notification: if h.lost_notification {
+                pick(0.2, true)
+            } else {
+                0.0
+            },
         }
     }
 
@@ -81,6 +94,10 @@ pub enum FaultKind {
     Latency,
     /// A peer without the token; never the cause of a failure (I9: it can end nothing).
     RoguePeer,
+    /// The context side's scheduler evicted a request's blocks (aimed at the request).
+    Evict,
+    /// A pull's "finished" notification was lost (aimed at the request).
+    LostNotification,
 }
 
 impl FaultKind {
@@ -96,6 +113,8 @@ impl FaultKind {
             FaultKind::Recycle => "recycle",
             FaultKind::Latency => "latency",
             FaultKind::RoguePeer => "rogue-peer",
+            FaultKind::Evict => "evict",
+            FaultKind::LostNotification => "lost-notification",
         }
     }
 }

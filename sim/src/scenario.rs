@@ -1,6 +1,7 @@
 //! Scenarios: the cluster shape, the workload and the fault mix of a campaign.
 //! Named scenarios are starting points; CLI knobs override single fields.
 
+use crate::transfer_mode::TransferMode;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::config::{ConfigError, TransceiverConfig};
 use kvferry_core::layout::{CacheLayout, LayoutError};
@@ -55,10 +56,30 @@ pub struct Scenario {
     /// Bug switches to turn on (tests only; empty without the `bug-switches` feature).
     #[serde(skip)]
     pub bugs: BugSet,
+    /// Push, pull, or drawn per seed.
+    pub transfer_mode: TransferMode,
 }
 
 /// Names accepted by `--scenario`.
-pub const SCENARIOS: [&str; 5] = ["default", "crashy", "partition-heavy", "hetero-tp", "mla"];
+pub const SCENARIOS: [&str; 12] = [
+    "default",
+    "crashy",
+    "partition-heavy",
+    "hetero-tp",
+    "mla",
+    "abort-during-write",
+    "failed-transfer-served",
+    "timeout-frees-while-reading",
+    "lost-notification",
+    "evicted-before-send",
+    "stale-endpoint",
+    "abort-never-reclaimed",
+];
+
+/// The deadline of the field-hazard scenarios that evict transfers in flight
+/// (`kv_transfer_timeout_ms` with `inflight_cancel`): short, so that faults push transfers
+/// past it.
+pub const HAZARD_TIMEOUT_MS: u64 = 20;
 
 impl Scenario {
     /// The named starting points of `--scenario`. All use tiny layouts (head dim 4, 4 tokens
@@ -79,6 +100,15 @@ impl Scenario {
             inflight_cancel: false,
             timeout_ms: None,
             bugs: BugSet::NONE,
+            transfer_mode: TransferMode::Mixed,
+        };
+        // Field hazards (`hazard` forces their fault kinds on): aborts and deadlines that
+        // evict transfers in flight, and the mode each hazard lives in.
+        let evicting = |base: Scenario, transfer_mode| Scenario {
+            inflight_cancel: true,
+            timeout_ms: Some(HAZARD_TIMEOUT_MS),
+            transfer_mode,
+            ..base
         };
         Some(match name {
             "default" => base,
@@ -104,6 +134,19 @@ impl Scenario {
                 mla: true,
                 ctx_tp: 2,
                 gen_tp: 2,
+                ..base
+            },
+            "abort-during-write" | "abort-never-reclaimed" => evicting(base, TransferMode::Push),
+            "timeout-frees-while-reading" | "lost-notification" => {
+                evicting(base, TransferMode::Pull)
+            }
+            "failed-transfer-served" => base,
+            "evicted-before-send" => Scenario {
+                transfer_mode: TransferMode::Push,
+                ..base
+            },
+            "stale-endpoint" => Scenario {
+                transfer_mode: TransferMode::Pull,
                 ..base
             },
             _ => return None,
