@@ -104,8 +104,8 @@ impl AgentInner {
         }
     }
 
-    /// The source of the next chunk, once there is one; `None` if this job is over (then it
-    /// has completed or is being cancelled). A pull whose parked send went away after the
+    /// The source of the next chunk, once there is one and the last chunk left the staging
+    /// slot; `None` if this job is over (then it has completed or is being cancelled). A pull whose parked send went away after the
     /// first chunk was revoked by the context side.
     async fn wait_source(
         &self,
@@ -115,14 +115,18 @@ impl AgentInner {
         started: bool,
     ) -> Option<Source> {
         loop {
-            let wanted = self
-                .jobs
-                .lock()
-                .expect("agent jobs lock")
-                .get(&id)
-                .is_some_and(|j| !j.cancelling);
-            if !wanted || !self.alive() {
+            let busy = match self.jobs.lock().expect("agent jobs lock").get(&id) {
+                Some(j) if !j.cancelling => j.busy,
+                _ => return None,
+            };
+            if !self.alive() {
                 return None;
+            }
+            if busy > 0 {
+                // The last chunk is still being scattered out of the staging slot, which the
+                // next one would overwrite.
+                madsim::time::sleep(PULL_POLL).await;
+                continue;
             }
             if let Some(src) = self.registry.parked_send(from, request, self.me) {
                 return Some(src);
