@@ -550,6 +550,81 @@ impl AgentInner {
         self.finish(id, Ok(sent));
     }
 
+    /// Records a submitted job: the checker's count, its trace span, an injected error (a
+    /// fault aimed at its request) and a send towards the rogue peer (I9).
+    fn record_submit(&self, job: &TransferJob, trace_id: u64, failing: bool) {
+        let (at, id, peer) = (self.world.now_us(), job.id, peer_of(&job.direction));
+        let mut c = self.world.checker.lock().expect("checker lock");
+        c.job_submitted(self.rank_key, job.request);
+        let dir = if matches!(job.direction, Direction::Send { .. }) {
+            "send"
+        } else {
+            "recv"
+        };
+        c.event(
+            at,
+            &self.track,
+            TraceKind::Begin { id: trace_id },
+            format!("{dir} {} {} B peer {peer}", job.request, job.bytes),
+        );
+        if failing {
+            c.fault(
+                at,
+                FaultKind::AgentError,
+                (at, Reach::Request(job.request)),
+                format!("{} transfer {} of {}", self.track, id.0, job.request),
+            );
+        }
+        if peer.instance == ROGUE_INSTANCE && matches!(job.direction, Direction::Send { .. }) {
+            c.violate(
+                Invariant::I9,
+                at,
+                format!(
+                    "{}: send job for {} submitted towards rogue peer {peer}",
+                    self.track, job.request
+                ),
+            );
+        }
+    }
+
+    /// Starts a recorded job: a send pushes (or parks, in pull mode), a receive waits for
+    /// pushed chunks (or reads, in pull mode); towards a peer that is gone it fails soon.
+    fn start(self: &Arc<Self>, id: TransferId, job: TransferJob, fail_after: Option<u32>) {
+        let peer = peer_of(&job.direction);
+        let me = self.clone();
+        let pull = self.world.mode == SeedMode::Pull;
+        // A reader behind a stale endpoint finds whoever answers there now.
+        let reachable = self.world.is_alive(peer.instance)
+            || (self.stale_endpoint() && matches!(job.direction, Direction::Receive { .. }));
+        if !reachable {
+            // Connection refused: the peer is gone; fail soon, not inside submit.
+            madsim::task::spawn(async move {
+                madsim::time::sleep(rand_us(DATA_LATENCY_US)).await;
+                me.finish(id, Err(AgentError::PeerUnreachable(peer)));
+            });
+            return;
+        }
+        match job.direction.clone() {
+            // Parked: pinned until the reader's "finished", the reader's loss, or a cancel.
+            Direction::Send { .. } if pull => {}
+            Direction::Send { to } => {
+                madsim::task::spawn(me.run_send(id, job, to));
+            }
+            Direction::Receive { from } if pull => {
+                madsim::task::spawn(me.run_pull(id, job, from));
+            }
+            Direction::Receive { .. } => {
+                if fail_after == Some(0) {
+                    // Fails before any byte lands (e.g. registration error), a bit later.
+                    madsim::task::spawn(async move {
+                        madsim::time::sleep(rand_us(COPY_US)).await;
+                        me.finish(id, Err(AgentError::Backend("injected failure".into())));
+                    });
+                }
+            }
+        }
+    }
+
     fn set_idle(&self, id: TransferId) {
         if let Some(j) = self.jobs.lock().expect("agent jobs lock").get_mut(&id) {
             j.busy = j.busy.saturating_sub(1);
@@ -612,8 +687,6 @@ impl TransferAgent for SimAgent {
             return Err(AgentError::Backend("agent job table full".into()));
         }
         let id = job.id;
-        let peer = peer_of(&job.direction);
-        let at = sim.now_us();
         let trace_id = (u64::from(inner.me.instance) << 48)
             ^ (u64::from(inner.me.rank) << 40)
             ^ (u64::from(inner.number) << 32)
@@ -624,39 +697,7 @@ impl TransferAgent for SimAgent {
                 .div_ceil(job.staging.lock().expect("slot buffer lock").len().max(1) as u64);
             madsim::rand::thread_rng().gen_range(0..chunks.max(1)) as u32
         });
-        {
-            let mut c = sim.checker.lock().expect("checker lock");
-            c.job_submitted(inner.rank_key, job.request);
-            let dir = if matches!(job.direction, Direction::Send { .. }) {
-                "send"
-            } else {
-                "recv"
-            };
-            c.event(
-                at,
-                &inner.track,
-                TraceKind::Begin { id: trace_id },
-                format!("{dir} {} {} B peer {peer}", job.request, job.bytes),
-            );
-            if fail_after.is_some() {
-                c.fault(
-                    at,
-                    FaultKind::AgentError,
-                    (at, Reach::Request(job.request)),
-                    format!("{} transfer {} of {}", inner.track, id.0, job.request),
-                );
-            }
-            if peer.instance == ROGUE_INSTANCE && matches!(job.direction, Direction::Send { .. }) {
-                c.violate(
-                    Invariant::I9,
-                    at,
-                    format!(
-                        "{}: send job for {} submitted towards rogue peer {peer}",
-                        inner.track, job.request
-                    ),
-                );
-            }
-        }
+        inner.record_submit(&job, trace_id, fail_after.is_some());
         inner.jobs.lock().expect("agent jobs lock").insert(
             id,
             JobRec {
@@ -675,35 +716,7 @@ impl TransferAgent for SimAgent {
                 trace_id,
             },
         );
-        let me = inner.clone();
-        let pull = sim.mode == SeedMode::Pull;
-        if !sim.is_alive(peer.instance) && !(pull && inner.stale_endpoint()) {
-            // Connection refused: the peer is gone; fail soon, not inside submit.
-            madsim::task::spawn(async move {
-                madsim::time::sleep(rand_us(DATA_LATENCY_US)).await;
-                me.finish(id, Err(AgentError::PeerUnreachable(peer)));
-            });
-            return Ok(());
-        }
-        match job.direction.clone() {
-            // Parked: pinned until the reader's "finished", the reader's loss, or a cancel.
-            Direction::Send { .. } if pull => {}
-            Direction::Send { to } => {
-                madsim::task::spawn(me.run_send(id, job, to));
-            }
-            Direction::Receive { from } if pull => {
-                madsim::task::spawn(me.run_pull(id, job, from));
-            }
-            Direction::Receive { .. } => {
-                if fail_after == Some(0) {
-                    // Fails before any byte lands (e.g. registration error), a bit later.
-                    madsim::task::spawn(async move {
-                        madsim::time::sleep(rand_us(COPY_US)).await;
-                        me.finish(id, Err(AgentError::Backend("injected failure".into())));
-                    });
-                }
-            }
-        }
+        inner.start(id, job, fail_after);
         Ok(())
     }
 
