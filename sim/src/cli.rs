@@ -295,6 +295,31 @@ mod tests {
     }
 
     #[test]
+    fn transfer_mode_round_trips_and_overrides_the_scenario() {
+        let Command::Replay(r) = parse("kvferry replay 2 --transfer-mode pull").command else {
+            panic!("not replay")
+        };
+        assert_eq!(r.scenario.transfer_mode, Some(TransferMode::Pull));
+        assert!(r
+            .scenario
+            .to_flags()
+            .join(" ")
+            .ends_with("--transfer-mode pull"));
+        assert_eq!(
+            r.scenario.build().expect("valid").transfer_mode,
+            TransferMode::Pull
+        );
+        let Command::Sim(s) = parse("kvferry sim --scenario stale-endpoint").command else {
+            panic!("not sim")
+        };
+        assert_eq!(
+            s.scenario.build().expect("valid").transfer_mode,
+            TransferMode::Pull
+        );
+        assert!(Cli::try_parse_from(["kvferry", "sim", "--transfer-mode", "both"]).is_err());
+    }
+
+    #[test]
     fn unknown_bug_names_are_rejected_by_the_parser() {
         assert!(Cli::try_parse_from(["kvferry", "sim", "--inject-bug", "nope"]).is_err());
     }
