@@ -28,7 +28,7 @@ fn pull(name: &str) -> Scenario {
 #[test]
 fn pull_is_clean_under_every_fault() {
     for name in ["default", "crashy", "partition-heavy", "hetero-tp", "mla"] {
-        let s = campaign(pull(name), 16).run(&run_seed, &mut |_| {});
+        let s = campaign(pull(name), 8).run(&run_seed, &mut |_| {});
         assert!(!s.failed(), "{name}: {}", kvferry_sim::render::failures(&s));
         assert!(s.requests_completed > 0, "{name}");
         assert!(s.faults.values().sum::<u64>() > 0, "{name}");
