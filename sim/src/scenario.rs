@@ -58,6 +58,9 @@ pub struct Scenario {
     pub bugs: BugSet,
     /// Push, pull, or drawn per seed.
     pub transfer_mode: TransferMode,
+    /// `kv_transfer_sender_future_timeout_ms`; `None` keeps the production default (60 s,
+    /// longer than a seed's drain bound).
+    pub sender_budget_ms: Option<u64>,
 }
 
 /// Names accepted by `--scenario`.
@@ -81,6 +84,11 @@ pub const SCENARIOS: [&str; 12] = [
 /// past it.
 pub const HAZARD_TIMEOUT_MS: u64 = 20;
 
+/// The sender budget of `lost-notification`: the core's own recovery from a lost "finished"
+/// when no `kv_transfer_timeout_ms` evicts the parked send (the fuzzer turns it off), shrunk
+/// from the production 60 s to fit well within the seed's drain bound (`cluster::DRAIN`).
+pub const LOST_NOTIFICATION_BUDGET_MS: u64 = 500;
+
 impl Scenario {
     /// The named starting points of `--scenario`. All use tiny layouts (head dim 4, 4 tokens
     /// per block, 2-byte dtype, 8 layers) so that a seed of 64 requests runs in well under a
@@ -101,6 +109,7 @@ impl Scenario {
             timeout_ms: None,
             bugs: BugSet::NONE,
             transfer_mode: TransferMode::Mixed,
+            sender_budget_ms: None,
         };
         // Field hazards (`hazard` forces their fault kinds on): aborts and deadlines that
         // evict transfers in flight, and the mode each hazard lives in.
@@ -137,9 +146,11 @@ impl Scenario {
                 ..base
             },
             "abort-during-write" | "abort-never-reclaimed" => evicting(base, TransferMode::Push),
-            "timeout-frees-while-reading" | "lost-notification" => {
-                evicting(base, TransferMode::Pull)
-            }
+            "timeout-frees-while-reading" => evicting(base, TransferMode::Pull),
+            "lost-notification" => Scenario {
+                sender_budget_ms: Some(LOST_NOTIFICATION_BUDGET_MS),
+                ..evicting(base, TransferMode::Pull)
+            },
             "failed-transfer-served" => base,
             "evicted-before-send" => Scenario {
                 transfer_mode: TransferMode::Push,
@@ -183,6 +194,9 @@ impl Scenario {
             inflight_cancel: self.inflight_cancel,
             staging_slots: 4,
             staging_wait_ms: 500,
+            kv_transfer_sender_future_timeout_ms: self
+                .sender_budget_ms
+                .or(TransceiverConfig::default().kv_transfer_sender_future_timeout_ms),
             ..TransceiverConfig::default()
         }
     }
