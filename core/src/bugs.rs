@@ -37,10 +37,35 @@ pub enum Bug {
     /// Heartbeats are neither sent nor checked: a peer that goes silent without a reset is
     /// never noticed, and what waits on it waits for ever (I7).
     IgnoreHeartbeats,
+    /// On an in-flight abort, unpin the evicted write's blocks at once instead of at its
+    /// fence, so the pages are freed and reused under the still-landing write (I5; SGLang
+    /// #24527).
+    AbortDuringWrite,
+    /// A generation rank takes a failed receive for a finished one and serves the request as
+    /// complete (I6; vLLM #52234).
+    FailedTransferServed,
+    /// In pull mode the context side's cancel (its timeout) completes the parked send at once,
+    /// without waiting for the generation side's reads in flight: blocks are freed under a
+    /// read (I5; vLLM #21570). Lives in the simulator's agent.
+    TimeoutFreesWhileReading,
+    /// A context request whose send waits for the peer's completion notification is exempt
+    /// from every timeout, so one lost notification hangs it forever (I10; TensorRT-LLM
+    /// #17665).
+    LostNotification,
+    /// A context rank whose blocks were evicted before its send swallows the pin error and
+    /// sends from the evicted blocks anyway (I5; TensorRT-LLM #12542).
+    EvictedBeforeSend,
+    /// A generation rank reaches a restarted context peer through its cached endpoint (same
+    /// address, new incarnation) and reads whatever that incarnation holds there (I6; vLLM
+    /// #49238). Lives in the simulator's agent.
+    StaleEndpoint,
+    /// The fence of an evicted (aborted) transfer never unpins its blocks, so they are never
+    /// reclaimed (I2; vLLM #46283).
+    AbortNeverReclaimed,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 12] = [
+    pub const ALL: [Bug; 19] = [
         Bug::ReleaseEarly,
         Bug::LeakSlotOnError,
         Bug::DropAgentEarly,
@@ -53,6 +78,13 @@ impl Bug {
         Bug::AcceptAnyAbort,
         Bug::AskBeforePosted,
         Bug::IgnoreHeartbeats,
+        Bug::AbortDuringWrite,
+        Bug::FailedTransferServed,
+        Bug::TimeoutFreesWhileReading,
+        Bug::LostNotification,
+        Bug::EvictedBeforeSend,
+        Bug::StaleEndpoint,
+        Bug::AbortNeverReclaimed,
     ];
 
     /// The CLI name (`kvferry sim --inject-bug NAME`).
@@ -70,6 +102,13 @@ impl Bug {
             Bug::AcceptAnyAbort => "accept-any-abort",
             Bug::AskBeforePosted => "ask-before-posted",
             Bug::IgnoreHeartbeats => "ignore-heartbeats",
+            Bug::AbortDuringWrite => "abort-during-write",
+            Bug::FailedTransferServed => "failed-transfer-served",
+            Bug::TimeoutFreesWhileReading => "timeout-frees-while-reading",
+            Bug::LostNotification => "lost-notification",
+            Bug::EvictedBeforeSend => "evicted-before-send",
+            Bug::StaleEndpoint => "stale-endpoint",
+            Bug::AbortNeverReclaimed => "abort-never-reclaimed",
         }
     }
 
@@ -86,6 +125,10 @@ impl Bug {
             Bug::SkipTokenCheck | Bug::AcceptAnyAbort => "I9",
             Bug::AskBeforePosted => "I10",
             Bug::IgnoreHeartbeats => "I7",
+            Bug::AbortDuringWrite | Bug::TimeoutFreesWhileReading | Bug::EvictedBeforeSend => "I5",
+            Bug::FailedTransferServed | Bug::StaleEndpoint => "I6",
+            Bug::LostNotification => "I10",
+            Bug::AbortNeverReclaimed => "I2",
         }
     }
 }
@@ -97,7 +140,7 @@ impl fmt::Display for Bug {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted, ignore-heartbeats")]
+#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted, ignore-heartbeats, abort-during-write, failed-transfer-served, timeout-frees-while-reading, lost-notification, evicted-before-send, stale-endpoint, abort-never-reclaimed")]
 pub struct UnknownBug(pub String);
 
 impl FromStr for Bug {

@@ -12,18 +12,23 @@
 //! being scattered, so the completion really is a fence. Teardown (the agent's `Drop`, or the
 //! `drop-agent-early` bug) sets `torn_down`; a job that writes or completes after it is I3.
 
+mod pull;
+mod read_check;
+
 use crate::attribution::Reach;
 use crate::checker::RankKey;
 use crate::fabric::PARTITION_POLL;
 use crate::faults::FaultKind;
 use crate::memory::RankMemory;
 use crate::report::{Invariant, TraceKind};
+use crate::transfer_mode::SeedMode;
 use crate::wake::Wake;
 use crate::world::{World, ROGUE_INSTANCE};
 use kvferry_core::agent::{
     AgentError, Completion, CompletionQueue, Direction, TransferAgent, TransferId, TransferJob,
 };
 use kvferry_core::blocks::{BlockPool, BlockRef};
+use kvferry_core::bugs::Bug;
 use kvferry_core::plan::Fragment;
 use kvferry_core::staging::SlotBuffer;
 use kvferry_core::{PeerId, RequestId};
@@ -74,6 +79,9 @@ struct JobRec {
 #[derive(Debug, Default)]
 pub struct AgentRegistry {
     by_rank: Mutex<BTreeMap<PeerId, Vec<Weak<AgentInner>>>>,
+    /// Each rank's endpoint (its slot and rank, the same across incarnations), kept after a
+    /// crash: what a cached endpoint reaches (`pull`, the `stale-endpoint` bug).
+    endpoints: Mutex<BTreeMap<PeerId, String>>,
 }
 
 impl AgentRegistry {
@@ -82,6 +90,8 @@ impl AgentRegistry {
         let v = m.entry(a.me).or_default();
         v.retain(|w| w.strong_count() > 0);
         v.push(Arc::downgrade(a));
+        drop(m);
+        self.remember_endpoint(a.me, &a.track);
     }
 
     /// Every agent of rank `p` of a live incarnation, oldest first.
@@ -274,6 +284,15 @@ impl AgentInner {
                 if peer.instance != instance {
                     continue;
                 }
+                if self.world.mode == SeedMode::Pull {
+                    // A pull's other side is gone: a parked send's reader is dead, a reader's
+                    // source is (but a reader behind a stale endpoint does not notice).
+                    if !(self.stale_endpoint() && matches!(j.direction, Direction::Receive { .. }))
+                    {
+                        now.push((*id, peer));
+                    }
+                    continue;
+                }
                 // A send's chunk in flight still reads its slot: completing it now would let the
                 // slot go to another job under that read (I6). Its task completes it instead.
                 if j.busy > 0 && matches!(j.direction, Direction::Send { .. }) {
@@ -456,27 +475,7 @@ impl AgentInner {
 
     /// Sender side: the whole job, chunk by chunk.
     async fn run_send(self: Arc<Self>, id: TransferId, job: TransferJob, to: PeerId) {
-        let frags: Vec<Fragment> = job.plan.fragments_from(self.me.rank).collect();
-        let cap = job.staging.lock().expect("slot buffer lock").len().max(1);
-        let mut chunks: Vec<Vec<Fragment>> = Vec::new();
-        let mut cur: Vec<Fragment> = Vec::new();
-        let mut cur_len = 0usize;
-        for f in frags {
-            assert!(
-                f.len as usize <= cap,
-                "a fragment of {} B exceeds the {cap} B staging slot",
-                f.len
-            );
-            if cur_len + f.len as usize > cap {
-                chunks.push(std::mem::take(&mut cur));
-                cur_len = 0;
-            }
-            cur_len += f.len as usize;
-            cur.push(f);
-        }
-        if !cur.is_empty() {
-            chunks.push(cur);
-        }
+        let chunks = chunks_of(&job, self.me.rank);
         let mut sent = 0u64;
         for (k, chunk) in chunks.into_iter().enumerate() {
             let fail = {
@@ -504,16 +503,8 @@ impl AgentInner {
             // Gather into the staging slot, wait the copy, then ship what the slot holds then.
             let len: usize = chunk.iter().map(|f| f.len as usize).sum();
             self.check_alive_agent("gathered into staging", id);
-            {
-                let mem = self.memory.lock().expect("memory lock");
-                let mut s = job.staging.lock().expect("slot buffer lock");
-                let mut at = 0usize;
-                for f in &chunk {
-                    let n = f.len as usize;
-                    mem.read(f.src_offset, &mut s[at..at + n]);
-                    at += n;
-                }
-            }
+            self.check_read(&self.track, (id, job.request), &job.local_blocks, &chunk);
+            self.gather(&job.staging, &chunk);
             madsim::time::sleep(rand_us(COPY_US)).await;
             if self.send_over(id, to) {
                 return;
@@ -524,20 +515,8 @@ impl AgentInner {
             let wire = rand_us(DATA_LATENCY_US)
                 + Duration::from_micros(spike + len as u64 * NS_PER_BYTE / 1000);
             madsim::time::sleep(wire).await;
-            while self
-                .world
-                .fabric
-                .lock()
-                .expect("fabric lock")
-                .blocked(self.me, to)
-            {
-                if self.cancelling(id) {
-                    // A write parked on a stalled link is abandoned: the chunk is a copy by
-                    // now, the slot is no longer read, so the cancel may complete the job.
-                    self.set_idle(id);
-                    return;
-                }
-                madsim::time::sleep(PARTITION_POLL).await;
+            if !self.wait_link(id, to).await {
+                return;
             }
             if !self.alive() || self.send_over(id, to) {
                 return;
@@ -558,9 +537,133 @@ impl AgentInner {
         self.finish(id, Ok(sent));
     }
 
+    /// Copies `chunk`'s fragments from this rank's blocks into the staging slot.
+    fn gather(&self, staging: &SlotBuffer, chunk: &[Fragment]) {
+        let mem = self.memory.lock().expect("memory lock");
+        let mut s = staging.lock().expect("slot buffer lock");
+        let mut at = 0usize;
+        for f in chunk {
+            let n = f.len as usize;
+            mem.read(f.src_offset, &mut s[at..at + n]);
+            at += n;
+        }
+    }
+
+    /// Waits while the link to `to` is blocked. False if send `id` was cancelled meanwhile: a
+    /// write parked on a stalled link is abandoned (the chunk is a copy by now, the slot is no
+    /// longer read, so the cancel may complete the job).
+    async fn wait_link(&self, id: TransferId, to: PeerId) -> bool {
+        while self
+            .world
+            .fabric
+            .lock()
+            .expect("fabric lock")
+            .blocked(self.me, to)
+        {
+            if self.cancelling(id) {
+                self.set_idle(id);
+                return false;
+            }
+            madsim::time::sleep(PARTITION_POLL).await;
+        }
+        true
+    }
+
     fn cancelling(&self, id: TransferId) -> bool {
         let jobs = self.jobs.lock().expect("agent jobs lock");
         jobs.get(&id).is_none_or(|j| j.cancelling)
+    }
+
+    /// Records a submitted job: the checker's count, its trace span, an injected error or
+    /// wedge (faults aimed at its request) and a send towards the rogue peer (I9).
+    fn record_submit(&self, job: &TransferJob, trace_id: u64, failing: bool, wedged: bool) {
+        let (at, id, peer) = (self.world.now_us(), job.id, peer_of(&job.direction));
+        let mut c = self.world.checker.lock().expect("checker lock");
+        c.job_submitted(self.rank_key, job.request);
+        if wedged {
+            c.fault(
+                at,
+                FaultKind::Wedge,
+                (at, Reach::Request(job.request)),
+                format!("{} transfer {} of {}", self.track, id.0, job.request),
+            );
+        }
+        let dir = if matches!(job.direction, Direction::Send { .. }) {
+            "send"
+        } else {
+            "recv"
+        };
+        c.event(
+            at,
+            &self.track,
+            TraceKind::Begin { id: trace_id },
+            format!("{dir} {} {} B peer {peer}", job.request, job.bytes),
+        );
+        if failing {
+            c.fault(
+                at,
+                FaultKind::AgentError,
+                (at, Reach::Request(job.request)),
+                format!("{} transfer {} of {}", self.track, id.0, job.request),
+            );
+        }
+        if peer.instance == ROGUE_INSTANCE && matches!(job.direction, Direction::Send { .. }) {
+            c.violate(
+                Invariant::I9,
+                at,
+                format!(
+                    "{}: send job for {} submitted towards rogue peer {peer}",
+                    self.track, job.request
+                ),
+            );
+        }
+    }
+
+    /// Starts a recorded job: a send pushes (or parks, in pull mode), a receive waits for
+    /// pushed chunks (or reads, in pull mode); towards a peer that is gone it fails soon. A
+    /// wedged send never starts: it never pushes, and parked it is never readable
+    /// (`parked_send`); only its cancel completes it.
+    fn start(
+        self: &Arc<Self>,
+        id: TransferId,
+        job: TransferJob,
+        fail_after: Option<u32>,
+        wedged: bool,
+    ) {
+        let peer = peer_of(&job.direction);
+        let me = self.clone();
+        let pull = self.world.mode == SeedMode::Pull;
+        // A reader behind a stale endpoint finds whoever answers there now.
+        let reachable = self.world.is_alive(peer.instance)
+            || (self.stale_endpoint() && matches!(job.direction, Direction::Receive { .. }));
+        if !reachable {
+            // Connection refused: the peer is gone; fail soon, not inside submit.
+            madsim::task::spawn(async move {
+                madsim::time::sleep(rand_us(DATA_LATENCY_US)).await;
+                me.finish(id, Err(AgentError::PeerUnreachable(peer)));
+            });
+            return;
+        }
+        match job.direction.clone() {
+            // Parked: pinned until the reader's "finished", the reader's loss, or a cancel.
+            Direction::Send { .. } if pull => {}
+            Direction::Send { to } if !wedged => {
+                madsim::task::spawn(me.run_send(id, job, to));
+            }
+            Direction::Send { .. } => {}
+            Direction::Receive { from } if pull => {
+                madsim::task::spawn(me.run_pull(id, job, from));
+            }
+            Direction::Receive { .. } => {
+                if fail_after == Some(0) {
+                    // Fails before any byte lands (e.g. registration error), a bit later.
+                    madsim::task::spawn(async move {
+                        madsim::time::sleep(rand_us(COPY_US)).await;
+                        me.finish(id, Err(AgentError::Backend("injected failure".into())));
+                    });
+                }
+            }
+        }
     }
 
     fn set_idle(&self, id: TransferId) {
@@ -576,13 +679,38 @@ impl AgentInner {
                 None => return,
                 Some(j) => j.busy,
             };
-            if busy == 0 || !self.alive() {
+            if busy == 0 || !self.alive() || self.cancel_skips_reads(id) {
                 break;
             }
             madsim::time::sleep(rand_us(COPY_US)).await;
         }
         self.finish(id, Err(AgentError::Cancelled));
     }
+}
+
+/// The fragments context rank `src` moves for `job`, in chunks that each fit its staging slot.
+fn chunks_of(job: &TransferJob, src: u32) -> Vec<Vec<Fragment>> {
+    let cap = job.staging.lock().expect("slot buffer lock").len().max(1);
+    let mut chunks: Vec<Vec<Fragment>> = Vec::new();
+    let mut cur: Vec<Fragment> = Vec::new();
+    let mut cur_len = 0usize;
+    for f in job.plan.fragments_from(src) {
+        assert!(
+            f.len as usize <= cap,
+            "a fragment of {} B exceeds the {cap} B staging slot",
+            f.len
+        );
+        if cur_len + f.len as usize > cap {
+            chunks.push(std::mem::take(&mut cur));
+            cur_len = 0;
+        }
+        cur_len += f.len as usize;
+        cur.push(f);
+    }
+    if !cur.is_empty() {
+        chunks.push(cur);
+    }
+    chunks
 }
 
 fn peer_of(d: &Direction) -> PeerId {
@@ -600,8 +728,6 @@ impl TransferAgent for SimAgent {
             return Err(AgentError::Backend("agent job table full".into()));
         }
         let id = job.id;
-        let peer = peer_of(&job.direction);
-        let at = sim.now_us();
         let trace_id = (u64::from(inner.me.instance) << 48)
             ^ (u64::from(inner.me.rank) << 40)
             ^ (u64::from(inner.number) << 32)
@@ -613,47 +739,7 @@ impl TransferAgent for SimAgent {
             madsim::rand::thread_rng().gen_range(0..chunks.max(1)) as u32
         });
         let wedged = sim.draw(sim.mix.wedge);
-        {
-            let mut c = sim.checker.lock().expect("checker lock");
-            c.job_submitted(inner.rank_key, job.request);
-            if wedged {
-                c.fault(
-                    at,
-                    FaultKind::Wedge,
-                    (at, Reach::Request(job.request)),
-                    format!("{} transfer {} of {}", inner.track, id.0, job.request),
-                );
-            }
-            let dir = if matches!(job.direction, Direction::Send { .. }) {
-                "send"
-            } else {
-                "recv"
-            };
-            c.event(
-                at,
-                &inner.track,
-                TraceKind::Begin { id: trace_id },
-                format!("{dir} {} {} B peer {peer}", job.request, job.bytes),
-            );
-            if fail_after.is_some() {
-                c.fault(
-                    at,
-                    FaultKind::AgentError,
-                    (at, Reach::Request(job.request)),
-                    format!("{} transfer {} of {}", inner.track, id.0, job.request),
-                );
-            }
-            if peer.instance == ROGUE_INSTANCE && matches!(job.direction, Direction::Send { .. }) {
-                c.violate(
-                    Invariant::I9,
-                    at,
-                    format!(
-                        "{}: send job for {} submitted towards rogue peer {peer}",
-                        inner.track, job.request
-                    ),
-                );
-            }
-        }
+        inner.record_submit(&job, trace_id, fail_after.is_some(), wedged);
         inner.jobs.lock().expect("agent jobs lock").insert(
             id,
             JobRec {
@@ -673,31 +759,7 @@ impl TransferAgent for SimAgent {
                 wedged,
             },
         );
-        let me = inner.clone();
-        if !sim.is_alive(peer.instance) {
-            // Connection refused: the peer is gone; fail soon, not inside submit.
-            madsim::task::spawn(async move {
-                madsim::time::sleep(rand_us(DATA_LATENCY_US)).await;
-                me.finish(id, Err(AgentError::PeerUnreachable(peer)));
-            });
-            return Ok(());
-        }
-        match job.direction.clone() {
-            // A wedged send never starts: only its cancel completes it.
-            Direction::Send { to } if !wedged => {
-                madsim::task::spawn(me.run_send(id, job, to));
-            }
-            Direction::Send { .. } => {}
-            Direction::Receive { .. } => {
-                if fail_after == Some(0) {
-                    // Fails before any byte lands (e.g. registration error), a bit later.
-                    madsim::task::spawn(async move {
-                        madsim::time::sleep(rand_us(COPY_US)).await;
-                        me.finish(id, Err(AgentError::Backend("injected failure".into())));
-                    });
-                }
-            }
-        }
+        inner.start(id, job, fail_after, wedged);
         Ok(())
     }
 

@@ -33,7 +33,8 @@
 //! is a violation of I10, reported at its first failure with the core's
 //! [`FailCause`](kvferry_core::transceiver::FailCause). With faults off there are no
 //! footprints, so every request must complete unless a configured deadline or the pool's size
-//! turned it away. Requests still live at the end are I7's, not I10's.
+//! turned it away. Requests still live at the end are I7's; one whose transfer job never
+//! completed is I10's too (`hang`: no progress, and nothing timed it out).
 //!
 //! A rank that fails a request as `peer-aborted` although no real rank had sent it an abort
 //! (`Cancel` or `Error`) for that request before the rank decided to end it was ended by a

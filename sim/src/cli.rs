@@ -5,6 +5,7 @@
 
 use crate::plan_cmd::PlanArgs;
 use crate::scenario::{Scenario, SCENARIOS};
+use crate::transfer_mode::TransferMode;
 use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvferry_core::bugs::Bug;
@@ -72,7 +73,10 @@ pub struct ReplayArgs {
 /// A named scenario and the knobs that override its fields.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ScenarioArgs {
-    /// Starting point: default, crashy, partition-heavy, hetero-tp, mla, asymmetric-partition, silent-death, wedged-agent or stalled-reader.
+    /// Starting point: default, crashy, partition-heavy, hetero-tp, mla, a gray failure
+    /// (asymmetric-partition, silent-death, wedged-agent, stalled-reader), or a field hazard
+    /// (abort-during-write, failed-transfer-served, timeout-frees-while-reading,
+    /// lost-notification, evicted-before-send, stale-endpoint, abort-never-reclaimed).
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub scenario: String,
     /// Context (prefill) instances.
@@ -109,6 +113,9 @@ pub struct ScenarioArgs {
     /// Turn a bug switch on (repeatable); needs a build with `--features bug-switches`.
     #[arg(long, value_name = "NAME")]
     pub inject_bug: Vec<Bug>,
+    /// push, pull or mixed (each seed draws one); the scenario's own when not given.
+    #[arg(long, value_name = "MODE")]
+    pub transfer_mode: Option<TransferMode>,
 }
 
 /// `--timeout-ms` value; `None` is `off`.
@@ -178,6 +185,9 @@ impl ScenarioArgs {
         if let Some(TimeoutMs(ms)) = self.timeout_ms {
             s.timeout_ms = ms;
         }
+        if let Some(mode) = self.transfer_mode {
+            s.transfer_mode = mode;
+        }
         // The simulator builds every rank's transceiver from these two; reject a bad pair here
         // as one line instead of a panic in every seed.
         TransceiverConfig {
@@ -233,6 +243,7 @@ impl ScenarioArgs {
         for bug in &self.inject_bug {
             push("inject-bug", Some(bug.name().to_string()));
         }
+        push("transfer-mode", self.transfer_mode.map(|m| m.to_string()));
         // `require_equals` makes this flag one token.
         if let Some(on) = self.inflight_cancel {
             out.push(format!("--inflight-cancel={on}"));
@@ -282,6 +293,31 @@ mod tests {
         };
         assert_eq!(s.scenario.inflight_cancel, Some(true));
         assert_eq!(s.seeds, 0..3);
+    }
+
+    #[test]
+    fn transfer_mode_round_trips_and_overrides_the_scenario() {
+        let Command::Replay(r) = parse("kvferry replay 2 --transfer-mode pull").command else {
+            panic!("not replay")
+        };
+        assert_eq!(r.scenario.transfer_mode, Some(TransferMode::Pull));
+        assert!(r
+            .scenario
+            .to_flags()
+            .join(" ")
+            .ends_with("--transfer-mode pull"));
+        assert_eq!(
+            r.scenario.build().expect("valid").transfer_mode,
+            TransferMode::Pull
+        );
+        let Command::Sim(s) = parse("kvferry sim --scenario stale-endpoint").command else {
+            panic!("not sim")
+        };
+        assert_eq!(
+            s.scenario.build().expect("valid").transfer_mode,
+            TransferMode::Pull
+        );
+        assert!(Cli::try_parse_from(["kvferry", "sim", "--transfer-mode", "both"]).is_err());
     }
 
     #[test]

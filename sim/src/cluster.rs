@@ -286,6 +286,7 @@ async fn client(sim: Arc<Sim>) {
             let req = kvferry_core::request::Request::new_context(id, token, blocks.clone());
             r.mailbox.command(Command::Start(Arc::new(req)));
         }
+        crate::evict::maybe_evict(&sim.world, &inst, id, blocks);
         sim.router
             .lock()
             .expect("router lock")
@@ -727,10 +728,12 @@ async fn settle(sim: &Arc<Sim>) -> u64 {
             // of a rank woken at the quiescent instant finish.
             madsim::time::sleep(GRACE).await;
             check_staging(sim);
+            crate::reclaim::check_blocks(sim, &sim.live_instances());
             return converged;
         }
         if sim.now_us() >= deadline {
             let stuck = sim.router.lock().expect("router lock").unsettled();
+            crate::hang::report_pending_jobs(sim, &sim.live_instances(), &stuck);
             for (id, what) in stuck.iter().take(4) {
                 sim.violate(
                     Invariant::I7,
@@ -767,6 +770,7 @@ async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> See
         client_done_us: Mutex::new(None),
     });
     sim.trace("faults", format!("mix {:?}", sim.mix));
+    sim.trace("faults", format!("transfer mode {:?}", sim.mode));
     for i in 0..sim.scenario.ctx_instances {
         sim.start_instance(Side::Context, i);
     }

@@ -2,6 +2,7 @@
 //! scaled by the scenario's `fault_rate`. A seed with few kinds on reaches deep states that a
 //! uniform mix of everything never would.
 
+use crate::hazard::Forced;
 use crate::scenario::Scenario;
 use madsim::rand::Rng;
 use serde::Serialize;
@@ -36,6 +37,10 @@ pub struct FaultMix {
     pub wedge: f64,
     /// A rank stops reading its control messages for a while (`stalled-reader`).
     pub stall: f64,
+    /// Per request: the context side's scheduler evicts its blocks before or during its send.
+    pub evict: f64,
+    /// Per pull: the reader's "finished" notification to the context side is lost.
+    pub lost_notification: f64,
 }
 
 impl FaultMix {
@@ -61,17 +66,18 @@ impl FaultMix {
                 0.0
             }
         };
-        let crashy = s.name == "crashy";
+        let h = Forced::of(&s.name);
+        let crashy = s.name == "crashy" || h.crash;
         let parts = s.name == "partition-heavy";
         FaultMix {
             crash: pick(if crashy { 0.05 } else { 0.012 }, crashy),
-            partition: pick(if parts { 0.15 } else { 0.04 }, parts),
+            partition: pick(if parts { 0.15 } else { 0.04 }, parts || h.partition),
             clog: pick(if parts { 0.15 } else { 0.04 }, parts),
-            latency: pick(0.05, false),
-            agent_error: pick(0.08, false),
+            latency: pick(0.05, h.latency),
+            agent_error: pick(0.08, h.agent_error),
             alloc_fail: pick(0.05, false),
             recycle: pick(0.08, false),
-            client_cancel: pick(0.25, false),
+            client_cancel: pick(0.25, h.client_cancel),
             rogue_peer: pick(0.15, false),
             // Drawn only in their own scenarios, so the others' seeds draw what they always did.
             one_way: only(&mut pick, "asymmetric-partition", 0.05),
@@ -84,6 +90,13 @@ impl FaultMix {
                 0.0
             },
             stall: only(&mut pick, "stalled-reader", 0.03),
+            // Drawn only where a hazard is about them, so other scenarios' seeds are unchanged.
+            evict: if h.evict { pick(0.3, true) } else { 0.0 },
+            lost_notification: if h.lost_notification {
+                pick(0.2, true)
+            } else {
+                0.0
+            },
         }
     }
 
@@ -116,6 +129,10 @@ pub enum FaultKind {
     Wedge,
     /// A rank that stops reading its control messages.
     Stall,
+    /// The context side's scheduler evicted a request's blocks (aimed at the request).
+    Evict,
+    /// A pull's "finished" notification was lost (aimed at the request).
+    LostNotification,
 }
 
 impl FaultKind {
@@ -135,6 +152,8 @@ impl FaultKind {
             FaultKind::SilentDeath => "silent-death",
             FaultKind::Wedge => "wedge",
             FaultKind::Stall => "stalled-reader",
+            FaultKind::Evict => "evict",
+            FaultKind::LostNotification => "lost-notification",
         }
     }
 }

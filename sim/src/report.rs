@@ -21,7 +21,8 @@ pub enum Invariant {
     /// Progress: with faults off every request completes; with faults on a request fails or is
     /// cancelled only if a fault or a cancel reached it. Each failure is attributed to its
     /// cause; the rule (which fault reaches which request, and when) is in the `checker`
-    /// module docs. An unattributed failure is a violation.
+    /// module docs. An unattributed failure is a violation, and so is a transfer job still
+    /// waiting for its completion at the drain bound (`hang`).
     I10,
 }
 

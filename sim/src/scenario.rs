@@ -1,6 +1,7 @@
 //! Scenarios: the cluster shape, the workload and the fault mix of a campaign.
 //! Named scenarios are starting points; CLI knobs override single fields.
 
+use crate::transfer_mode::TransferMode;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::config::{
     ConfigError, TransceiverConfig, DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_MISSED_LIMIT,
@@ -62,12 +63,15 @@ pub struct Scenario {
     pub heartbeat_ms: u64,
     /// `heartbeat_missed_limit` of every rank.
     pub heartbeat_missed: u32,
-    /// `kv_transfer_sender_future_timeout_ms` of every rank.
+    /// `kv_transfer_sender_future_timeout_ms` of every rank (the production default, 60 s,
+    /// is longer than a seed's drain bound).
     pub sender_timeout_ms: Option<u64>,
+    /// Push, pull, or drawn per seed.
+    pub transfer_mode: TransferMode,
 }
 
 /// Names accepted by `--scenario`.
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 16] = [
     "default",
     "crashy",
     "partition-heavy",
@@ -77,6 +81,13 @@ pub const SCENARIOS: [&str; 9] = [
     "silent-death",
     "wedged-agent",
     "stalled-reader",
+    "abort-during-write",
+    "failed-transfer-served",
+    "timeout-frees-while-reading",
+    "lost-notification",
+    "evicted-before-send",
+    "stale-endpoint",
+    "abort-never-reclaimed",
 ];
 
 /// The gray-failure scenarios (`gray`): faults that reset nothing. Their ranks heartbeat every
@@ -96,6 +107,16 @@ pub const GRAY_HEARTBEAT_MISSED: u32 = 5;
 pub const GRAY_SENDER_TIMEOUT_MS: u64 = 1000;
 /// `wedged-agent`: the deadline past which a wedged transfer is evicted (`inflight_cancel`).
 pub const WEDGE_TIMEOUT_MS: u64 = 50;
+
+/// The deadline of the field-hazard scenarios that evict transfers in flight
+/// (`kv_transfer_timeout_ms` with `inflight_cancel`): short, so that faults push transfers
+/// past it.
+pub const HAZARD_TIMEOUT_MS: u64 = 20;
+
+/// The sender budget of `lost-notification`: the core's own recovery from a lost "finished"
+/// when no `kv_transfer_timeout_ms` evicts the parked send (the fuzzer turns it off), shrunk
+/// from the production 60 s to fit well within the seed's drain bound (`cluster::DRAIN`).
+pub const LOST_NOTIFICATION_BUDGET_MS: u64 = 500;
 
 impl Scenario {
     /// The named starting points of `--scenario`. All use tiny layouts (head dim 4, 4 tokens
@@ -119,14 +140,7 @@ impl Scenario {
             heartbeat_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             heartbeat_missed: DEFAULT_HEARTBEAT_MISSED_LIMIT,
             sender_timeout_ms: Some(DEFAULT_SENDER_FUTURE_TIMEOUT_MS),
-        };
-        let gray = Scenario {
-            ctx_instances: 2,
-            gen_instances: 2,
-            heartbeat_ms: GRAY_HEARTBEAT_MS,
-            heartbeat_missed: GRAY_HEARTBEAT_MISSED,
-            sender_timeout_ms: Some(GRAY_SENDER_TIMEOUT_MS),
-            ..base.clone()
+            transfer_mode: TransferMode::Mixed,
         };
         Some(match name {
             "default" => base,
@@ -154,12 +168,59 @@ impl Scenario {
                 gen_tp: 2,
                 ..base
             },
+            _ => return Scenario::gray(base.clone()).or_else(|| Scenario::hazard(base)),
+        })
+    }
+
+    /// The gray-failure scenarios (`GRAY_SCENARIOS`), from `base` of the same name.
+    fn gray(base: Scenario) -> Option<Scenario> {
+        let name = base.name.clone();
+        let gray = Scenario {
+            ctx_instances: 2,
+            gen_instances: 2,
+            heartbeat_ms: GRAY_HEARTBEAT_MS,
+            heartbeat_missed: GRAY_HEARTBEAT_MISSED,
+            sender_timeout_ms: Some(GRAY_SENDER_TIMEOUT_MS),
+            ..base
+        };
+        Some(match name.as_str() {
             "asymmetric-partition" | "silent-death" | "stalled-reader" => gray,
             // Only a deadline ends a job that neither completes nor fails.
             "wedged-agent" => Scenario {
                 timeout_ms: Some(WEDGE_TIMEOUT_MS),
                 inflight_cancel: true,
                 ..gray
+            },
+            _ => return None,
+        })
+    }
+
+    /// The field-hazard scenarios, from `base` of the same name.
+    fn hazard(base: Scenario) -> Option<Scenario> {
+        let name = base.name.clone();
+        // Field hazards (`hazard` forces their fault kinds on): aborts and deadlines that
+        // evict transfers in flight, and the mode each hazard lives in.
+        let evicting = |base: Scenario, transfer_mode| Scenario {
+            inflight_cancel: true,
+            timeout_ms: Some(HAZARD_TIMEOUT_MS),
+            transfer_mode,
+            ..base
+        };
+        Some(match name.as_str() {
+            "abort-during-write" | "abort-never-reclaimed" => evicting(base, TransferMode::Push),
+            "timeout-frees-while-reading" => evicting(base, TransferMode::Pull),
+            "lost-notification" => Scenario {
+                sender_timeout_ms: Some(LOST_NOTIFICATION_BUDGET_MS),
+                ..evicting(base, TransferMode::Pull)
+            },
+            "failed-transfer-served" => base,
+            "evicted-before-send" => Scenario {
+                transfer_mode: TransferMode::Push,
+                ..base
+            },
+            "stale-endpoint" => Scenario {
+                transfer_mode: TransferMode::Pull,
+                ..base
             },
             _ => return None,
         })

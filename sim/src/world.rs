@@ -14,6 +14,7 @@ use crate::mailbox::{Command, Mailbox};
 use crate::report::Invariant;
 use crate::router::Router;
 use crate::scenario::Scenario;
+use crate::transfer_mode::SeedMode;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
@@ -35,6 +36,8 @@ pub struct World {
     pub scenario: Scenario,
     pub tx_config: TransceiverConfig,
     pub mix: FaultMix,
+    /// Push or pull, drawn for this seed (`--transfer-mode`).
+    pub mode: SeedMode,
     pub checker: Arc<Mutex<Checker>>,
     pub fabric: Mutex<Fabric>,
     pub router: Mutex<Router>,
@@ -47,6 +50,7 @@ impl World {
     pub fn new(scenario: Scenario, mix: FaultMix, checker: Arc<Mutex<Checker>>) -> World {
         World {
             tx_config: scenario.tx_config(),
+            mode: scenario.transfer_mode.draw(),
             router: Mutex::new(Router::new(scenario.ctx_instances, scenario.gen_instances)),
             scenario,
             mix,

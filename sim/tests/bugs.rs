@@ -143,3 +143,58 @@ fn ignore_heartbeats_breaks_i7() {
         },
     );
 }
+
+/// A field-hazard scenario by name: it forces on the faults that open its bug's window.
+fn hazard(name: &str) -> ScenarioArgs {
+    ScenarioArgs {
+        scenario: name.to_string(),
+        ..ScenarioArgs::default()
+    }
+}
+
+/// SGLang #24527: the aborted write's pages go back at once and the late write lands in them.
+#[test]
+fn abort_during_write_breaks_i5() {
+    catches(Bug::AbortDuringWrite, hazard("abort-during-write"));
+}
+
+/// vLLM #52234: the request whose receive failed is served, with the bytes it never got.
+#[test]
+fn failed_transfer_served_breaks_i6() {
+    catches(Bug::FailedTransferServed, hazard("failed-transfer-served"));
+}
+
+/// vLLM #21570: in pull mode the context side's deadline frees blocks under a read in flight.
+#[test]
+fn timeout_frees_while_reading_breaks_i5() {
+    catches(
+        Bug::TimeoutFreesWhileReading,
+        hazard("timeout-frees-while-reading"),
+    );
+}
+
+/// TensorRT-LLM #17665: without a timeout over the parked send, one lost "finished" hangs the
+/// context side forever, and the progress check names the job that never completed.
+#[test]
+fn lost_notification_breaks_i10() {
+    catches(Bug::LostNotification, hazard("lost-notification"));
+}
+
+/// TensorRT-LLM #12542: the pin error of evicted blocks is swallowed and the send reads them.
+#[test]
+fn evicted_before_send_breaks_i5() {
+    catches(Bug::EvictedBeforeSend, hazard("evicted-before-send"));
+}
+
+/// vLLM #49238: a reader reaches the restarted context instance at its old endpoint and
+/// serves what that incarnation holds there.
+#[test]
+fn stale_endpoint_breaks_i6() {
+    catches(Bug::StaleEndpoint, hazard("stale-endpoint"));
+}
+
+/// vLLM #46283: an aborted push's blocks stay pinned after its fence, never reclaimed.
+#[test]
+fn abort_never_reclaimed_breaks_i2() {
+    catches(Bug::AbortNeverReclaimed, hazard("abort-never-reclaimed"));
+}

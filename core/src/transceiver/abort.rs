@@ -69,6 +69,7 @@ impl Transceiver {
         let mode = StopMode {
             evict: self.config.inflight_cancel,
             release_early: self.bugs.has(Bug::ReleaseEarly),
+            unpin_at_evict: self.bugs.has(Bug::AbortDuringWrite),
         };
         let Some(e) = self.entries.get_mut(&id) else {
             return;
@@ -128,6 +129,8 @@ struct StopMode {
     evict: bool,
     /// The `release-early` bug switch.
     release_early: bool,
+    /// The `abort-during-write` bug switch.
+    unpin_at_evict: bool,
 }
 
 /// Stops one leg: the peer to tell (an open leg's), and the job to keep fenced if evicted.
@@ -147,6 +150,11 @@ fn stop_leg(
             if mode.evict {
                 slot.poison(Fence(status.id().0));
                 leg.state = LegState::Abandoned;
+                if mode.unpin_at_evict {
+                    // The historical bug: the pages go back while the write still lands.
+                    blocks.lock().expect("block pool lock").unpin(&pinned);
+                    return (Some(leg.peer), Some((status, Vec::new())));
+                }
                 (Some(leg.peer), Some((status, pinned)))
             } else if mode.release_early {
                 // The historical bug: resources go back while the transfer runs.

@@ -31,12 +31,18 @@ impl Transceiver {
         let local = e.req.blocks.clone();
         let pinned = self.blocks.lock().expect("block pool lock").pin(&local);
         if let Err(err) = pinned {
+            if self.bugs.has(Bug::EvictedBeforeSend) {
+                // The historical bug: the error is swallowed and the send reads the evicted
+                // blocks; nothing was pinned, so the fence unpins nothing.
+                self.submit_leg(now, id, key, slot, (local, Vec::new()));
+                return;
+            }
             tracing::warn!(request = %id, error = %err, "blocks gone before transfer");
             drop(slot);
             self.abort_entry(now, id, FailCause::BlocksGone);
             return;
         }
-        self.submit_leg(now, id, key, slot, local);
+        self.submit_leg(now, id, key, slot, (local.clone(), local));
     }
 
     /// Queues a leg for the next free slot, or fails its request if the queue is full.
@@ -55,15 +61,16 @@ impl Transceiver {
         }
     }
 
-    /// Hands a leg holding its slot and pins to the agent. A generation rank asks the leg's
-    /// context rank for bytes only now that the receive is posted (I10).
+    /// Hands a leg holding its slot and pins to the agent: the job's blocks and those of them
+    /// pinned (the same, but for the `evicted-before-send` bug). A generation rank asks the
+    /// leg's context rank for bytes only now that the receive is posted (I10).
     fn submit_leg(
         &mut self,
         now: Duration,
         id: RequestId,
         key: u32,
         slot: SlotGuard,
-        pinned: Vec<BlockRef>,
+        (local, pinned): (Vec<BlockRef>, Vec<BlockRef>),
     ) {
         let tid = TransferId(self.next_transfer);
         self.next_transfer += 1;
@@ -80,7 +87,7 @@ impl Transceiver {
             token: e.req.token,
             direction,
             plan: leg.plan.clone(),
-            local_blocks: pinned.clone(),
+            local_blocks: local,
             remote_blocks: leg.remote_blocks.clone(),
             bytes,
             staging: slot.buffer().clone(),
@@ -131,12 +138,28 @@ impl Transceiver {
             // The fence of an evicted job: its writer is gone, so its agent may go too.
             self.transfers.remove(&c.id);
             self.staging.fence_passed(Fence(c.id.0));
-            self.blocks.lock().expect("block pool lock").unpin(&pinned);
+            if !self.bugs.has(Bug::AbortNeverReclaimed) {
+                self.blocks.lock().expect("block pool lock").unpin(&pinned);
+            }
             self.serve_slot_waiters(now);
             return;
         }
         let Some((id, key)) = self.transfers.remove(&c.id) else {
             return; // forgotten by the release-early bug
+        };
+        let served = self.bugs.has(Bug::FailedTransferServed)
+            && self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.side == Side::Generation);
+        let c = if served {
+            // The historical bug: a failed receive is taken for a finished one.
+            Completion {
+                id: c.id,
+                result: c.result.or(Ok(0)),
+            }
+        } else {
+            c
         };
         let ok = c.result.is_ok();
         self.emit(TxEvent::TransferDone {

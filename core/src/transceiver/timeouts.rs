@@ -54,6 +54,16 @@ impl Transceiver {
             }
             let sender_expired =
                 side == Side::Context && sender_budget.is_some_and(|b| elapsed >= b);
+            let exempt = self.bugs.has(Bug::LostNotification)
+                && side == Side::Context
+                && self.entries[&id]
+                    .legs
+                    .values()
+                    .any(|l| matches!(l.state, LegState::InFlight { .. }));
+            if exempt {
+                // The historical bug: a send waiting for its notification never times out.
+                continue;
+            }
             if (self.config.inflight_cancel && (warn_due || deadline_passed)) || sender_expired {
                 self.abort_entry(now, id, FailCause::Timeout);
             }
