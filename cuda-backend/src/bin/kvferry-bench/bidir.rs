@@ -56,8 +56,9 @@ impl Way {
     }
 }
 
-/// The gather kernel pulling one way's fragments on its destination device.
-struct Pull {
+/// The gather kernel copying one way's fragments, launched on the destination device (pull:
+/// loads cross the link) or on the source device (push: stores cross it).
+struct Gather {
     kernel: CopyKernel,
     stream: Stream,
     host: PinnedBuffer,
@@ -65,14 +66,14 @@ struct Pull {
     pieces: usize,
 }
 
-impl Pull {
-    fn new(w: &Way, f: u64, cfg: KernelConfig, ptx: &str) -> Result<Pull> {
-        let to = w.dst.gpu();
+impl Gather {
+    fn new(w: &Way, on_dst: bool, f: u64, cfg: KernelConfig, ptx: &str) -> Result<Gather> {
+        let gpu = if on_dst { w.dst.gpu() } else { w.src.gpu() };
         let pieces = every_other_pieces((&w.src, &w.dst), f, cfg.piece_bytes);
-        let (host, dev) = stage_pieces(to, &pieces)?;
-        Ok(Pull {
-            kernel: CopyKernel::load(to, ptx)?,
-            stream: Stream::new(to)?,
+        let (host, dev) = stage_pieces(gpu, &pieces)?;
+        Ok(Gather {
+            kernel: CopyKernel::load(gpu, ptx)?,
+            stream: Stream::new(gpu)?,
             host,
             dev,
             pieces: pieces.len(),
@@ -125,53 +126,58 @@ fn both_at_once(
     Ok(median(times))
 }
 
-/// GB/s of both contiguous copies at once, and of the gather kernel pulling fragments of `f`
-/// bytes both ways at once (bytes of both over wall time), bytes checked.
-fn ceilings(a: &RunArgs, f: u64, cfg: KernelConfig, ptx: &str) -> Result<(f64, f64)> {
-    let ways = ways(a)?;
-    let n = ways[0].host.len();
+/// GB/s of both contiguous copies at once (bytes of both over wall time), bytes checked.
+fn ceiling(ways: &[Way; 2], iters: usize) -> Result<f64> {
     let streams = [&ways[0].stream, &ways[1].stream];
     let whole = |w: &Way, back: &[u8]| {
         compare(&w.host, back).map_err(|m| anyhow!("bidirectional ceiling: {m}"))
     };
-    let ms = both_at_once(&ways, streams, a.iters, |i| ways[i].launch(), whole)?;
-    let ceiling = gbps(2 * n as u64, ms);
-    let pulls = [
-        Pull::new(&ways[0], f, cfg, ptx)?,
-        Pull::new(&ways[1], f, cfg, ptx)?,
-    ];
-    let mut ops = [0, 1].map(|i| {
-        let p = &pulls[i];
-        kernel_op(&p.kernel, &p.host, &p.dev, p.pieces, cfg)
-    });
-    let streams = [&pulls[0].stream, &pulls[1].stream];
-    let fragments = |w: &Way, back: &[u8]| crate::check_every_other(&w.host, back, f as usize);
-    let ms = both_at_once(
-        &ways,
-        streams,
-        a.iters,
-        |i| ops[i](&pulls[i].stream),
-        fragments,
-    )?;
-    let moved = 2 * (n as u64 / (2 * f)) * f;
-    Ok((ceiling, gbps(moved, ms)))
+    let ms = both_at_once(ways, streams, iters, |i| ways[i].launch(), whole)?;
+    Ok(gbps(2 * ways[0].host.len() as u64, ms))
 }
 
-/// The bidirectional ceiling and one `case` each way at `tokens`, measured together.
+/// GB/s of the gather kernel copying fragments of `f` bytes both ways at once, pulling
+/// (`on_dst`) or pushing, bytes checked.
+fn kernel_both_ways(
+    ways: &[Way; 2],
+    on_dst: bool,
+    (f, cfg): (u64, KernelConfig),
+    ptx: &str,
+    iters: usize,
+) -> Result<f64> {
+    let g = [
+        Gather::new(&ways[0], on_dst, f, cfg, ptx)?,
+        Gather::new(&ways[1], on_dst, f, cfg, ptx)?,
+    ];
+    let mut ops = [0, 1].map(|i| kernel_op(&g[i].kernel, &g[i].host, &g[i].dev, g[i].pieces, cfg));
+    let streams = [&g[0].stream, &g[1].stream];
+    let fragments = |w: &Way, back: &[u8]| crate::check_every_other(&w.host, back, f as usize);
+    let ms = both_at_once(ways, streams, iters, |i| ops[i](&g[i].stream), fragments)?;
+    let n = ways[0].host.len() as u64;
+    Ok(gbps(2 * (n / (2 * f)) * f, ms))
+}
+
+/// The bidirectional ceiling, the kernel alone both ways (pull and push) and one `case` each way at `tokens`, measured together.
 pub fn bidir(
     a: &RunArgs,
     (case, tokens): (&str, u32),
-    cfg: KernelConfig,
+    (push, cfg): (KernelConfig, KernelConfig),
     ptx: &str,
 ) -> Result<BidirReport> {
     let f = a.sizes_kib[0] << 10;
-    let (ceiling, kernel) = ceilings(a, f, cfg, ptx).context("bidirectional ceiling")?;
+    let ways = ways(a)?;
+    let ceiling = ceiling(&ways, a.iters).context("bidirectional ceiling")?;
+    let kernel = kernel_both_ways(&ways, true, (f, cfg), ptx, a.iters)?;
+    let kernel_push = kernel_both_ways(&ways, false, (f, push), ptx, a.iters)?;
+    drop(ways);
     println!(
         "bidirectional ceiling: two contiguous {} MiB peer copies at once {ceiling:.1} GB/s; \
-         gather kernel alone at {} KiB both ways {kernel:.1} GB/s ({:.1}%)",
+         gather kernel alone at {} KiB both ways: pull {kernel:.1} GB/s ({:.1}%), push \
+         {kernel_push:.1} GB/s ({:.1}%)",
         a.buffer_mib,
         f >> 10,
-        100.0 * kernel / ceiling
+        100.0 * kernel / ceiling,
+        100.0 * kernel_push / ceiling
     );
     let (ctx_tp, gen_tp) = parse_case(case)?;
     let shape = |src_device, dst_device, seed| Shape {
@@ -198,6 +204,7 @@ pub fn bidir(
         ceiling_gbps: ceiling,
         kernel_gbps: kernel,
         kernel_of_ceiling: kernel / ceiling,
+        kernel_push_gbps: kernel_push,
         case: format!("{} each way", cases[0].label),
         bytes,
         median_ms: med,

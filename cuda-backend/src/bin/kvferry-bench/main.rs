@@ -182,6 +182,9 @@ struct BidirReport {
     /// every other block of `--buffer-mib`), over the same ceiling: what the path can reach.
     kernel_gbps: f64,
     kernel_of_ceiling: f64,
+    /// The same with the kernel on the source device (stores cross the link), for comparison:
+    /// the agent pulls.
+    kernel_push_gbps: f64,
     case: String,
     /// Bytes of both requests.
     bytes: u64,
@@ -625,10 +628,12 @@ fn markdown(rep: &Report) -> String {
     }
     if let Some(b) = &rep.bidir {
         s += &format!(
-            "\nBoth directions at once: bidirectional ceiling (two contiguous peer copies together) {:.1} GB/s; gather kernel alone both ways {:.1} GB/s ({:.1}%); {} : {:.0} MiB in {:.3} ms, {:.1} GB/s, **{:.1}%** of the ceiling, bytes checked: {}\n",
+            "\nBoth directions at once: bidirectional ceiling (two contiguous peer copies together) {:.1} GB/s; gather kernel alone both ways: pull {:.1} GB/s ({:.1}%), push {:.1} GB/s ({:.1}%); {} : {:.0} MiB in {:.3} ms, {:.1} GB/s, **{:.1}%** of the ceiling, bytes checked: {}\n",
             b.ceiling_gbps,
             b.kernel_gbps,
             100.0 * b.kernel_of_ceiling,
+            b.kernel_push_gbps,
+            100.0 * b.kernel_push_gbps / b.ceiling_gbps,
             b.case,
             b.bytes as f64 / (1 << 20) as f64,
             b.median_ms,
@@ -681,11 +686,10 @@ fn run(a: RunArgs) -> Result<()> {
     }
     if let Some(case) = &a.bidir {
         let tokens = a.tokens[0];
-        let r = bidir(&a, (case, tokens), pull, &ptx)
+        let r = bidir(&a, (case, tokens), (push, pull), &ptx)
             .with_context(|| format!("both directions, case {case}, {tokens} tokens"))?;
         rep.bidir = Some(r);
     }
-    let _ = push;
     let md = markdown(&rep);
     println!("\n{md}");
     if let Some(p) = &a.json {
