@@ -179,6 +179,35 @@ pub fn bidir(
         100.0 * kernel / ceiling,
         100.0 * kernel_push / ceiling
     );
+    let pull = each_way(a, case, tokens, false, (cfg, ptx), ceiling)?;
+    let push = each_way(a, case, tokens, true, (push, ptx), ceiling)?;
+    let rep = BidirReport {
+        ceiling_gbps: ceiling,
+        kernel_gbps: kernel,
+        kernel_of_ceiling: kernel / ceiling,
+        kernel_push_gbps: kernel_push,
+        case: pull.0,
+        bytes: pull.1,
+        median_ms: pull.2,
+        gbps: gbps(pull.1, pull.2),
+        of_ceiling: gbps(pull.1, pull.2) / ceiling,
+        push_gbps: gbps(push.1, push.2),
+        push_of_ceiling: gbps(push.1, push.2) / ceiling,
+        verified: true,
+    };
+    Ok(rep)
+}
+
+/// One two-process `case` each way at once, pulling or pushing: (label, bytes of both, median
+/// ms), bytes checked, printed against `ceiling`.
+fn each_way(
+    a: &RunArgs,
+    case: &str,
+    tokens: u32,
+    launch_on_src: bool,
+    (cfg, ptx): (KernelConfig, &str),
+    ceiling: f64,
+) -> Result<(String, u64, f64)> {
     let (ctx_tp, gen_tp) = parse_case(case)?;
     let shape = |src_device, dst_device, seed| Shape {
         ctx_tp,
@@ -187,6 +216,7 @@ pub fn bidir(
         src_device,
         dst_device,
         seed,
+        launch_on_src,
     };
     let fwd = shape(a.src_device, a.dst_device, a.seed);
     let back = shape(a.dst_device, a.src_device, a.seed + 100);
@@ -199,26 +229,13 @@ pub fn bidir(
         c.verify()?;
     }
     let bytes: u64 = cases.iter().map(|c| c.total).sum();
-    let med = median(times.clone());
-    let rep = BidirReport {
-        ceiling_gbps: ceiling,
-        kernel_gbps: kernel,
-        kernel_of_ceiling: kernel / ceiling,
-        kernel_push_gbps: kernel_push,
-        case: format!("{} each way", cases[0].label),
-        bytes,
-        median_ms: med,
-        gbps: gbps(bytes, med),
-        of_ceiling: gbps(bytes, med) / ceiling,
-        verified: true,
-    };
+    let med = median(times);
+    let label = format!("{} each way", cases[0].label);
     println!(
-        "bidirectional {}: {:.1} MiB in {:.3} ms, {:.1} GB/s, {:.1}% of the bidirectional ceiling",
-        rep.case,
+        "bidirectional {label}: {:.1} MiB in {med:.3} ms, {:.1} GB/s, {:.1}% of the bidirectional ceiling",
         bytes as f64 / (1 << 20) as f64,
-        med,
-        rep.gbps,
-        100.0 * rep.of_ceiling
+        gbps(bytes, med),
+        100.0 * gbps(bytes, med) / ceiling
     );
-    Ok(rep)
+    Ok((label, bytes, med))
 }

@@ -191,6 +191,9 @@ struct BidirReport {
     median_ms: f64,
     gbps: f64,
     of_ceiling: f64,
+    /// The same requests with the generation process launching on each context's device.
+    push_gbps: f64,
+    push_of_ceiling: f64,
     verified: bool,
 }
 
@@ -628,7 +631,7 @@ fn markdown(rep: &Report) -> String {
     }
     if let Some(b) = &rep.bidir {
         s += &format!(
-            "\nBoth directions at once: bidirectional ceiling (two contiguous peer copies together) {:.1} GB/s; gather kernel alone both ways: pull {:.1} GB/s ({:.1}%), push {:.1} GB/s ({:.1}%); {} : {:.0} MiB in {:.3} ms, {:.1} GB/s, **{:.1}%** of the ceiling, bytes checked: {}\n",
+            "\nBoth directions at once: bidirectional ceiling (two contiguous peer copies together) {:.1} GB/s; gather kernel alone both ways: pull {:.1} GB/s ({:.1}%), push {:.1} GB/s ({:.1}%); {} : {:.0} MiB in {:.3} ms, {:.1} GB/s, **{:.1}%** of the ceiling; the same pushing (launched on each ctx's device) {:.1} GB/s, **{:.1}%**; bytes checked: {}\n",
             b.ceiling_gbps,
             b.kernel_gbps,
             100.0 * b.kernel_of_ceiling,
@@ -639,6 +642,8 @@ fn markdown(rep: &Report) -> String {
             b.median_ms,
             b.gbps,
             100.0 * b.of_ceiling,
+            b.push_gbps,
+            100.0 * b.push_of_ceiling,
             if b.verified { "yes" } else { "no" }
         );
     }

@@ -90,6 +90,10 @@ pub struct Shape {
     pub src_device: usize,
     pub dst_device: usize,
     pub seed: u64,
+    /// The generation process launches its kernels on the context's device (same host, so it
+    /// can open that device): loads stay in the context GPU's memory and stores cross the
+    /// link (push), instead of loads crossing it (pull, the agent's default).
+    pub launch_on_src: bool,
 }
 
 /// One generation rank: its agent, its pool, its legs and the bytes its pool must end with.
@@ -125,7 +129,14 @@ impl Case {
             children.0.push(child);
             exports.push(export);
         }
-        let gpu = Gpu::open(s.dst_device)?;
+        let pool_gpu = Gpu::open(s.dst_device)?;
+        let gpu = if s.launch_on_src {
+            let g = Gpu::open(s.src_device)?;
+            g.enable_peer_access(&pool_gpu)?;
+            g
+        } else {
+            pool_gpu.clone()
+        };
         let mut mapped = Vec::new();
         for e in &exports {
             mapped.push(Region::from_ipc(Arc::new(IpcMapping::open(&gpu, e)?)));
@@ -141,7 +152,12 @@ impl Case {
             ranks: Vec::new(),
             _mapped: Vec::new(),
             _children: children,
-            label: format!("ctx TP{} -> gen TP{}", s.ctx_tp, s.gen_tp),
+            label: format!(
+                "ctx TP{} -> gen TP{}{}",
+                s.ctx_tp,
+                s.gen_tp,
+                if s.launch_on_src { " (push)" } else { "" }
+            ),
             total: 0,
             fragments: 0,
             fragment_kib: String::new(),
@@ -153,7 +169,8 @@ impl Case {
         };
         for g in 0..s.gen_tp {
             let plan = Arc::new(TransferPlan::new(&ctx, &llama70b(s.gen_tp, g), &blocks)?);
-            let (agent, pool) = gen_agent(&gpu, ptx, g, &plan, a.pool_blocks, &config)?;
+            let gpus = (&gpu, &pool_gpu);
+            let (agent, pool) = gen_agent(gpus, ptx, g, &plan, a.pool_blocks, &config)?;
             let mut expected = vec![POISON; pool.len()];
             let mut jobs = Vec::new();
             for c in plan.sources() {
@@ -228,8 +245,10 @@ fn block_pairs(a: &RunArgs, s: &Shape, tokens_per_block: u32) -> Vec<(u32, u32)>
     ctx_ids.into_iter().zip(ids.iter().copied()).collect()
 }
 
+/// A generation rank's agent launching on `gpu`, its pool on `pool_gpu` (the same device
+/// unless the case pushes).
 fn gen_agent(
-    gpu: &Arc<Gpu>,
+    (gpu, pool_gpu): (&Arc<Gpu>, &Arc<Gpu>),
     ptx: &str,
     rank: u32,
     plan: &TransferPlan,
@@ -237,7 +256,7 @@ fn gen_agent(
     config: &CudaAgentConfig,
 ) -> Result<(Arc<CudaAgent>, Arc<DeviceBuffer>)> {
     let pool_bytes = plan.gen_layout().block_bytes() as usize * pool_blocks as usize;
-    let pool = Arc::new(DeviceBuffer::alloc(gpu, pool_bytes)?);
+    let pool = Arc::new(DeviceBuffer::alloc(pool_gpu, pool_bytes)?);
     let agent = CudaAgent::with_kernel(
         gpu.clone(),
         CopyKernel::load(gpu, ptx)?,
@@ -340,6 +359,7 @@ pub fn two_process(
         src_device: a.src_device,
         dst_device: a.dst_device,
         seed: a.seed,
+        launch_on_src: false,
     };
     let c = Case::new(a, &shape, cfg, ptx)?;
     let times = timed_rounds(&[&c], a.iters)?;
