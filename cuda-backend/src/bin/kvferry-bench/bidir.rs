@@ -6,8 +6,9 @@
 //! so the ratio compares like with like. Between them, the gather kernel alone both ways
 //! (no processes, no agent) says how much of a shortfall is the kernel's and how much the path's.
 
+use crate::micro::{check_every_other, every_other_pieces, kernel_op, stage_pieces};
 use crate::two_process::{parse_case, timed_rounds, Case, Shape};
-use crate::{cu, every_other_pieces, gbps, kernel_op, median, stage_pieces, BidirReport, RunArgs};
+use crate::{cu, gbps, median, BidirReport, RunArgs};
 use anyhow::{anyhow, Context, Result};
 use cudarc::driver::sys;
 use kvferry_backends::cuda::verify::{compare, fill_pattern, POISON};
@@ -151,7 +152,7 @@ fn kernel_both_ways(
     ];
     let mut ops = [0, 1].map(|i| kernel_op(&g[i].kernel, &g[i].host, &g[i].dev, g[i].pieces, cfg));
     let streams = [&g[0].stream, &g[1].stream];
-    let fragments = |w: &Way, back: &[u8]| crate::check_every_other(&w.host, back, f as usize);
+    let fragments = |w: &Way, back: &[u8]| check_every_other(&w.host, back, f as usize);
     let ms = both_at_once(ways, streams, iters, |i| ops[i](&g[i].stream), fragments)?;
     let n = ways[0].host.len() as u64;
     Ok(gbps(2 * (n / (2 * f)) * f, ms))

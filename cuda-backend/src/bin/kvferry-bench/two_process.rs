@@ -122,13 +122,7 @@ impl Case {
         let ctx = llama70b(s.ctx_tp, 0);
         let blocks = block_pairs(a, s, ctx.tokens_per_block);
         let ctx_pool = ctx.block_bytes() as usize * a.pool_blocks as usize;
-        let mut children = Children(Vec::new());
-        let mut exports = Vec::new();
-        for r in 0..s.ctx_tp {
-            let (child, export) = spawn_ctx(s.src_device, ctx_pool, s.seed + u64::from(r))?;
-            children.0.push(child);
-            exports.push(export);
-        }
+        let (children, exports) = spawn_ctx_ranks(s, ctx_pool)?;
         let pool_gpu = Gpu::open(s.dst_device)?;
         let gpu = if s.launch_on_src {
             let g = Gpu::open(s.src_device)?;
@@ -141,13 +135,7 @@ impl Case {
         for e in &exports {
             mapped.push(Region::from_ipc(Arc::new(IpcMapping::open(&gpu, e)?)));
         }
-        let host_ctx: Vec<Vec<u8>> = (0..s.ctx_tp)
-            .map(|r| {
-                let mut h = vec![0u8; ctx_pool];
-                fill_pattern(s.seed + u64::from(r), &mut h);
-                h
-            })
-            .collect();
+        let host_ctx = host_pools(s, ctx_pool);
         let mut case = Case {
             ranks: Vec::new(),
             _mapped: Vec::new(),
@@ -232,6 +220,29 @@ impl Case {
         }
         Ok(())
     }
+}
+
+/// One child process per context rank on the source device, each with its exported pool.
+fn spawn_ctx_ranks(s: &Shape, pool_bytes: usize) -> Result<(Children, Vec<PoolExport>)> {
+    let mut children = Children(Vec::new());
+    let mut exports = Vec::new();
+    for r in 0..s.ctx_tp {
+        let (child, export) = spawn_ctx(s.src_device, pool_bytes, s.seed + u64::from(r))?;
+        children.0.push(child);
+        exports.push(export);
+    }
+    Ok((children, exports))
+}
+
+/// The context ranks' pools as the children filled them (same seeds), for the expected bytes.
+fn host_pools(s: &Shape, pool_bytes: usize) -> Vec<Vec<u8>> {
+    (0..s.ctx_tp)
+        .map(|r| {
+            let mut h = vec![0u8; pool_bytes];
+            fill_pattern(s.seed + u64::from(r), &mut h);
+            h
+        })
+        .collect()
 }
 
 /// The request's (ctx block, gen block) pairs: shuffled, different ids on each side.
