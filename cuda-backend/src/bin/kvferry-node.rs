@@ -308,64 +308,8 @@ fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.role {
-        Role::Ctx { listen, common } => {
-            let spec = common.spec()?;
-            let listener = TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding {listen}"))?;
-            let rank = Rank::with_backend(
-                kvferry_core::PeerId {
-                    instance: spec::CTX_INSTANCE,
-                    rank: 0,
-                },
-                kvferry_core::transceiver::Side::Context,
-                &spec,
-                backend(&spec, &common)?,
-            )
-            .context("building the ctx rank")?;
-            start_metrics(common.metrics, &rank).await?;
-            announce(&format!("listening {}", listener.local_addr()?));
-            ctx::run_with(listener, rank).await.context("ctx node")
-        }
-        Role::Gen { peer, load, common } => {
-            let spec = common.spec()?;
-            if load.min_blocks == 0 || load.min_blocks > load.max_blocks {
-                bail!("need 1 <= --min-blocks <= --max-blocks");
-            }
-            if load.concurrency == 0 {
-                bail!("--concurrency must be at least 1");
-            }
-            let rank = Rank::with_backend(
-                kvferry_core::PeerId {
-                    instance: spec::GEN_INSTANCE_BASE,
-                    rank: 0,
-                },
-                kvferry_core::transceiver::Side::Generation,
-                &spec,
-                backend(&spec, &common)?,
-            )
-            .context("building the gen rank")?;
-            start_metrics(common.metrics, &rank).await?;
-            let opts = gen::LoadOptions {
-                peer,
-                requests: load.requests,
-                concurrency: load.concurrency,
-                min_blocks: load.min_blocks,
-                max_blocks: load.max_blocks,
-                seed: load.seed,
-                verify: !load.no_verify,
-                progress: progress_period(&load),
-            };
-            let s = gen::run_with(rank, opts).await.context("gen node")?;
-            print_summary(&s)?;
-            if let Some(cause) = &s.gave_up {
-                eprintln!("kvferry-node gen: gave the ctx up: {cause}");
-            }
-            if s.failed > 0 || s.skipped > 0 {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+        Role::Ctx { listen, common } => run_ctx(listen, common).await,
+        Role::Gen { peer, load, common } => run_gen(peer, load, common).await,
         Role::Bench {
             requests,
             blocks_per_request,
@@ -374,27 +318,94 @@ async fn run(cli: Cli) -> Result<()> {
             verify,
             common,
         } => {
-            let spec = common.spec()?;
-            if spec.config.backend == config::Backend::Cuda {
-                bail!(
-                    "bench runs the host and NIXL backends (kvferry-bench measures the CUDA paths)"
-                );
-            }
-            let backend = backend(&spec, &common)?;
-            let o = BenchOptions {
-                requests,
-                blocks_per_request,
-                concurrency,
-                rounds: rounds.max(1),
-                verify,
-                threads: common.threads(),
-                backend,
-            };
-            let rows = bench::run(&spec, &o).await.context("bench")?;
-            print_bench(&spec, &o, &rows);
-            Ok(())
+            let o = (requests, blocks_per_request, concurrency, rounds, verify);
+            run_bench(o, common).await
         }
     }
+}
+
+async fn run_ctx(listen: SocketAddr, common: Common) -> Result<()> {
+    let spec = common.spec()?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let rank = Rank::with_backend(
+        kvferry_core::PeerId {
+            instance: spec::CTX_INSTANCE,
+            rank: 0,
+        },
+        kvferry_core::transceiver::Side::Context,
+        &spec,
+        backend(&spec, &common)?,
+    )
+    .context("building the ctx rank")?;
+    start_metrics(common.metrics, &rank).await?;
+    announce(&format!("listening {}", listener.local_addr()?));
+    ctx::run_with(listener, rank).await.context("ctx node")
+}
+
+async fn run_gen(peer: SocketAddr, load: Load, common: Common) -> Result<()> {
+    let spec = common.spec()?;
+    if load.min_blocks == 0 || load.min_blocks > load.max_blocks {
+        bail!("need 1 <= --min-blocks <= --max-blocks");
+    }
+    if load.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let rank = Rank::with_backend(
+        kvferry_core::PeerId {
+            instance: spec::GEN_INSTANCE_BASE,
+            rank: 0,
+        },
+        kvferry_core::transceiver::Side::Generation,
+        &spec,
+        backend(&spec, &common)?,
+    )
+    .context("building the gen rank")?;
+    start_metrics(common.metrics, &rank).await?;
+    let opts = gen::LoadOptions {
+        peer,
+        requests: load.requests,
+        concurrency: load.concurrency,
+        min_blocks: load.min_blocks,
+        max_blocks: load.max_blocks,
+        seed: load.seed,
+        verify: !load.no_verify,
+        progress: progress_period(&load),
+    };
+    let s = gen::run_with(rank, opts).await.context("gen node")?;
+    print_summary(&s)?;
+    if let Some(cause) = &s.gave_up {
+        eprintln!("kvferry-node gen: gave the ctx up: {cause}");
+    }
+    if s.failed > 0 || s.skipped > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `bench` with (requests, blocks per request, concurrency, rounds, verify).
+async fn run_bench(
+    (requests, blocks_per_request, concurrency, rounds, verify): (u64, u32, usize, usize, bool),
+    common: Common,
+) -> Result<()> {
+    let spec = common.spec()?;
+    if spec.config.backend == config::Backend::Cuda {
+        bail!("bench runs the host and NIXL backends (kvferry-bench measures the CUDA paths)");
+    }
+    let backend = backend(&spec, &common)?;
+    let o = BenchOptions {
+        requests,
+        blocks_per_request,
+        concurrency,
+        rounds: rounds.max(1),
+        verify,
+        threads: common.threads(),
+        backend,
+    };
+    let rows = bench::run(&spec, &o).await.context("bench")?;
+    print_bench(&spec, &o, &rows);
+    Ok(())
 }
 
 fn progress_period(load: &Load) -> Option<Duration> {

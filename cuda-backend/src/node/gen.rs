@@ -133,6 +133,30 @@ pub async fn run(spec: NodeSpec, opts: LoadOptions) -> Result<Summary, NodeError
     run_with(rank, opts).await
 }
 
+impl GenNode {
+    fn new(rank: Rank, opts: LoadOptions, ctx: PeerId) -> GenNode {
+        GenNode {
+            rng: StdRng::seed_from_u64(opts.seed),
+            s: Summary {
+                requests: opts.requests,
+                ..Summary::default()
+            },
+            rank,
+            opts,
+            ctx,
+            connected: false,
+            pool_wait: None,
+            launched: 0,
+            next_tag: 0,
+            pending: HashMap::new(),
+            active: HashMap::new(),
+            reserved: 0,
+            latencies_us: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
 /// As `run`, with a rank built by the caller (to share its metrics).
 pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeError> {
     let ctx = PeerId {
@@ -146,26 +170,7 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
         ctx,
         Attach::new(&rank, inbox_tx),
     )));
-    let mut node = GenNode {
-        rng: StdRng::seed_from_u64(opts.seed),
-        s: Summary {
-            requests: opts.requests,
-            ..Summary::default()
-        },
-        rank,
-        opts,
-        ctx,
-        connected: false,
-        pool_wait: None,
-
-        launched: 0,
-        next_tag: 0,
-        pending: HashMap::new(),
-        active: HashMap::new(),
-        reserved: 0,
-        latencies_us: Vec::new(),
-        scratch: Vec::new(),
-    };
+    let mut node = GenNode::new(rank, opts, ctx);
     let started = Instant::now();
     let cpu_started = cpu::process_cpu();
     let mut progress = Progress::new(node.opts.progress);
