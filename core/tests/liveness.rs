@@ -202,7 +202,11 @@ fn an_idle_spell_is_not_silence() {
 #[test]
 fn an_idle_rank_answers_a_peer_it_watched_before() {
     let mut c = idle_after_one_request();
-    assert_eq!(c.ctx[0].tx.watched_peers(), 0, "an idle rank watches nobody");
+    assert_eq!(
+        c.ctx[0].tx.watched_peers(),
+        0,
+        "an idle rank watches nobody"
+    );
     let gen = c.gen[0].tx.me();
     c.ctx[0]
         .tx
