@@ -1,10 +1,10 @@
 //! Gray failures: seeds that once broke the progress check (I10), replayed exactly as found
-//! (`kvferry replay SEED --scenario NAME --transfer-mode MODE`, a release build).
+//! (`kvferry replay SEED --scenario NAME --transfer-mode MODE`).
 //!
-//! A seed's run differs between the release and the debug build (the same build always gives
-//! the same trace, I8), so under `cargo test` these seeds need not take the path they took
-//! when found; the unit tests beside each fix (`attribution`, `core/tests/liveness.rs`) pin
-//! the mechanism itself in any build.
+//! A fix elsewhere can change a seed's run (the heartbeat fix of seed 272 changed the path of
+//! seed 674: fewer silent deaths, none leaving a side without an instance), so these seeds
+//! need not take the path they took when found; the unit tests beside each fix
+//! (`attribution`, `core/tests/liveness.rs`) pin the mechanism itself.
 
 use kvferry_sim::cluster::run_seed;
 use kvferry_sim::report::SeedReport;
