@@ -21,7 +21,8 @@
 //! - it acts on the whole fabric during its lifetime (a latency spike).
 //!
 //! A request that was not admitted because no incarnation of a side was up is reached by the
-//! crashes before its refusal (instances only vanish by crashing). A rogue peer reaches nobody:
+//! crashes and silent deaths before its refusal (instances only vanish by one or the other).
+//! A rogue peer reaches nobody:
 //! without the token it has no authority over any request (I9).
 //!
 //! A request that failed or was cancelled is attributed to the first fault that reached it in
