@@ -8,6 +8,7 @@
 //! trace event, so traces and their hashes are what they were without counting.
 
 use crate::scenario::Scenario;
+use crate::transfer_mode::TransferMode;
 use kvferry_core::RequestId;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,12 +72,16 @@ impl Window {
         }
     }
 
-    /// Whether a campaign of `s` must reach this window. Heartbeats declare a peer dead only
-    /// where a fault silences one without a reset, and where their silence limit is shorter
-    /// than a seed: in [`SILENCING_SCENARIOS`]. Elsewhere (the default's limit is 5 s, and a
-    /// wedged job leaves its peer talking) the window cannot open: counted, not required.
+    /// Whether a campaign of `s` must reach this window: every one that can open in it.
+    /// Heartbeats declare a peer dead only where a fault silences one without a reset and
+    /// their silence limit is shorter than a seed: in [`SILENCING_SCENARIOS`] (the default's
+    /// limit is 5 s, and a wedged job leaves its peer talking). No pull runs under `push`.
     pub fn required_in(self, s: &Scenario) -> bool {
-        self != Window::HeartbeatDeclaredDead || SILENCING_SCENARIOS.contains(&s.name.as_str())
+        match self {
+            Window::HeartbeatDeclaredDead => SILENCING_SCENARIOS.contains(&s.name.as_str()),
+            Window::PartitionDuringPull => s.transfer_mode != TransferMode::Push,
+            _ => true,
+        }
     }
 }
 
@@ -173,5 +178,15 @@ mod tests {
         assert_eq!(missed(&counts, &gray), vec!["heartbeat-declared-dead"]);
         counts.insert("rogue-token".into(), 0);
         assert_eq!(missed(&counts, &default), vec!["rogue-token"]);
+        counts.insert("partition-during-pull".into(), 0);
+        let push = Scenario {
+            transfer_mode: TransferMode::Push,
+            ..default.clone()
+        };
+        assert_eq!(missed(&counts, &push), vec!["rogue-token"], "no pull runs");
+        assert_eq!(
+            missed(&counts, &default),
+            vec!["rogue-token", "partition-during-pull"]
+        );
     }
 }
