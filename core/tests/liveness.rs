@@ -161,3 +161,59 @@ fn a_silent_peer_fails_its_requests_as_unreachable() {
         .collect();
     assert_eq!(causes, vec![FailCause::Unreachable]);
 }
+
+/// Finishes request 1 (the ranks watched each other for it), then leaves both ranks idle for
+/// far longer than the silence limit, with no call into either: an idle rank runs no tick.
+fn idle_after_one_request() -> Cluster {
+    let mut c = Cluster::new(1, 1, config());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    run_for(&mut c, 2 * INTERVAL_MS, true);
+    let fin = c.run_until_quiet();
+    assert_eq!(fin.len(), 2, "both sides finished request 1");
+    assert_eq!(c.gen[0].tx.active(), 0);
+    c.now += Duration::from_millis(INTERVAL_MS) * MISSED * 10;
+    silent_losses(&mut c);
+    c
+}
+
+/// Seed 272 of `asymmetric-partition` (pull): a generation rank idle for a while registered
+/// a request from a context rank it had served before; the tick left over from before the
+/// idle spell was overdue at once and found that peer silent for the whole spell, so the
+/// request failed as unreachable with no fault near it.
+#[test]
+fn an_idle_spell_is_not_silence() {
+    let mut c = idle_after_one_request();
+    c.submit(2, 1, 5, 5);
+    c.pump();
+    c.gen[0].tx.handle_timeout(c.now);
+    assert!(silent_losses(&mut c).is_empty(), "the peer was just heard");
+    assert_eq!(c.gen[0].tx.counters().peers_silent, 0);
+    run_for(&mut c, 2 * INTERVAL_MS, true);
+    let fin = c.run_until_quiet();
+    assert_eq!(
+        states(&fin),
+        vec![RequestState::ContextComplete, RequestState::GenComplete]
+    );
+}
+
+/// An idle context rank keeps answering the heartbeats of a peer it watched for an earlier
+/// request: that peer waits on a request this rank has not registered yet.
+#[test]
+fn an_idle_rank_answers_a_peer_it_watched_before() {
+    let mut c = idle_after_one_request();
+    assert_eq!(
+        c.ctx[0].tx.watched_peers(),
+        0,
+        "an idle rank watches nobody"
+    );
+    let gen = c.gen[0].tx.me();
+    c.ctx[0]
+        .tx
+        .handle_message(c.now, gen, Message::Heartbeat { seq: 9 });
+    let answer = c.ctx[0].tx.poll_transmit().expect("an answer");
+    assert_eq!(
+        (answer.to, answer.msg),
+        (gen, Message::Heartbeat { seq: 0 })
+    );
+}

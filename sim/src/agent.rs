@@ -17,6 +17,7 @@ mod read_check;
 
 use crate::attribution::Reach;
 use crate::checker::RankKey;
+use crate::coverage::Window;
 use crate::fabric::PARTITION_POLL;
 use crate::faults::FaultKind;
 use crate::memory::RankMemory;
@@ -385,6 +386,7 @@ impl AgentInner {
             job.busy += 1;
             (*id, job.staging.clone())
         };
+        self.world.coverage(|c| c.landed(request));
         self.check_alive_agent("landed bytes", id);
         self.check_slot_owner(id, request, &staging, "wrote");
         {
@@ -769,7 +771,12 @@ impl TransferAgent for SimAgent {
         if let Some(j) = jobs.get_mut(&id) {
             if !j.cancelling {
                 j.cancelling = true;
+                let in_flight = j.busy > 0;
                 drop(jobs);
+                if in_flight {
+                    // Its blocks are being taken back while a chunk moves into or out of them.
+                    inner.world.window(Window::EvictionWhileBytesLand);
+                }
                 madsim::task::spawn(inner.clone().run_cancel(id));
             }
         }

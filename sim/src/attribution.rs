@@ -103,12 +103,13 @@ pub fn cause_of(l: &Lifetime, faults: &[Footprint]) -> Option<&'static str> {
     if l.rogue_ended {
         return Some(FaultKind::RoguePeer.name());
     }
-    // Instances only ever vanish by crashing: a refusal for want of one is a crash's doing.
+    // Instances only ever vanish by crashing or dying silently: a refusal for want of one is
+    // the doing of such a fault struck before it.
     let no_instance = l.refusal == Some(Refusal::NoInstance);
     let fault = faults
         .iter()
         .filter(|f| {
-            f.reaches(l) || (no_instance && f.kind == FaultKind::Crash && f.from_us <= l.ended_us)
+            f.reaches(l) || (no_instance && f.kind.removes_instance() && f.from_us <= l.ended_us)
         })
         .map(|f| f.kind)
         .min();
@@ -303,5 +304,26 @@ mod tests {
         };
         assert_eq!(cause_of(&l, &crash(90)), Some("crash"));
         assert_eq!(cause_of(&l, &crash(110)), None);
+    }
+
+    #[test]
+    fn no_instance_is_a_silent_death_only_after_one() {
+        let l = Lifetime {
+            refusal: Some(Refusal::NoInstance),
+            first_failure: None,
+            ..life(5, &[], 100, 100)
+        };
+        let death = |at| {
+            [fault(
+                FaultKind::SilentDeath,
+                at,
+                u64::MAX,
+                Reach::Instances(vec![9]),
+            )]
+        };
+        assert_eq!(cause_of(&l, &death(90)), Some("silent-death"));
+        assert_eq!(cause_of(&l, &death(110)), None);
+        let clog = [fault(FaultKind::Clog, 90, 200, Reach::Instances(vec![9]))];
+        assert_eq!(cause_of(&l, &clog), None, "a clog takes no instance away");
     }
 }

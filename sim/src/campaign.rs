@@ -5,6 +5,7 @@
 //! seed range, never on `jobs`: each seed runs in its own madsim runtime, and reports are folded
 //! in seed order whatever order the threads finish in.
 
+use crate::coverage;
 use crate::report::{Invariant, SeedReport, Violation};
 use crate::scenario::Scenario;
 use serde::Serialize;
@@ -94,11 +95,18 @@ pub struct Summary {
     /// The worst convergence time of any seed (`SeedReport::convergence_us`), and its seed.
     pub worst_convergence_us: u64,
     pub worst_convergence_seed: Option<u64>,
+    /// Dangerous windows reached, summed over the seeds, every window listed (`coverage`).
+    pub coverage: BTreeMap<String, u64>,
 }
 
 impl Summary {
     pub fn failed(&self) -> bool {
         !self.failing_seeds.is_empty() || !self.panicked_seeds.is_empty()
+    }
+
+    /// The windows this campaign's scenario requires that no seed reached.
+    pub fn missed_windows(&self) -> Vec<&'static str> {
+        coverage::missed(&self.coverage, &self.scenario)
     }
 }
 
@@ -241,6 +249,7 @@ impl<'a> Fold<'a> {
             sim_seconds_per_wall_second: 0.0,
             worst_convergence_us: 0,
             worst_convergence_seed: None,
+            coverage: coverage::zero(),
         };
         Fold {
             campaign,
@@ -301,6 +310,7 @@ impl<'a> Fold<'a> {
                 &mut s.failures_by_core_cause,
                 &report.failures_by_core_cause,
             ),
+            (&mut s.coverage, &report.coverage),
         ] {
             for (k, n) in from {
                 *into.entry(k.clone()).or_default() += n;

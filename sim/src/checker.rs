@@ -21,7 +21,8 @@
 //! - it acts on the whole fabric during its lifetime (a latency spike).
 //!
 //! A request that was not admitted because no incarnation of a side was up is reached by the
-//! crashes before its refusal (instances only vanish by crashing). A rogue peer reaches nobody:
+//! crashes and silent deaths before its refusal (instances only vanish by one or the other).
+//! A rogue peer reaches nobody:
 //! without the token it has no authority over any request (I9).
 //!
 //! A request that failed or was cancelled is attributed to the first fault that reached it in
@@ -43,6 +44,7 @@
 //! once, at the decision), or when it reports the failure if it tells nobody.
 
 use crate::attribution::{Footprint, Reach};
+use crate::coverage::Coverage;
 use crate::faults::FaultKind;
 use crate::report::{Invariant, TraceEvent, TraceKind, Violation};
 use kvferry_core::request::RequestState;
@@ -81,6 +83,19 @@ pub struct Checker {
     /// rank: what the I9 check of a peer-aborted request compares.
     aborts_to: HashMap<(RequestId, PeerId), u64>,
     aborts_by: HashMap<(RequestId, PeerId), u64>,
+    /// The dangerous windows this seed reached (observed here, beside the invariants, so
+    /// that counting them touches neither the trace nor the random stream).
+    pub coverage: Coverage,
+}
+
+/// What the checker recorded of a seed, for its report.
+pub struct Recorded {
+    pub violations: Vec<Violation>,
+    pub trace: Vec<TraceEvent>,
+    pub trace_hash: u64,
+    pub events: u64,
+    pub faults: BTreeMap<String, u64>,
+    pub coverage: BTreeMap<String, u64>,
 }
 
 /// FNV-1a, 64 bit: the trace hash must not depend on process-random hasher seeds.
@@ -279,22 +294,16 @@ impl Checker {
         }
     }
 
-    pub fn into_parts(
-        self,
-    ) -> (
-        Vec<Violation>,
-        Vec<TraceEvent>,
-        u64,
-        u64,
-        BTreeMap<String, u64>,
-    ) {
-        (
-            self.violations,
-            self.trace,
-            self.hash,
-            self.events,
-            self.faults,
-        )
+    /// What a seed's report takes from the checker.
+    pub fn into_parts(self) -> Recorded {
+        Recorded {
+            violations: self.violations,
+            trace: self.trace,
+            trace_hash: self.hash,
+            events: self.events,
+            faults: self.faults,
+            coverage: self.coverage.counts(),
+        }
     }
 }
 

@@ -52,6 +52,10 @@ pub struct SimArgs {
     /// Print the summary as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Fail the campaign (exit 1) if no seed reached one of the dangerous windows its
+    /// scenario requires (see sim/README.md).
+    #[arg(long)]
+    pub require_coverage: bool,
     #[command(flatten)]
     pub scenario: ScenarioArgs,
 }

@@ -12,6 +12,7 @@
 use crate::agent::AgentRegistry;
 use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
+use crate::coverage::Window;
 use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
 use crate::gray;
 use crate::mailbox::Command;
@@ -145,6 +146,9 @@ impl Sim {
         let Some(inst) = self.instances.lock().expect("instances lock").remove(&uid) else {
             return;
         };
+        if inst.round_open() {
+            self.window(Window::CrashDuringCollective);
+        }
         self.world.leave(uid);
         self.registry.forget(uid);
         inst.kill();
@@ -188,6 +192,9 @@ impl Sim {
         let Some(inst) = self.instances.lock().expect("instances lock").remove(&uid) else {
             return;
         };
+        if inst.round_open() {
+            self.window(Window::CrashDuringCollective);
+        }
         self.fabric.lock().expect("fabric lock").silence(uid);
         inst.kill();
         self.fault(
@@ -314,6 +321,10 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
     let (inst, blocks) = match admit(sim, Side::Generation, id, n) {
         Ok(got) => got,
         Err(why) => {
+            if why != Refusal::NoInstance {
+                // The context side already holds its blocks and serves them.
+                sim.window(Window::AllocationFailureMidPlan);
+            }
             refuse(sim, id, Side::Generation, why);
             sim.command_all(ctx_uid, |_| Command::Cancel(id));
             return;
@@ -511,6 +522,7 @@ fn client_cancel(sim: &Arc<Sim>) {
             Reach::Request(id),
             format!("{id}"),
         );
+        sim.coverage(|c| c.client_cancel(id));
         sim.router.lock().expect("router lock").client_cancel(id);
         for uid in [ctx, gen].into_iter().flatten() {
             sim.command_all(uid, |_| Command::Cancel(id));
@@ -808,23 +820,24 @@ fn report(
     outcomes: Outcomes,
     checker: Checker,
 ) -> SeedReport {
-    let (violations, trace, trace_hash, events, faults) = checker.into_parts();
+    let rec = checker.into_parts();
     SeedReport {
         seed,
         sim_time_us,
-        events,
+        events: rec.events,
         requests_planned: planned,
         requests_issued: outcomes.issued,
         requests_completed: outcomes.completed,
         requests_failed: outcomes.failed,
         requests_cancelled: outcomes.cancelled,
-        faults,
+        faults: rec.faults,
         failures_by_cause: outcomes.failures_by_cause,
         failures_by_core_cause: outcomes.failures_by_core_cause,
-        violations,
-        trace_hash,
-        trace,
+        violations: rec.violations,
+        trace_hash: rec.trace_hash,
+        trace: rec.trace,
         convergence_us: 0,
+        coverage: rec.coverage,
     }
 }
 

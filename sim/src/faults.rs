@@ -136,6 +136,12 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    /// Does this fault take an instance out of the scheduler's choice (until a fresh
+    /// incarnation comes up)? Only these can leave a side with no instance to admit on.
+    pub fn removes_instance(self) -> bool {
+        matches!(self, FaultKind::Crash | FaultKind::SilentDeath)
+    }
+
     /// The name in summaries (`faults`, `failures_by_cause`).
     pub fn name(self) -> &'static str {
         match self {

@@ -6,6 +6,7 @@ pub mod campaign;
 pub mod checker;
 pub mod cli;
 pub mod cluster;
+pub mod coverage;
 pub mod evict;
 pub mod fabric;
 pub mod faults;

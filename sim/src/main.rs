@@ -1,8 +1,9 @@
 //! `kvferry`: seed campaigns (`sim`), single-seed replays with a Perfetto timeline (`replay`)
 //! and transfer-plan inspection (`plan`).
 //!
-//! Exit codes: 0 all good, 1 an invariant was violated (or a seed panicked), 2 bad input or
-//! another error, printed as one `error: ...` line.
+//! Exit codes: 0 all good, 1 an invariant was violated (or a seed panicked, or under
+//! `--require-coverage` a dangerous window was never reached), 2 bad input or another error,
+//! printed as one `error: ...` line.
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
@@ -88,6 +89,17 @@ fn sim(args: &SimArgs) -> Result<bool> {
         // Failures last, so that the replay commands end the output.
         print!("{}", render::summary_table(&summary));
         print!("{}", render::failures(&summary));
+    }
+    let missed = summary.missed_windows();
+    if args.require_coverage && !missed.is_empty() {
+        eprintln!(
+            "coverage: seeds {}..{} of {} never reached: {}",
+            args.seeds.start,
+            args.seeds.end,
+            summary.scenario.name,
+            missed.join(", ")
+        );
+        return Ok(false);
     }
     Ok(!summary.failed())
 }

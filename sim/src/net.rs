@@ -55,6 +55,10 @@ pub fn send(world: &Arc<World>, from: PeerId, t: Transmit) -> Result<(), SendErr
     // Any Cancel or Error may end a request on a peer bound to it; only a Cancel or an Error
     // `Cancelled` is what a rank tells its peers when it gives a request up (other codes
     // refuse a RequestInfo).
+    if let Message::RequestInfo(info) = &msg {
+        let id = info.request;
+        world.coverage(|c| c.asked(id));
+    }
     let abort = match &msg {
         Message::Cancel { request, .. } => Some((*request, true)),
         Message::Error { request, code, .. } => Some((*request, *code == ErrorCode::Cancelled)),
@@ -147,6 +151,16 @@ impl Barrier {
             world,
             rounds: BTreeMap::new(),
         }
+    }
+
+    /// Whether a round is open: some rank entered it and it is undecided, or the last of the
+    /// `wanted` rounds (rounds are taken in order) has no outcome yet.
+    pub fn open(&self, wanted: u64) -> bool {
+        let undecided = |r: &Round| r.outcome.is_none();
+        let last = wanted
+            .checked_sub(1)
+            .is_some_and(|n| self.rounds.get(&n).is_none_or(undecided));
+        last || self.rounds.values().any(undecided)
     }
 }
 

@@ -14,11 +14,12 @@
 //! the same rounds without a clock of their own; an idle instance sleeps.
 
 use crate::agent::{AgentInner, AgentParts, AgentRegistry, SimAgent};
+use crate::coverage::Window;
 use crate::mailbox::{Command, Mailbox};
 use crate::memory::RankMemory;
 use crate::net::{self, Barrier, SendError, SimCollective};
 use crate::report::Invariant;
-use crate::world::World;
+use crate::world::{World, ROGUE_INSTANCE};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::Bug;
 use kvferry_core::collective::{agree, CollectiveError};
@@ -28,6 +29,7 @@ use kvferry_core::staging::StagingCounters;
 use kvferry_core::transceiver::{
     FailCause, Finished, Side, Transceiver, TransceiverParts, TxEvent,
 };
+use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,6 +108,12 @@ impl Instance {
         for r in &self.ranks {
             r.mailbox.wake.ring();
         }
+    }
+
+    /// Whether a completion round is open: wanted by a rank and not decided yet.
+    pub fn round_open(&self) -> bool {
+        let wanted = *self.rounds_wanted.lock().expect("rounds lock");
+        self.barrier.lock().expect("barrier lock").open(wanted)
     }
 
     /// Whether a rank that has taken `taken` rounds has another one to take.
@@ -240,6 +248,11 @@ impl Executor {
         // A stalled reader (`gray`) leaves them queued; its timers still run.
         if !self.rank.mailbox.stalled(self.world.now_us()) {
             for (from, msg) in self.rank.mailbox.take_messages() {
+                let token = matches!(msg, Message::RequestInfo(_) | Message::Cancel { .. });
+                if from.instance == ROGUE_INSTANCE && token {
+                    // A rogue's token is a guess: wrong (I9 says what must come of it).
+                    self.world.window(Window::RogueToken);
+                }
                 self.tx.handle_message(now, from, msg);
             }
         }
@@ -257,6 +270,9 @@ impl Executor {
             &self.rank,
             self.agent_no,
         );
+        if self.current.in_flight() > 0 {
+            self.world.window(Window::AgentRecycleUnderPendingStatus);
+        }
         let old = std::mem::replace(&mut self.current, fresh.inner().clone());
         self.tx.replace_agent(Arc::new(fresh));
         if self.world.scenario.bugs.has(Bug::DropAgentEarly) {
@@ -458,6 +474,7 @@ fn handle_events(sim: &World, rank: &RankShared, tx: &mut Transceiver) {
                     &rank.track,
                 );
             }
+            TxEvent::PeerSilent { .. } => sim.window(Window::HeartbeatDeclaredDead),
             TxEvent::Evicted { transfer, request } => {
                 sim.trace(
                     &rank.track,

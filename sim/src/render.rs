@@ -78,6 +78,11 @@ pub fn summary_table(s: &Summary) -> String {
     row("failures by cause", counts(&s.failures_by_cause));
     row("  by core cause", counts(&s.failures_by_core_cause));
     row("violations", counts(&s.violations));
+    row("dangerous windows", counts(&s.coverage));
+    let missed = s.missed_windows();
+    if !missed.is_empty() {
+        row("  not reached", missed.join(", "));
+    }
     if let Some(seed) = s.worst_convergence_seed {
         row(
             "convergence",
@@ -158,6 +163,7 @@ pub fn seed_report(r: &SeedReport, scenario: &Scenario) -> String {
         counts(&r.failures_by_cause),
         counts(&r.failures_by_core_cause)
     );
+    let _ = writeln!(t, "  dangerous windows: {}", counts(&r.coverage));
     if r.violations.is_empty() {
         let _ = writeln!(t, "  violations: none");
     }

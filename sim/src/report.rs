@@ -110,4 +110,6 @@ pub struct SeedReport {
     /// request's arrival until every request was terminal and every rank idle (the drain
     /// bound itself when that never happened: then I7 is reported too).
     pub convergence_us: u64,
+    /// Dangerous windows reached, by name (`coverage`), every window listed.
+    pub coverage: BTreeMap<String, u64>,
 }

@@ -8,6 +8,7 @@
 
 use crate::attribution::Reach;
 use crate::checker::Checker;
+use crate::coverage::{Coverage, Window};
 use crate::fabric::Fabric;
 use crate::faults::{FaultKind, FaultMix, FAULT_TICK};
 use crate::mailbox::{Command, Mailbox};
@@ -146,6 +147,16 @@ impl World {
             .lock()
             .expect("checker lock")
             .fault(at, kind, (until_us, reach), detail);
+    }
+
+    /// A dangerous window opened now (see `coverage`).
+    pub fn window(&self, w: Window) {
+        self.coverage(|c| c.hit(w));
+    }
+
+    /// Updates the seed's coverage (observation only: no trace event, no random draw).
+    pub fn coverage(&self, f: impl FnOnce(&mut Coverage)) {
+        f(&mut self.checker.lock().expect("checker lock").coverage);
     }
 
     /// When a fault lasting `span` from now stops acting: at its own end, or at the heal.

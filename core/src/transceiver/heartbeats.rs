@@ -21,7 +21,8 @@
 //!
 //! State is per watched peer, bounded by [`MAX_WATCHED_PEERS`], and a peer no live request
 //! depends on any more is forgotten at the next tick. Ticks run while any request is
-//! registered, and stop when none is.
+//! registered, and stop when none is: then every peer is forgotten at once, so an idle spell
+//! never counts as a peer's silence (the next request watches its peers afresh).
 
 use super::*;
 
@@ -32,6 +33,14 @@ impl Transceiver {
         if !self.bugs.has(Bug::IgnoreHeartbeats) {
             let interval = Duration::from_millis(self.config.heartbeat_interval_ms);
             self.liveness.arm(now, interval);
+        }
+    }
+
+    /// After requests reached their terminal state: a rank with none left watches nobody and
+    /// runs no tick (`Liveness::rest`).
+    pub(super) fn rest_liveness_if_idle(&mut self) {
+        if self.entries.is_empty() {
+            self.liveness.rest();
         }
     }
 

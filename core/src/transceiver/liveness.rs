@@ -30,6 +30,16 @@ impl Liveness {
         self.next_tick.get_or_insert(now + interval);
     }
 
+    /// The rank went idle (no request registered): no tick runs until the next registration
+    /// (`arm`), so the table is dropped now. Kept, it would be stale by then: the first tick
+    /// after an idle spell would be overdue at once and find every peer heard before the
+    /// spell silent for all of it, and an idle rank would not answer the heartbeats of a peer
+    /// it still seemed to watch.
+    pub(super) fn rest(&mut self) {
+        self.last_heard.clear();
+        self.next_tick = None;
+    }
+
     pub(super) fn next_tick(&self) -> Option<Duration> {
         self.next_tick
     }

@@ -113,6 +113,7 @@ impl Transceiver {
                 state,
             });
         }
+        self.rest_liveness_if_idle();
         out
     }
 }

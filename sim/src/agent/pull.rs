@@ -180,6 +180,9 @@ impl AgentInner {
         madsim::time::sleep(wire).await;
         // A READ stalled by a partition waits for the heal, unless either end died meanwhile
         // (a silent death never heals): then it is over and no longer holds the source's send.
+        if self.partitioned_from(from) {
+            self.world.window(Window::PartitionDuringPull);
+        }
         while self.alive() && agent.alive() && self.partitioned_from(from) {
             madsim::time::sleep(PARTITION_POLL).await;
         }
