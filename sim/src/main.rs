@@ -1,5 +1,5 @@
-//! `kvferry`: seed campaigns (`sim`), single-seed replays with a Perfetto timeline (`replay`)
-//! and transfer-plan inspection (`plan`).
+//! `kvferry`: seed campaigns (`sim`), single-seed replays with a Perfetto timeline (`replay`),
+//! shrinking a failing seed (`shrink`) and transfer-plan inspection (`plan`).
 //!
 //! Exit codes: 0 all good, 1 an invariant was violated (or a seed panicked), 2 bad input or
 //! another error, printed as one `error: ...` line.
@@ -9,7 +9,8 @@ use clap::Parser;
 use kvferry_sim::campaign::Campaign;
 use kvferry_sim::cli::{Cli, Command, ReplayArgs, SimArgs};
 use kvferry_sim::progress::Progress;
-use kvferry_sim::{cluster, plan_cmd, render, trace};
+use kvferry_sim::schedule::Schedule;
+use kvferry_sim::{cluster, plan_cmd, render, shrink_cmd, trace};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     let clean = match &cli.command {
         Command::Sim(args) => sim(args),
         Command::Replay(args) => replay(args),
+        Command::Shrink(args) => shrink_cmd::run(args).map(|()| true),
         Command::Plan(args) => plan_cmd::run(args).map(|()| true),
     };
     match clean {
@@ -95,7 +97,8 @@ fn sim(args: &SimArgs) -> Result<bool> {
 /// Re-runs one seed with its trace kept; true when it broke no invariant.
 fn replay(args: &ReplayArgs) -> Result<bool> {
     let scenario = args.scenario.build()?;
-    let report = cluster::run_seed(args.seed, &scenario, true);
+    let schedule = args.schedule.as_deref().map(Schedule::read).transpose()?;
+    let (report, _) = cluster::run_schedule(args.seed, &scenario, schedule.as_ref(), true);
     if let Some(path) = &args.trace {
         trace::write_chrome_trace(&report, path)
             .with_context(|| format!("replay of seed {}", args.seed))?;
