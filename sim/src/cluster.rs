@@ -349,7 +349,10 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
 
 /// The span of the partition, clog or latency spike of `kind` that just struck.
 fn fault_span(sim: &Sim, kind: FaultKind) -> Duration {
-    sim.span(kind, Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)))
+    sim.span(
+        kind,
+        Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)),
+    )
 }
 
 /// Strikes faults until `HEAL_AT`, then heals everything.
@@ -891,7 +894,10 @@ pub fn run_schedule(
         let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
         rt.block_on(on_own_node(run(seed, scenario, c, s)))
     }));
-    (settled(seed, res, checker, scenario_requests), script.take())
+    (
+        settled(seed, res, checker, scenario_requests),
+        script.take(),
+    )
 }
 
 /// The report of a seed whose body returned `res` (see `run_seed` for a panic's).

@@ -96,8 +96,12 @@ fn sim(args: &SimArgs) -> Result<bool> {
 
 /// Re-runs one seed with its trace kept; true when it broke no invariant.
 fn replay(args: &ReplayArgs) -> Result<bool> {
-    let scenario = args.scenario.build()?;
+    let mut scenario = args.scenario.build()?;
     let schedule = args.schedule.as_deref().map(Schedule::read).transpose()?;
+    if let Some(s) = &schedule {
+        // The schedule's workload is what runs; the report's header says so.
+        scenario.requests = s.requests.len() as u32;
+    }
     let (report, _) = cluster::run_schedule(args.seed, &scenario, schedule.as_ref(), true);
     if let Some(path) = &args.trace {
         trace::write_chrome_trace(&report, path)

@@ -116,12 +116,14 @@ impl Script {
                 at_us: now_us,
                 span_ms: None,
             }),
-            Some(g) => g.faults.iter().find(|e| e.kind == kind && e.nth == nth).map(|e| {
-                FaultEvent {
+            Some(g) => g
+                .faults
+                .iter()
+                .find(|e| e.kind == kind && e.nth == nth)
+                .map(|e| FaultEvent {
                     at_us: now_us,
                     ..e.clone()
-                }
-            }),
+                }),
         };
         let struck = event.is_some();
         s.ran.faults.extend(event);

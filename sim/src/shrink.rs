@@ -180,7 +180,10 @@ fn ddmin<T: Clone>(items: Vec<T>, fails: &mut dyn FnMut(&[T]) -> bool) -> Vec<T>
     let mut cur = items;
     let mut n = 2;
     while cur.len() >= 2 {
-        let chunks: Vec<Vec<T>> = cur.chunks(cur.len().div_ceil(n)).map(<[T]>::to_vec).collect();
+        let chunks: Vec<Vec<T>> = cur
+            .chunks(cur.len().div_ceil(n))
+            .map(<[T]>::to_vec)
+            .collect();
         if let Some(c) = chunks.iter().find(|c| fails(c)) {
             (cur, n) = (c.clone(), 2);
             continue;

@@ -17,7 +17,13 @@ pub fn run(args: &ShrinkArgs) -> Result<()> {
         invariant: args.invariant,
         max_runs: args.max_runs,
     };
-    let shrunk = shrink(&job, &mut |line| eprintln!("{line}"))?;
+    // Bug switches make the core panic after the violation it is caught by (the run keeps
+    // its report, `run_seed`); a shrink runs hundreds of such seeds, and their backtraces
+    // would bury its progress lines.
+    std::panic::set_hook(Box::new(|_| {}));
+    let shrunk = shrink(&job, &mut |line| eprintln!("{line}"));
+    drop(std::panic::take_hook());
+    let shrunk = shrunk?;
     let default_out = PathBuf::from(format!("shrink-seed-{}.json", args.seed));
     let out = args.out.as_ref().unwrap_or(&default_out);
     shrunk.after.write(out)?;
@@ -35,12 +41,34 @@ pub fn replay_line(seed: u64, scenario: &ScenarioArgs, schedule: &Path) -> Strin
 fn render(job: &ShrinkJob, s: &Shrunk, scenario: &ScenarioArgs, out: &Path) -> String {
     let (b, a) = (&s.before, &s.after);
     let mut t = String::new();
-    let _ = writeln!(t, "shrunk seed {} ({}): {}", job.seed, job.scenario.name, s.invariant.id());
-    let _ = writeln!(t, "  fault events: {} -> {}", b.faults.len(), a.faults.len());
-    let _ = writeln!(t, "  requests:     {} -> {}", b.requests.len(), a.requests.len());
+    let _ = writeln!(
+        t,
+        "shrunk seed {} ({}): {}",
+        job.seed,
+        job.scenario.name,
+        s.invariant.id()
+    );
+    let _ = writeln!(
+        t,
+        "  fault events: {} -> {}",
+        b.faults.len(),
+        a.faults.len()
+    );
+    let _ = writeln!(
+        t,
+        "  requests:     {} -> {}",
+        b.requests.len(),
+        a.requests.len()
+    );
     let _ = writeln!(t, "  runs:         {} (at most {})", s.runs, job.max_runs);
     let v = &s.violation;
-    let _ = writeln!(t, "  {} violated at {}: {}", v.invariant.id(), ms(v.at_us), v.detail);
+    let _ = writeln!(
+        t,
+        "  {} violated at {}: {}",
+        v.invariant.id(),
+        ms(v.at_us),
+        v.detail
+    );
     for e in &a.faults {
         let _ = writeln!(t, "  fault {}", event(e));
     }
@@ -55,8 +83,16 @@ fn ms(us: u64) -> String {
 }
 
 fn event(e: &FaultEvent) -> String {
-    let span = e.span_ms.map(|s| format!(" for {s} ms")).unwrap_or_default();
-    format!("{} (draw {}) at {}{span}", e.kind.name(), e.nth, ms(e.at_us))
+    let span = e
+        .span_ms
+        .map(|s| format!(" for {s} ms"))
+        .unwrap_or_default();
+    format!(
+        "{} (draw {}) at {}{span}",
+        e.kind.name(),
+        e.nth,
+        ms(e.at_us)
+    )
 }
 
 fn requests(s: &Schedule) -> String {

@@ -180,7 +180,8 @@ impl World {
     /// seed's schedule, or the draw itself, recorded).
     pub fn strike(&self, kind: FaultKind, p: f64) -> bool {
         let drawn = self.draw(p);
-        self.script.decide(kind, self.faults_on(), drawn, self.now_us())
+        self.script
+            .decide(kind, self.faults_on(), drawn, self.now_us())
     }
 
     /// How long the fault of `kind` that just struck lasts: the schedule's span, else `drawn`.

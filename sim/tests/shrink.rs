@@ -50,7 +50,10 @@ fn cases() -> Vec<(Bug, ScenarioArgs)> {
         (Bug::IgnoreHeartbeats, args("silent-death")),
         (Bug::AbortDuringWrite, args("abort-during-write")),
         (Bug::FailedTransferServed, args("failed-transfer-served")),
-        (Bug::TimeoutFreesWhileReading, args("timeout-frees-while-reading")),
+        (
+            Bug::TimeoutFreesWhileReading,
+            args("timeout-frees-while-reading"),
+        ),
         (Bug::LostNotification, args("lost-notification")),
         (Bug::EvictedBeforeSend, args("evicted-before-send")),
         (Bug::StaleEndpoint, args("stale-endpoint")),
@@ -63,13 +66,25 @@ fn failing_seed(bug: Bug, scenario: &Scenario) -> u64 {
     (0..MAX_SEEDS)
         .find(|&seed| {
             let r = run_seed(seed, scenario, false);
-            r.violations.iter().any(|v| v.invariant.id() == bug.invariant())
+            r.violations
+                .iter()
+                .any(|v| v.invariant.id() == bug.invariant())
         })
-        .unwrap_or_else(|| panic!("{bug}: no seed below {MAX_SEEDS} breaks {}", bug.invariant()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{bug}: no seed below {MAX_SEEDS} breaks {}",
+                bug.invariant()
+            )
+        })
 }
 
 /// Shrinks `bug`'s failing seed and checks the result; returns it with its job.
-fn shrinks(bug: Bug, args: ScenarioArgs, requests: Option<u32>, max_runs: u32) -> (ShrinkJob, Shrunk) {
+fn shrinks(
+    bug: Bug,
+    args: ScenarioArgs,
+    requests: Option<u32>,
+    max_runs: u32,
+) -> (ShrinkJob, Shrunk) {
     let args = ScenarioArgs {
         inject_bug: vec![bug],
         requests,
@@ -88,10 +103,16 @@ fn shrinks(bug: Bug, args: ScenarioArgs, requests: Option<u32>, max_runs: u32) -
     if before > 1 {
         assert!(after < before, "{bug}: {before} fault events not reduced");
     }
-    assert!(s.after.requests.len() <= s.before.requests.len(), "{bug}: requests grew");
+    assert!(
+        s.after.requests.len() <= s.before.requests.len(),
+        "{bug}: requests grew"
+    );
     let (report, _) = run_schedule(job.seed, &job.scenario, Some(&s.after), false);
     assert!(
-        report.violations.iter().any(|v| v.invariant.id() == bug.invariant()),
+        report
+            .violations
+            .iter()
+            .any(|v| v.invariant.id() == bug.invariant()),
         "{bug}: the reduced schedule of seed {} does not break {}",
         job.seed,
         bug.invariant()
@@ -101,17 +122,32 @@ fn shrinks(bug: Bug, args: ScenarioArgs, requests: Option<u32>, max_runs: u32) -
 
 #[test]
 fn release_early_shrinks_to_an_i1_schedule() {
-    shrinks(Bug::ReleaseEarly, args("default"), Some(REQUESTS), TEST_RUNS);
+    shrinks(
+        Bug::ReleaseEarly,
+        args("default"),
+        Some(REQUESTS),
+        TEST_RUNS,
+    );
 }
 
 #[test]
 fn free_blocks_during_transfer_shrinks_to_an_i5_schedule() {
-    shrinks(Bug::FreeBlocksDuringTransfer, with_timeout(true), Some(REQUESTS), TEST_RUNS);
+    shrinks(
+        Bug::FreeBlocksDuringTransfer,
+        with_timeout(true),
+        Some(REQUESTS),
+        TEST_RUNS,
+    );
 }
 
 #[test]
 fn skip_token_check_shrinks_to_an_i9_schedule_deterministically() {
-    let (job, first) = shrinks(Bug::SkipTokenCheck, args("default"), Some(REQUESTS), TEST_RUNS);
+    let (job, first) = shrinks(
+        Bug::SkipTokenCheck,
+        args("default"),
+        Some(REQUESTS),
+        TEST_RUNS,
+    );
     let again = shrink(&job, &mut |_| {}).expect("shrinks again");
     assert_eq!(first.after, again.after);
     assert_eq!(first.runs, again.runs);
@@ -119,7 +155,12 @@ fn skip_token_check_shrinks_to_an_i9_schedule_deterministically() {
 
 #[test]
 fn leak_slot_on_error_shrinks_to_an_i2_schedule() {
-    shrinks(Bug::LeakSlotOnError, args("default"), Some(REQUESTS), TEST_RUNS);
+    shrinks(
+        Bug::LeakSlotOnError,
+        args("default"),
+        Some(REQUESTS),
+        TEST_RUNS,
+    );
 }
 
 #[test]
@@ -143,7 +184,10 @@ fn a_seed_that_breaks_nothing_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: seed 0 breaks no invariant"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: seed 0 breaks no invariant"),
+        "{stderr}"
+    );
 }
 
 /// Every bug switch with its scenario's own workload and the full run bound; prints one row

@@ -234,7 +234,8 @@ impl AgentInner {
             }
             if me
                 .world
-                .strike(FaultKind::LostNotification, me.world.mix.lost_notification) {
+                .strike(FaultKind::LostNotification, me.world.mix.lost_notification)
+            {
                 let detail = format!("{}: \"finished\" of {request} to {from} lost", me.track);
                 me.world.fault(
                     FaultKind::LostNotification,
