@@ -272,7 +272,9 @@ async fn client(sim: Arc<Sim>) {
         let token = TransferToken(madsim::rand::thread_rng().gen::<u128>());
         let drawn = RequestSpec {
             id: u64::from(k) + 1,
-            at_us: sim.now_us(),
+            // The time it was due, not the time the client woke (a sleeper may wake a little
+            // later): a replay sleeps toward the same due time, from the same instant.
+            at_us: at,
             blocks: rand_range(1, MAX_REQUEST_BLOCKS as u64 + 1) as u32,
             prefill_us: 0,
         };

@@ -120,6 +120,36 @@ fn shrinks(
     (job, s)
 }
 
+/// A seed's recorded schedule replays it exactly (same trace hash) in every kind of scenario:
+/// the schedule takes the seed's random numbers as the seed did.
+#[test]
+fn a_recorded_schedule_replays_its_seed_exactly() {
+    for name in [
+        "default",
+        "crashy",
+        "partition-heavy",
+        "silent-death",
+        "stalled-reader",
+        "wedged-agent",
+        "asymmetric-partition",
+        "lost-notification",
+        "evicted-before-send",
+    ] {
+        let scenario = ScenarioArgs {
+            requests: Some(REQUESTS),
+            ..args(name)
+        }
+        .build()
+        .expect("valid");
+        for seed in 0..3 {
+            let (first, recorded) = run_schedule(seed, &scenario, None, false);
+            let (again, ran) = run_schedule(seed, &scenario, Some(&recorded), false);
+            assert_eq!(first.trace_hash, again.trace_hash, "{name} seed {seed}");
+            assert_eq!(recorded, ran, "{name} seed {seed}");
+        }
+    }
+}
+
 #[test]
 fn release_early_shrinks_to_an_i1_schedule() {
     shrinks(
