@@ -740,7 +740,7 @@ impl TransferAgent for SimAgent {
                 .div_ceil(job.staging.lock().expect("slot buffer lock").len().max(1) as u64);
             madsim::rand::thread_rng().gen_range(0..chunks.max(1)) as u32
         });
-        let wedged = sim.draw(sim.mix.wedge);
+        let wedged = sim.strike(FaultKind::Wedge, sim.mix.wedge);
         inner.record_submit(&job, trace_id, fail_after.is_some(), wedged);
         inner.jobs.lock().expect("agent jobs lock").insert(
             id,

@@ -1,10 +1,12 @@
-//! Command-line definitions of the `kvferry` binary: `sim`, `replay` and `plan`.
+//! Command-line definitions of the `kvferry` binary: `sim`, `replay`, `shrink` and `plan`.
 //!
 //! Scenario flags are shared by `sim` and `replay` so that the replay command printed for a
 //! failing seed is the campaign's own flags, and so reproduces the same seed exactly.
 
 use crate::plan_cmd::PlanArgs;
+use crate::report::Invariant;
 use crate::scenario::{Scenario, SCENARIOS};
+use crate::shrink::MAX_RUNS;
 use crate::transfer_mode::TransferMode;
 use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -31,6 +33,7 @@ pub enum Command {
     Sim(SimArgs),
     /// Re-run one seed, print its report and optionally write a Perfetto timeline.
     Replay(ReplayArgs),
+    Shrink(ShrinkArgs),
     Plan(PlanArgs),
 }
 
@@ -70,8 +73,53 @@ pub struct ReplayArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Run the seed under this schedule (written by `kvferry shrink`) instead of its own
+    /// fault draws and requests.
+    #[arg(long, value_name = "PATH")]
+    pub schedule: Option<PathBuf>,
     #[command(flatten)]
     pub scenario: ScenarioArgs,
+}
+
+/// Reduce a failing seed's faults and requests to a small schedule that still breaks the
+/// same invariant, write it, and print the command that replays it.
+#[derive(Args, Debug)]
+pub struct ShrinkArgs {
+    /// The failing seed.
+    pub seed: u64,
+    /// The invariant to keep broken (e.g. I5); the seed's earliest violation by default.
+    #[arg(long, value_name = "ID", value_parser = parse_invariant)]
+    pub invariant: Option<Invariant>,
+    /// Where to write the reduced schedule (default: shrink-seed-SEED.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Most seeds to simulate while shrinking.
+    #[arg(long, value_name = "N", default_value_t = MAX_RUNS)]
+    pub max_runs: u32,
+    #[command(flatten)]
+    pub scenario: ScenarioArgs,
+}
+
+/// Every invariant, for `--invariant`.
+const INVARIANTS: [Invariant; 10] = [
+    Invariant::I1,
+    Invariant::I2,
+    Invariant::I3,
+    Invariant::I4,
+    Invariant::I5,
+    Invariant::I6,
+    Invariant::I7,
+    Invariant::I8,
+    Invariant::I9,
+    Invariant::I10,
+];
+
+/// An invariant by its id (`I5`, `i5`).
+pub fn parse_invariant(s: &str) -> Result<Invariant, String> {
+    INVARIANTS
+        .into_iter()
+        .find(|i| i.id().eq_ignore_ascii_case(s))
+        .ok_or_else(|| format!("{s:?} is not an invariant (I1 to I10)"))
 }
 
 /// A named scenario and the knobs that override its fields.

@@ -20,6 +20,7 @@ use crate::rank::{run_rank, Instance, RankShared};
 use crate::report::{Invariant, SeedReport};
 use crate::router::Outcomes;
 use crate::scenario::Scenario;
+use crate::schedule::{RequestSpec, Schedule, Script};
 use crate::world::{World, HEAL_AT, ROGUE_INSTANCE};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::blocks::BlockRef;
@@ -241,7 +242,7 @@ fn admit(
     let inst = uid
         .and_then(|u| sim.instance(u))
         .ok_or(Refusal::NoInstance)?;
-    if sim.draw(sim.mix.alloc_fail) {
+    if sim.strike(FaultKind::AllocFail, sim.mix.alloc_fail) {
         sim.fault(
             FaultKind::AllocFail,
             sim.now_us(),
@@ -268,13 +269,24 @@ fn refuse(sim: &Sim, id: RequestId, side: Side, why: Refusal) {
         .rejected(id, side, why, now);
 }
 
-/// The client: submits requests, prefills them, asks a generation instance for them.
+/// The client: submits requests, prefills them, asks a generation instance for them. Its
+/// random numbers are taken in the same order with or without a given workload (`schedule`).
 async fn client(sim: Arc<Sim>) {
-    for i in 0..sim.scenario.requests {
-        madsim::time::sleep(Duration::from_micros(rand_range(0, 2 * ARRIVAL_GAP_US))).await;
-        let id = RequestId(u64::from(i) + 1);
+    for k in 0..sim.script.request_count(sim.scenario.requests) {
+        let gap = rand_range(0, 2 * ARRIVAL_GAP_US);
+        let at = sim.script.arrival_us(k, sim.now_us() + gap);
+        madsim::time::sleep(Duration::from_micros(at.saturating_sub(sim.now_us()))).await;
         let token = TransferToken(madsim::rand::thread_rng().gen::<u128>());
-        let n = rand_range(1, MAX_REQUEST_BLOCKS as u64 + 1) as usize;
+        let drawn = RequestSpec {
+            id: u64::from(k) + 1,
+            // The time it was due, not the time the client woke (a sleeper may wake a little
+            // later): a replay sleeps toward the same due time, from the same instant.
+            at_us: at,
+            blocks: rand_range(1, MAX_REQUEST_BLOCKS as u64 + 1) as u32,
+            prefill_us: 0,
+        };
+        let spec = sim.script.request(k, drawn);
+        let (id, n) = (RequestId(spec.id), spec.blocks as usize);
         let now = sim.now_us();
         sim.router
             .lock()
@@ -301,11 +313,9 @@ async fn client(sim: Arc<Sim>) {
         sim.trace("client", format!("{id}: {n} blocks on {}", inst.name()));
         let s = sim.clone();
         madsim::task::spawn(async move {
-            madsim::time::sleep(Duration::from_micros(rand_range(
-                PREFILL_US.0,
-                PREFILL_US.1,
-            )))
-            .await;
+            let drawn = rand_range(PREFILL_US.0, PREFILL_US.1);
+            let prefill = s.script.prefill_us(id.0, drawn);
+            madsim::time::sleep(Duration::from_micros(prefill)).await;
             start_gen(&s, id);
         });
     }
@@ -350,9 +360,12 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
         .started_gen(id, inst.uid);
 }
 
-/// A span for a partition, clog or latency spike.
-fn fault_span() -> Duration {
-    Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS))
+/// The span of the partition, clog or latency spike of `kind` that just struck.
+fn fault_span(sim: &Sim, kind: FaultKind) -> Duration {
+    sim.span(
+        kind,
+        Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)),
+    )
 }
 
 /// Strikes faults until `HEAL_AT`, then heals everything.
@@ -372,12 +385,12 @@ async fn injector(sim: Arc<Sim>) {
             (!c.is_empty()).then(|| c[rand_range(0, c.len() as u64) as usize].clone())
         };
         let restart_room = sim.now_us() + (MAX_RESTART_MS + 2) * 1000 < HEAL_AT.as_micros() as u64;
-        if sim.draw(m.crash) && restart_room {
+        if sim.strike(FaultKind::Crash, m.crash) && restart_room {
             if let Some(i) = pick_inst(None) {
                 sim.crash(i.uid);
             }
         }
-        if sim.draw(m.partition) {
+        if sim.strike(FaultKind::Partition, m.partition) {
             if let (Some(a), Some(b)) = (
                 pick_inst(Some(Side::Context)),
                 pick_inst(Some(Side::Generation)),
@@ -385,15 +398,15 @@ async fn injector(sim: Arc<Sim>) {
                 partition(&sim, &a, &b);
             }
         }
-        if sim.draw(m.clog) {
+        if sim.strike(FaultKind::Clog, m.clog) {
             if let Some(i) = pick_inst(None) {
                 clog(&sim, &i);
             }
         }
-        if sim.draw(m.latency) {
+        if sim.strike(FaultKind::Latency, m.latency) {
             latency_spike(&sim);
         }
-        if sim.draw(m.recycle) {
+        if sim.strike(FaultKind::Recycle, m.recycle) {
             if let Some(i) = pick_inst(None) {
                 let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
                 r.mailbox.recycle();
@@ -406,10 +419,10 @@ async fn injector(sim: Arc<Sim>) {
                 );
             }
         }
-        if sim.draw(m.client_cancel) {
+        if sim.strike(FaultKind::ClientCancel, m.client_cancel) {
             client_cancel(&sim);
         }
-        if sim.draw(m.rogue_peer) {
+        if sim.strike(FaultKind::RoguePeer, m.rogue_peer) {
             rogue(&sim);
         }
         strike_gray(&sim, &pick_inst, restart_room);
@@ -425,7 +438,7 @@ fn strike_gray(
     restart_room: bool,
 ) {
     let m = sim.mix;
-    if sim.draw(m.one_way) {
+    if sim.strike(FaultKind::OneWay, m.one_way) {
         let pair = (
             pick_inst(Some(Side::Context)),
             pick_inst(Some(Side::Generation)),
@@ -435,12 +448,12 @@ fn strike_gray(
             gray::one_way(&sim.world, from, to);
         }
     }
-    if sim.draw(m.stall) {
+    if sim.strike(FaultKind::Stall, m.stall) {
         if let Some(i) = pick_inst(None) {
             gray::stall(&sim.world, &i);
         }
     }
-    if sim.draw(m.silent_death) && restart_room {
+    if sim.strike(FaultKind::SilentDeath, m.silent_death) && restart_room {
         if let Some(i) = pick_inst(None) {
             sim.silent_death(i.uid);
         }
@@ -448,7 +461,7 @@ fn strike_gray(
 }
 
 fn partition(sim: &Arc<Sim>, a: &Instance, b: &Instance) {
-    let span = fault_span();
+    let span = fault_span(sim, FaultKind::Partition);
     let (ua, ub) = (a.uid, b.uid);
     sim.fabric.lock().expect("fabric lock").partition(ua, ub);
     sim.fault(
@@ -478,7 +491,7 @@ fn later(sim: &Sim, span: Duration, f: impl FnOnce(&World) + Send + 'static) {
 }
 
 fn clog(sim: &Arc<Sim>, i: &Instance) {
-    let span = fault_span();
+    let span = fault_span(sim, FaultKind::Clog);
     let r = &i.ranks[rand_range(0, i.ranks.len() as u64) as usize];
     sim.fabric.lock().expect("fabric lock").clog(r.me);
     sim.fault(
@@ -495,7 +508,7 @@ fn clog(sim: &Arc<Sim>, i: &Instance) {
 }
 
 fn latency_spike(sim: &Arc<Sim>) {
-    let span = fault_span();
+    let span = fault_span(sim, FaultKind::Latency);
     let us = rand_range(500, 5000);
     sim.fabric.lock().expect("fabric lock").spike_us = us;
     sim.fault(
@@ -768,14 +781,19 @@ async fn settle(sim: &Arc<Sim>) -> u64 {
     }
 }
 
-async fn run(seed: u64, scenario: Scenario, checker: Arc<Mutex<Checker>>) -> SeedReport {
+async fn run(
+    seed: u64,
+    scenario: Scenario,
+    checker: Arc<Mutex<Checker>>,
+    script: Arc<Script>,
+) -> SeedReport {
     let mix = if scenario.fault_rate > 0.0 {
         FaultMix::draw(&scenario)
     } else {
         FaultMix::none()
     };
     let sim = Arc::new(Sim {
-        world: Arc::new(World::new(scenario, mix, checker)),
+        world: Arc::new(World::new(scenario, mix, checker, script)),
         instances: Mutex::new(BTreeMap::new()),
         registry: Arc::new(AgentRegistry::default()),
         next_uid: Mutex::new(0),
@@ -869,14 +887,41 @@ async fn on_own_node<T: Send + 'static>(body: impl Future<Output = T> + Send + '
 /// had already reported a violation, the report is returned with it (the panic is its
 /// consequence, noted in the trace); otherwise the panic propagates, a simulator bug.
 pub fn run_seed(seed: u64, scenario: &Scenario, keep_trace: bool) -> SeedReport {
+    run_schedule(seed, scenario, None, keep_trace).0
+}
+
+/// Simulates one seed as `run_seed` does, its faults and workload decided by `schedule` when
+/// one is given (see `schedule`). Returns the report and the schedule the seed followed: its
+/// own draws recorded, or what of `schedule` struck, with the times it struck.
+pub fn run_schedule(
+    seed: u64,
+    scenario: &Scenario,
+    schedule: Option<&Schedule>,
+    keep_trace: bool,
+) -> (SeedReport, Schedule) {
     let checker = Arc::new(Mutex::new(Checker::new(keep_trace)));
+    let script = Arc::new(Script::new(schedule.cloned()));
+    let mut scenario = scenario.clone();
+    scenario.requests = script.request_count(scenario.requests);
     let scenario_requests = scenario.requests;
-    let scenario = scenario.clone();
-    let c = checker.clone();
+    let (c, s) = (checker.clone(), script.clone());
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-        rt.block_on(on_own_node(run(seed, scenario, c)))
+        rt.block_on(on_own_node(run(seed, scenario, c, s)))
     }));
+    (
+        settled(seed, res, checker, scenario_requests),
+        script.take(),
+    )
+}
+
+/// The report of a seed whose body returned `res` (see `run_seed` for a panic's).
+fn settled(
+    seed: u64,
+    res: std::thread::Result<SeedReport>,
+    checker: Arc<Mutex<Checker>>,
+    scenario_requests: u32,
+) -> SeedReport {
     match res {
         Ok(r) => r,
         Err(payload) => {

@@ -19,7 +19,7 @@ pub const EVICT_WITHIN_US: u64 = 4000;
 
 /// With the seed's eviction rate, frees `blocks` of `id` on `inst` a little later.
 pub fn maybe_evict(world: &Arc<World>, inst: &Instance, id: RequestId, blocks: Vec<BlockRef>) {
-    if !world.draw(world.mix.evict) {
+    if !world.strike(FaultKind::Evict, world.mix.evict) {
         return;
     }
     let delay = madsim::rand::thread_rng().gen_range(0..EVICT_WITHIN_US);

@@ -5,7 +5,7 @@
 use crate::hazard::Forced;
 use crate::scenario::Scenario;
 use madsim::rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// How often the injector considers each kind of timed fault.
@@ -109,7 +109,7 @@ impl FaultMix {
 /// (I10, see `checker`): when several faults reached a request that failed, the first in this
 /// order is named its cause (one aimed at the request itself before one on its instances, and
 /// a fault that stops an instance before one that only slows it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FaultKind {
     ClientCancel,
     AllocFail,

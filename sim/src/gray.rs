@@ -23,8 +23,9 @@ use std::time::Duration;
 /// Longest asymmetric partition or reader stall.
 pub const MAX_GRAY_SPAN_MS: u64 = 200;
 
-fn gray_span() -> Duration {
-    Duration::from_millis(madsim::rand::thread_rng().gen_range(1..MAX_GRAY_SPAN_MS))
+fn gray_span(world: &World, kind: FaultKind) -> Duration {
+    let drawn = madsim::rand::thread_rng().gen_range(1..MAX_GRAY_SPAN_MS);
+    world.span(kind, Duration::from_millis(drawn))
 }
 
 /// Runs `f` after `span` unless the seed is over by then (the world is held weakly, as by
@@ -41,7 +42,7 @@ fn later(world: &Arc<World>, span: Duration, f: impl FnOnce(&World) + Send + 'st
 
 /// Blocks the direction `from` → `to` for a while.
 pub fn one_way(world: &Arc<World>, from: &Instance, to: &Instance) {
-    let span = gray_span();
+    let span = gray_span(world, FaultKind::OneWay);
     let (f, t) = (from.uid, to.uid);
     world
         .fabric
@@ -63,7 +64,7 @@ pub fn one_way(world: &Arc<World>, from: &Instance, to: &Instance) {
 
 /// One rank of `inst` stops reading its control messages for a while.
 pub fn stall(world: &Arc<World>, inst: &Instance) {
-    let span = gray_span();
+    let span = gray_span(world, FaultKind::Stall);
     let i = madsim::rand::thread_rng().gen_range(0..inst.ranks.len());
     let r = &inst.ranks[i];
     let until = world.until(span);

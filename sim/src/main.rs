@@ -1,5 +1,5 @@
-//! `kvferry`: seed campaigns (`sim`), single-seed replays with a Perfetto timeline (`replay`)
-//! and transfer-plan inspection (`plan`).
+//! `kvferry`: seed campaigns (`sim`), single-seed replays with a Perfetto timeline (`replay`),
+//! shrinking a failing seed (`shrink`) and transfer-plan inspection (`plan`).
 //!
 //! Exit codes: 0 all good, 1 an invariant was violated (or a seed panicked, or under
 //! `--require-coverage` a dangerous window was never reached), 2 bad input or another error,
@@ -10,7 +10,8 @@ use clap::Parser;
 use kvferry_sim::campaign::Campaign;
 use kvferry_sim::cli::{Cli, Command, ReplayArgs, SimArgs};
 use kvferry_sim::progress::Progress;
-use kvferry_sim::{cluster, plan_cmd, render, trace};
+use kvferry_sim::schedule::Schedule;
+use kvferry_sim::{cluster, plan_cmd, render, shrink_cmd, trace};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
     let clean = match &cli.command {
         Command::Sim(args) => sim(args),
         Command::Replay(args) => replay(args),
+        Command::Shrink(args) => shrink_cmd::run(args).map(|()| true),
         Command::Plan(args) => plan_cmd::run(args).map(|()| true),
     };
     match clean {
@@ -106,8 +108,13 @@ fn sim(args: &SimArgs) -> Result<bool> {
 
 /// Re-runs one seed with its trace kept; true when it broke no invariant.
 fn replay(args: &ReplayArgs) -> Result<bool> {
-    let scenario = args.scenario.build()?;
-    let report = cluster::run_seed(args.seed, &scenario, true);
+    let mut scenario = args.scenario.build()?;
+    let schedule = args.schedule.as_deref().map(Schedule::read).transpose()?;
+    if let Some(s) = &schedule {
+        // The schedule's workload is what runs; the report's header says so.
+        scenario.requests = s.requests.len() as u32;
+    }
+    let (report, _) = cluster::run_schedule(args.seed, &scenario, schedule.as_ref(), true);
     if let Some(path) = &args.trace {
         trace::write_chrome_trace(&report, path)
             .with_context(|| format!("replay of seed {}", args.seed))?;

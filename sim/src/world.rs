@@ -15,6 +15,7 @@ use crate::mailbox::{Command, Mailbox};
 use crate::report::Invariant;
 use crate::router::Router;
 use crate::scenario::Scenario;
+use crate::schedule::Script;
 use crate::transfer_mode::SeedMode;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::request::RequestState;
@@ -40,6 +41,8 @@ pub struct World {
     /// Push or pull, drawn for this seed (`--transfer-mode`).
     pub mode: SeedMode,
     pub checker: Arc<Mutex<Checker>>,
+    /// Decides every fault draw and records the seed's schedule (`schedule`).
+    pub script: Arc<Script>,
     pub fabric: Mutex<Fabric>,
     pub router: Mutex<Router>,
     stop: AtomicBool,
@@ -48,7 +51,12 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(scenario: Scenario, mix: FaultMix, checker: Arc<Mutex<Checker>>) -> World {
+    pub fn new(
+        scenario: Scenario,
+        mix: FaultMix,
+        checker: Arc<Mutex<Checker>>,
+        script: Arc<Script>,
+    ) -> World {
         World {
             tx_config: scenario.tx_config(),
             mode: scenario.transfer_mode.draw(),
@@ -56,6 +64,7 @@ impl World {
             scenario,
             mix,
             checker,
+            script,
             fabric: Mutex::new(Fabric::default()),
             stop: AtomicBool::new(false),
             mailboxes: Mutex::new(BTreeMap::new()),
@@ -169,8 +178,27 @@ impl World {
         !self.stopped() && self.now_us() < HEAL_AT.as_micros() as u64
     }
 
+    /// Whether this job's agent error strikes. Unlike `strike`, it takes a random number even
+    /// at rate 0, as it always has, so that seeds keep their randomness.
     pub fn draw_agent_error(&self) -> bool {
-        self.faults_on() && madsim::rand::thread_rng().gen_bool(self.mix.agent_error)
+        let on = self.faults_on();
+        let drawn = on && madsim::rand::thread_rng().gen_bool(self.mix.agent_error);
+        self.script
+            .decide(FaultKind::AgentError, on, drawn, self.now_us())
+    }
+
+    /// Whether a fault of `kind`, at probability `p`, strikes now: the script decides (the
+    /// seed's schedule, or the draw itself, recorded).
+    pub fn strike(&self, kind: FaultKind, p: f64) -> bool {
+        let drawn = self.draw(p);
+        self.script
+            .decide(kind, self.faults_on(), drawn, self.now_us())
+    }
+
+    /// How long the fault of `kind` that just struck lasts: the schedule's span, else `drawn`.
+    pub fn span(&self, kind: FaultKind, drawn: Duration) -> Duration {
+        let ms = drawn.as_millis() as u64;
+        Duration::from_millis(self.script.span_ms(kind, ms))
     }
 
     pub fn draw(&self, p: f64) -> bool {

@@ -235,7 +235,10 @@ impl AgentInner {
             if !me.alive() {
                 return; // the source learns of the reader's loss instead
             }
-            if me.world.draw(me.world.mix.lost_notification) {
+            if me
+                .world
+                .strike(FaultKind::LostNotification, me.world.mix.lost_notification)
+            {
                 let detail = format!("{}: \"finished\" of {request} to {from} lost", me.track);
                 me.world.fault(
                     FaultKind::LostNotification,
