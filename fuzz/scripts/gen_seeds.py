@@ -140,7 +140,11 @@ TRANSCEIVER = {
 
 
 # ---- sim_scenario ---------------------------------------------------------------------------
-SCENARIOS = ["default", "crashy", "partition-heavy", "hetero-tp", "mla"]
+# `kvferry_sim::scenario::SCENARIOS`, in its order (a seed names its scenario by index).
+SCENARIOS = ["default", "crashy", "partition-heavy", "hetero-tp", "mla", "asymmetric-partition",
+             "silent-death", "wedged-agent", "stalled-reader", "abort-during-write",
+             "failed-transfer-served", "timeout-frees-while-reading", "lost-notification",
+             "evicted-before-send", "stale-endpoint", "abort-never-reclaimed"]
 TP = {1: 0, 2: 1, 4: 2}
 
 
@@ -162,6 +166,10 @@ SIM = {
     "hetero_tp_pp": sim(5, "hetero-tp", ctx_tp=2, ctx_pp=2, gen_tp=4, requests=6),
     "mla_tp2": sim(6, "mla", gen_tp=2, requests=6, fault_rate=1.5),
     "warn_only_recheck": sim(7, timeout=5, requests=8, recheck=True),
+    # A gray failure and two field hazards, so the fuzzer starts inside their fault mixes.
+    "silent_death_2x1": sim(8, "silent-death", ctx_inst=2, requests=8, fault_rate=2.0),
+    "lost_notification": sim(9, "lost-notification", ctx_tp=1, requests=8),
+    "abort_during_write": sim(10, "abort-during-write", requests=8, fault_rate=2.0),
 }
 
 
