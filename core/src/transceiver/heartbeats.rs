@@ -21,7 +21,9 @@
 //!
 //! State is per watched peer, bounded by [`MAX_WATCHED_PEERS`], and a peer no live request
 //! depends on any more is forgotten at the next tick. Ticks run while any request is
-//! registered, and stop when none is.
+//! registered, and stop when none is; then every peer is forgotten at once (`Liveness::stop`),
+//! since no tick comes to do it and a stale last-heard time would cut a live peer the moment
+//! a request next depends on it.
 
 use super::*;
 

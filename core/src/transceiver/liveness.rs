@@ -34,6 +34,14 @@ impl Liveness {
         self.next_tick
     }
 
+    /// The last request ended: ticks stop, and every peer is forgotten. A rank that kept
+    /// them would, when a request next depends on one, judge it by when it was last heard
+    /// before the idle spell, and lose it at once however alive it is.
+    pub(super) fn stop(&mut self) {
+        self.last_heard.clear();
+        self.next_tick = None;
+    }
+
     /// After a tick: the next one, or none while no request is registered.
     pub(super) fn reschedule(&mut self, at: Option<Duration>) {
         self.next_tick = at;

@@ -113,6 +113,11 @@ impl Transceiver {
                 state,
             });
         }
+        if self.entries.is_empty() {
+            // Idle: no tick runs until the next registration (`poll_timeout`), so the
+            // watched peers are dropped now, not at a tick that never comes.
+            self.liveness.stop();
+        }
         out
     }
 }
