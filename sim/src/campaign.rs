@@ -94,6 +94,8 @@ pub struct Summary {
     /// The worst convergence time of any seed (`SeedReport::convergence_us`), and its seed.
     pub worst_convergence_us: u64,
     pub worst_convergence_seed: Option<u64>,
+    /// The peak of each sampled size over every seed (`SeedReport::peaks`; I11).
+    pub peaks: BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -241,6 +243,7 @@ impl<'a> Fold<'a> {
             sim_seconds_per_wall_second: 0.0,
             worst_convergence_us: 0,
             worst_convergence_seed: None,
+            peaks: BTreeMap::new(),
         };
         Fold {
             campaign,
@@ -305,6 +308,10 @@ impl<'a> Fold<'a> {
             for (k, n) in from {
                 *into.entry(k.clone()).or_default() += n;
             }
+        }
+        for (k, n) in &report.peaks {
+            let peak = s.peaks.entry(k.clone()).or_default();
+            *peak = (*peak).max(*n);
         }
         for v in &report.violations {
             *s.violations.entry(v.invariant.id()).or_default() += 1;

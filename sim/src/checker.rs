@@ -44,6 +44,7 @@
 
 use crate::attribution::{Footprint, Reach};
 use crate::faults::FaultKind;
+use crate::growth::Growth;
 use crate::report::{Invariant, TraceEvent, TraceKind, Violation};
 use kvferry_core::request::RequestState;
 use kvferry_core::{PeerId, RequestId};
@@ -81,6 +82,8 @@ pub struct Checker {
     /// rank: what the I9 check of a peer-aborted request compares.
     aborts_to: HashMap<(RequestId, PeerId), u64>,
     aborts_by: HashMap<(RequestId, PeerId), u64>,
+    /// The sampled sizes' baseline and peaks (I11).
+    pub growth: Growth,
 }
 
 /// FNV-1a, 64 bit: the trace hash must not depend on process-random hasher seeds.

@@ -3,15 +3,17 @@
 //! uniform mix of everything never would.
 
 use crate::hazard::Forced;
+use crate::horizon::Horizon;
 use crate::scenario::Scenario;
 use madsim::rand::Rng;
 use serde::Serialize;
 use std::time::Duration;
 
-/// How often the injector considers each kind of timed fault.
-pub const FAULT_TICK: Duration = Duration::from_millis(4);
-/// Longest partition, clog or latency spike (they also all end at the heal time).
-pub const MAX_FAULT_SPAN_MS: u64 = 30;
+/// How often the injector considers each kind of timed fault, on the short horizon.
+pub const FAULT_TICK: Duration = Duration::from_millis(Horizon::SHORT.fault_tick_ms);
+/// Longest partition, clog or latency spike on the short horizon (they also all end at the
+/// heal time).
+pub const MAX_FAULT_SPAN_MS: u64 = Horizon::SHORT.max_fault_span_ms;
 /// A crashed instance restarts within this.
 pub const MAX_RESTART_MS: u64 = 20;
 

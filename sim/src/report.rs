@@ -24,6 +24,10 @@ pub enum Invariant {
     /// module docs. An unattributed failure is a violation, and so is a transfer job still
     /// waiting for its completion at the drain bound (`hang`).
     I10,
+    /// Bounded memory: every sampled table and queue size stays within its bound, and once
+    /// the seed has converged each returns to its baseline; the rule is in the `growth`
+    /// module docs.
+    I11,
 }
 
 impl Invariant {
@@ -39,6 +43,7 @@ impl Invariant {
             Invariant::I8 => "I8",
             Invariant::I9 => "I9",
             Invariant::I10 => "I10",
+            Invariant::I11 => "I11",
         }
     }
 }
@@ -110,4 +115,7 @@ pub struct SeedReport {
     /// request's arrival until every request was terminal and every rank idle (the drain
     /// bound itself when that never happened: then I7 is reported too).
     pub convergence_us: u64,
+    /// The largest value of each sampled size over the seed, over every rank or instance
+    /// (I11; empty when the scenario samples nothing).
+    pub peaks: BTreeMap<String, u64>,
 }

@@ -39,12 +39,11 @@ fn layers_point_down() {
         match m {
             // The world and its leaves: nothing that runs a rank, an agent or the network.
             "world" | "fabric" | "mailbox" | "wake" | "checker" | "router" | "attribution"
-            | "faults" | "scenario" | "report" | "memory" | "hazard" | "transfer_mode" => {
-                &["cluster", "rank", "agent", "net"]
-            }
+            | "faults" | "scenario" | "report" | "memory" | "hazard" | "transfer_mode"
+            | "horizon" | "growth" => &["cluster", "rank", "agent", "net"],
             // The network and the agents: no executor, no cluster.
             "net" | "agent" => &["cluster", "rank"],
-            "rank" => &["cluster"],
+            "rank" | "sampler" => &["cluster"],
             _ => &[],
         }
     };
