@@ -100,7 +100,7 @@ pub struct SeedReport {
     /// "alloc-fail", "recycle", "client-cancel", "rogue-peer").
     pub faults: BTreeMap<String, u64>,
     /// Requests that failed or were cancelled, by attributed cause (I10): a fault kind name,
-    /// "deadline", "no-capacity", or "unattributed".
+    /// "deadline", "no-capacity", "contention", or "unattributed".
     pub failures_by_cause: BTreeMap<String, u64>,
     /// The same requests by the core's `FailCause` name on the first rank that failed them,
     /// or "lost" (its instances crashed before any rank failed it), or "not-admitted".
