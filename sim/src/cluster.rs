@@ -351,7 +351,7 @@ fn fault_span(h: &Horizon) -> Duration {
     }
 }
 
-/// Strikes faults until `HEAL_AT`, then heals everything.
+/// Strikes faults until the horizon's heal time, then heals everything.
 async fn injector(sim: Arc<Sim>) {
     while sim.faults_on() {
         madsim::time::sleep(sim.scenario.horizon.fault_tick()).await;
@@ -716,9 +716,9 @@ fn check_staging(sim: &Sim) {
 }
 
 /// Waits until the client has issued every request and faults have healed, then for
-/// quiescence, bounded by the drain bound after the later of the two; reports I7 and I2. Returns the
-/// convergence time (two-phase liveness): from the later of the two to quiescence, or the
-/// bound itself when the seed never got there.
+/// quiescence, bounded by the horizon's drain bound after the later of the two; reports I7 and
+/// I2. Returns the convergence time (two-phase liveness): from the later of the two to
+/// quiescence, or the bound itself when the seed never got there.
 async fn settle(sim: &Arc<Sim>) -> u64 {
     let (heal_at, drain) = (sim.scenario.horizon.heal_at(), sim.scenario.horizon.drain());
     madsim::time::sleep(heal_at + GRACE).await;
