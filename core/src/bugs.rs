@@ -62,10 +62,13 @@ pub enum Bug {
     /// The fence of an evicted (aborted) transfer never unpins its blocks, so they are never
     /// reclaimed (I2; vLLM #46283).
     AbortNeverReclaimed,
+    /// A job's completion is looked up in the transfer table but never removed from it, so
+    /// the table grows with every transfer the rank ever ran (I11).
+    TransferTableLeak,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 19] = [
+    pub const ALL: [Bug; 20] = [
         Bug::ReleaseEarly,
         Bug::LeakSlotOnError,
         Bug::DropAgentEarly,
@@ -85,6 +88,7 @@ impl Bug {
         Bug::EvictedBeforeSend,
         Bug::StaleEndpoint,
         Bug::AbortNeverReclaimed,
+        Bug::TransferTableLeak,
     ];
 
     /// The CLI name (`kvferry sim --inject-bug NAME`).
@@ -109,6 +113,7 @@ impl Bug {
             Bug::EvictedBeforeSend => "evicted-before-send",
             Bug::StaleEndpoint => "stale-endpoint",
             Bug::AbortNeverReclaimed => "abort-never-reclaimed",
+            Bug::TransferTableLeak => "transfer-table-leak",
         }
     }
 
@@ -129,6 +134,7 @@ impl Bug {
             Bug::FailedTransferServed | Bug::StaleEndpoint => "I6",
             Bug::LostNotification => "I10",
             Bug::AbortNeverReclaimed => "I2",
+            Bug::TransferTableLeak => "I11",
         }
     }
 }
@@ -140,7 +146,7 @@ impl fmt::Display for Bug {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted, ignore-heartbeats, abort-during-write, failed-transfer-served, timeout-frees-while-reading, lost-notification, evicted-before-send, stale-endpoint, abort-never-reclaimed")]
+#[error("unknown bug switch {0:?}; known: release-early, leak-slot-on-error, drop-agent-early, warn-no-dedup, warn-before-ready, free-blocks-during-transfer, reuse-poisoned-slot, skip-idle-collective, skip-token-check, accept-any-abort, ask-before-posted, ignore-heartbeats, abort-during-write, failed-transfer-served, timeout-frees-while-reading, lost-notification, evicted-before-send, stale-endpoint, abort-never-reclaimed, transfer-table-leak")]
 pub struct UnknownBug(pub String);
 
 impl FromStr for Bug {

@@ -142,6 +142,36 @@ fn a_silent_peer_is_lost_within_the_bound_and_forgotten() {
     );
 }
 
+/// Regression (found by the simulator's `soak`, under the production heartbeats): a rank that
+/// went idle between two ticks kept its watched peers with their last-heard times, and the
+/// first request to depend on one of them again after an idle spell longer than the silence
+/// limit lost it at the first tick, alive as it was.
+#[test]
+fn a_peer_watched_before_an_idle_spell_is_not_lost_when_needed_again() {
+    let mut c = Cluster::new(1, 1, config());
+    c.submit(1, 1, 3, 3);
+    c.pump();
+    run_for(&mut c, 2 * INTERVAL_MS, true);
+    assert_eq!(c.gen[0].tx.watched_peers(), 1);
+    // Request 1 completes between two ticks; the rank goes idle.
+    c.now += Duration::from_millis(INTERVAL_MS / 2);
+    let fin = c.run_until_quiet();
+    assert_eq!(fin.len(), 2, "{:?}", states(&fin));
+    assert_eq!(
+        c.gen[0].tx.watched_peers(),
+        0,
+        "an idle rank watches nobody"
+    );
+    assert_eq!(c.gen[0].tx.poll_timeout(), None, "and needs no tick");
+    // Idle for many silence limits, then the same context rank serves request 2.
+    c.now += Duration::from_millis(INTERVAL_MS) * MISSED * 10;
+    c.submit(2, 1, 5, 5);
+    c.pump();
+    run_for(&mut c, 2 * INTERVAL_MS, true);
+    assert!(silent_losses(&mut c).is_empty());
+    assert_eq!(c.gen[0].tx.counters().peers_silent, 0);
+}
+
 /// The failure is the one of a lost connection (the same path as `handle_peer_lost`).
 #[test]
 fn a_silent_peer_fails_its_requests_as_unreachable() {

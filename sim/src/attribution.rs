@@ -33,6 +33,11 @@ pub struct Footprint {
 }
 
 impl Footprint {
+    /// Did this fault act anywhere in the cluster while `l` lived (rogues act on nothing)?
+    pub fn acts_during(&self, l: &Lifetime) -> bool {
+        self.reach != Reach::Nobody && self.from_us <= l.ended_us && l.arrived_us <= self.until_us
+    }
+
     /// Did this fault reach `l`: aimed at it, or acting on its instances while it lived?
     pub fn reaches(&self, l: &Lifetime) -> bool {
         let during = self.from_us <= l.ended_us && l.arrived_us <= self.until_us;
@@ -89,7 +94,8 @@ pub struct Lifetime {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attribution {
     /// Requests that failed or were cancelled, by attributed cause: a fault kind's name,
-    /// `deadline`, `no-capacity`, or `unattributed` (each of those is an I10 violation).
+    /// `deadline`, `no-capacity`, `contention`, or `unattributed` (each of those is an I10
+    /// violation).
     pub by_cause: BTreeMap<String, u64>,
     /// The same requests by the core's `FailCause` of the first rank that failed them, or
     /// `lost` (every rank it ran on crashed first) or `not-admitted`.
@@ -113,16 +119,19 @@ pub fn cause_of(l: &Lifetime, faults: &[Footprint]) -> Option<&'static str> {
         })
         .map(|f| f.kind)
         .min();
-    let timed_out = l
-        .first_failure
-        .as_ref()
-        .is_some_and(|f| f.2 == FailCause::Timeout);
+    let first_cause = l.first_failure.as_ref().map(|f| f.2);
+    let timed_out = first_cause == Some(FailCause::Timeout);
+    // Staging slots held past `staging_wait_ms` by legs that a fault elsewhere stalled (a
+    // receive waiting on a silent peer keeps its slot until the heartbeats' silence limit).
+    let contended =
+        first_cause == Some(FailCause::NoSlot) && faults.iter().any(|f| f.acts_during(l));
     match (fault, l.refusal) {
         (Some(kind), _) => Some(kind.name()),
         // A configured deadline evicted it (`inflight_cancel`, the sender budget): a policy
         // the scenario opted into, not a fault.
         (None, _) if timed_out => Some("deadline"),
         (None, Some(Refusal::NoBlocks)) => Some("no-capacity"),
+        (None, _) if contended => Some("contention"),
         (None, _) => None,
     }
 }
@@ -285,6 +294,23 @@ mod tests {
         assert_eq!(a.by_cause["no-capacity"], 1);
         assert_eq!(a.by_core_cause["peer-aborted"], 1);
         assert_eq!(a.by_core_cause["not-admitted"], 1);
+    }
+
+    #[test]
+    fn a_slot_starved_request_is_contention_only_while_a_fault_acts_elsewhere() {
+        let starved = Lifetime {
+            first_failure: Some((150, "gen0/r0".to_string(), FailCause::NoSlot)),
+            ..life(5, &[1, 2], 100, 200)
+        };
+        let elsewhere = [fault(FaultKind::Partition, 50, 180, Reach::Pair(3, 4))];
+        assert_eq!(cause_of(&starved, &elsewhere), Some("contention"));
+        assert_eq!(cause_of(&starved, &[]), None, "no fault anywhere: I10");
+        let healed = [fault(FaultKind::Partition, 10, 90, Reach::Pair(3, 4))];
+        assert_eq!(
+            cause_of(&starved, &healed),
+            None,
+            "healed before it arrived"
+        );
     }
 
     #[test]

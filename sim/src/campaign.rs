@@ -97,6 +97,8 @@ pub struct Summary {
     pub worst_convergence_seed: Option<u64>,
     /// Dangerous windows reached, summed over the seeds, every window listed (`coverage`).
     pub coverage: BTreeMap<String, u64>,
+    /// The peak of each sampled size over every seed (`SeedReport::peaks`; I11).
+    pub peaks: BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -250,6 +252,7 @@ impl<'a> Fold<'a> {
             worst_convergence_us: 0,
             worst_convergence_seed: None,
             coverage: coverage::zero(),
+            peaks: BTreeMap::new(),
         };
         Fold {
             campaign,
@@ -315,6 +318,10 @@ impl<'a> Fold<'a> {
             for (k, n) in from {
                 *into.entry(k.clone()).or_default() += n;
             }
+        }
+        for (k, n) in &report.peaks {
+            let peak = s.peaks.entry(k.clone()).or_default();
+            *peak = (*peak).max(*n);
         }
         for v in &report.violations {
             *s.violations.entry(v.invariant.id()).or_default() += 1;

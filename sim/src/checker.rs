@@ -26,11 +26,15 @@
 //! without the token it has no authority over any request (I9).
 //!
 //! A request that failed or was cancelled is attributed to the first fault that reached it in
-//! [`FaultKind`] order (faults aimed at the request first). Without one, two causes that are
+//! [`FaultKind`] order (faults aimed at the request first). Without one, three causes that are
 //! policies rather than faults remain: `deadline`, when the first rank to fail it did so
 //! because a configured deadline passed (core cause `timeout`: deadline eviction with
-//! `inflight_cancel`, or the sender-future budget), and `no-capacity`, when the client found no
-//! free KV blocks for it (admission control under load). Any other failed or cancelled request
+//! `inflight_cancel`, or the sender-future budget); `no-capacity`, when the client found no
+//! free KV blocks for it (admission control under load); and `contention`, when the first rank
+//! to fail it found no staging slot within `staging_wait_ms` (core cause `no-slot`) while a
+//! fault acted anywhere in the cluster during its lifetime (slots held by legs the fault
+//! stalled: a receive waiting on a silent peer keeps its slot up to the heartbeats' silence
+//! limit, longer than the production `staging_wait_ms`). Any other failed or cancelled request
 //! is a violation of I10, reported at its first failure with the core's
 //! [`FailCause`](kvferry_core::transceiver::FailCause). With faults off there are no
 //! footprints, so every request must complete unless a configured deadline or the pool's size
@@ -46,6 +50,7 @@
 use crate::attribution::{Footprint, Reach};
 use crate::coverage::Coverage;
 use crate::faults::FaultKind;
+use crate::growth::Growth;
 use crate::report::{Invariant, TraceEvent, TraceKind, Violation};
 use kvferry_core::request::RequestState;
 use kvferry_core::{PeerId, RequestId};
@@ -86,6 +91,8 @@ pub struct Checker {
     /// The dangerous windows this seed reached (observed here, beside the invariants, so
     /// that counting them touches neither the trace nor the random stream).
     pub coverage: Coverage,
+    /// The sampled sizes' baseline and peaks (I11).
+    pub growth: Growth,
 }
 
 /// What the checker recorded of a seed, for its report.

@@ -1,11 +1,12 @@
 //! One seed: the cluster, the client, the fault injector, and the run to quiescence.
 //!
 //! Time line of a seed (simulated): the client issues every request of the workload (the load
-//! phase, which may outlast the faults); faults strike until `HEAL_AT` when every partition,
-//! clog and spike heals (crashed instances restart within `MAX_RESTART_MS`, before it).
-//! Liveness bound (I7): every request that was not lost with a crashed instance reaches a
-//! terminal state on every instance it was started on within `DRAIN` after the later of
-//! `HEAL_AT` and the client's last request. Quiescence is only looked for once the client has
+//! phase, which may outlast the faults); faults strike until the heal time (the scenario's
+//! `Horizon`: the horizon's heal time (`Horizon::heal_at`) on the short one) when every partition, clog and spike heals (crashed
+//! instances restart within `MAX_RESTART_MS`, before it). Liveness bound (I7): every request
+//! that was not lost with a crashed instance reaches a terminal state on every instance it
+//! was started on within the drain bound (`DRAIN` on the short horizon) after the later of
+//! the heal and the client's last request. Quiescence is only looked for once the client has
 //! issued every request: before, a lull between arrivals looks idle and would end the seed with
 //! part of the workload never simulated.
 
@@ -13,15 +14,16 @@ use crate::agent::AgentRegistry;
 use crate::attribution::{self, Reach, Refusal};
 use crate::checker::Checker;
 use crate::coverage::Window;
-use crate::faults::{FaultKind, FaultMix, FAULT_TICK, MAX_FAULT_SPAN_MS, MAX_RESTART_MS};
+use crate::faults::{FaultKind, FaultMix, MAX_RESTART_MS};
 use crate::gray;
+use crate::horizon::Horizon;
 use crate::mailbox::Command;
 use crate::rank::{run_rank, Instance, RankShared};
 use crate::report::{Invariant, SeedReport};
 use crate::router::Outcomes;
 use crate::scenario::Scenario;
 use crate::schedule::{RequestSpec, Schedule, Script};
-use crate::world::{World, HEAL_AT, ROGUE_INSTANCE};
+use crate::world::{World, ROGUE_INSTANCE};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::blocks::BlockRef;
 use kvferry_core::layout::CacheLayout;
@@ -40,12 +42,10 @@ use std::time::Duration;
 pub const BLOCKS_PER_INSTANCE: u32 = 192;
 /// Blocks of one request (prompt length / tokens per block), drawn in 1..=this.
 pub const MAX_REQUEST_BLOCKS: usize = 8;
-/// Mean gap between request arrivals.
-pub const ARRIVAL_GAP_US: u64 = 3000;
 /// Prefill time before the generation side is asked.
 pub const PREFILL_US: (u64, u64) = (200, 3000);
-/// Liveness bound after `HEAL_AT` (see the module docs).
-pub const DRAIN: Duration = Duration::from_secs(3);
+/// Liveness bound after the horizon's heal time (`Horizon::heal_at`) (see the module docs), on the short horizon.
+pub const DRAIN: Duration = Duration::from_millis(Horizon::SHORT.drain_ms);
 /// How often the end-of-seed watcher looks for quiescence.
 pub const SETTLE_POLL: Duration = Duration::from_millis(5);
 /// How long an executor recycle counts as acting on its instance (I10): the rank swaps its
@@ -273,7 +273,7 @@ fn refuse(sim: &Sim, id: RequestId, side: Side, why: Refusal) {
 /// random numbers are taken in the same order with or without a given workload (`schedule`).
 async fn client(sim: Arc<Sim>) {
     for k in 0..sim.script.request_count(sim.scenario.requests) {
-        let gap = rand_range(0, 2 * ARRIVAL_GAP_US);
+        let gap = rand_range(0, 2 * sim.scenario.horizon.arrival_gap_us);
         let at = sim.script.arrival_us(k, sim.now_us() + gap);
         madsim::time::sleep(Duration::from_micros(at.saturating_sub(sim.now_us()))).await;
         let token = TransferToken(madsim::rand::thread_rng().gen::<u128>());
@@ -360,18 +360,22 @@ fn start_gen(sim: &Arc<Sim>, id: RequestId) {
         .started_gen(id, inst.uid);
 }
 
-/// The span of the partition, clog or latency spike of `kind` that just struck.
+/// The span of the partition, clog or latency spike of `kind` that just struck: drawn from
+/// the horizon (log-uniform in a soak), or the given schedule's.
 fn fault_span(sim: &Sim, kind: FaultKind) -> Duration {
-    sim.span(
-        kind,
-        Duration::from_millis(rand_range(1, MAX_FAULT_SPAN_MS)),
-    )
+    let h = &sim.scenario.horizon;
+    let drawn = if h.log_spans {
+        h.log_span(madsim::rand::thread_rng().gen())
+    } else {
+        Duration::from_millis(rand_range(1, h.max_fault_span_ms))
+    };
+    sim.span(kind, drawn)
 }
 
-/// Strikes faults until `HEAL_AT`, then heals everything.
+/// Strikes faults until the horizon's heal time, then heals everything.
 async fn injector(sim: Arc<Sim>) {
     while sim.faults_on() {
-        madsim::time::sleep(FAULT_TICK).await;
+        madsim::time::sleep(sim.scenario.horizon.fault_tick()).await;
         if !sim.faults_on() {
             break;
         }
@@ -384,7 +388,8 @@ async fn injector(sim: Arc<Sim>) {
                 .collect();
             (!c.is_empty()).then(|| c[rand_range(0, c.len() as u64) as usize].clone())
         };
-        let restart_room = sim.now_us() + (MAX_RESTART_MS + 2) * 1000 < HEAL_AT.as_micros() as u64;
+        let heal_at = sim.scenario.horizon.heal_at().as_micros() as u64;
+        let restart_room = sim.now_us() + (MAX_RESTART_MS + 2) * 1000 < heal_at;
         if sim.strike(FaultKind::Crash, m.crash) && restart_room {
             if let Some(i) = pick_inst(None) {
                 sim.crash(i.uid);
@@ -733,19 +738,20 @@ fn check_staging(sim: &Sim) {
 }
 
 /// Waits until the client has issued every request and faults have healed, then for
-/// quiescence, bounded by `DRAIN` after the later of the two; reports I7 and I2. Returns the
-/// convergence time (two-phase liveness): from the later of the two to quiescence, or the
-/// bound itself when the seed never got there.
+/// quiescence, bounded by the horizon's drain bound after the later of the two; reports I7 and
+/// I2. Returns the convergence time (two-phase liveness): from the later of the two to
+/// quiescence, or the bound itself when the seed never got there.
 async fn settle(sim: &Arc<Sim>) -> u64 {
-    madsim::time::sleep(HEAL_AT + GRACE).await;
+    let (heal_at, drain) = (sim.scenario.horizon.heal_at(), sim.scenario.horizon.drain());
+    madsim::time::sleep(heal_at + GRACE).await;
     let client_done = loop {
         if let Some(at) = *sim.client_done_us.lock().expect("client lock") {
             break at;
         }
         madsim::time::sleep(SETTLE_POLL).await;
     };
-    let calm = client_done.max(HEAL_AT.as_micros() as u64);
-    let deadline = calm + DRAIN.as_micros() as u64;
+    let calm = client_done.max(heal_at.as_micros() as u64);
+    let deadline = calm + drain.as_micros() as u64;
     loop {
         if quiescent(sim) {
             let converged = sim.now_us().saturating_sub(calm);
@@ -765,7 +771,7 @@ async fn settle(sim: &Arc<Sim>) -> u64 {
                     format!(
                         "{id} not terminal {} ms after faults healed and the last request \
                          arrived: {what}",
-                        DRAIN.as_millis()
+                        drain.as_millis()
                     ),
                 );
             }
@@ -775,9 +781,17 @@ async fn settle(sim: &Arc<Sim>) -> u64 {
                     "ranks still busy after the drain bound".to_string(),
                 );
             }
-            return DRAIN.as_micros() as u64;
+            return drain.as_micros() as u64;
         }
         madsim::time::sleep(SETTLE_POLL).await;
+    }
+}
+
+/// Samples the sizes of every live rank and instance every `every` until the seed stops (I11).
+async fn sample_sizes(sim: Arc<Sim>, every: Duration) {
+    while !sim.stopped() {
+        crate::sampler::observe(&sim.world, &sim.live_instances());
+        madsim::time::sleep(every).await;
     }
 }
 
@@ -809,7 +823,16 @@ async fn run(
     }
     madsim::task::spawn(client(sim.clone()));
     madsim::task::spawn(injector(sim.clone()));
+    let sampling = sim.scenario.horizon.sample_every();
+    if let Some(every) = sampling {
+        madsim::task::spawn(sample_sizes(sim.clone(), every));
+    }
     let converged_us = settle(&sim).await;
+    if sampling.is_some() && quiescent(&sim) {
+        // The growth rule's second half (I11): after the tail, everything is back.
+        madsim::time::sleep(crate::sampler::tail(&sim.tx_config)).await;
+        crate::sampler::settled(&sim.world, &sim.live_instances());
+    }
     let sim_time_us = sim.now_us();
     sim.world.stop();
     // Let every rank, rung by the stop, exit.
@@ -838,6 +861,7 @@ fn report(
     outcomes: Outcomes,
     checker: Checker,
 ) -> SeedReport {
+    let peaks = checker.growth.peaks();
     let rec = checker.into_parts();
     SeedReport {
         seed,
@@ -856,6 +880,7 @@ fn report(
         trace: rec.trace,
         convergence_us: 0,
         coverage: rec.coverage,
+        peaks,
     }
 }
 

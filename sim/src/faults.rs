@@ -6,16 +6,11 @@ use crate::hazard::Forced;
 use crate::scenario::Scenario;
 use madsim::rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
-/// How often the injector considers each kind of timed fault.
-pub const FAULT_TICK: Duration = Duration::from_millis(4);
-/// Longest partition, clog or latency spike (they also all end at the heal time).
-pub const MAX_FAULT_SPAN_MS: u64 = 30;
 /// A crashed instance restarts within this.
 pub const MAX_RESTART_MS: u64 = 20;
 
-/// Probabilities: per `FAULT_TICK` for timed faults, per event for the others.
+/// Probabilities: per the horizon's fault tick for timed faults, per event for the others.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct FaultMix {
     pub crash: f64,

@@ -15,6 +15,7 @@
 
 use crate::agent::{AgentInner, AgentParts, AgentRegistry, SimAgent};
 use crate::coverage::Window;
+use crate::growth::Marks;
 use crate::mailbox::{Command, Mailbox};
 use crate::memory::RankMemory;
 use crate::net::{self, Barrier, SendError, SimCollective};
@@ -134,6 +135,9 @@ pub struct RankShared {
     pub agents: Mutex<Vec<Arc<AgentInner>>>,
     pub staging: Mutex<StagingCounters>,
     pub active: AtomicUsize,
+    /// What each table of the transceiver held after its last pass, and at most since the
+    /// last sample (the growth rule, I11).
+    pub sizes: Mutex<Marks>,
 }
 
 impl RankShared {
@@ -147,6 +151,7 @@ impl RankShared {
             agents: Mutex::new(Vec::new()),
             staging: Mutex::new(StagingCounters::default()),
             active: AtomicUsize::new(0),
+            sizes: Mutex::new(Marks::default()),
         }
     }
 
@@ -349,6 +354,8 @@ impl Executor {
         }
         *self.rank.staging.lock().expect("staging lock") = self.tx.staging_counters();
         self.rank.active.store(self.tx.active(), Ordering::Relaxed);
+        let sizes = self.tx.sizes();
+        self.rank.sizes.lock().expect("sizes lock").publish(sizes);
     }
 
     /// When this rank must run next if nothing rings it.

@@ -92,6 +92,9 @@ pub fn summary_table(s: &Summary) -> String {
             ),
         );
     }
+    if !s.peaks.is_empty() {
+        row("peak sizes", counts(&s.peaks));
+    }
     if !s.panicked_seeds.is_empty() {
         row("panicked seeds", s.panicked_seeds.len().to_string());
     }
@@ -164,6 +167,9 @@ pub fn seed_report(r: &SeedReport, scenario: &Scenario) -> String {
         counts(&r.failures_by_core_cause)
     );
     let _ = writeln!(t, "  dangerous windows: {}", counts(&r.coverage));
+    if !r.peaks.is_empty() {
+        let _ = writeln!(t, "  peak sizes: {}", counts(&r.peaks));
+    }
     if r.violations.is_empty() {
         let _ = writeln!(t, "  violations: none");
     }

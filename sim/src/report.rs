@@ -24,6 +24,10 @@ pub enum Invariant {
     /// module docs. An unattributed failure is a violation, and so is a transfer job still
     /// waiting for its completion at the drain bound (`hang`).
     I10,
+    /// Bounded memory: every sampled table and queue size stays within its bound, and once
+    /// the seed has converged each returns to its baseline; the rule is in the `growth`
+    /// module docs.
+    I11,
 }
 
 impl Invariant {
@@ -39,6 +43,7 @@ impl Invariant {
             Invariant::I8 => "I8",
             Invariant::I9 => "I9",
             Invariant::I10 => "I10",
+            Invariant::I11 => "I11",
         }
     }
 }
@@ -95,7 +100,7 @@ pub struct SeedReport {
     /// "alloc-fail", "recycle", "client-cancel", "rogue-peer").
     pub faults: BTreeMap<String, u64>,
     /// Requests that failed or were cancelled, by attributed cause (I10): a fault kind name,
-    /// "deadline", "no-capacity", or "unattributed".
+    /// "deadline", "no-capacity", "contention", or "unattributed".
     pub failures_by_cause: BTreeMap<String, u64>,
     /// The same requests by the core's `FailCause` name on the first rank that failed them,
     /// or "lost" (its instances crashed before any rank failed it), or "not-admitted".
@@ -112,4 +117,7 @@ pub struct SeedReport {
     pub convergence_us: u64,
     /// Dangerous windows reached, by name (`coverage`), every window listed.
     pub coverage: BTreeMap<String, u64>,
+    /// The largest value of each sampled size over the seed, over every rank or instance
+    /// (I11; empty when the scenario samples nothing).
+    pub peaks: BTreeMap<String, u64>,
 }

@@ -168,18 +168,26 @@ impl Router {
         r.instances.push(uid);
     }
 
-    /// A rank reported the request failed there. The first report is kept, except that any
-    /// other cause replaces `cancelled`: the simulator cancels a request only as a follow-up
-    /// (a client cancel, the other side's failure, a crash), never as its root cause, and a
-    /// rank reports what it saw only after its step's collective, so a follow-up cancel can be
-    /// reported before the failure that caused it.
+    /// A rank reported the request failed there. The first report is kept, except that a
+    /// cause nearer the root replaces a follow-up: `cancelled` (the simulator cancels a request only as
+    /// a follow-up: a client cancel, the other side's failure, a crash), then `peer-aborted`
+    /// (a peer's abort answers that peer's own decision; a rogue's is I9's), then any other.
+    /// A rank reports what it saw only after its step's collective, so a follow-up can be
+    /// reported before the failure that caused it (the soak found a `no-slot` reported after
+    /// the peer-aborted it caused).
     pub fn failed_on(&mut self, id: RequestId, at_us: u64, track: &str, cause: FailCause) {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
         };
+        // How far a cause is from a follow-up: the larger replaces the smaller.
+        let root = |c: FailCause| match c {
+            FailCause::Cancelled => 0,
+            FailCause::PeerAborted => 1,
+            _ => 2,
+        };
         let replace = match &r.first_failure {
             None => true,
-            Some((_, _, first)) => *first == FailCause::Cancelled && cause != FailCause::Cancelled,
+            Some((_, _, first)) => root(cause) > root(*first),
         };
         if replace {
             r.first_failure = Some((at_us, track.to_string(), cause));

@@ -1,6 +1,7 @@
 //! Scenarios: the cluster shape, the workload and the fault mix of a campaign.
 //! Named scenarios are starting points; CLI knobs override single fields.
 
+use crate::horizon::Horizon;
 use crate::transfer_mode::TransferMode;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::config::{
@@ -68,10 +69,15 @@ pub struct Scenario {
     pub sender_timeout_ms: Option<u64>,
     /// Push, pull, or drawn per seed.
     pub transfer_mode: TransferMode,
+    /// `staging_wait_ms` of every rank.
+    pub staging_wait_ms: u64,
+    /// How long faults strike and last, how fast requests arrive, the drain bound, and
+    /// whether sizes are sampled (I11).
+    pub horizon: Horizon,
 }
 
 /// Names accepted by `--scenario`.
-pub const SCENARIOS: [&str; 16] = [
+pub const SCENARIOS: [&str; 17] = [
     "default",
     "crashy",
     "partition-heavy",
@@ -88,11 +94,12 @@ pub const SCENARIOS: [&str; 16] = [
     "evicted-before-send",
     "stale-endpoint",
     "abort-never-reclaimed",
+    "soak",
 ];
 
 /// The gray-failure scenarios (`gray`): faults that reset nothing. Their ranks heartbeat every
 /// `GRAY_HEARTBEAT_MS` and lose a peer after `GRAY_HEARTBEAT_MISSED` silent intervals (100
-/// ms: longer than any ordinary partition or clog, `MAX_FAULT_SPAN_MS`, shorter than a gray
+/// ms: longer than any ordinary partition or clog, the horizon's longest fault span, shorter than a gray
 /// fault can last, `gray::MAX_GRAY_SPAN_MS`), and a sender gives up after
 /// `GRAY_SENDER_TIMEOUT_MS` (a generation side that died silently before asking is noticed
 /// by nothing else), so that all of it plays out well inside the drain bound.
@@ -118,6 +125,13 @@ pub const HAZARD_TIMEOUT_MS: u64 = 20;
 /// from the production 60 s to fit well within the seed's drain bound (`cluster::DRAIN`).
 pub const LOST_NOTIFICATION_BUDGET_MS: u64 = 500;
 
+/// `staging_wait_ms` of every scenario but the soak (which runs the production default).
+pub const SHORT_STAGING_WAIT_MS: u64 = 500;
+
+/// Requests of one soak seed: thousands, arriving over about three simulated minutes
+/// (`Horizon::SOAK`), so that every table turns over many times.
+pub const SOAK_REQUESTS: u32 = 3000;
+
 impl Scenario {
     /// The named starting points of `--scenario`. All use tiny layouts (head dim 4, 4 tokens
     /// per block, 2-byte dtype, 8 layers) so that a seed of 64 requests runs in well under a
@@ -141,6 +155,8 @@ impl Scenario {
             heartbeat_missed: DEFAULT_HEARTBEAT_MISSED_LIMIT,
             sender_timeout_ms: Some(DEFAULT_SENDER_FUTURE_TIMEOUT_MS),
             transfer_mode: TransferMode::Mixed,
+            staging_wait_ms: SHORT_STAGING_WAIT_MS,
+            horizon: Horizon::SHORT,
         };
         Some(match name {
             "default" => base,
@@ -168,6 +184,7 @@ impl Scenario {
                 gen_tp: 2,
                 ..base
             },
+            "soak" => Scenario::soak(base),
             _ => return Scenario::gray(base.clone()).or_else(|| Scenario::hazard(base)),
         })
     }
@@ -193,6 +210,27 @@ impl Scenario {
             },
             _ => return None,
         })
+    }
+
+    /// The production horizon: the default config's timers (sender budget, heartbeats,
+    /// staging wait, early-input TTL: `TransceiverConfig::default()`), two instances a side,
+    /// thousands of requests over simulated minutes, faults lasting up to minutes, and the
+    /// sizes sampled every second (I11, `growth`).
+    fn soak(base: Scenario) -> Scenario {
+        let production = TransceiverConfig::default();
+        Scenario {
+            ctx_instances: 2,
+            gen_instances: 2,
+            requests: SOAK_REQUESTS,
+            timeout_ms: production.kv_transfer_timeout_ms,
+            inflight_cancel: production.inflight_cancel,
+            heartbeat_ms: production.heartbeat_interval_ms,
+            heartbeat_missed: production.heartbeat_missed_limit,
+            sender_timeout_ms: production.kv_transfer_sender_future_timeout_ms,
+            staging_wait_ms: production.staging_wait_ms,
+            horizon: Horizon::SOAK,
+            ..base
+        }
     }
 
     /// The field-hazard scenarios, from `base` of the same name.
@@ -255,7 +293,7 @@ impl Scenario {
             kv_transfer_timeout_ms: self.timeout_ms,
             inflight_cancel: self.inflight_cancel,
             staging_slots: 4,
-            staging_wait_ms: 500,
+            staging_wait_ms: self.staging_wait_ms,
             heartbeat_interval_ms: self.heartbeat_ms,
             heartbeat_missed_limit: self.heartbeat_missed,
             kv_transfer_sender_future_timeout_ms: self.sender_timeout_ms,

@@ -3,7 +3,7 @@
 //! a seed under one; `shrink` reduces one.
 //!
 //! Every fault decision of a seed is a Bernoulli draw of one kind (`World::strike`): a timed
-//! fault draws once per `FAULT_TICK`, an aimed one once per job, allocation, request or pull.
+//! fault draws once per the horizon's fault tick, an aimed one once per job, allocation, request or pull.
 //! An event names a draw by its kind and ordinal (`nth`), so a timed event's ordinal is its
 //! tick. Without a schedule a seed records what it drew; with one, the schedule decides every
 //! draw, but the random number is still taken, so that replaying a seed's own recorded schedule

@@ -10,7 +10,7 @@ use crate::attribution::Reach;
 use crate::checker::Checker;
 use crate::coverage::{Coverage, Window};
 use crate::fabric::Fabric;
-use crate::faults::{FaultKind, FaultMix, FAULT_TICK};
+use crate::faults::{FaultKind, FaultMix};
 use crate::mailbox::{Command, Mailbox};
 use crate::report::Invariant;
 use crate::router::Router;
@@ -29,8 +29,6 @@ use std::time::Duration;
 
 /// The instance id a rogue peer claims; no real incarnation ever gets it.
 pub const ROGUE_INSTANCE: u32 = u32::MAX - 1;
-/// Faults stop and heal here.
-pub const HEAL_AT: Duration = Duration::from_millis(260);
 
 /// Everything of one seed that tasks share (see the module docs).
 #[derive(Debug)]
@@ -170,12 +168,13 @@ impl World {
 
     /// When a fault lasting `span` from now stops acting: at its own end, or at the heal.
     pub fn until(&self, span: Duration) -> u64 {
-        let heal = (HEAL_AT + FAULT_TICK).as_micros() as u64;
+        let h = &self.scenario.horizon;
+        let heal = (h.heal_at() + h.fault_tick()).as_micros() as u64;
         (self.now_us() + span.as_micros() as u64).min(heal)
     }
 
     pub fn faults_on(&self) -> bool {
-        !self.stopped() && self.now_us() < HEAL_AT.as_micros() as u64
+        !self.stopped() && self.now_us() < self.scenario.horizon.heal_at().as_micros() as u64
     }
 
     /// Whether this job's agent error strikes. Unlike `strike`, it takes a random number even

@@ -198,3 +198,17 @@ fn stale_endpoint_breaks_i6() {
 fn abort_never_reclaimed_breaks_i2() {
     catches(Bug::AbortNeverReclaimed, hazard("abort-never-reclaimed"));
 }
+
+/// A transfer table that keeps every completed job: only the soak's sampler sees it (I11),
+/// on a soak of a hundred requests.
+#[test]
+fn transfer_table_leak_breaks_i11() {
+    catches(
+        Bug::TransferTableLeak,
+        ScenarioArgs {
+            scenario: "soak".to_string(),
+            requests: Some(100),
+            ..ScenarioArgs::default()
+        },
+    );
+}

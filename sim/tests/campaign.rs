@@ -215,14 +215,21 @@ fn a_long_workload_is_issued_in_full_before_quiescence() {
     }
 }
 
+/// Requests per seed of the clean-scenario sweep: the default scenario's.
+const CLEAN_REQUESTS: u32 = 64;
+
 /// I10 with faults off: every request of every named scenario completes.
 #[test]
 fn every_scenario_completes_every_request_with_faults_off() {
     for name in kvferry_sim::scenario::SCENARIOS {
         let mut c = campaign(0..8, jobs());
+        let base = Scenario::named(name).expect("named scenario");
         c.scenario = Scenario {
             fault_rate: 0.0,
-            ..Scenario::named(name).expect("named scenario")
+            // The soak's thousands of requests take minutes in a debug build; its own tests
+            // (`soak.rs`) run it.
+            requests: base.requests.min(CLEAN_REQUESTS),
+            ..base
         };
         let s = c.run(&run_seed, &mut |_| {});
         assert!(!s.failed(), "{name}: {}", kvferry_sim::render::failures(&s));

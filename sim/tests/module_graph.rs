@@ -40,10 +40,12 @@ fn layers_point_down() {
             // The world and its leaves: nothing that runs a rank, an agent or the network.
             "world" | "fabric" | "mailbox" | "wake" | "checker" | "router" | "attribution"
             | "faults" | "scenario" | "report" | "memory" | "hazard" | "transfer_mode"
-            | "coverage" | "schedule" => &["cluster", "rank", "agent", "net"],
+            | "coverage" | "schedule" | "horizon" | "growth" => {
+                &["cluster", "rank", "agent", "net"]
+            }
             // The network and the agents: no executor, no cluster.
             "net" | "agent" => &["cluster", "rank"],
-            "rank" => &["cluster"],
+            "rank" | "sampler" => &["cluster"],
             _ => &[],
         }
     };

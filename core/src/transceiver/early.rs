@@ -241,6 +241,11 @@ impl EarlyQueue {
         }
     }
 
+    /// Peers holding a share here (each holds something, so bounded by the parked input).
+    pub fn peers(&self) -> usize {
+        self.shares.len()
+    }
+
     pub fn counts(&self) -> EarlyCounts {
         EarlyCounts {
             infos: self.infos,

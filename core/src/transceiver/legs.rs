@@ -144,7 +144,13 @@ impl Transceiver {
             self.serve_slot_waiters(now);
             return;
         }
-        let Some((id, key)) = self.transfers.remove(&c.id) else {
+        let found = if self.bugs.has(Bug::TransferTableLeak) {
+            // The leak: the job is looked up, never forgotten.
+            self.transfers.get(&c.id).copied()
+        } else {
+            self.transfers.remove(&c.id)
+        };
+        let Some((id, key)) = found else {
             return; // forgotten by the release-early bug
         };
         let served = self.bugs.has(Bug::FailedTransferServed)

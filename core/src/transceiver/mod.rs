@@ -29,7 +29,8 @@
 //! `early` (input parked for unregistered requests), `abort` (cancel, peer aborts, the one
 //! failure path), `legs` (slot, pins, job, fence), `timeouts` (WARN, sender budget,
 //! eviction), `heartbeats` (a peer silent without a reset; `liveness` is its table), `status` (local finish,
-//! contribution, agreement), `tombstones` (ended requests),
+//! contribution, agreement), `tombstones` (ended requests), `sizes` (what each table holds, and
+//! its bound),
 //! `entry` (per-request state) and `events` (what drivers observe).
 
 use crate::agent::{
@@ -56,6 +57,7 @@ mod heartbeats;
 mod legs;
 mod liveness;
 mod outbox;
+mod sizes;
 mod status;
 mod timeouts;
 mod tombstones;
@@ -74,6 +76,7 @@ use liveness::Liveness;
 pub use liveness::MAX_WATCHED_PEERS;
 use outbox::Outbox;
 pub use outbox::{OutboxFull, Transmit, MAX_OUTBOX};
+pub use sizes::{TxSizes, MAX_TIMERS_PER_REQUEST};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -175,7 +178,7 @@ impl Transceiver {
         // Every job completes once, so the queue never holds more than the jobs in flight:
         // `try_start_leg` keeps those (evicted ones awaiting their fence included) under
         // `job_bound`.
-        let job_bound = 2 * p.config.max_in_flight + MAX_SLOT_WAITERS;
+        let job_bound = sizes::job_bound(&p.config);
         let completions = CompletionQueue::new(job_bound);
         Ok(Transceiver {
             me: p.me,

@@ -37,6 +37,11 @@ impl Outbox {
         Ok(())
     }
 
+    /// Messages waiting for the driver.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     pub fn pop(&mut self) -> Option<Transmit> {
         self.queue.pop_front()
     }

@@ -42,6 +42,11 @@ impl Tombstones {
         self.tokens.get(&id).copied()
     }
 
+    /// Ended requests remembered now (at most [`MAX_TOMBSTONES`]).
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
     fn assert_index(&self) {
         assert_eq!(
             self.order.len(),
