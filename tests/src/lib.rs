@@ -31,6 +31,33 @@ pub const SMALL_LAYOUT: [&str; 10] = [
     "--dtype-bytes",
     "2",
 ];
+/// 256 KiB blocks: a request of 32 (8 MiB) moves for long enough that the copy, not the
+/// per-request control round trips, decides its time (and a kill or cancel lands mid-READ).
+pub const BIG_LAYOUT: [&str; 10] = [
+    "--layers",
+    "4",
+    "--kv-heads",
+    "1",
+    "--head-dim",
+    "64",
+    "--tokens-per-block",
+    "256",
+    "--dtype-bytes",
+    "2",
+];
+/// A gen over `BIG_LAYOUT`: 32-block requests, 4 at once, in a pool of exactly those 4.
+pub const BIG_GEN: [&str; 8] = [
+    "--blocks",
+    "128",
+    "--concurrency",
+    "4",
+    "--min-blocks",
+    "32",
+    "--max-blocks",
+    "32",
+];
+/// A ctx over `BIG_LAYOUT`: room for 16 such requests, all of them for one host.
+pub const BIG_CTX: [&str; 4] = ["--blocks", "512", "--max-blocks-per-ip", "512"];
 
 type Lines = Arc<Mutex<Vec<String>>>;
 

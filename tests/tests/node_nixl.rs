@@ -9,8 +9,8 @@
 #![cfg(feature = "nixl")]
 
 use kvferry_tests::{
-    assert_pools_free, assert_survived_ctx_restart, wait_released, write_config, NodeProc,
-    SMALL_LAYOUT,
+    assert_pools_free, assert_survived_ctx_restart, wait_released, write_config, NodeProc, BIG_CTX,
+    BIG_GEN, BIG_LAYOUT, SMALL_LAYOUT,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,35 +20,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
 const GEN_TIMEOUT: Duration = Duration::from_secs(240);
 /// Loopback only: UCX would otherwise also use every other interface.
 const UCX_LOOPBACK: [(&str, &str); 2] = [("UCX_TLS", "tcp"), ("UCX_NET_DEVICES", "lo")];
-
-/// 256 KiB blocks: a request of 32 (8 MiB) READs for tens of milliseconds.
-const BIG_LAYOUT: [&str; 10] = [
-    "--layers",
-    "4",
-    "--kv-heads",
-    "1",
-    "--head-dim",
-    "64",
-    "--tokens-per-block",
-    "256",
-    "--dtype-bytes",
-    "2",
-];
-/// The gen's pool holds exactly the 4 requests it runs at once, so a block freed early (before
-/// its READ is over) would go straight to the next request; the ctx's holds 16, so a ctx that
-/// frees a cancelled send's blocks a little after the gen (at the READ's notification) never
-/// turns a request away.
-const GEN_SHAPE: [&str; 8] = [
-    "--blocks",
-    "128",
-    "--concurrency",
-    "4",
-    "--min-blocks",
-    "32",
-    "--max-blocks",
-    "32",
-];
-const CTX_BLOCKS: [&str; 4] = ["--blocks", "512", "--max-blocks-per-ip", "512"];
 
 fn ctx(listen: &str, config: &str) -> NodeProc {
     ctx_with(listen, config, &SMALL_LAYOUT)
@@ -160,11 +131,15 @@ fn nixl_cancel_mid_read_reuses_no_block_before_the_read_is_over() {
     let c = ctx_with(
         "127.0.0.1:0",
         ctx_cfg,
-        &[&BIG_LAYOUT[..], &CTX_BLOCKS].concat(),
+        &[&BIG_LAYOUT[..], &BIG_CTX].concat(),
     );
     let metrics = c.addr("metrics ");
     let addr = c.addr("listening ");
-    let gen_layout = [&BIG_LAYOUT[..], &GEN_SHAPE].concat();
+    // The gen's pool holds exactly the 4 requests it runs at once, so a block freed early
+    // (before its READ is over) would go straight to the next request; the ctx's holds 16, so
+    // a ctx that frees a cancelled send's blocks a little after the gen (at the READ's
+    // notification) never turns a request away.
+    let gen_layout = [&BIG_LAYOUT[..], &BIG_GEN].concat();
     let mut g = gen_with(addr, "100", gen_cfg, &gen_layout);
     let status = g.wait_exit(GEN_TIMEOUT);
     let s = g.summary();

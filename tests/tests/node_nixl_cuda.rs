@@ -7,7 +7,7 @@
 //! (`.ci/install-nixl`, or `KVFERRY_NIXL_LIB_DIR`) and fail without it.
 #![cfg(all(feature = "cuda", feature = "nixl"))]
 
-use kvferry_tests::{wait_released, NodeProc, SMALL_LAYOUT};
+use kvferry_tests::{wait_released, NodeProc, BIG_CTX, BIG_GEN, BIG_LAYOUT, SMALL_LAYOUT};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -24,31 +24,6 @@ const UCX_CUDA: [(&str, &str); 3] = [
     ("UCX_NET_DEVICES", "lo"),
     ("UCX_MEMTYPE_CACHE", "n"),
 ];
-/// 256 KiB blocks, 32 a request (8 MiB): large enough that the copy, not the per-request
-/// control round trips, decides the rate.
-const BIG_LAYOUT: [&str; 10] = [
-    "--layers",
-    "4",
-    "--kv-heads",
-    "1",
-    "--head-dim",
-    "64",
-    "--tokens-per-block",
-    "256",
-    "--dtype-bytes",
-    "2",
-];
-const BIG_GEN: [&str; 8] = [
-    "--blocks",
-    "128",
-    "--concurrency",
-    "4",
-    "--min-blocks",
-    "32",
-    "--max-blocks",
-    "32",
-];
-const BIG_CTX: [&str; 4] = ["--blocks", "512", "--max-blocks-per-ip", "512"];
 
 /// The (ctx, gen) device ordinals, or why there is no GPU to run on.
 fn devices() -> Option<(&'static str, &'static str)> {
