@@ -2,6 +2,7 @@
 //! (layers × K/V × kv heads × tokens per block × head dim) and its element type.
 
 use crate::errors::{error, ConfigError};
+use kvferry_backends::layout::single_rank;
 use kvferry_core::layout::CacheLayout;
 use pyo3::prelude::*;
 
@@ -56,16 +57,14 @@ impl Layout {
             return Err(error::<ConfigError>(py, "dtype", msg));
         };
         let core = CacheLayout {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            tokens_per_block,
-            dtype_bytes,
-            tp_size: 1,
-            tp_rank: 0,
-            pp_size: 1,
-            pp_rank: 0,
             mla,
+            ..single_rank(
+                num_layers,
+                num_kv_heads,
+                head_dim,
+                tokens_per_block,
+                dtype_bytes,
+            )
         };
         core.validate()
             .map_err(|e| error::<ConfigError>(py, "layout", format!("layout: {e}")))?;
