@@ -6,11 +6,10 @@
 //! so the ratio compares like with like. Between them, the gather kernel alone both ways
 //! (no processes, no agent) says how much of a shortfall is the kernel's and how much the path's.
 
-use crate::micro::{check_every_other, every_other_pieces, kernel_op, stage_pieces};
+use crate::micro::{check_every_other, every_other_pieces, kernel_op, peer_copy, stage_pieces};
 use crate::two_process::{parse_case, timed_rounds, Case, Shape};
-use crate::{cu, gbps, median, BidirReport, RunArgs};
+use crate::{gbps, median, BidirReport, RunArgs};
 use anyhow::{anyhow, Context, Result};
-use cudarc::driver::sys;
 use kvferry_backends::cuda::verify::{compare, fill_pattern, POISON};
 use kvferry_backends::cuda::{CopyKernel, DeviceBuffer, Gpu, KernelConfig, PinnedBuffer, Stream};
 use std::sync::Arc;
@@ -39,21 +38,7 @@ impl Way {
     }
 
     fn launch(&self) -> Result<()> {
-        let (sc, dc) = (self.src.gpu().raw_context(), self.dst.gpu().raw_context());
-        // SAFETY: both buffers are `host.len()` bytes on their devices; contexts retained.
-        cu(
-            unsafe {
-                sys::cuMemcpyPeerAsync(
-                    self.dst.ptr(),
-                    dc,
-                    self.src.ptr(),
-                    sc,
-                    self.host.len(),
-                    self.stream.raw(),
-                )
-            },
-            "cuMemcpyPeerAsync",
-        )
+        peer_copy((&self.src, &self.dst), 0, self.host.len(), &self.stream)
     }
 }
 

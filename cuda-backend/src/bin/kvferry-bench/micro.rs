@@ -192,14 +192,26 @@ impl Micro {
 
     /// `cuMemcpyPeerAsync` of `len` bytes at `off` in both buffers, on `s`.
     fn peer_copy(&self, off: u64, len: usize, s: &Stream) -> Result<()> {
-        let (c0, c1) = (self.g0.raw_context(), self.g1.raw_context());
-        let (sp, dp) = (self.src.ptr() + off, self.dst.ptr() + off);
-        // SAFETY: `off + len` lies inside both buffers; contexts retained.
-        cu(
-            unsafe { sys::cuMemcpyPeerAsync(dp, c1, sp, c0, len, s.raw()) },
-            "cuMemcpyPeerAsync",
-        )
+        peer_copy((&self.src, &self.dst), off, len, s)
     }
+}
+
+/// `cuMemcpyPeerAsync` of `len` bytes at `off` from `src` to the same offset of `dst` (each on
+/// its own device), on `s`.
+pub fn peer_copy(
+    (src, dst): (&DeviceBuffer, &DeviceBuffer),
+    off: u64,
+    len: usize,
+    s: &Stream,
+) -> Result<()> {
+    assert!(off + len as u64 <= src.len().min(dst.len()) as u64);
+    let (sc, dc) = (src.gpu().raw_context(), dst.gpu().raw_context());
+    let (sp, dp) = (src.ptr() + off, dst.ptr() + off);
+    // SAFETY: `off + len` lies inside both buffers (asserted); contexts retained.
+    cu(
+        unsafe { sys::cuMemcpyPeerAsync(dp, dc, sp, sc, len, s.raw()) },
+        "cuMemcpyPeerAsync",
+    )
 }
 
 /// The whole micro bench; returns the (push, pull) launch shapes the sweep chose.
