@@ -172,7 +172,9 @@ impl Case {
                 let from_c = plan.template().iter().filter(|f| f.src_rank == c);
                 sizes.extend(from_c.map(|f| f.len));
                 case.total += plan.bytes_from(c);
-                jobs.push(receive_job(&plan, peer, case.ranks.len() * 64 + jobs.len()));
+                // Numbered across the case's ranks, as one agent would see them.
+                let id = case.ranks.iter().map(|r| r.jobs.len()).sum::<usize>() + jobs.len();
+                jobs.push(receive_job(&plan, peer, id));
             }
             case.ranks.push(GenRank {
                 agent,
