@@ -39,3 +39,63 @@ fn gen_load_completes_and_metrics_report_it() {
     assert_eq!(m["kvferry_blocks_free"], m["kvferry_blocks_total"]);
     assert_eq!(m["kvferry_staging_free"], m["kvferry_staging_slots"]);
 }
+
+/// Four kv heads, 2 KiB blocks at TP1: small enough for a debug build, divisible by TP 1, 2, 4.
+const HETERO_LAYOUT: [&str; 10] = [
+    "--layers",
+    "2",
+    "--kv-heads",
+    "4",
+    "--head-dim",
+    "16",
+    "--tokens-per-block",
+    "4",
+    "--dtype-bytes",
+    "2",
+];
+
+/// A ctx instance of `ctx_tp` ranks and a gen instance of `gen_tp` ranks, one process each:
+/// every rank of the gen verifies its share of every request byte for byte, and both sides
+/// end with every block and slot free.
+fn hetero_load(ctx_tp: &str, gen_tp: &str) {
+    let mut args = vec!["ctx", "--tp", ctx_tp, "--metrics", "127.0.0.1:0"];
+    args.extend(HETERO_LAYOUT);
+    let ctx = NodeProc::spawn(BIN, &args);
+    let metrics = ctx.addr("metrics ");
+    let peers = ctx.wait_line("listening ", kvferry_tests::START_TIMEOUT);
+    assert_eq!(
+        peers.split(',').count(),
+        ctx_tp.parse::<usize>().unwrap(),
+        "{peers}"
+    );
+    let mut args = vec!["gen", "--tp", gen_tp, "--peer", &peers, "--requests", "40"];
+    args.extend(["--max-blocks", "6", "--concurrency", "4"]);
+    args.extend(HETERO_LAYOUT);
+    let mut gen = NodeProc::spawn(BIN, &args);
+    let status = gen.wait_exit(Duration::from_secs(120));
+    let s = gen.summary();
+    assert!(
+        status.success(),
+        "ctx TP{ctx_tp} -> gen TP{gen_tp} failed: {s}"
+    );
+    assert_eq!(s["done"], 40, "{s}");
+    assert_eq!(s["blocks_free"], s["blocks_total"], "{s}");
+    assert_eq!(s["staging_free"], s["staging_slots"], "{s}");
+    kvferry_tests::wait_released(metrics);
+    assert_eq!(scrape(metrics)["kvferry_requests_done_total"], 40.0);
+}
+
+#[test]
+fn hetero_tp_ctx2_to_gen1_verifies_every_byte() {
+    hetero_load("2", "1");
+}
+
+#[test]
+fn hetero_tp_ctx1_to_gen2_verifies_every_byte() {
+    hetero_load("1", "2");
+}
+
+#[test]
+fn hetero_tp_ctx4_to_gen2_verifies_every_byte() {
+    hetero_load("4", "2");
+}

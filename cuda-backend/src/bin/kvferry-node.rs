@@ -1,20 +1,24 @@
-// kvferry-node: one rank of a ctx (prefill) or gen (decode) instance over TCP, its KV pool in
-// host memory or (built with `--features cuda`, `--backend cuda`) on a GPU over CUDA IPC.
+// kvferry-node: a ctx (prefill) or gen (decode) instance over TCP, one process for all its TP
+// ranks, its KV pools in host memory or (built with `--features cuda`, `--backend cuda`) on a
+// GPU over CUDA IPC.
 //
 //   kvferry-node ctx --listen 127.0.0.1:0
 //   kvferry-node gen --peer 127.0.0.1:PORT --requests 1000
+//   kvferry-node ctx --tp 2            (prints `listening A0,A1`: one address per rank)
+//   kvferry-node gen --tp 1 --peer A0,A1
 //   kvferry-node ctx --backend cuda --device 0          (gen likewise, --device 1)
 //   kvferry-node ctx --backend nixl-cuda --device 0     (NIXL over UCX, pools in GPU memory)
 //   kvferry-node bench
 //
-// Machine-readable lines on stdout: `listening ADDR`, `metrics ADDR`, `summary {json}`.
+// Machine-readable lines on stdout: `listening ADDR[,ADDR...]`, `metrics ADDR`,
+// `summary {json}`.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kvferry_backends::layout::single_rank;
+use kvferry_backends::layout::sharded;
 use kvferry_backends::node::backend::BackendSpec;
 use kvferry_backends::node::bench::{self, BenchOptions};
-use kvferry_backends::node::rank::Rank;
+use kvferry_backends::node::instance::{Instance, MAX_LOCAL_RANKS};
 use kvferry_backends::node::spec::{self, NodeLimits, NodeSpec, MAX_POOL_BLOCKS};
 use kvferry_backends::node::{ctx, gen, metrics, runtime};
 use kvferry_core::config::{self, TransceiverConfig};
@@ -36,19 +40,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Role {
-    /// Context (prefill) rank: serves KV blocks to gen peers.
+    /// Context (prefill) instance: serves KV blocks to gen peers.
     Ctx {
-        /// Address to listen on (port 0 picks a free one; printed as `listening ADDR`).
+        /// Address rank 0 listens on; rank r on port + r (port 0 picks a free one for each).
+        /// Printed as `listening ADDR,...`, one per rank, the list `gen --peer` takes.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
         #[command(flatten)]
         common: Common,
     },
-    /// Generation (decode) rank: runs a synthetic load against a ctx peer.
+    /// Generation (decode) instance: runs a synthetic load against a ctx instance.
     Gen {
-        /// The ctx node's address.
-        #[arg(long)]
-        peer: SocketAddr,
+        /// The ctx instance's addresses, one per ctx rank in rank order (what the ctx printed
+        /// after `listening`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        peer: Vec<SocketAddr>,
         #[command(flatten)]
         load: Load,
         #[command(flatten)]
@@ -81,9 +87,13 @@ struct Common {
     /// Serve Prometheus metrics at http://ADDR/metrics (printed as `metrics ADDR`).
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// KV blocks in this rank's host pool.
+    /// KV blocks in each rank's pool.
     #[arg(long, default_value_t = 1024)]
     blocks: u32,
+    /// Tensor-parallel ranks of this instance, all served by this process (`--kv-heads` is
+    /// the whole model's and is split between them).
+    #[arg(long, default_value_t = 1)]
+    tp: u32,
     #[arg(long, default_value_t = 4)]
     layers: u32,
     #[arg(long, default_value_t = 2)]
@@ -218,12 +228,16 @@ impl Common {
         if self.blocks == 0 || self.blocks > MAX_POOL_BLOCKS {
             bail!("--blocks must be in 1..={MAX_POOL_BLOCKS}");
         }
-        let layout = single_rank(
+        if self.tp == 0 || self.tp as usize > MAX_LOCAL_RANKS {
+            bail!("--tp must be in 1..={MAX_LOCAL_RANKS}");
+        }
+        let layout = sharded(
             self.layers,
             self.kv_heads,
             self.head_dim,
             self.tokens_per_block,
             self.dtype_bytes,
+            self.tp,
         );
         layout.validate().context("invalid layout flags")?;
         if let Some(b) = self.backend {
@@ -282,13 +296,14 @@ fn announce(line: &str) {
     let _ = out.flush();
 }
 
-async fn start_metrics(addr: Option<SocketAddr>, rank: &Rank) -> Result<()> {
+/// Serves the instance's metrics (sums over its ranks).
+async fn start_metrics(addr: Option<SocketAddr>, inst: &Instance) -> Result<()> {
     if let Some(addr) = addr {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
         announce(&format!("metrics {}", l.local_addr()?));
-        tokio::spawn(metrics::serve(l, rank.metrics.clone()));
+        tokio::spawn(metrics::serve(l, inst.metrics.clone()));
     }
     Ok(())
 }
@@ -324,27 +339,39 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run_ctx(listen: SocketAddr, common: Common) -> Result<()> {
-    let spec = common.spec()?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let rank = Rank::with_backend(
-        kvferry_core::PeerId {
-            instance: spec::CTX_INSTANCE,
-            rank: 0,
-        },
-        kvferry_core::transceiver::Side::Context,
-        &spec,
-        backend(&spec, &common)?,
-    )
-    .context("building the ctx rank")?;
-    start_metrics(common.metrics, &rank).await?;
-    announce(&format!("listening {}", listener.local_addr()?));
-    ctx::run_with(listener, rank).await.context("ctx node")
+/// One listener per rank: rank r on `listen`'s port + r, or a free port each for port 0.
+async fn bind_ranks(listen: SocketAddr, ranks: u32) -> Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for r in 0..ranks {
+        let mut addr = listen;
+        if listen.port() != 0 {
+            let port = u16::try_from(u32::from(listen.port()) + r)
+                .with_context(|| format!("rank {r}'s port past 65535"))?;
+            addr.set_port(port);
+        }
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} (rank {r})"))?;
+        out.push(l);
+    }
+    Ok(out)
 }
 
-async fn run_gen(peer: SocketAddr, load: Load, common: Common) -> Result<()> {
+async fn run_ctx(listen: SocketAddr, common: Common) -> Result<()> {
+    let spec = common.spec()?;
+    let listeners = bind_ranks(listen, spec.layout.world_size()).await?;
+    let side = kvferry_core::transceiver::Side::Context;
+    let inst = Instance::uniform(spec::CTX_INSTANCE, side, &spec, backend(&spec, &common)?)
+        .context("building the ctx instance")?;
+    start_metrics(common.metrics, &inst).await?;
+    let addrs = (listeners.iter())
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<std::io::Result<Vec<String>>>()?;
+    announce(&format!("listening {}", addrs.join(",")));
+    ctx::run_with(listeners, inst).await.context("ctx node")
+}
+
+async fn run_gen(peers: Vec<SocketAddr>, load: Load, common: Common) -> Result<()> {
     let spec = common.spec()?;
     if load.min_blocks == 0 || load.min_blocks > load.max_blocks {
         bail!("need 1 <= --min-blocks <= --max-blocks");
@@ -352,19 +379,23 @@ async fn run_gen(peer: SocketAddr, load: Load, common: Common) -> Result<()> {
     if load.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let rank = Rank::with_backend(
-        kvferry_core::PeerId {
-            instance: spec::GEN_INSTANCE_BASE,
-            rank: 0,
-        },
-        kvferry_core::transceiver::Side::Generation,
+    if peers.len() > MAX_LOCAL_RANKS {
+        bail!(
+            "--peer names {} ctx ranks, at most {MAX_LOCAL_RANKS}",
+            peers.len()
+        );
+    }
+    let side = kvferry_core::transceiver::Side::Generation;
+    let inst = Instance::uniform(
+        spec::GEN_INSTANCE_BASE,
+        side,
         &spec,
         backend(&spec, &common)?,
     )
-    .context("building the gen rank")?;
-    start_metrics(common.metrics, &rank).await?;
+    .context("building the gen instance")?;
+    start_metrics(common.metrics, &inst).await?;
     let opts = gen::LoadOptions {
-        peer,
+        peers,
         requests: load.requests,
         concurrency: load.concurrency,
         min_blocks: load.min_blocks,
@@ -373,7 +404,7 @@ async fn run_gen(peer: SocketAddr, load: Load, common: Common) -> Result<()> {
         verify: !load.no_verify,
         progress: progress_period(&load),
     };
-    let s = gen::run_with(rank, opts).await.context("gen node")?;
+    let s = gen::run_with(inst, opts).await.context("gen node")?;
     print_summary(&s)?;
     if let Some(cause) = &s.gave_up {
         eprintln!("kvferry-node gen: gave the ctx up: {cause}");

@@ -12,6 +12,7 @@ use crate::host::agent::HostAgent;
 use crate::host::kv::HostKv;
 use crate::host::pattern;
 use kvferry_core::agent::TransferAgent;
+use kvferry_core::layout::CacheLayout;
 use kvferry_core::{PeerId, RequestId};
 use std::sync::Arc;
 use thiserror::Error;
@@ -168,38 +169,45 @@ impl Backend {
         }
     }
 
-    /// Writes the seeded pattern into `blocks` (a request's blocks, in order).
-    pub fn fill(&self, seed: u64, blocks: &[u32]) -> Result<(), BackendError> {
+    /// Writes the seeded pattern into `blocks` (a request's blocks, in order) of the rank
+    /// `layout` describes.
+    pub fn fill(
+        &self,
+        seed: u64,
+        blocks: &[u32],
+        layout: &CacheLayout,
+    ) -> Result<(), BackendError> {
         match self {
             Backend::Host { kv, .. } => {
                 for (i, b) in blocks.iter().enumerate() {
-                    pattern::fill(seed, i as u32, &mut kv.block(*b));
+                    pattern::fill(seed, i as u32, layout, &mut kv.block(*b));
                 }
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(g) => Ok(g.fill(seed, blocks)?),
+            Backend::Gpu(g) => Ok(g.fill(seed, blocks, layout)?),
             #[cfg(feature = "nixl")]
-            Backend::Nixl(n) => Ok(n.fill(seed, blocks)?),
+            Backend::Nixl(n) => Ok(n.fill(seed, blocks, layout)?),
         }
     }
 
-    /// True if `blocks` hold exactly the seeded pattern.
+    /// True if `blocks` of the rank `layout` describes hold exactly the seeded pattern.
     pub fn verify(
         &self,
         seed: u64,
         blocks: &[u32],
+        layout: &CacheLayout,
         scratch: &mut Vec<u8>,
     ) -> Result<bool, BackendError> {
         match self {
             Backend::Host { kv, .. } => Ok(blocks
                 .iter()
                 .enumerate()
-                .all(|(i, b)| pattern::verify(seed, i as u32, &kv.block(*b), scratch))),
+                .all(|(i, b)| pattern::verify(seed, i as u32, layout, &kv.block(*b), scratch))),
             #[cfg(feature = "cuda")]
-            Backend::Gpu(g) => Ok(g.verify(seed, blocks, scratch)?),
+            Backend::Gpu(g) => Ok(g.verify(seed, blocks, layout, scratch)?),
             #[cfg(feature = "nixl")]
-            Backend::Nixl(n) => Ok(n.verify(seed, blocks, scratch)?),
+            Backend::Nixl(n) => Ok(n.verify(seed, blocks, layout, scratch)?),
         }
     }
 

@@ -7,7 +7,7 @@
 //! raw copy reads and writes `DATA_CHUNK` at a time, the node's frame size.
 
 use super::backend::BackendSpec;
-use super::rank::Rank;
+use super::instance::Instance;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{cpu, ctx, gen, NodeError};
 use crate::host::kv::prefaulted;
@@ -170,13 +170,12 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
     })
 }
 
-fn rank(spec: &NodeSpec, side: Side, backend: BackendSpec) -> Result<Rank, NodeError> {
+fn instance(spec: &NodeSpec, side: Side, backend: BackendSpec) -> Result<Instance, NodeError> {
     let instance = match side {
         Side::Context => CTX_INSTANCE,
         Side::Generation => GEN_INSTANCE_BASE,
     };
-    let me = kvferry_core::PeerId { instance, rank: 0 };
-    Rank::with_backend(me, side, spec, backend)
+    Instance::uniform(instance, side, spec, backend)
         .map_err(|e| io("backend")(std::io::Error::other(e.to_string())))
 }
 
@@ -195,10 +194,10 @@ pub async fn node_round(
             .map_err(io("bind ctx"))?;
         // Built before the load starts: the gen's clock starts after its own rank is built,
         // so the ctx's (its KV pool above all) is kept out of the measurement the same way.
-        let rank = rank(&ctx_spec, Side::Context, backend)?;
+        let inst = instance(&ctx_spec, Side::Context, backend)?;
         let _ = addr_tx.send(listener.local_addr().map_err(io("ctx addr"))?);
         tokio::select! {
-            r = ctx::run_with(listener, rank) => r,
+            r = ctx::run_with(vec![listener], inst) => r,
             _ = stop_rx => Ok(()),
         }
         // The runtime goes with the thread: listener, connections and KV pool with it.
@@ -207,7 +206,7 @@ pub async fn node_round(
         .await
         .map_err(|_| io("ctx side")(std::io::Error::other("no address")))?;
     let load = gen::LoadOptions {
-        peer,
+        peers: vec![peer],
         requests: o.requests,
         concurrency: o.concurrency,
         min_blocks: o.blocks_per_request,
@@ -216,7 +215,7 @@ pub async fn node_round(
         verify: o.verify,
         progress: None,
     };
-    let summary = match rank(spec, Side::Generation, backend) {
+    let summary = match instance(spec, Side::Generation, backend) {
         Ok(r) => gen::run_with(r, load).await,
         Err(e) => Err(e),
     };

@@ -73,6 +73,37 @@ pub enum Inbound {
     },
 }
 
+/// An inbound event with the local rank (`Instance::ranks` index) whose connection it came
+/// from: the ranks of an instance share one inbox, and the same peer id (ctx rank 0, say)
+/// names a different connection on each of them.
+#[derive(Debug)]
+pub struct Delivery {
+    pub rank: usize,
+    pub event: Inbound,
+}
+
+/// The sending end of an instance's inbox, tagged with one local rank.
+#[derive(Clone, Debug)]
+pub struct InboxTx {
+    rank: usize,
+    tx: mpsc::Sender<Delivery>,
+}
+
+impl InboxTx {
+    pub fn new(rank: usize, tx: mpsc::Sender<Delivery>) -> InboxTx {
+        InboxTx { rank, tx }
+    }
+
+    /// Waits for room; `Err` when the driver is gone.
+    pub async fn send(&self, event: Inbound) -> Result<(), ()> {
+        let d = Delivery {
+            rank: self.rank,
+            event,
+        };
+        self.tx.send(d).await.map_err(|_| ())
+    }
+}
+
 #[derive(Debug)]
 enum Closed {
     /// The peer hung up cleanly between frames.
@@ -100,7 +131,7 @@ pub struct ConnCtx {
     pub addr: SocketAddr,
     /// Lands `Data` frames; `None` on a CUDA node, where a `Data` frame breaks the protocol.
     pub agent: Option<Arc<HostAgent>>,
-    pub inbox: mpsc::Sender<Inbound>,
+    pub inbox: InboxTx,
     pub control: mpsc::Sender<Outgoing>,
     pub deadlines: ReadDeadlines,
     /// The writer sends a `Heartbeat` after this long without writing anything.
@@ -116,7 +147,7 @@ pub struct ConnCtx {
 pub struct Attach {
     pub links: Links,
     pub agent: Option<Arc<HostAgent>>,
-    pub inbox: mpsc::Sender<Inbound>,
+    pub inbox: InboxTx,
     pub limits: NodeLimits,
     pub metrics: Arc<Metrics>,
 }
@@ -131,11 +162,13 @@ pub struct Attached {
 }
 
 impl Attach {
-    pub fn new(rank: &Rank, inbox: mpsc::Sender<Inbound>) -> Attach {
+    /// The attachment of `rank`'s connections; their events reach `inbox` tagged with the
+    /// rank's index in its instance (its rank number).
+    pub fn new(rank: &Rank, inbox: mpsc::Sender<Delivery>) -> Attach {
         Attach {
             links: rank.links.clone(),
             agent: rank.backend.data_agent(),
-            inbox,
+            inbox: InboxTx::new(rank.tx.me().rank as usize, inbox),
             limits: rank.limits,
             metrics: rank.metrics.clone(),
         }

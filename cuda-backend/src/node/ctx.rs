@@ -8,14 +8,17 @@
 //! connection silent past its deadline is closed (`conn`), which cancels what it held.
 
 use super::admit::{Admission, Admit, SeatGuard, SeatSignals};
-use super::conn::{Attach, Inbound, ReadDeadlines};
+use super::backend::BackendSpec;
+use super::conn::{Attach, Delivery, Inbound, ReadDeadlines};
 use super::frame::{
     Answer, Ask, Frame, NodeFrame, MAX_NODE_BODY, MAX_PREPARE_ASKS, MAX_PREPARE_BLOCKS,
 };
+use super::instance::Instance;
 use super::link::Outgoing;
 use super::rank::Rank;
 use super::spec::{NodeSpec, CTX_INSTANCE, GEN_INSTANCE_BASE};
 use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
+use kvferry_core::blocks::BlockRef;
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::{Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side};
@@ -47,9 +50,13 @@ fn answer_bytes(a: &Answer) -> usize {
     }
 }
 
+/// A connection of the instance: the local rank it reaches and the peer id that rank gave it.
+type ConnId = (usize, PeerId);
+
 #[derive(Debug)]
 struct Owned {
-    peer: PeerId,
+    /// The connection whose `Prepare` made the request.
+    conn: ConnId,
     /// The host whose block share the request counts against, and its blocks.
     ip: IpAddr,
     blocks: usize,
@@ -58,55 +65,59 @@ struct Owned {
 
 #[derive(Debug)]
 struct CtxNode {
-    rank: Rank,
+    inst: Instance,
     owned: HashMap<RequestId, Owned>,
     next_id: u64,
-    /// Gen peers whose connection ended, handled after the next completion step: the
+    /// Gen connections that ended, handled after the next completion step: the
     /// completions they sent before hanging up (a host send task's end, a CUDA pull's
     /// `PullFinished`) are drained first, so requests that did finish are not cancelled.
-    lost: Vec<PeerId>,
+    lost: Vec<ConnId>,
     /// Source IP of each connected gen peer (from `Up` until it is forgotten).
-    peer_ips: HashMap<PeerId, IpAddr>,
+    peer_ips: HashMap<ConnId, IpAddr>,
     /// Blocks held by each host's prepared requests; a host holding none has no entry.
     held: HashMap<IpAddr, usize>,
     /// `NodeLimits::blocks_per_ip` for this pool.
     blocks_per_ip: usize,
 }
 
-/// Runs the ctx role on `listener` until the process ends (or the task is aborted).
-pub async fn run(listener: TcpListener, spec: NodeSpec) -> Result<(), NodeError> {
-    run_with(listener, new_rank(&spec)).await
+/// Runs a host-memory ctx instance, one rank per listener, until the process ends (or the
+/// task is aborted).
+pub async fn run(listeners: Vec<TcpListener>, spec: NodeSpec) -> Result<(), NodeError> {
+    let inst = Instance::uniform(CTX_INSTANCE, Side::Context, &spec, BackendSpec::Host)
+        .expect("the host backend cannot fail to build");
+    run_with(listeners, inst).await
 }
 
-/// The driver state of a ctx rank (rank 0 of `CTX_INSTANCE`); must run inside a tokio runtime.
-pub fn new_rank(spec: &NodeSpec) -> Rank {
-    let me = PeerId {
-        instance: CTX_INSTANCE,
-        rank: 0,
-    };
-    Rank::new(me, Side::Context, spec)
-}
-
-/// As `run`, with a rank built by the caller (to share its metrics).
-pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError> {
+/// As `run`, with an instance built by the caller (to share its metrics, or on another
+/// backend): rank `r` accepts its gen peers on `listeners[r]`.
+pub async fn run_with(listeners: Vec<TcpListener>, inst: Instance) -> Result<(), NodeError> {
+    assert_eq!(listeners.len(), inst.ranks.len(), "one listener per rank");
     let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
-    // Owned: aborting this role stops its accept loop and, with it, its connections.
-    let _accept = OwnedTask(tokio::spawn(accept_loop(
-        listener,
-        Attach::new(&rank, inbox_tx),
-    )));
-    let pool_blocks = rank.pool.lock().expect("pool lock").capacity() as u32;
+    // Owned: aborting this role stops its accept loops and, with them, their connections.
+    let _accept: Vec<OwnedTask<()>> = listeners
+        .into_iter()
+        .zip(&inst.ranks)
+        .map(|(l, r)| {
+            OwnedTask(tokio::spawn(accept_loop(
+                l,
+                Attach::new(r, inbox_tx.clone()),
+            )))
+        })
+        .collect();
+    drop(inbox_tx);
+    let rank0 = &inst.ranks[0];
+    let pool_blocks = rank0.pool.lock().expect("pool lock").capacity() as u32;
     let mut node = CtxNode {
         peer_ips: HashMap::new(),
         held: HashMap::new(),
-        blocks_per_ip: rank.limits.blocks_per_ip(pool_blocks) as usize,
-        rank,
+        blocks_per_ip: rank0.limits.blocks_per_ip(pool_blocks) as usize,
+        inst,
         owned: HashMap::new(),
         // Ids from a fresh random base: a restarted ctx never reuses ids a gen still knows.
         next_id: rand::random::<u64>() >> 2,
         lost: Vec::new(),
     };
-    let wake = node.rank.wake.clone();
+    let wake = node.inst.wake.clone();
     loop {
         tokio::select! {
             ev = inbox.recv() => {
@@ -115,14 +126,14 @@ pub async fn run_with(listener: TcpListener, rank: Rank) -> Result<(), NodeError
                 drain_inbox(&mut inbox, |ev| node.on_inbound(ev));
             }
             _ = wake.notified() => {}
-            _ = sleep_until(node.rank.next_deadline()) => {}
+            _ = sleep_until(node.inst.next_deadline()) => {}
         }
-        let (finished, _) = node.rank.step()?;
-        for f in finished {
-            node.on_finished(f);
+        let stepped = node.inst.step()?;
+        for (r, f) in stepped.finished {
+            node.on_finished(r, f);
         }
         node.forget_lost_peers();
-        node.rank.update_metrics();
+        node.inst.update_metrics();
     }
 }
 
@@ -201,17 +212,29 @@ async fn connect(
 }
 
 impl CtxNode {
-    fn on_inbound(&mut self, ev: Inbound) {
-        let now = self.rank.now();
-        match ev {
+    fn rank(&self, r: usize) -> &Rank {
+        &self.inst.ranks[r]
+    }
+
+    fn describe(&self, (r, peer): ConnId) -> String {
+        self.rank(r).links.describe(peer)
+    }
+
+    fn on_inbound(&mut self, d: Delivery) {
+        let r = d.rank;
+        match d.event {
             Inbound::Frame {
                 peer,
                 frame: Frame::Core(msg),
-            } => self.rank.tx.handle_message(now, peer, msg),
+            } => {
+                let rank = &mut self.inst.ranks[r];
+                let now = rank.now();
+                rank.tx.handle_message(now, peer, msg)
+            }
             Inbound::Frame {
                 peer,
                 frame: Frame::Node(NodeFrame::Prepare { asks }),
-            } => self.on_prepare(peer, asks),
+            } => self.on_prepare((r, peer), asks),
             Inbound::Frame {
                 peer,
                 frame:
@@ -221,27 +244,27 @@ impl CtxNode {
                         | NodeFrame::NixlAgent { .. }),
                     ),
             } => {
-                if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
-                    tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");
-                    self.close(peer);
+                if let Err(e) = self.rank(r).backend.on_backend_frame(peer, f) {
+                    tracing::warn!(peer = %self.describe((r, peer)), error = %e, "closing");
+                    self.close((r, peer));
                 }
             }
             Inbound::Frame {
                 peer,
                 frame: Frame::Node(other),
             } => {
-                tracing::warn!(peer = %self.rank.links.describe(peer), frame = ?other, "unexpected node frame, closing");
-                self.close(peer);
+                tracing::warn!(peer = %self.describe((r, peer)), frame = ?other, "unexpected node frame, closing");
+                self.close((r, peer));
             }
             Inbound::Down { peer, reason } => {
-                tracing::info!(%peer, %reason, "gen peer disconnected");
-                self.lost.push(peer);
+                tracing::info!(%peer, rank = r, %reason, "gen peer disconnected");
+                self.lost.push((r, peer));
             }
             Inbound::Up { peer } => {
-                if let Some(l) = self.rank.links.get(peer) {
-                    self.peer_ips.insert(peer, l.addr.ip());
+                if let Some(l) = self.rank(r).links.get(peer) {
+                    self.peer_ips.insert((r, peer), l.addr.ip());
                 }
-                self.greet(peer);
+                self.greet((r, peer));
             }
             Inbound::GaveUp { .. } => {}
         }
@@ -249,79 +272,80 @@ impl CtxNode {
 
     /// Answers one `Prepare`: every ask in order, in as few `Prepared` frames as fit the node
     /// frame bound (one, unless many asks name many blocks or fail with long reasons).
-    fn on_prepare(&mut self, peer: PeerId, asks: Vec<Ask>) {
+    fn on_prepare(&mut self, conn: ConnId, asks: Vec<Ask>) {
         if asks.len() > MAX_PREPARE_ASKS {
-            tracing::warn!(peer = %self.rank.links.describe(peer), asks = asks.len(), limit = MAX_PREPARE_ASKS, "prepare over its ask bound, closing");
-            self.close(peer);
+            tracing::warn!(peer = %self.describe(conn), asks = asks.len(), limit = MAX_PREPARE_ASKS, "prepare over its ask bound, closing");
+            self.close(conn);
             return;
         }
-        let layout = *self.rank.tx.layout();
+        // Rank 0's layout: its world size tells the gen how many ctx ranks serve a request.
+        let layout = *self.rank(0).tx.layout();
         let mut answers = Vec::with_capacity(asks.len());
         let mut bytes = 0;
         for Ask { tag, blocks, seed } in asks {
-            let answer = match self.prepare(peer, blocks, seed) {
+            let answer = match self.prepare(conn, blocks, seed) {
                 Ok((id, token, ctx_blocks)) => Answer::prepared(tag, id, token, ctx_blocks),
                 Err(reason) => Answer::Failed { tag, reason },
             };
             let size = answer_bytes(&answer);
             if bytes + size > REPLY_BYTES {
-                self.reply(peer, layout, std::mem::take(&mut answers));
+                self.reply(conn, layout, std::mem::take(&mut answers));
                 bytes = 0;
             }
             bytes += size;
             answers.push(answer);
         }
-        self.reply(peer, layout, answers);
+        self.reply(conn, layout, answers);
     }
 
-    fn reply(&self, peer: PeerId, layout: CacheLayout, answers: Vec<Answer>) {
+    fn reply(&self, (r, peer): ConnId, layout: CacheLayout, answers: Vec<Answer>) {
         let reply = Frame::Node(NodeFrame::Prepared { layout, answers });
-        if let Err(e) = self.rank.links.send_frame(peer, reply) {
+        if let Err(e) = self.rank(r).links.send_frame(peer, reply) {
             tracing::warn!(%peer, error = %e, "prepare reply not sent");
         }
     }
 
-    /// Allocates and fills a synthetic request and registers it for sending.
+    /// Allocates and fills a synthetic request on every rank and registers it for sending.
     fn prepare(
         &mut self,
-        peer: PeerId,
+        conn: ConnId,
         n: u32,
         seed: Option<u64>,
     ) -> Result<(RequestId, TransferToken, Vec<u32>), String> {
         if n == 0 || n > MAX_PREPARE_BLOCKS {
             return Err(format!("block count {n} outside 1..={MAX_PREPARE_BLOCKS}"));
         }
-        let ip = self.share_left(peer, n)?;
+        let ip = self.share_left(conn, n)?;
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        let blocks = self
-            .rank
-            .pool
-            .lock()
-            .expect("pool lock")
-            .allocate(id, n as usize)
-            .map_err(|e| format!("busy: {e}"))?;
-        let ids: Vec<u32> = blocks.iter().map(|b| b.id).collect();
-        if let Some(seed) = seed {
-            if let Err(e) = self.rank.backend.fill(seed, &ids) {
-                self.rank.pool.lock().expect("pool lock").free(&blocks);
-                return Err(format!("filling blocks: {e}"));
+        let refs = self.allocate(id, n, seed)?;
+        let ids: Vec<u32> = refs[0].iter().map(|b| b.id).collect();
+        let token = TransferToken(rand::random());
+        for (r, (rank, blocks)) in self.inst.ranks.iter_mut().zip(&refs).enumerate() {
+            let req = Arc::new(Request::new_context(id, token, blocks.clone()));
+            if let Err(e) = rank.tx.respond_and_send(rank.now(), req) {
+                // The ranks' tables move in lockstep: only the first can refuse.
+                assert_eq!(r, 0, "rank {r} refused what rank 0 took: {e}");
+                for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
+                    rank.pool.lock().expect("pool lock").free(blocks);
+                }
+                return Err(e.to_string());
             }
         }
-        let token = TransferToken(rand::random());
-        let bytes = u64::from(n) * self.rank.backend.block_bytes();
-        let req = Arc::new(Request::new_context(id, token, blocks.clone()));
-        if let Err(e) = self.rank.tx.respond_and_send(self.rank.now(), req) {
-            self.rank.pool.lock().expect("pool lock").free(&blocks);
-            return Err(e.to_string());
-        }
+        let bytes = u64::from(n)
+            * self
+                .inst
+                .ranks
+                .iter()
+                .map(|r| r.backend.block_bytes())
+                .sum::<u64>();
         // DEBUG, not INFO: a span the default filter lets through is formatted on creation,
         // some µs a request (BENCHMARKS.md, "per-request cost").
         let span = tracing::debug_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
         self.owned.insert(
             id,
             Owned {
-                peer,
+                conn,
                 ip,
                 blocks: n as usize,
                 span,
@@ -331,16 +355,59 @@ impl CtxNode {
         Ok((id, token, ids))
     }
 
-    /// The asking peer's host, if `n` more blocks stay within its share
+    /// The same block ids for request `id` on every rank (a `RequestInfo` names one list for
+    /// the instance), filled with the request's seeded bytes when `seed` is given; each rank's
+    /// references, in rank order. On failure nothing stays allocated.
+    fn allocate(
+        &self,
+        id: RequestId,
+        n: u32,
+        seed: Option<u64>,
+    ) -> Result<Vec<Vec<BlockRef>>, String> {
+        let busy = |e: kvferry_core::blocks::BlockError| format!("busy: {e}");
+        let first = self
+            .rank(0)
+            .pool
+            .lock()
+            .expect("pool lock")
+            .allocate(id, n as usize);
+        let mut refs = vec![first.map_err(busy)?];
+        let ids: Vec<u32> = refs[0].iter().map(|b| b.id).collect();
+        let mut failed = None;
+        for rank in &self.inst.ranks[1..] {
+            match rank.pool.lock().expect("pool lock").allocate_ids(id, &ids) {
+                Ok(r) => refs.push(r),
+                Err(e) => {
+                    failed = Some(busy(e));
+                    break;
+                }
+            }
+        }
+        if let (None, Some(seed)) = (&failed, seed) {
+            failed = self.inst.ranks.iter().find_map(|r| {
+                let e = r.backend.fill(seed, &ids, r.tx.layout()).err()?;
+                Some(format!("filling blocks: {e}"))
+            });
+        }
+        let Some(why) = failed else {
+            return Ok(refs);
+        };
+        for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
+            rank.pool.lock().expect("pool lock").free(blocks);
+        }
+        Err(why)
+    }
+
+    /// The asking connection's host, if `n` more blocks stay within its share
     /// (`NodeLimits::max_blocks_per_ip`); else why not, for its `Answer::Failed`.
-    fn share_left(&self, peer: PeerId, n: u32) -> Result<IpAddr, String> {
-        let Some(&ip) = self.peer_ips.get(&peer) else {
+    fn share_left(&self, conn: ConnId, n: u32) -> Result<IpAddr, String> {
+        let Some(&ip) = self.peer_ips.get(&conn) else {
             return Err("the connection is closing".into());
         };
         let held = self.held.get(&ip).copied().unwrap_or(0);
         if held + n as usize > self.blocks_per_ip {
-            self.rank.metrics.prepares_refused.inc();
-            tracing::warn!(peer = %self.rank.links.describe(peer), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
+            self.inst.metrics.prepares_refused.inc();
+            tracing::warn!(peer = %self.describe(conn), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
             return Err(format!(
                 "over this host's block share: {ip} holds {held} of {} blocks, asked {n} more (--max-blocks-per-ip)",
                 self.blocks_per_ip
@@ -349,50 +416,60 @@ impl CtxNode {
         Ok(ip)
     }
 
-    /// Cancels what lost peers still own and fails their transfers (see `lost`).
+    /// Cancels what lost connections still own and fails their transfers (see `lost`).
     fn forget_lost_peers(&mut self) {
-        let now = self.rank.now();
-        for peer in std::mem::take(&mut self.lost) {
+        for conn @ (r, peer) in std::mem::take(&mut self.lost) {
             let ids: Vec<RequestId> = self
                 .owned
                 .iter()
-                .filter(|(_, o)| o.peer == peer)
+                .filter(|(_, o)| o.conn == conn)
                 .map(|(id, _)| *id)
                 .collect();
-            for id in ids {
-                self.rank.tx.cancel(now, id);
+            for rank in &mut self.inst.ranks {
+                let now = rank.now();
+                for id in &ids {
+                    rank.tx.cancel(now, *id);
+                }
             }
             // Requests it asked for but did not prepare, and what it parked, end with it too.
-            self.rank.tx.handle_peer_lost(now, peer);
-            self.peer_ips.remove(&peer);
-            self.rank.backend.peer_lost(peer);
+            let rank = &mut self.inst.ranks[r];
+            let now = rank.now();
+            rank.tx.handle_peer_lost(now, peer);
+            rank.backend.peer_lost(peer);
+            self.peer_ips.remove(&conn);
         }
     }
 
-    fn close(&self, peer: PeerId) {
-        if let Some(l) = self.rank.links.get(peer) {
+    fn close(&self, (r, peer): ConnId) {
+        if let Some(l) = self.rank(r).links.get(peer) {
             let _ = l.control.try_send(Outgoing::Close);
         }
     }
 
     /// Sends a new gen peer what the backend needs it to know first (a CUDA pool's handle).
-    fn greet(&self, peer: PeerId) {
-        let Some(hello) = self.rank.backend.greeting() else {
+    fn greet(&self, conn @ (r, peer): ConnId) {
+        let Some(hello) = self.rank(r).backend.greeting() else {
             return;
         };
-        if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(hello)) {
+        if let Err(e) = self.rank(r).links.send_frame(peer, Frame::Node(hello)) {
             tracing::warn!(%peer, error = %e, "greeting not sent, closing");
-            self.close(peer);
+            self.close(conn);
         }
     }
 
-    fn on_finished(&mut self, f: Finished) {
-        self.rank.release(&f);
+    /// A request finished on rank `r`; agreement ends it on every rank in the same step, so
+    /// rank 0's is the instance's.
+    fn on_finished(&mut self, r: usize, f: Finished) {
+        self.rank(r).release(&f);
+        if r != 0 {
+            return;
+        }
         let id = f.request.id;
+        let metrics = &self.inst.metrics;
         let counter = if f.state == RequestState::ContextComplete {
-            &self.rank.metrics.requests_done
+            &metrics.requests_done
         } else {
-            &self.rank.metrics.requests_failed
+            &metrics.requests_failed
         };
         counter.inc();
         if let Some(o) = self.owned.remove(&id) {
@@ -429,7 +506,7 @@ mod tests {
             config: Default::default(),
             limits: Default::default(),
         };
-        let ctx_task = tokio::spawn(run(listener, spec));
+        let ctx_task = tokio::spawn(run(vec![listener], spec));
         let _conn = TcpStream::connect(addr)
             .await
             .expect("ctx accepts while running");

@@ -1,15 +1,20 @@
-//! The gen (decode) role in load mode: dials the ctx node (reconnecting with bounded backoff),
-//! asks it for synthetic requests, receives each through `request_and_receive`, verifies every
-//! byte, and returns a summary.
+//! The gen (decode) role in load mode: each of its ranks dials each rank of the ctx node
+//! (reconnecting with bounded backoff), rank 0 asks ctx rank 0 for synthetic requests, every
+//! rank receives its share of each through `request_and_receive`, every byte is verified, and
+//! a summary comes back.
 
 use super::admit::SeatSignals;
-use super::conn::{self, Attach, Inbound, ReadDeadlines};
+use super::backend::BackendSpec;
+use super::conn::{self, Attach, Delivery, Inbound, ReadDeadlines};
 use super::cpu;
 use super::frame::{Answer, Ask, Frame, NodeFrame, MAX_PREPARE_ASKS};
+use super::instance::Instance;
 use super::link::Outgoing;
 use super::rank::{Occupancy, Rank};
 use super::spec::{NodeSpec, CTX_INSTANCE};
 use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
+use kvferry_core::blocks::BlockRef;
+use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
 use kvferry_core::wire::Message;
@@ -17,7 +22,7 @@ use kvferry_core::{PeerId, RequestId, TransferToken};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +50,8 @@ const POOL_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    pub peer: SocketAddr,
+    /// The ctx instance's ranks' addresses, in rank order.
+    pub peers: Vec<SocketAddr>,
     pub requests: u64,
     pub concurrency: usize,
     pub min_blocks: u32,
@@ -101,16 +107,23 @@ struct Active {
     at: Instant,
     span: Span,
     cause: Option<String>,
+    /// The ranks that registered the request (all of them, or it was not started).
+    ranks: usize,
+    /// Its end on each rank so far; agreement ends it on every rank in one step.
+    ended: Vec<(usize, Finished)>,
 }
+
+/// A connection of the instance: the local (gen) rank and the ctx rank it reaches.
+type ConnId = (usize, u32);
 
 #[derive(Debug)]
 struct GenNode {
-    rank: Rank,
+    inst: Instance,
     opts: LoadOptions,
-    ctx: PeerId,
     rng: StdRng,
-    connected: bool,
-    /// Connected, waiting for the ctx's CUDA pool since then.
+    /// Connections up and ready to carry requests (a CUDA gen's: with the ctx's pool mapped).
+    ready: HashSet<ConnId>,
+    /// Some connection has been up, waiting for a ctx's CUDA pool, since then.
     pool_wait: Option<Instant>,
     launched: u64,
     next_tag: u64,
@@ -123,28 +136,26 @@ struct GenNode {
     scratch: Vec<u8>,
 }
 
-/// Runs the load and returns its summary once every request has ended.
+/// Runs the load with a host-memory instance and returns its summary once every request has
+/// ended.
 pub async fn run(spec: NodeSpec, opts: LoadOptions) -> Result<Summary, NodeError> {
-    let me = PeerId {
-        instance: super::spec::GEN_INSTANCE_BASE,
-        rank: 0,
-    };
-    let rank = Rank::new(me, Side::Generation, &spec);
-    run_with(rank, opts).await
+    let instance = super::spec::GEN_INSTANCE_BASE;
+    let inst = Instance::uniform(instance, Side::Generation, &spec, BackendSpec::Host)
+        .expect("the host backend cannot fail to build");
+    run_with(inst, opts).await
 }
 
 impl GenNode {
-    fn new(rank: Rank, opts: LoadOptions, ctx: PeerId) -> GenNode {
+    fn new(inst: Instance, opts: LoadOptions) -> GenNode {
         GenNode {
             rng: StdRng::seed_from_u64(opts.seed),
             s: Summary {
                 requests: opts.requests,
                 ..Summary::default()
             },
-            rank,
+            inst,
             opts,
-            ctx,
-            connected: false,
+            ready: HashSet::new(),
             pool_wait: None,
             launched: 0,
             next_tag: 0,
@@ -157,24 +168,33 @@ impl GenNode {
     }
 }
 
-/// As `run`, with a rank built by the caller (to share its metrics).
-pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeError> {
-    let ctx = PeerId {
+/// The peer id of ctx rank `rank`.
+fn ctx_peer(rank: u32) -> PeerId {
+    PeerId {
         instance: CTX_INSTANCE,
-        rank: 0,
-    };
+        rank,
+    }
+}
+
+/// As `run`, with an instance built by the caller (to share its metrics, or on another
+/// backend).
+pub async fn run_with(inst: Instance, opts: LoadOptions) -> Result<Summary, NodeError> {
     let (inbox_tx, mut inbox) = mpsc::channel(INBOX);
-    // Owned: the dialer and its connection end with this load, however it ends.
-    let dialer = OwnedTask(tokio::spawn(dial_loop(
-        opts.peer,
-        ctx,
-        Attach::new(&rank, inbox_tx),
-    )));
-    let mut node = GenNode::new(rank, opts, ctx);
+    // Owned: the dialers and their connections end with this load, however it ends.
+    let mut dialers = Vec::new();
+    for rank in &inst.ranks {
+        for (r, addr) in opts.peers.iter().enumerate() {
+            let a = Attach::new(rank, inbox_tx.clone());
+            let task = dial_loop(*addr, ctx_peer(r as u32), a);
+            dialers.push(OwnedTask(tokio::spawn(task)));
+        }
+    }
+    drop(inbox_tx);
+    let mut node = GenNode::new(inst, opts);
     let started = Instant::now();
     let cpu_started = cpu::process_cpu();
     let mut progress = Progress::new(node.opts.progress);
-    let wake = node.rank.wake.clone();
+    let wake = node.inst.wake.clone();
     let mut drain_until: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -187,19 +207,19 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
             _ = wake.notified() => {}
             _ = sleep_until(node.next_wake(&progress, drain_until)) => {}
         }
-        let (finished, events) = node.rank.step()?;
-        node.on_events(&events);
-        for f in finished {
-            node.on_finished(f);
+        let stepped = node.inst.step()?;
+        node.on_events(&stepped.events);
+        for (r, f) in stepped.finished {
+            node.on_finished(r, f);
         }
         node.check_pool_wait();
         node.launch_more();
-        node.rank.update_metrics();
+        node.inst.update_metrics();
         progress.maybe_print(&node.s, node.pending.len() + node.active.len());
         if node.all_ended() {
             let deadline = *drain_until.get_or_insert_with(|| Instant::now() + FINAL_DRAIN);
-            let o = node.rank.occupancy();
-            let quiet = node.rank.tx.jobs_in_flight() == 0 && o.staging_poisoned == 0;
+            let o = node.inst.occupancy();
+            let quiet = node.inst.jobs_in_flight() == 0 && o.staging_poisoned == 0;
             if quiet || Instant::now() >= deadline {
                 break;
             }
@@ -207,7 +227,7 @@ pub async fn run_with(rank: Rank, opts: LoadOptions) -> Result<Summary, NodeErro
     }
     let (elapsed, cpu_time) = (started.elapsed(), cpu::process_cpu() - cpu_started);
     node.hang_up(&mut inbox).await;
-    drop(dialer);
+    drop(dialers);
     progress.finish(&node.s);
     Ok(node.summarize(elapsed, cpu_time))
 }
@@ -257,15 +277,24 @@ pub async fn dial_loop(addr: SocketAddr, peer: PeerId, a: Attach) {
 }
 
 impl GenNode {
+    fn rank(&self, g: usize) -> &Rank {
+        &self.inst.ranks[g]
+    }
+
     fn all_ended(&self) -> bool {
         (self.launched == self.opts.requests || self.s.gave_up.is_some())
             && self.pending.is_empty()
             && self.active.is_empty()
     }
 
+    /// Every gen rank is connected to every ctx rank, ready for requests.
+    fn connected(&self) -> bool {
+        self.ready.len() == self.inst.ranks.len() * self.opts.peers.len()
+    }
+
     fn record_error(&mut self, cause: String) {
         self.s.failed += 1;
-        self.rank.metrics.requests_failed.inc();
+        self.inst.metrics.requests_failed.inc();
         let key = if self.s.errors.len() >= MAX_ERROR_KINDS && !self.s.errors.contains_key(&cause) {
             "other".to_string()
         } else {
@@ -274,14 +303,17 @@ impl GenNode {
         *self.s.errors.entry(key).or_default() += 1;
     }
 
-    /// Asks the ctx for as many requests as the concurrency and the pool allow, all in one
-    /// `Prepare` frame (at most `MAX_PREPARE_ASKS` asks).
+    /// Asks ctx rank 0 for as many requests as the concurrency and the pools allow, all in
+    /// one `Prepare` frame (at most `MAX_PREPARE_ASKS` asks).
     fn launch_more(&mut self) {
-        if !self.connected || self.s.gave_up.is_some() {
+        if !self.connected() || self.s.gave_up.is_some() {
             return;
         }
         let max = self.opts.max_blocks as usize;
-        let free = self.rank.pool.lock().expect("pool lock").free_count();
+        let free = (self.inst.ranks.iter())
+            .map(|r| r.pool.lock().expect("pool lock").free_count())
+            .min()
+            .unwrap_or(0);
         let mut asks = Vec::new();
         let mut reserved = self.reserved;
         while self.launched + (asks.len() as u64) < self.opts.requests
@@ -310,7 +342,7 @@ impl GenNode {
                 })
                 .collect(),
         });
-        if let Err(e) = self.rank.links.send_frame(self.ctx, frame) {
+        if let Err(e) = self.rank(0).links.send_frame(ctx_peer(0), frame) {
             // The asks' seeds were drawn: a retry draws new ones, which only the seed's
             // stream, not correctness, depends on.
             tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
@@ -325,25 +357,16 @@ impl GenNode {
         }
     }
 
-    fn on_inbound(&mut self, ev: Inbound) {
-        let now = self.rank.now();
-        match ev {
-            Inbound::Up { peer } => {
-                if self.s.done + self.s.failed > 0 {
-                    self.s.reconnects += 1;
-                }
-                tracing::info!(%peer, "connected to ctx");
-                self.greet(peer);
-                // A CUDA gen launches once it has mapped the ctx's pool (its first frame).
-                self.connected = self.rank.backend.ready_on_connect();
-                self.pool_wait = (!self.connected).then(Instant::now);
-            }
+    fn on_inbound(&mut self, d: Delivery) {
+        let g = d.rank;
+        match d.event {
+            Inbound::Up { peer } => self.on_up((g, peer.rank)),
             Inbound::Down { peer, reason } => {
-                tracing::warn!(%peer, %reason, "lost the ctx connection");
-                self.connected = false;
+                tracing::warn!(%peer, rank = g, %reason, "lost a ctx connection");
+                self.ready.remove(&(g, peer.rank));
                 self.pool_wait = None;
                 self.abandon_all(&format!("ctx connection lost: {reason}"));
-                self.rank.backend.peer_lost(peer);
+                self.inst.ranks[g].backend.peer_lost(peer);
             }
             Inbound::GaveUp { peer, reason } => {
                 self.give_up(peer, &format!("ctx unreachable: {reason}"))
@@ -363,23 +386,39 @@ impl GenNode {
                             .get_or_insert_with(|| format!("ctx refused ({code:?}): {detail}"));
                     }
                 }
-                self.rank.tx.handle_message(now, peer, msg);
+                let rank = &mut self.inst.ranks[g];
+                let now = rank.now();
+                rank.tx.handle_message(now, peer, msg);
             }
             Inbound::Frame {
                 peer,
                 frame: Frame::Node(f),
-            } => self.on_node_frame(peer, f),
+            } => self.on_node_frame(g, peer, f),
         }
     }
 
-    /// The earliest instant anything of this gen waits on: the transceiver's next deadline,
+    fn on_up(&mut self, conn @ (g, r): ConnId) {
+        if self.s.done + self.s.failed > 0 && self.ready.is_empty() {
+            self.s.reconnects += 1;
+        }
+        tracing::info!(rank = g, ctx_rank = r, "connected to ctx");
+        self.greet(conn);
+        // A CUDA gen launches once it has mapped the ctx's pool (its first frame).
+        if self.rank(g).backend.ready_on_connect() {
+            self.ready.insert(conn);
+        } else {
+            self.pool_wait.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// The earliest instant anything of this gen waits on: the transceivers' next deadline,
     /// the CUDA pool wait, the next progress line, the final drain.
     fn next_wake(&self, progress: &Progress, drain_until: Option<Instant>) -> Option<Instant> {
         let pool = self
             .pool_wait
             .map(|t| t + POOL_WAIT + Duration::from_millis(1));
         [
-            self.rank.next_deadline(),
+            self.inst.next_deadline(),
             pool.filter(|_| self.s.gave_up.is_none()),
             progress.next(),
             drain_until,
@@ -389,14 +428,18 @@ impl GenNode {
         .min()
     }
 
-    /// Sends the ctx what the backend needs it to know before any request (a NIXL gen's
+    /// Sends the ctx rank what the backend needs it to know before any request (a NIXL gen's
     /// agent name): sent first, so the ctx holds it before it parks a send for this gen.
-    fn greet(&mut self, peer: PeerId) {
-        let Some(hello) = self.rank.backend.greeting() else {
+    fn greet(&mut self, (g, r): ConnId) {
+        let Some(hello) = self.rank(g).backend.greeting() else {
             return;
         };
-        if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(hello)) {
-            self.give_up(peer, &format!("greeting not sent: {e}"));
+        if let Err(e) = self
+            .rank(g)
+            .links
+            .send_frame(ctx_peer(r), Frame::Node(hello))
+        {
+            self.give_up(ctx_peer(r), &format!("greeting not sent: {e}"));
         }
     }
 
@@ -408,7 +451,7 @@ impl GenNode {
             "the ctx sent no CUDA pool within {} s (is it running with --backend cuda?)",
             POOL_WAIT.as_secs()
         );
-        self.give_up(self.ctx, &cause);
+        self.give_up(ctx_peer(0), &cause);
     }
 
     /// Stops the load: what is in flight fails with `cause`, what is not launched is skipped.
@@ -421,7 +464,6 @@ impl GenNode {
 
     /// Fails every pending launch and cancels every active request with `cause`.
     fn abandon_all(&mut self, cause: &str) {
-        let now = self.rank.now();
         for (_, l) in std::mem::take(&mut self.pending) {
             self.reserved -= l.blocks as usize;
             self.record_error(cause.to_string());
@@ -431,11 +473,14 @@ impl GenNode {
             if let Some(a) = self.active.get_mut(&id) {
                 a.cause.get_or_insert_with(|| cause.to_string());
             }
-            self.rank.tx.cancel(now, id);
+            for rank in &mut self.inst.ranks {
+                let now = rank.now();
+                rank.tx.cancel(now, id);
+            }
         }
     }
 
-    fn on_node_frame(&mut self, peer: PeerId, f: NodeFrame) {
+    fn on_node_frame(&mut self, g: usize, peer: PeerId, f: NodeFrame) {
         match f {
             NodeFrame::Prepared { layout, answers } => {
                 for a in answers {
@@ -445,21 +490,25 @@ impl GenNode {
             NodeFrame::Prepare { .. } => {
                 tracing::warn!("ctx sent a prepare request to a gen node, ignored");
             }
-            f @ NodeFrame::CudaPool { .. } => match self.rank.backend.on_backend_frame(peer, f) {
-                Ok(()) => {
-                    tracing::info!(%peer, "mapped the ctx's KV pool");
-                    self.connected = true;
-                    self.pool_wait = None;
+            f @ NodeFrame::CudaPool { .. } => {
+                match self.rank(g).backend.on_backend_frame(peer, f) {
+                    Ok(()) => {
+                        tracing::info!(%peer, rank = g, "mapped the ctx's KV pool");
+                        self.ready.insert((g, peer.rank));
+                        if self.connected() {
+                            self.pool_wait = None;
+                        }
+                    }
+                    // The ctx cannot be read from: nothing would ever complete, so give up now.
+                    Err(e) => self.give_up(peer, &format!("ctx pool not usable: {e}")),
                 }
-                // The ctx cannot be read from: nothing would ever complete, so give up now.
-                Err(e) => self.give_up(peer, &format!("ctx pool not usable: {e}")),
-            },
+            }
             f @ (NodeFrame::PullReady { .. }
             | NodeFrame::PullFinished { .. }
             | NodeFrame::NixlReady { .. }
             | NodeFrame::NixlFailed { .. }
             | NodeFrame::NixlAgent { .. }) => {
-                if let Err(e) = self.rank.backend.on_backend_frame(peer, f) {
+                if let Err(e) = self.rank(g).backend.on_backend_frame(peer, f) {
                     tracing::warn!(%peer, error = %e, "node frame refused");
                 }
             }
@@ -467,7 +516,7 @@ impl GenNode {
     }
 
     /// Starts the request the ctx prepared for a pending launch, or fails the launch.
-    fn on_answer(&mut self, a: Answer, layout: kvferry_core::layout::CacheLayout) {
+    fn on_answer(&mut self, a: Answer, layout: CacheLayout) {
         let tag = match &a {
             Answer::Prepared { tag, .. } | Answer::Failed { tag, .. } => *tag,
         };
@@ -476,6 +525,16 @@ impl GenNode {
             return;
         };
         self.reserved -= l.blocks as usize;
+        let ctx_ranks = self.opts.peers.len();
+        if layout.validate().is_err() || layout.world_size() as usize != ctx_ranks {
+            let cause = format!(
+                "the ctx serves {} ranks (layout {layout:?}), --peer names {ctx_ranks}",
+                layout.world_size()
+            );
+            self.record_error(cause.clone());
+            self.give_up(ctx_peer(0), &cause);
+            return;
+        }
         let started = match a {
             Answer::Prepared {
                 request,
@@ -496,7 +555,7 @@ impl GenNode {
         id: RequestId,
         token: TransferToken,
         ctx_blocks: Vec<u32>,
-        layout: kvferry_core::layout::CacheLayout,
+        layout: CacheLayout,
     ) -> Result<(), String> {
         if ctx_blocks.len() != l.blocks as usize {
             return Err(format!(
@@ -505,24 +564,32 @@ impl GenNode {
                 l.blocks
             ));
         }
-        let blocks = self
-            .rank
-            .pool
-            .lock()
-            .expect("pool lock")
-            .allocate(id, l.blocks as usize)
-            .map_err(|e| e.to_string())?;
+        let refs = self.allocate(id, l.blocks)?;
         let source = ContextSource {
             instance: CTX_INSTANCE,
             layout,
             blocks: ctx_blocks,
         };
-        let req = Arc::new(Request::new_generation(id, token, blocks.clone(), source));
-        let bytes = u64::from(l.blocks) * self.rank.backend.block_bytes();
-        if let Err(e) = self.rank.tx.request_and_receive(self.rank.now(), req) {
-            self.rank.pool.lock().expect("pool lock").free(&blocks);
-            return Err(e.to_string());
+        for (g, (rank, blocks)) in self.inst.ranks.iter_mut().zip(&refs).enumerate() {
+            let req = Arc::new(Request::new_generation(
+                id,
+                token,
+                blocks.clone(),
+                source.clone(),
+            ));
+            if let Err(e) = rank.tx.request_and_receive(rank.now(), req) {
+                // The ranks' tables move in lockstep: only the first can refuse.
+                assert_eq!(g, 0, "rank {g} refused what rank 0 took: {e}");
+                for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
+                    rank.pool.lock().expect("pool lock").free(blocks);
+                }
+                return Err(e.to_string());
+            }
         }
+        let bytes = u64::from(l.blocks)
+            * (self.inst.ranks.iter())
+                .map(|r| r.backend.block_bytes())
+                .sum::<u64>();
         // DEBUG, not INFO: a span the default filter lets through is formatted on creation,
         // some µs a request (BENCHMARKS.md, "per-request cost").
         let span = tracing::debug_span!("transfer", request = %id, side = "gen", bytes, outcome = tracing::field::Empty);
@@ -533,14 +600,39 @@ impl GenNode {
                 at: l.at,
                 span,
                 cause: None,
+                ranks: self.inst.ranks.len(),
+                ended: Vec::new(),
             },
         );
         Ok(())
     }
 
-    fn on_events(&mut self, events: &[TxEvent]) {
-        let budget = self.rank.tx_timeout_ms();
-        for e in events {
+    /// `n` blocks for request `id` on every rank (each rank names its own in its
+    /// `RequestInfo`); on failure none stays allocated.
+    fn allocate(&self, id: RequestId, n: u32) -> Result<Vec<Vec<BlockRef>>, String> {
+        let mut refs = Vec::with_capacity(self.inst.ranks.len());
+        for rank in &self.inst.ranks {
+            match rank
+                .pool
+                .lock()
+                .expect("pool lock")
+                .allocate(id, n as usize)
+            {
+                Ok(r) => refs.push(r),
+                Err(e) => {
+                    for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
+                        rank.pool.lock().expect("pool lock").free(blocks);
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    fn on_events(&mut self, events: &[(usize, TxEvent)]) {
+        let budget = self.rank(0).tx_timeout_ms();
+        for (_, e) in events {
             if let TxEvent::Evicted { request, .. } = e {
                 if let Some(a) = self.active.get_mut(request) {
                     a.cause.get_or_insert_with(|| {
@@ -551,39 +643,65 @@ impl GenNode {
         }
     }
 
-    /// Compares the received blocks with the ctx's pattern; `Err` names why they differ or
-    /// could not be read.
-    fn verify(&mut self, f: &Finished, seed: u64) -> Result<(), String> {
+    /// Compares the blocks every rank received with the ctx's pattern; `Err` names why they
+    /// differ or could not be read.
+    fn verify(&mut self, ended: &[(usize, Finished)], seed: u64) -> Result<(), String> {
         if !self.opts.verify {
             return Ok(());
         }
-        let ids: Vec<u32> = f.request.blocks.iter().map(|b| b.id).collect();
-        match self.rank.backend.verify(seed, &ids, &mut self.scratch) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("received bytes differ from the ctx's".to_string()),
-            Err(e) => Err(format!("verification failed: {e}")),
+        for (g, f) in ended {
+            let rank = &self.inst.ranks[*g];
+            let ids: Vec<u32> = f.request.blocks.iter().map(|b| b.id).collect();
+            let layout = *rank.tx.layout();
+            match rank.backend.verify(seed, &ids, &layout, &mut self.scratch) {
+                Ok(true) => {}
+                Ok(false) => return Err(format!("rank {g}: received bytes differ from the ctx's")),
+                Err(e) => return Err(format!("rank {g}: verification failed: {e}")),
+            }
         }
+        Ok(())
     }
 
-    fn on_finished(&mut self, f: Finished) {
+    /// Request `f` ended on rank `g`; once it has on every rank that took it, its outcome.
+    fn on_finished(&mut self, g: usize, f: Finished) {
         let id = f.request.id;
-        self.rank.backend.request_ended(id);
-        let Some(a) = self.active.remove(&id) else {
-            self.rank.release(&f);
+        self.rank(g).backend.request_ended(id);
+        let Some(a) = self.active.get_mut(&id) else {
+            self.rank(g).release(&f);
             return;
         };
-        let outcome = if f.state != RequestState::GenComplete {
-            Err(a
+        a.ended.push((g, f));
+        if a.ended.len() < a.ranks {
+            return;
+        }
+        let a = self.active.remove(&id).expect("just seen");
+        let outcome = match a
+            .ended
+            .iter()
+            .find(|(_, f)| f.state != RequestState::GenComplete)
+        {
+            Some((_, f)) => Err(a
                 .cause
-                .unwrap_or_else(|| format!("transfer ended {:?}", f.state)))
-        } else {
-            self.verify(&f, a.seed)
+                .clone()
+                .unwrap_or_else(|| format!("transfer ended {:?}", f.state))),
+            None => self.verify(&a.ended, a.seed),
         };
-        self.rank.release(&f);
-        a.span.record("outcome", tracing::field::debug(f.state));
+        for (g, f) in &a.ended {
+            self.rank(*g).release(f);
+        }
+        a.span
+            .record("outcome", tracing::field::debug(a.ended[0].1.state));
+        self.record_outcome(id, &a, outcome);
+    }
+
+    fn record_outcome(&mut self, id: RequestId, a: &Active, outcome: Result<(), String>) {
         match outcome {
             Ok(()) => {
-                let bytes = f.request.blocks.len() as u64 * self.rank.backend.block_bytes();
+                let bytes: u64 = (a.ended.iter())
+                    .map(|(g, f)| {
+                        f.request.blocks.len() as u64 * self.rank(*g).backend.block_bytes()
+                    })
+                    .sum();
                 let lat = a.at.elapsed();
                 self.s.done += 1;
                 self.s.bytes += bytes;
@@ -591,8 +709,8 @@ impl GenNode {
                     self.s.done_after_reconnect += 1;
                 }
                 self.latencies_us.push(lat.as_micros() as u64);
-                self.rank.metrics.requests_done.inc();
-                self.rank.metrics.observe_latency(lat);
+                self.inst.metrics.requests_done.inc();
+                self.inst.metrics.observe_latency(lat);
                 a.span.in_scope(|| {
                     tracing::debug!(latency_us = lat.as_micros() as u64, "request done")
                 });
@@ -606,20 +724,23 @@ impl GenNode {
         }
     }
 
-    /// Hangs up cleanly: whatever the connection still owes the ctx is written before it
-    /// closes (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
+    /// Hangs up cleanly: whatever the connections still owe the ctx is written before they
+    /// close (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
     /// for them, and would fail on the disconnect instead).
-    async fn hang_up(&self, inbox: &mut mpsc::Receiver<Inbound>) {
-        let Some(link) = self.rank.links.get(self.ctx) else {
-            return;
-        };
-        let closed = async {
-            if link.control.send(Outgoing::Close).await.is_err() {
-                return;
+    async fn hang_up(&self, inbox: &mut mpsc::Receiver<Delivery>) {
+        let mut open = 0;
+        for rank in &self.inst.ranks {
+            for peer in rank.links.peers() {
+                if let Some(link) = rank.links.get(peer) {
+                    open += usize::from(link.control.send(Outgoing::Close).await.is_ok());
+                }
             }
-            while let Some(ev) = inbox.recv().await {
-                if matches!(ev, Inbound::Down { .. } | Inbound::GaveUp { .. }) {
-                    return;
+        }
+        let closed = async {
+            while open > 0 {
+                let Some(d) = inbox.recv().await else { return };
+                if matches!(d.event, Inbound::Down { .. } | Inbound::GaveUp { .. }) {
+                    open -= 1;
                 }
             }
         };
@@ -627,7 +748,7 @@ impl GenNode {
             .await
             .is_err()
         {
-            tracing::warn!(peer = %self.ctx, "connection did not close in time, dropping it");
+            tracing::warn!("connections did not close in time, dropping them");
         }
     }
 
@@ -638,7 +759,7 @@ impl GenNode {
             staging_poisoned,
             blocks_total,
             blocks_free,
-        } = self.rank.occupancy();
+        } = self.inst.occupancy();
         self.latencies_us.sort_unstable();
         let pct = |p: f64| -> Option<f64> {
             let v = &self.latencies_us;
@@ -648,6 +769,12 @@ impl GenNode {
             let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
             Some(v[i] as f64 / 1000.0)
         };
+        let mut backend = BTreeMap::new();
+        for rank in &self.inst.ranks {
+            for (k, v) in rank.backend.counters() {
+                *backend.entry(k.to_string()).or_default() += v;
+            }
+        }
         let secs = elapsed.as_secs_f64();
         Summary {
             seconds: secs,
@@ -660,9 +787,7 @@ impl GenNode {
             staging_poisoned,
             blocks_total,
             blocks_free,
-            backend: (self.rank.backend.counters().into_iter())
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            backend,
             ..self.s
         }
     }

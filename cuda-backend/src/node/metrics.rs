@@ -26,6 +26,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
+/// What one rank of an instance reports to the instance's metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct RankSample {
+    pub tx: TxCounters,
+    pub staging: StagingCounters,
+    /// What the transceiver holds for requests not registered yet (bounded in the core).
+    pub early: EarlyCounts,
+    pub blocks_free: usize,
+    pub blocks: usize,
+}
+
 /// Upper bounds (ms) of the transfer latency histogram buckets.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 /// Bound on an HTTP request head (hyper's smallest read buffer); longer is answered 431.
@@ -232,23 +243,41 @@ impl Metrics {
         })
     }
 
-    /// Copies the transceiver's lifetime counters and the pools' occupancy.
-    pub fn update(&self, c: &TxCounters, s: &StagingCounters, blocks_free: usize, blocks: usize) {
-        self.tx.copy(c);
+    /// Copies the instance's lifetime counters and occupancy: the sums over its ranks.
+    pub fn update(&self, ranks: &[RankSample]) {
+        let mut c = TxCounters::default();
         let p = &self.pools;
-        p.staging_slots.set(s.slots as u64);
-        p.staging_free.set(s.free as u64);
-        p.staging_in_use.set(s.in_use as u64);
-        p.staging_poisoned.set(s.poisoned as u64);
-        p.blocks_total.set(blocks as u64);
-        p.blocks_free.set(blocks_free as u64);
-    }
-
-    /// What the transceiver holds for requests not registered yet (bounded in the core).
-    pub fn set_early(&self, e: &EarlyCounts) {
-        self.pools.early_infos.set(e.infos as u64);
-        self.pools.early_info_bytes.set(e.info_bytes as u64);
-        self.pools.early_aborts.set(e.aborts as u64);
+        let (mut slots, mut free, mut in_use, mut poisoned) = (0, 0, 0, 0);
+        let (mut blocks, mut blocks_free) = (0, 0);
+        let (mut infos, mut info_bytes, mut aborts) = (0, 0, 0);
+        for r in ranks {
+            c.transfers_started += r.tx.transfers_started;
+            c.transfers_completed += r.tx.transfers_completed;
+            c.transfers_failed += r.tx.transfers_failed;
+            c.timeouts_warned += r.tx.timeouts_warned;
+            c.evictions += r.tx.evictions;
+            c.rejected += r.tx.rejected;
+            c.bytes += r.tx.bytes;
+            (slots, free) = (slots + r.staging.slots, free + r.staging.free);
+            (in_use, poisoned) = (in_use + r.staging.in_use, poisoned + r.staging.poisoned);
+            (blocks, blocks_free) = (blocks + r.blocks, blocks_free + r.blocks_free);
+            (infos, info_bytes) = (infos + r.early.infos, info_bytes + r.early.info_bytes);
+            aborts += r.early.aborts;
+        }
+        self.tx.copy(&c);
+        for (g, v) in [
+            (&p.staging_slots, slots),
+            (&p.staging_free, free),
+            (&p.staging_in_use, in_use),
+            (&p.staging_poisoned, poisoned),
+            (&p.blocks_total, blocks),
+            (&p.blocks_free, blocks_free),
+            (&p.early_infos, infos),
+            (&p.early_info_bytes, info_bytes),
+            (&p.early_aborts, aborts),
+        ] {
+            g.set(v as u64);
+        }
     }
 
     pub fn observe_latency(&self, d: Duration) {
@@ -335,19 +364,27 @@ mod tests {
     #[test]
     fn every_name_is_exposed_with_its_value() {
         let m = Metrics::new();
-        let tx = TxCounters {
-            transfers_started: 7,
-            bytes: 4096,
-            ..Default::default()
+        // Two ranks: the instance exposes their sums.
+        let sample = |started, bytes, (slots, free, in_use), (blocks, blocks_free)| RankSample {
+            tx: TxCounters {
+                transfers_started: started,
+                bytes,
+                ..Default::default()
+            },
+            staging: StagingCounters {
+                slots,
+                free,
+                in_use,
+                ..Default::default()
+            },
+            early: EarlyCounts::default(),
+            blocks_free,
+            blocks,
         };
-        let st = StagingCounters {
-            slots: 4,
-            free: 3,
-            in_use: 1,
-            poisoned: 0,
-            ..Default::default()
-        };
-        m.update(&tx, &st, 10, 16);
+        m.update(&[
+            sample(5, 4000, (3, 2, 1), (10, 6)),
+            sample(2, 96, (1, 1, 0), (6, 4)),
+        ]);
         m.connections_refused.inc();
         m.observe_latency(Duration::from_micros(1500));
         m.observe_latency(Duration::from_secs(9));

@@ -1,10 +1,11 @@
-//! kvferry-node: the core's state machines driven by tokio over TCP, one process per rank.
+//! kvferry-node: the core's state machines driven by tokio over TCP, one process per
+//! instance (`instance`: its TP ranks, each with its own pool and connections).
 //!
-//! A gen node dials a ctx node. One connection carries the core's wire frames (control and
+//! Each gen rank dials each ctx rank. One connection carries the core's wire frames (control and
 //! `Data` chunks) and the node's own load-setup frames (`frame::NodeFrame`). With feature
 //! `cuda` and `--backend cuda` the KV pools live on GPUs instead and the bytes move over CUDA
-//! IPC, not the connection (`gpu`). Each node runs one driver task that owns its
-//! `Transceiver`; connection tasks feed it frames, the agent wakes it on completions, and it
+//! IPC, not the connection (`gpu`). Each node runs one driver task that owns its ranks'
+//! `Transceiver`s; connection tasks feed it frames, the agent wakes it on completions, and it
 //! sleeps until the transceiver's `poll_timeout()` otherwise: there is no fixed tick.
 
 pub mod admit;
@@ -19,6 +20,7 @@ pub mod cuda_ipc;
 pub mod embed;
 pub mod frame;
 pub mod gen;
+pub mod instance;
 pub mod link;
 pub mod metrics;
 #[cfg(feature = "nixl")]

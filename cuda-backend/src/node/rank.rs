@@ -5,11 +5,11 @@ use super::backend::{Backend, BackendError, BackendSpec};
 use super::backend_parts::{BackendParts, LentKv};
 use super::frame::Frame;
 use super::link::{LinkError, Links};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, RankSample};
 use super::spec::{NodeLimits, NodeSpec};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
-use kvferry_core::collective::{agree, CollectiveError};
+use kvferry_core::collective::{Agreed, Contribution};
 use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
 use kvferry_core::PeerId;
 use std::sync::{Arc, Mutex};
@@ -23,8 +23,9 @@ pub struct Rank {
     pub pool: Arc<Mutex<BlockPool>>,
     pub backend: Backend,
     pub links: Links,
+    /// The instance's metrics (shared by its ranks).
     pub metrics: Arc<Metrics>,
-    /// Notified by the agent on every completion.
+    /// Notified by the agent on every completion (shared by the ranks of an instance).
     pub wake: Arc<Notify>,
     /// Per-peer bounds of this node (`spec::NodeLimits`).
     pub limits: NodeLimits,
@@ -44,44 +45,20 @@ pub struct Occupancy {
 
 impl Rank {
     /// A host-memory rank. Must run inside a tokio runtime (the agent spawns its send tasks).
-    pub fn new(me: PeerId, side: Side, spec: &NodeSpec) -> Rank {
-        Rank::with_backend(me, side, spec, BackendSpec::Host)
-            .expect("the host backend cannot fail to build")
-    }
-
-    /// A rank on the given backend. Must run inside a tokio runtime.
-    pub fn with_backend(
+    /// Rank `me.rank` of `spec`'s instance layout on `backend`, or on the memory the embedding
+    /// program lent (`lent`: host memory from `HostKv::lent`, or device memory from
+    /// `DeviceBuffer::adopt`, which picks the CUDA backend on that buffer's device; its size
+    /// must be the spec's). Its agent rings `wake`. Must run inside a tokio runtime.
+    pub fn build(
         me: PeerId,
         side: Side,
         spec: &NodeSpec,
-        backend: BackendSpec,
+        (backend, lent): (BackendSpec, Option<LentKv>),
+        (wake, metrics): (Arc<Notify>, Arc<Metrics>),
     ) -> Result<Rank, BackendError> {
-        Rank::build(me, side, spec, backend, None)
-    }
-
-    /// A rank whose KV pool is memory its embedding program lent (host memory from
-    /// `HostKv::lent`, or device memory from `DeviceBuffer::adopt`, which picks the CUDA
-    /// backend on that buffer's device); its size must be the spec's. Must run inside a
-    /// tokio runtime.
-    pub fn with_lent_kv(
-        me: PeerId,
-        side: Side,
-        spec: &NodeSpec,
-        kv: LentKv,
-    ) -> Result<Rank, BackendError> {
-        Rank::build(me, side, spec, BackendSpec::for_lent(&kv), Some(kv))
-    }
-
-    fn build(
-        me: PeerId,
-        side: Side,
-        spec: &NodeSpec,
-        backend: BackendSpec,
-        lent: Option<LentKv>,
-    ) -> Result<Rank, BackendError> {
+        let backend = lent.as_ref().map_or(backend, BackendSpec::for_lent);
         let layout = spec.layout.with_rank(me.rank);
         let links = Links::default();
-        let wake = Arc::new(Notify::new());
         let pool = Arc::new(Mutex::new(BlockPool::new(spec.pool_blocks)));
         let (backend, agent) = Backend::new(
             backend,
@@ -111,7 +88,7 @@ impl Rank {
             pool,
             backend,
             links,
-            metrics: Metrics::new(),
+            metrics,
             wake,
             limits: spec.limits,
             start: Instant::now(),
@@ -147,14 +124,19 @@ impl Rank {
         }
     }
 
-    /// One completion step of a one-rank instance (its own contribution is the whole
-    /// gather), with the transmits before and after it, then the step's events.
-    pub fn step(&mut self) -> Result<(Vec<Finished>, Vec<TxEvent>), CollectiveError> {
+    /// The first half of a completion step: the backend's completions in, the transmits
+    /// out, and this rank's contribution to the instance's gather (`Instance::step`).
+    pub fn begin_step(&mut self) -> Contribution {
         self.backend.pump();
         self.flush();
         let now = self.now();
-        let mine = self.tx.check_status(now, self.side, 0).contribution;
-        let finished = self.tx.apply_agreed(&agree(&[mine], 1)?);
+        self.tx.check_status(now, self.side, 0).contribution
+    }
+
+    /// The second half: what the instance agreed ends here, the transmits it caused, then the
+    /// step's events.
+    pub fn end_step(&mut self, agreed: &Agreed) -> (Vec<Finished>, Vec<TxEvent>) {
+        let finished = self.tx.apply_agreed(agreed);
         self.flush();
         let events: Vec<TxEvent> = self.tx.drain_events().collect();
         for e in &events {
@@ -167,7 +149,7 @@ impl Rank {
                 tracing::warn!(peer = %self.links.describe(*peer), %request, ?code, "refused a peer's request info");
             }
         }
-        Ok((finished, events))
+        (finished, events)
     }
 
     /// Frees a finished request's blocks (deferred by the pool while pins remain) and updates
@@ -188,15 +170,16 @@ impl Rank {
         }
     }
 
-    pub fn update_metrics(&self) {
+    /// What this rank reports to its instance's metrics.
+    pub fn sample(&self) -> RankSample {
         let o = self.occupancy();
-        self.metrics.update(
-            &self.tx.counters(),
-            &self.tx.staging_counters(),
-            o.blocks_free,
-            o.blocks_total,
-        );
-        self.metrics.set_early(&self.tx.early_counts());
+        RankSample {
+            tx: self.tx.counters(),
+            staging: self.tx.staging_counters(),
+            early: self.tx.early_counts(),
+            blocks_free: o.blocks_free,
+            blocks: o.blocks_total,
+        }
     }
 }
 

@@ -41,6 +41,7 @@ use crate::cuda::{CudaAgent, CudaAgentConfig, CudaError, DeviceBuffer, Gpu};
 use crate::cuda::{IpcMapping, PoolExport, Region};
 use crate::host::pattern;
 use kvferry_core::agent::TransferAgent;
+use kvferry_core::layout::CacheLayout;
 use kvferry_core::transceiver::Side;
 use kvferry_core::PeerId;
 use std::sync::Arc;
@@ -152,10 +153,10 @@ impl GpuBackend {
     }
 
     /// Uploads the seeded pattern of each block (`index` = position in the request).
-    pub fn fill(&self, seed: u64, blocks: &[u32]) -> Result<(), GpuError> {
+    pub fn fill(&self, seed: u64, blocks: &[u32], layout: &CacheLayout) -> Result<(), GpuError> {
         let mut buf = vec![0u8; self.block_bytes as usize];
         for (i, b) in blocks.iter().enumerate() {
-            pattern::fill(seed, i as u32, &mut buf);
+            pattern::fill(seed, i as u32, layout, &mut buf);
             self.pool.write(self.offset(*b), &buf)?;
         }
         Ok(())
@@ -166,12 +167,13 @@ impl GpuBackend {
         &self,
         seed: u64,
         blocks: &[u32],
+        layout: &CacheLayout,
         scratch: &mut Vec<u8>,
     ) -> Result<bool, GpuError> {
         let mut buf = vec![0u8; self.block_bytes as usize];
         for (i, b) in blocks.iter().enumerate() {
             self.pool.read(self.offset(*b), &mut buf)?;
-            if !pattern::verify(seed, i as u32, &buf, scratch) {
+            if !pattern::verify(seed, i as u32, layout, &buf, scratch) {
                 return Ok(false);
             }
         }

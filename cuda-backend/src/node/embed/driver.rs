@@ -8,10 +8,10 @@ use super::command::{Command, CommandError};
 use super::dialers::Dialers;
 use super::outcomes::{Outcome, Outcomes, MAX_UNCLAIMED};
 use super::ticket::ContextTicket;
-use crate::node::conn::Inbound;
+use crate::node::conn::{Delivery, Inbound};
 use crate::node::frame::{Answer, Frame, NodeFrame, MAX_PREPARE_ASKS};
+use crate::node::instance::Instance;
 use crate::node::link::Outgoing;
-use crate::node::rank::Rank;
 use crate::node::{drain_inbox, sleep_until, NodeError, OwnedTask};
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{FailCause, Finished, TxEvent};
@@ -41,7 +41,7 @@ pub enum Role {
 
 #[derive(Debug)]
 pub struct Driver {
-    rank: Rank,
+    inst: Instance,
     role: Role,
     out: Arc<Outcomes>,
     /// Core request id to engine request id, for every request not reported yet (on the
@@ -58,9 +58,9 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(rank: Rank, role: Role, out: Arc<Outcomes>) -> Driver {
+    pub fn new(inst: Instance, role: Role, out: Arc<Outcomes>) -> Driver {
         Driver {
-            rank,
+            inst,
             role,
             out,
             engine: HashMap::new(),
@@ -76,10 +76,10 @@ impl Driver {
     /// and waits (bounded) for the fences.
     pub async fn run(
         mut self,
-        mut inbox: mpsc::Receiver<Inbound>,
+        mut inbox: mpsc::Receiver<Delivery>,
         mut commands: mpsc::Receiver<Command>,
     ) -> Result<(), NodeError> {
-        let wake = self.rank.wake.clone();
+        let wake = self.inst.wake.clone();
         loop {
             tokio::select! {
                 ev = inbox.recv() => {
@@ -93,32 +93,32 @@ impl Driver {
                     None => break,
                 },
                 _ = wake.notified() => {}
-                _ = sleep_until(self.rank.next_deadline()) => {}
+                _ = sleep_until(self.inst.next_deadline()) => {}
             }
             self.step()?;
         }
         self.shut_down(&mut inbox).await
     }
 
-    async fn shut_down(&mut self, inbox: &mut mpsc::Receiver<Inbound>) -> Result<(), NodeError> {
-        let now = self.rank.now();
+    async fn shut_down(&mut self, inbox: &mut mpsc::Receiver<Delivery>) -> Result<(), NodeError> {
+        let now = self.inst.ranks[0].now();
         let ids: Vec<RequestId> = self.engine.keys().copied().collect();
         for id in ids {
             self.cancel(now, id);
         }
-        let wake = self.rank.wake.clone();
+        let wake = self.inst.wake.clone();
         let until = Instant::now() + CLOSE_DRAIN;
         while !(self.engine.is_empty() && self.fencing.is_empty()) && Instant::now() < until {
             tokio::select! {
                 Some(ev) = inbox.recv() => self.on_inbound(ev),
                 _ = wake.notified() => {}
-                _ = sleep_until(self.rank.next_deadline().map(|t| t.min(until))) => {}
+                _ = sleep_until(self.inst.next_deadline().map(|t| t.min(until))) => {}
                 _ = tokio::time::sleep_until(until.into()) => {}
             }
             self.step()?;
         }
-        for peer in self.rank.links.peers() {
-            if let Some(l) = self.rank.links.get(peer) {
+        for peer in self.inst.ranks[0].links.peers() {
+            if let Some(l) = self.inst.ranks[0].links.get(peer) {
                 let _ = l.control.try_send(Outgoing::Close);
             }
         }
@@ -127,8 +127,9 @@ impl Driver {
     }
 
     fn step(&mut self) -> Result<(), NodeError> {
-        let (finished, events) = self.rank.step()?;
-        for e in events {
+        let stepped = self.inst.step()?;
+        let finished = stepped.finished.into_iter().map(|(_, f)| f);
+        for (_, e) in stepped.events {
             if let TxEvent::LocallyFinished {
                 request,
                 cause: Some(c),
@@ -139,22 +140,22 @@ impl Driver {
             }
         }
         for f in finished {
-            self.rank.release(&f);
+            self.inst.ranks[0].release(&f);
             self.fencing.push(f);
         }
         self.report_fenced();
-        let now = self.rank.now();
+        let now = self.inst.ranks[0].now();
         for peer in std::mem::take(&mut self.lost) {
-            self.rank.tx.handle_peer_lost(now, peer);
-            self.rank.backend.peer_lost(peer);
+            self.inst.ranks[0].tx.handle_peer_lost(now, peer);
+            self.inst.ranks[0].backend.peer_lost(peer);
         }
-        self.rank.update_metrics();
+        self.inst.update_metrics();
         Ok(())
     }
 
     /// Reports every ended request none of whose blocks is still pinned.
     fn report_fenced(&mut self) {
-        let pool = self.rank.pool.clone();
+        let pool = self.inst.ranks[0].pool.clone();
         let pool = pool.lock().expect("pool lock");
         let (free, held): (Vec<Finished>, Vec<Finished>) = std::mem::take(&mut self.fencing)
             .into_iter()
@@ -184,9 +185,9 @@ impl Driver {
         });
     }
 
-    fn on_inbound(&mut self, ev: Inbound) {
-        let now = self.rank.now();
-        match ev {
+    fn on_inbound(&mut self, d: Delivery) {
+        let now = self.inst.ranks[0].now();
+        match d.event {
             Inbound::Frame {
                 peer,
                 frame: Frame::Core(msg),
@@ -199,7 +200,7 @@ impl Driver {
                 {
                     self.note(*request, format!("peer refused ({code:?}): {detail}"));
                 }
-                self.rank.tx.handle_message(now, peer, msg);
+                self.inst.ranks[0].tx.handle_message(now, peer, msg);
             }
             Inbound::Frame {
                 peer,
@@ -253,19 +254,19 @@ impl Driver {
                     reason: reason.to_string(),
                 })
                 .collect();
-            let layout = *self.rank.tx.layout();
+            let layout = *self.inst.ranks[0].tx.layout();
             let reply = Frame::Node(NodeFrame::Prepared { layout, answers });
-            let _ = self.rank.links.send_frame(peer, reply);
+            let _ = self.inst.ranks[0].links.send_frame(peer, reply);
             return;
         }
         let pool = matches!(f, NodeFrame::CudaPool { .. });
-        match self.rank.backend.on_backend_frame(peer, f) {
+        match self.inst.ranks[0].backend.on_backend_frame(peer, f) {
             // A CUDA generation rank launches once it has mapped the context's pool.
             Ok(()) if pool => self.launch_parked(peer),
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(peer = %self.rank.links.describe(peer), error = %e, "closing");
-                if let Some(l) = self.rank.links.get(peer) {
+                tracing::warn!(peer = %self.inst.ranks[0].links.describe(peer), error = %e, "closing");
+                if let Some(l) = self.inst.ranks[0].links.get(peer) {
                     let _ = l.control.try_send(Outgoing::Close);
                 }
             }
@@ -276,15 +277,18 @@ impl Driver {
     /// know first (a CUDA pool's IPC handle); a generation rank launches what was parked for
     /// it, unless its backend must first hear that greeting.
     fn on_up(&mut self, peer: PeerId) {
-        if let Some(hello) = self.rank.backend.greeting() {
-            if let Err(e) = self.rank.links.send_frame(peer, Frame::Node(hello)) {
+        if let Some(hello) = self.inst.ranks[0].backend.greeting() {
+            if let Err(e) = self.inst.ranks[0]
+                .links
+                .send_frame(peer, Frame::Node(hello))
+            {
                 tracing::warn!(%peer, error = %e, "greeting not sent, closing");
-                if let Some(l) = self.rank.links.get(peer) {
+                if let Some(l) = self.inst.ranks[0].links.get(peer) {
                     let _ = l.control.try_send(Outgoing::Close);
                 }
             }
         }
-        if self.rank.backend.ready_on_connect() {
+        if self.inst.ranks[0].backend.ready_on_connect() {
             self.launch_parked(peer);
         }
     }
@@ -293,9 +297,9 @@ impl Driver {
         let Role::Generation(d) = &mut self.role else {
             return;
         };
-        let now = self.rank.now();
+        let now = self.inst.ranks[0].now();
         for req in d.up(peer) {
-            if let Err(e) = self.rank.tx.request_and_receive(now, req.clone()) {
+            if let Err(e) = self.inst.ranks[0].tx.request_and_receive(now, req.clone()) {
                 self.note(req.id, e.to_string());
                 self.drop_unregistered(&req, RequestState::TransferError);
             }
@@ -304,7 +308,11 @@ impl Driver {
 
     /// Ends a request the core never registered (parked, then failed or cancelled).
     fn drop_unregistered(&mut self, req: &Request, state: RequestState) {
-        self.rank.pool.lock().expect("pool lock").free(&req.blocks);
+        self.inst.ranks[0]
+            .pool
+            .lock()
+            .expect("pool lock")
+            .free(&req.blocks);
         self.report(req.id, state);
     }
 
@@ -317,7 +325,7 @@ impl Driver {
                 return true;
             }
         }
-        self.rank.tx.cancel(now, core)
+        self.inst.ranks[0].tx.cancel(now, core)
     }
 
     fn on_command(&mut self, c: Command) {
@@ -334,7 +342,7 @@ impl Driver {
                 let _ = reply.send(self.receive(id, blocks, ticket));
             }
             Command::Cancel { id, reply } => {
-                let now = self.rank.now();
+                let now = self.inst.ranks[0].now();
                 let done = self
                     .core
                     .get(&id)
@@ -343,7 +351,7 @@ impl Driver {
                 let _ = reply.send(done);
             }
             Command::Occupancy { reply } => {
-                let _ = reply.send(self.rank.occupancy());
+                let _ = reply.send(self.inst.ranks[0].occupancy());
             }
         }
     }
@@ -383,16 +391,20 @@ impl Driver {
         };
         let addr = *addr;
         self.admissible(id, id, &blocks)?;
-        let refs = self
-            .rank
+        let refs = self.inst.ranks[0]
             .pool
             .lock()
             .expect("pool lock")
             .allocate_ids(id, &blocks)?;
         let token = TransferToken(rand::random());
         let req = Arc::new(Request::new_context(id, token, refs.clone()));
-        if let Err(e) = self.rank.tx.respond_and_send(self.rank.now(), req) {
-            self.rank.pool.lock().expect("pool lock").free(&refs);
+        let now = self.inst.ranks[0].now();
+        if let Err(e) = self.inst.ranks[0].tx.respond_and_send(now, req) {
+            self.inst.ranks[0]
+                .pool
+                .lock()
+                .expect("pool lock")
+                .free(&refs);
             return Err(e.into());
         }
         self.register(id, id);
@@ -400,7 +412,7 @@ impl Driver {
             addr,
             request: id,
             token,
-            layout: *self.rank.tx.layout(),
+            layout: *self.inst.ranks[0].tx.layout(),
             blocks,
         })
     }
@@ -421,7 +433,7 @@ impl Driver {
                 gen: blocks.len(),
             });
         }
-        let mine = self.rank.tx.layout();
+        let mine = self.inst.ranks[0].tx.layout();
         if !t.layout.same_model(mine) || t.layout.world_size() != 1 {
             return Err(CommandError::OtherModel(format!(
                 "context {:?}, this rank {:?} (one context rank per instance is supported)",
@@ -430,8 +442,7 @@ impl Driver {
         }
         let peer = dialers.peer_for(t.addr).ok_or(CommandError::TooManyPeers)?;
         self.admissible(id, core, &blocks)?;
-        let refs = self
-            .rank
+        let refs = self.inst.ranks[0]
             .pool
             .lock()
             .expect("pool lock")
@@ -446,8 +457,13 @@ impl Driver {
             unreachable!("checked above");
         };
         if dialers.is_up(peer) {
-            if let Err(e) = self.rank.tx.request_and_receive(self.rank.now(), req) {
-                self.rank.pool.lock().expect("pool lock").free(&refs);
+            let now = self.inst.ranks[0].now();
+            if let Err(e) = self.inst.ranks[0].tx.request_and_receive(now, req) {
+                self.inst.ranks[0]
+                    .pool
+                    .lock()
+                    .expect("pool lock")
+                    .free(&refs);
                 return Err(e.into());
             }
         } else {

@@ -9,15 +9,16 @@ use super::dialers::Dialers;
 use super::driver::{Driver, Role};
 use super::outcomes::{Outcome, Outcomes};
 use super::ticket::ContextTicket;
-use crate::node::backend::BackendError;
+use crate::node::backend::{BackendError, BackendSpec};
 use crate::node::backend_parts::LentKv;
 use crate::node::conn::Attach;
 use crate::node::ctx::accept_loop;
-use crate::node::rank::{Occupancy, Rank};
+use crate::node::instance::Instance;
+use crate::node::rank::Occupancy;
 use crate::node::spec::NodeSpec;
 use crate::node::{runtime, OwnedTask, INBOX};
 use kvferry_core::transceiver::Side;
-use kvferry_core::{PeerId, RequestId};
+use kvferry_core::RequestId;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -208,7 +209,7 @@ fn drive(
 async fn build(
     spec: &EmbedSpec,
     kv: LentKv,
-    inbox: mpsc::Sender<crate::node::conn::Inbound>,
+    inbox: mpsc::Sender<crate::node::conn::Delivery>,
     out: Arc<Outcomes>,
 ) -> Result<(Driver, Option<SocketAddr>), StartError> {
     // A generation rank names its context peers 0, 1, ... (`Dialers`): it takes the top id.
@@ -216,9 +217,13 @@ async fn build(
         Side::Context => crate::node::spec::CTX_INSTANCE,
         Side::Generation => u32::MAX,
     };
-    let me = PeerId { instance, rank: 0 };
-    let rank = Rank::with_lent_kv(me, spec.side, &spec.node, kv)?;
-    let attach = Attach::new(&rank, inbox);
+    let inst = Instance::build(
+        instance,
+        spec.side,
+        &spec.node,
+        vec![(BackendSpec::Host, Some(kv))],
+    )?;
+    let attach = Attach::new(&inst.ranks[0], inbox);
     let (role, listening) = match spec.side {
         Side::Context => {
             let listen = |source| StartError::Listen {
@@ -236,5 +241,5 @@ async fn build(
         }
         Side::Generation => (Role::Generation(Dialers::new(attach)), None),
     };
-    Ok((Driver::new(rank, role, out), listening))
+    Ok((Driver::new(inst, role, out), listening))
 }

@@ -36,6 +36,7 @@ use crate::host::pattern;
 use crate::nixl::ucx::UcxEngine;
 use crate::nixl::{Driver, NixlError};
 use kvferry_core::agent::TransferAgent;
+use kvferry_core::layout::CacheLayout;
 use kvferry_core::transceiver::Side;
 use kvferry_core::{PeerId, RequestId};
 use pool::KvPool;
@@ -153,10 +154,15 @@ impl NixlBackend {
     }
 
     /// Writes the seeded pattern of each block (`index` = position in the request).
-    pub fn fill(&self, seed: u64, blocks: &[u32]) -> Result<(), NixlNodeError> {
+    pub fn fill(
+        &self,
+        seed: u64,
+        blocks: &[u32],
+        layout: &CacheLayout,
+    ) -> Result<(), NixlNodeError> {
         let mut buf = vec![0u8; self.block_bytes as usize];
         for (i, b) in blocks.iter().enumerate() {
-            pattern::fill(seed, i as u32, &mut buf);
+            pattern::fill(seed, i as u32, layout, &mut buf);
             self.pool.write(u64::from(*b) * self.block_bytes, &buf)?;
         }
         Ok(())
@@ -167,12 +173,13 @@ impl NixlBackend {
         &self,
         seed: u64,
         blocks: &[u32],
+        layout: &CacheLayout,
         scratch: &mut Vec<u8>,
     ) -> Result<bool, NixlNodeError> {
         let mut buf = vec![0u8; self.block_bytes as usize];
         for (i, b) in blocks.iter().enumerate() {
             self.pool.read(u64::from(*b) * self.block_bytes, &mut buf)?;
-            if !pattern::verify(seed, i as u32, &buf, scratch) {
+            if !pattern::verify(seed, i as u32, layout, &buf, scratch) {
                 return Ok(false);
             }
         }

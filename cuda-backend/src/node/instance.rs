@@ -1,0 +1,137 @@
+//! The ranks of one instance in one process (`tp_size * pp_size` of them, each with its own
+//! pool, backend, transceiver and connections), driven by one loop.
+//!
+//! Why one process per instance: the completion collective (I7: a request ends on an instance
+//! only when every rank has finished it) is then a plain gather of the ranks' contributions,
+//! and the driver registers a request on every rank in the same call, so the ranks' tables
+//! move in lockstep. Ranks of one instance in separate processes would need the engine's own
+//! collective, which the node does not have.
+
+use super::backend::{BackendError, BackendSpec};
+use super::backend_parts::LentKv;
+use super::metrics::Metrics;
+use super::rank::{Occupancy, Rank};
+use super::spec::NodeSpec;
+use kvferry_core::collective::{agree, CollectiveError};
+use kvferry_core::transceiver::{Finished, Side, TxEvent};
+use kvferry_core::PeerId;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// Ranks one process serves at most (the layout's own bound on TP × PP is larger).
+pub const MAX_LOCAL_RANKS: usize = 16;
+
+#[derive(Debug)]
+pub struct Instance {
+    pub ranks: Vec<Rank>,
+    /// Rung by every rank's agent: the loop wakes for any rank's completion.
+    pub wake: Arc<Notify>,
+    /// One registry for the instance: its counters and gauges are the sums over its ranks.
+    pub metrics: Arc<Metrics>,
+}
+
+/// One completion step's output, each item with the local rank (its index) it came from.
+/// A request agreed in a step finishes on every rank of the instance in that step.
+#[derive(Debug, Default)]
+pub struct Stepped {
+    pub finished: Vec<(usize, Finished)>,
+    pub events: Vec<(usize, TxEvent)>,
+}
+
+impl Instance {
+    /// Every rank of `spec`'s layout, as `instance`, each on its entry of `backends` (one per
+    /// rank, in rank order). Must run inside a tokio runtime.
+    pub fn build(
+        instance: u32,
+        side: Side,
+        spec: &NodeSpec,
+        backends: Vec<(BackendSpec, Option<LentKv>)>,
+    ) -> Result<Instance, BackendError> {
+        let world = spec.layout.world_size() as usize;
+        assert_eq!(backends.len(), world, "one backend per rank of the layout");
+        assert!(world <= MAX_LOCAL_RANKS, "{world} ranks in one process");
+        let wake = Arc::new(Notify::new());
+        let metrics = Metrics::new();
+        let ranks = backends
+            .into_iter()
+            .enumerate()
+            .map(|(r, b)| {
+                let me = PeerId {
+                    instance,
+                    rank: r as u32,
+                };
+                Rank::build(me, side, spec, b, (wake.clone(), metrics.clone()))
+            })
+            .collect::<Result<Vec<Rank>, BackendError>>()?;
+        Ok(Instance {
+            ranks,
+            wake,
+            metrics,
+        })
+    }
+
+    /// As `build`, every rank on the same backend.
+    pub fn uniform(
+        instance: u32,
+        side: Side,
+        spec: &NodeSpec,
+        backend: BackendSpec,
+    ) -> Result<Instance, BackendError> {
+        let world = spec.layout.world_size() as usize;
+        Instance::build(
+            instance,
+            side,
+            spec,
+            (0..world).map(|_| (backend, None)).collect(),
+        )
+    }
+
+    /// One completion step of the whole instance: every rank's contribution, gathered and
+    /// agreed, then applied on every rank.
+    pub fn step(&mut self) -> Result<Stepped, CollectiveError> {
+        let all: Vec<_> = self.ranks.iter_mut().map(Rank::begin_step).collect();
+        let agreed = agree(&all, self.ranks.len())?;
+        let mut out = Stepped::default();
+        for (i, rank) in self.ranks.iter_mut().enumerate() {
+            let (finished, events) = rank.end_step(&agreed);
+            out.finished.extend(finished.into_iter().map(|f| (i, f)));
+            out.events.extend(events.into_iter().map(|e| (i, e)));
+        }
+        Ok(out)
+    }
+
+    /// The earliest deadline of any rank.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.ranks.iter().filter_map(Rank::next_deadline).min()
+    }
+
+    /// Transfers in flight on any rank.
+    pub fn jobs_in_flight(&self) -> usize {
+        self.ranks.iter().map(|r| r.tx.jobs_in_flight()).sum()
+    }
+
+    /// The ranks' pools together.
+    pub fn occupancy(&self) -> Occupancy {
+        let mut sum = Occupancy {
+            staging_slots: 0,
+            staging_free: 0,
+            staging_poisoned: 0,
+            blocks_total: 0,
+            blocks_free: 0,
+        };
+        for o in self.ranks.iter().map(Rank::occupancy) {
+            sum.staging_slots += o.staging_slots;
+            sum.staging_free += o.staging_free;
+            sum.staging_poisoned += o.staging_poisoned;
+            sum.blocks_total += o.blocks_total;
+            sum.blocks_free += o.blocks_free;
+        }
+        sum
+    }
+
+    pub fn update_metrics(&self) {
+        let samples: Vec<_> = self.ranks.iter().map(Rank::sample).collect();
+        self.metrics.update(&samples);
+    }
+}
