@@ -3,9 +3,9 @@
 //! `UCX_NET_DEVICES=lo`). They need the runtime `.ci/install-nixl` puts under `target/nixl`
 //! and fail without it: they never skip.
 //!
-//! The node runs one rank per process with a TP1 layout (`single_rank`), so bytes are verified
-//! across TP1 → TP1 here; heterogeneous TP is covered by the core's plans and the simulator,
-//! not by this process-level test.
+//! A node process serves a whole instance (`--tp N`: one NIXL agent and one listener per rank),
+//! so bytes are verified across TP1 → TP1 and across heterogeneous TP (ctx TP2 → gen TP1,
+//! ctx TP1 → gen TP2).
 #![cfg(feature = "nixl")]
 
 use kvferry_tests::{
@@ -179,4 +179,67 @@ fn nixl_cancel_mid_read_reuses_no_block_before_the_read_is_over() {
     // The ctx kept each cancelled send's blocks pinned until the READ's notification or
     // failure, and then freed every one.
     wait_released(metrics);
+}
+
+/// Four kv heads (TP 1 and 2 divide them), 8 KiB blocks at TP1.
+const HETERO_LAYOUT: [&str; 10] = [
+    "--layers",
+    "2",
+    "--kv-heads",
+    "4",
+    "--head-dim",
+    "64",
+    "--tokens-per-block",
+    "4",
+    "--dtype-bytes",
+    "2",
+];
+
+/// A ctx instance of `ctx_tp` ranks and a gen instance of `gen_tp` ranks over NIXL: each gen
+/// rank READs its share from every ctx rank that holds part of it, and verifies it byte for
+/// byte; both sides end with every block and slot free.
+fn nixl_hetero(ctx_tp: &str, gen_tp: &str) {
+    let cfg = write_config("");
+    let cfg = cfg.to_str().unwrap();
+    let c = ctx_with(
+        "127.0.0.1:0",
+        cfg,
+        &[&HETERO_LAYOUT[..], &["--tp", ctx_tp]].concat(),
+    );
+    let metrics = c.addr("metrics ");
+    let peers = c.wait_line("listening ", kvferry_tests::START_TIMEOUT);
+    assert_eq!(peers.split(',').count().to_string(), ctx_tp, "{peers}");
+    let mut args = vec!["gen", "--backend", "nixl", "--peer", &peers, "--tp", gen_tp];
+    args.extend([
+        "--requests",
+        "60",
+        "--concurrency",
+        "4",
+        "--max-blocks",
+        "8",
+    ]);
+    args.extend(["--config", cfg]);
+    args.extend(HETERO_LAYOUT);
+    let mut g = NodeProc::spawn_env(BIN, &args, &UCX_LOOPBACK);
+    let status = g.wait_exit(GEN_TIMEOUT);
+    let s = g.summary();
+    assert!(
+        status.success(),
+        "ctx TP{ctx_tp} -> gen TP{gen_tp}: {s}\n{}",
+        g.stderr_text()
+    );
+    assert_eq!(s["done"], 60, "{s}");
+    assert_pools_free(&s);
+    // One READ per (gen rank, ctx rank) pair that shares bytes, every one of them notified.
+    wait_released(metrics);
+}
+
+#[test]
+fn nixl_hetero_tp_ctx2_to_gen1_verifies_every_byte() {
+    nixl_hetero("2", "1");
+}
+
+#[test]
+fn nixl_hetero_tp_ctx1_to_gen2_verifies_every_byte() {
+    nixl_hetero("1", "2");
 }
