@@ -196,3 +196,45 @@ fn a_gen_with_nothing_listening_fails_fast_and_says_why() {
         gen.stderr_text()
     );
 }
+
+/// A gen that names fewer ctx ranks than the ctx instance has cannot be served (each of its
+/// ranks needs bytes from every ctx rank): it says so and exits non-zero, and the ctx, which
+/// prepared the request, frees it.
+#[test]
+fn a_gen_naming_too_few_ctx_ranks_fails_and_says_why() {
+    let layout = [
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "16",
+        "--tokens-per-block",
+        "4",
+    ];
+    let mut args = vec!["ctx", "--tp", "2", "--metrics", "127.0.0.1:0"];
+    args.extend(layout);
+    let ctx = NodeProc::spawn(BIN, &args);
+    let metrics = ctx.addr("metrics ");
+    let peers = ctx.wait_line("listening ", kvferry_tests::START_TIMEOUT);
+    let first = peers.split(',').next().unwrap().to_string();
+    let mut args = vec!["gen", "--peer", &first, "--requests", "3", "--quiet"];
+    args.extend(layout);
+    let mut gen = NodeProc::spawn(BIN, &args);
+    let status = gen.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "exit {status:?}");
+    let s = gen.summary();
+    let why = s["gave_up"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("serves 2 ranks") && why.contains("names 1"),
+        "{s}"
+    );
+    kvferry_tests::wait_released(metrics);
+
+    // A TP degree the model's heads cannot be split by is refused before anything starts.
+    let out = std::process::Command::new(BIN)
+        .args(["ctx", "--tp", "3", "--kv-heads", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("num_kv_heads = 2 and tp_size = 3"), "{err}");
+}

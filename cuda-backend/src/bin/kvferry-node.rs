@@ -424,6 +424,9 @@ async fn run_bench(
     if spec.config.backend == config::Backend::Cuda {
         bail!("bench runs the host and NIXL backends (kvferry-bench measures the CUDA paths)");
     }
+    if common.tp != 1 {
+        bail!("bench runs one rank a side, against a raw copy of the same bytes: leave out --tp (ctx and gen take it)");
+    }
     let backend = backend(&spec, &common)?;
     let o = BenchOptions {
         requests,
