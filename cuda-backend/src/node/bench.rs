@@ -14,7 +14,6 @@ use crate::host::kv::prefaulted;
 use crate::host::DATA_CHUNK;
 use kvferry_core::transceiver::Side;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -202,9 +201,12 @@ pub async fn node_round(
         }
         // The runtime goes with the thread: listener, connections and KV pool with it.
     });
-    let peer: SocketAddr = addr_rx
-        .await
-        .map_err(|_| io("ctx side")(std::io::Error::other("no address")))?;
+    let Ok(peer) = addr_rx.await else {
+        // The ctx side ended before it listened: its own error says why (a NIXL backend
+        // that would not start, say), not the missing address.
+        joined(ctx_side, "ctx side").await?;
+        return Err(io("ctx side")(std::io::Error::other("ended before listening")));
+    };
     let load = gen::LoadOptions {
         peers: vec![peer],
         requests: o.requests,
