@@ -205,7 +205,9 @@ pub async fn node_round(
         // The ctx side ended before it listened: its own error says why (a NIXL backend
         // that would not start, say), not the missing address.
         joined(ctx_side, "ctx side").await?;
-        return Err(io("ctx side")(std::io::Error::other("ended before listening")));
+        return Err(io("ctx side")(std::io::Error::other(
+            "ended before listening",
+        )));
     };
     let load = gen::LoadOptions {
         peers: vec![peer],

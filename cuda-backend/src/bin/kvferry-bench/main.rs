@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use cudarc::driver::sys;
 use kvferry_backends::cuda::verify::fill_pattern;
-use kvferry_backends::cuda::{compile_ptx, DeviceBuffer, Gpu, KernelConfig};
+use kvferry_backends::cuda::{compile_ptx, CudaAgentConfig, DeviceBuffer, Gpu, KernelConfig};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -219,7 +219,8 @@ fn markdown(rep: &Report) -> String {
         rep.ceiling_gbps
     );
     s += &format!(
-        "Kernel launch shapes chosen by the sweep: push {}, pull {}\n\n",
+        "Kernel launch shapes chosen by the sweep (the micro rows; the two-process rows run the \
+         production agent's default shape): push {}, pull {}\n\n",
         rep.kernel_push.as_deref().unwrap_or("-"),
         rep.kernel_pull.as_deref().unwrap_or("-")
     );
@@ -308,9 +309,13 @@ fn run(a: RunArgs) -> Result<()> {
     }
     let ptx = compile_ptx(Gpu::open(a.dst_device)?.compute_capability()?)?;
     if !a.skip_two_process {
+        // The production agent's shape, not the sweep's pick: these rows measure what a node
+        // runs, and the sweep's 16 KiB micro cannot tell shapes apart that differ by 13 points
+        // on a TP4 -> TP1 request (BENCHMARKS.md, "Re-measured on one H200").
+        let production = CudaAgentConfig::default().kernel;
         for &tokens in &a.tokens {
             for case in &a.cases {
-                let row = two_process(&a, (case, tokens), pull, rep.ceiling_gbps, &ptx)
+                let row = two_process(&a, (case, tokens), production, rep.ceiling_gbps, &ptx)
                     .with_context(|| format!("two-process case {case}, {tokens} tokens"))?;
                 rep.two_process.push(row);
             }
