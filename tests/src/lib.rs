@@ -31,6 +31,19 @@ pub const SMALL_LAYOUT: [&str; 10] = [
     "--dtype-bytes",
     "2",
 ];
+/// Four kv heads, so TP 1, 2 and 4 split them; 8 KiB blocks at TP1 (heterogeneous TP tests).
+pub const HETERO_LAYOUT: [&str; 10] = [
+    "--layers",
+    "2",
+    "--kv-heads",
+    "4",
+    "--head-dim",
+    "64",
+    "--tokens-per-block",
+    "4",
+    "--dtype-bytes",
+    "2",
+];
 /// 256 KiB blocks: a request of 32 (8 MiB) moves for long enough that the copy, not the
 /// per-request control round trips, decides its time (and a kill or cancel lands mid-READ).
 pub const BIG_LAYOUT: [&str; 10] = [

@@ -1,7 +1,7 @@
 //! A ctx node and a gen node as two processes on loopback: a load completes byte-exact and
 //! the metrics endpoint reports it.
 
-use kvferry_tests::{scrape, NodeProc, SMALL_LAYOUT};
+use kvferry_tests::{scrape, NodeProc, HETERO_LAYOUT, SMALL_LAYOUT};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
@@ -39,20 +39,6 @@ fn gen_load_completes_and_metrics_report_it() {
     assert_eq!(m["kvferry_blocks_free"], m["kvferry_blocks_total"]);
     assert_eq!(m["kvferry_staging_free"], m["kvferry_staging_slots"]);
 }
-
-/// Four kv heads, 2 KiB blocks at TP1: small enough for a debug build, divisible by TP 1, 2, 4.
-const HETERO_LAYOUT: [&str; 10] = [
-    "--layers",
-    "2",
-    "--kv-heads",
-    "4",
-    "--head-dim",
-    "16",
-    "--tokens-per-block",
-    "4",
-    "--dtype-bytes",
-    "2",
-];
 
 /// A ctx instance of `ctx_tp` ranks and a gen instance of `gen_tp` ranks, one process each:
 /// every rank of the gen verifies its share of every request byte for byte, and both sides

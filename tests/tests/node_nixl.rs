@@ -10,7 +10,7 @@
 
 use kvferry_tests::{
     assert_pools_free, assert_survived_ctx_restart, wait_released, write_config, NodeProc, BIG_CTX,
-    BIG_GEN, BIG_LAYOUT, SMALL_LAYOUT,
+    BIG_GEN, BIG_LAYOUT, HETERO_LAYOUT, SMALL_LAYOUT,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -180,20 +180,6 @@ fn nixl_cancel_mid_read_reuses_no_block_before_the_read_is_over() {
     // failure, and then freed every one.
     wait_released(metrics);
 }
-
-/// Four kv heads (TP 1 and 2 divide them), 8 KiB blocks at TP1.
-const HETERO_LAYOUT: [&str; 10] = [
-    "--layers",
-    "2",
-    "--kv-heads",
-    "4",
-    "--head-dim",
-    "64",
-    "--tokens-per-block",
-    "4",
-    "--dtype-bytes",
-    "2",
-];
 
 /// A ctx instance of `ctx_tp` ranks and a gen instance of `gen_tp` ranks over NIXL: each gen
 /// rank READs its share from every ctx rank that holds part of it, and verifies it byte for
