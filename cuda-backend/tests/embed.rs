@@ -6,7 +6,7 @@ use kvferry_backends::host::kv::HostKv;
 use kvferry_backends::layout::single_rank;
 use kvferry_backends::node::backend_parts::LentKv;
 use kvferry_backends::node::embed::command::CommandError;
-use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedRank};
+use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedInstance};
 use kvferry_backends::node::spec::NodeSpec;
 use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
@@ -29,12 +29,12 @@ fn spec(side: Side) -> EmbedSpec {
     }
 }
 
-fn start(side: Side, mem: &mut [u8]) -> EmbeddedRank {
+fn start(side: Side, mem: &mut [u8]) -> EmbeddedInstance {
     let bb = spec(side).node.layout.block_bytes();
     assert_eq!(mem.len() as u64, bb * u64::from(BLOCKS));
     // SAFETY: each test closes its ranks (joining their threads) before `mem` goes.
     let kv = unsafe { HostKv::lent(mem.as_mut_ptr(), BLOCKS, bb) };
-    EmbeddedRank::start(spec(side), LentKv::Host(Arc::new(kv))).expect("rank starts")
+    EmbeddedInstance::start(spec(side), vec![LentKv::Host(Arc::new(kv))]).expect("rank starts")
 }
 
 #[test]
