@@ -1,6 +1,6 @@
-//! Two embedded ranks in one process over loopback, their pools in memory this test owns:
-//! a request moves byte for byte into the blocks the generation side named, the statuses say
-//! so, and misuse is refused with the reason.
+//! Embedded instances in one process over loopback (TP1, and TP2 into TP1), their pools in
+//! memory this test owns: a request moves byte for byte into the blocks the generation side
+//! named, the statuses say so, and misuse is refused with the reason.
 
 use kvferry_backends::host::kv::HostKv;
 use kvferry_backends::layout::{sharded, single_rank};

@@ -2,8 +2,9 @@
 //! (`DeviceBuffer::adopt`): checked against the driver's records, never freed by the agent,
 //! and exported over CUDA IPC as base allocation + offset, since an engine's caching allocator
 //! hands out ranges inside larger allocations. Two processes (the child is this binary re-run
-//! with an env marker) each run an embedded rank over a pool that starts `LEAD` bytes into an
-//! allocation; the gen pulls a request and the bytes land where they must, and only there.
+//! with an env marker) each run an embedded instance (one rank) over a pool that starts `LEAD`
+//! bytes into an allocation; the gen pulls a request and the bytes land where they must, and
+//! only there.
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
