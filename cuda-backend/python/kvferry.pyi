@@ -21,16 +21,23 @@ class ClosedError(KvFerryError): ...
 DType = Literal["float16", "bfloat16", "float32", "float64", "int8", "uint8", "float8"]
 
 class Layout:
-    """One rank's KV cache geometry (TP1/PP1). A block is
-    (layers, K/V, kv heads, tokens per block, head dim) elements of `dtype`."""
+    """A model's KV cache geometry on an instance of `tp_size` ranks (PP1): the model's
+    `num_kv_heads` split over the ranks (fewer heads than ranks: each replicated), which must
+    divide one another (else `ConfigError` reason `tp_size`). One rank's block is
+    (layers, K/V, the rank's kv heads, tokens per block, head dim) elements of `dtype`;
+    `block_bytes`, `block_shape` and `pool_shape` are one rank's."""
     num_layers: int
     num_kv_heads: int
     head_dim: int
     tokens_per_block: int
     dtype: str
     mla: bool
+    tp_size: int
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
-                 tokens_per_block: int, dtype: DType = "float16", mla: bool = False) -> None: ...
+                 tokens_per_block: int, dtype: DType = "float16", mla: bool = False,
+                 tp_size: int = 1) -> None: ...
+    def rank_heads(self, rank: int) -> Tuple[int, int]:
+        """The global kv heads rank `rank` holds, as (first, end)."""
     @property
     def block_bytes(self) -> int: ...
     @property
@@ -42,7 +49,11 @@ class ContextParams:
     @property
     def ctx_request_id(self) -> int: ...
     @property
-    def ctx_address(self) -> str: ...
+    def ctx_address(self) -> str:
+        """The context instance's rank 0 address."""
+    @property
+    def ctx_addresses(self) -> list[str]:
+        """Every context rank's address, in rank order."""
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes) -> "ContextParams": ...
@@ -69,14 +80,18 @@ class TransferStatus:
     def ok(self) -> bool: ...
 
 class KvCacheTransceiver:
-    """The cache transceiver of one rank. `pool` is the engine's KV cache holding a whole
+    """The cache transceiver of one instance (all `layout.tp_size` ranks, in this process).
+    `pool` is the engine's KV cache holding a whole
     number of blocks of `layout.dtype` (flat, or shaped `layout.pool_shape(n)`): with the host
     backend a writable C-contiguous buffer (numpy); with config `{"backend": "cuda"}` (a build
     listing "cuda" in `BACKENDS`) a C-contiguous CUDA tensor (DLPack or
     `__cuda_array_interface__`), adopted without a copy and held until `close()`; finish writes
     to blocks (e.g. `torch.cuda.synchronize()`) before sending them. A pool that does not fit
     raises `PoolError` (`reason`: `device`, `dtype`, `not-contiguous`, `size`, `shape`, ...).
-    `config` takes the reference's field names (`max_tokens_in_buffer`,
+    For `layout.tp_size` > 1 (host backend only) `pool` is a list or tuple of one such pool per
+    rank, in rank order, each as many blocks (`reason` `ranks` for the wrong count; other
+    refusals name the rank). A context instance's rank `r` listens on `listen`'s port + `r`
+    (each on a port of its own for port 0). `config` takes the reference's field names (`max_tokens_in_buffer`,
     `kv_transfer_timeout_ms`, `kv_transfer_sender_future_timeout_ms`, `backend`, ...)."""
     def __init__(self, role: Literal["context", "generation"], layout: Layout, pool: Any,
                  config: Optional[Mapping[str, Any]] = None,
@@ -89,9 +104,11 @@ class KvCacheTransceiver:
     def check_gen_transfer_status(self, at_least: Optional[int] = None,
                                   timeout_ms: Optional[int] = None) -> list[TransferStatus]: ...
     def cancel_request(self, request: Union[Any, int]) -> bool: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """Pool and staging occupancy, summed over the ranks."""
     @property
-    def listening(self) -> Optional[str]: ...
+    def listening(self) -> Optional[str]:
+        """Rank 0's bound address on the context side; None on the generation side."""
     @property
     def role(self) -> Literal["context", "generation"]: ...
     @property

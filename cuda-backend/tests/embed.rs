@@ -1,13 +1,14 @@
-//! Two embedded ranks in one process over loopback, their pools in memory this test owns:
-//! a request moves byte for byte into the blocks the generation side named, the statuses say
-//! so, and misuse is refused with the reason.
+//! Embedded instances in one process over loopback (TP1, and TP2 into TP1), their pools in
+//! memory this test owns: a request moves byte for byte into the blocks the generation side
+//! named, the statuses say so, and misuse is refused with the reason.
 
 use kvferry_backends::host::kv::HostKv;
-use kvferry_backends::layout::single_rank;
+use kvferry_backends::layout::{sharded, single_rank};
 use kvferry_backends::node::backend_parts::LentKv;
 use kvferry_backends::node::embed::command::CommandError;
-use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedRank};
+use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedInstance, StartError};
 use kvferry_backends::node::spec::NodeSpec;
+use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
 use kvferry_core::RequestId;
@@ -17,10 +18,14 @@ use std::time::Duration;
 const BLOCKS: u32 = 8;
 
 fn spec(side: Side) -> EmbedSpec {
+    spec_of(side, single_rank(2, 2, 16, 4, 2))
+}
+
+fn spec_of(side: Side, layout: CacheLayout) -> EmbedSpec {
     EmbedSpec {
         side,
         node: NodeSpec {
-            layout: single_rank(2, 2, 16, 4, 2),
+            layout,
             pool_blocks: BLOCKS,
             config: Default::default(),
             limits: Default::default(),
@@ -29,12 +34,23 @@ fn spec(side: Side) -> EmbedSpec {
     }
 }
 
-fn start(side: Side, mem: &mut [u8]) -> EmbeddedRank {
-    let bb = spec(side).node.layout.block_bytes();
-    assert_eq!(mem.len() as u64, bb * u64::from(BLOCKS));
-    // SAFETY: each test closes its ranks (joining their threads) before `mem` goes.
-    let kv = unsafe { HostKv::lent(mem.as_mut_ptr(), BLOCKS, bb) };
-    EmbeddedRank::start(spec(side), LentKv::Host(Arc::new(kv))).expect("rank starts")
+fn start(side: Side, mem: &mut [u8]) -> EmbeddedInstance {
+    start_ranks(spec(side), vec![mem]).expect("instance starts")
+}
+
+/// An instance of `spec` over `mems`, one per rank.
+fn start_ranks(spec: EmbedSpec, mems: Vec<&mut [u8]>) -> Result<EmbeddedInstance, StartError> {
+    let bb = spec.node.layout.block_bytes();
+    let kvs = mems
+        .into_iter()
+        .map(|mem| {
+            assert_eq!(mem.len() as u64, bb * u64::from(BLOCKS));
+            // SAFETY: each test closes its instances (joining their threads) before `mem` goes.
+            let kv = unsafe { HostKv::lent(mem.as_mut_ptr(), BLOCKS, bb) };
+            LentKv::Host(Arc::new(kv))
+        })
+        .collect();
+    EmbeddedInstance::start(spec, kvs)
 }
 
 #[test]
@@ -97,6 +113,13 @@ fn misuse_is_refused_with_its_reason() {
         reason(gen.receive(RequestId(2), vec![1], other)),
         "other-model"
     );
+    // More addresses than the layout has ranks (a ticket built in process, not decoded).
+    let mut more = t.clone();
+    more.addrs.push(t.addrs[0]);
+    assert_eq!(
+        reason(gen.receive(RequestId(2), vec![1], more)),
+        "other-model"
+    );
     // A forged token: the ctx serves nothing and the gen's request fails.
     let mut forged = t.clone();
     forged.token.0 ^= 1;
@@ -111,4 +134,62 @@ fn misuse_is_refused_with_its_reason() {
     assert!(ctx.close());
     assert_eq!(reason(ctx.send(RequestId(9), vec![4])), "closed");
     assert!(gen.close());
+}
+
+/// A TP2 context instance (a pool per rank, one kv head each) into a TP1 generation instance:
+/// every (layer, K/V, head, token) of the gen's blocks is the bytes of the ctx rank that holds
+/// that head.
+#[test]
+fn a_tp2_context_instance_serves_a_tp1_generation_instance() {
+    let tp2 = sharded(2, 2, 16, 4, 2, 2);
+    let tp1 = single_rank(2, 2, 16, 4, 2);
+    let (cbb, gbb) = (tp2.block_bytes() as usize, tp1.block_bytes() as usize);
+    let mut ctx_mem: Vec<Vec<u8>> = (0..2)
+        .map(|r| {
+            (0..cbb * BLOCKS as usize)
+                .map(|i| ((i * 7 + r * 101) % 251) as u8)
+                .collect()
+        })
+        .collect();
+    let mut gen_mem = vec![0u8; gbb * BLOCKS as usize];
+    let mems = ctx_mem.iter_mut().map(|m| &mut m[..]).collect();
+    let ctx = start_ranks(spec_of(Side::Context, tp2), mems).unwrap();
+    let gen = start(Side::Generation, &mut gen_mem);
+
+    let ticket = ctx.send(RequestId(7), vec![5, 2]).unwrap();
+    assert_eq!(ticket.addrs, ctx.listening());
+    assert_eq!(ticket.addrs.len(), 2);
+    gen.receive(RequestId(100), vec![1, 6], ticket).unwrap();
+    let g = gen.take(1, Some(Duration::from_secs(20)));
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert_eq!(g[0].state, RequestState::GenComplete, "{g:?}");
+    let c = ctx.take(1, Some(Duration::from_secs(20)));
+    assert_eq!(c[0].state, RequestState::ContextComplete, "{c:?}");
+    assert!(ctx.close() && gen.close());
+    let run = tp1.token_bytes() as usize;
+    for (cb, gb) in [(5, 1), (2, 6)] {
+        for (layer, kv, head, token) in (0..2).flat_map(|l| {
+            (0..2).flat_map(move |k| (0..2).flat_map(move |h| (0..4).map(move |t| (l, k, h, t))))
+        }) {
+            let rank = tp2.with_rank(head);
+            let src = cb * cbb + rank.offset_in_block(layer, kv, head, token) as usize;
+            let dst = gb * gbb + tp1.offset_in_block(layer, kv, head, token) as usize;
+            assert_eq!(
+                gen_mem[dst..dst + run],
+                ctx_mem[head as usize][src..src + run],
+                "block {cb}, layer {layer}, kv {kv}, head {head}, token {token}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_instance_needs_one_pool_per_rank() {
+    let mut mem = vec![0u8; sharded(2, 2, 16, 4, 2, 2).block_bytes() as usize * BLOCKS as usize];
+    let spec = spec_of(Side::Context, sharded(2, 2, 16, 4, 2, 2));
+    let got = start_ranks(spec, vec![&mut mem[..]]);
+    assert!(
+        matches!(got, Err(StartError::Ranks { pools: 1, world: 2 })),
+        "{got:?}"
+    );
 }

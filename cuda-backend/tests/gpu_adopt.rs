@@ -2,8 +2,9 @@
 //! (`DeviceBuffer::adopt`): checked against the driver's records, never freed by the agent,
 //! and exported over CUDA IPC as base allocation + offset, since an engine's caching allocator
 //! hands out ranges inside larger allocations. Two processes (the child is this binary re-run
-//! with an env marker) each run an embedded rank over a pool that starts `LEAD` bytes into an
-//! allocation; the gen pulls a request and the bytes land where they must, and only there.
+//! with an env marker) each run an embedded instance (one rank) over a pool that starts `LEAD`
+//! bytes into an allocation; the gen pulls a request and the bytes land where they must, and
+//! only there.
 //! Skips (with a printed reason) where there is no GPU.
 #![cfg(feature = "cuda")]
 
@@ -14,7 +15,7 @@ use kvferry_backends::cuda::verify::fill_pattern;
 use kvferry_backends::cuda::{CudaError, DeviceBuffer, Gpu};
 use kvferry_backends::layout::single_rank;
 use kvferry_backends::node::backend_parts::LentKv;
-use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedRank};
+use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedInstance};
 use kvferry_backends::node::embed::ticket::ContextTicket;
 use kvferry_backends::node::spec::NodeSpec;
 use kvferry_core::request::RequestState;
@@ -104,7 +105,7 @@ fn adopt_ctx_child_role() {
     let mut bytes = vec![0u8; pool_bytes()];
     fill_pattern(SEED, &mut bytes);
     owner.write(LEAD, &bytes).unwrap();
-    let ctx = EmbeddedRank::start(spec(Side::Context), LentKv::Cuda(pool)).unwrap();
+    let ctx = EmbeddedInstance::start(spec(Side::Context), vec![LentKv::Cuda(pool)]).unwrap();
     let ticket = ctx.send(RequestId(7), CTX_BLOCKS.to_vec()).unwrap();
     println!("TICKET {}", hex(&ticket.encode()));
     let done = ctx.take(1, Some(WAIT));
@@ -134,7 +135,7 @@ fn adopted_pools_move_a_request_over_cuda_ipc() {
     let gpu = Gpu::open(0).unwrap();
     let (owner, pool) = backed_pool(&gpu);
     owner.fill_byte(POISON).unwrap();
-    let gen = EmbeddedRank::start(spec(Side::Generation), LentKv::Cuda(pool)).unwrap();
+    let gen = EmbeddedInstance::start(spec(Side::Generation), vec![LentKv::Cuda(pool)]).unwrap();
     gen.receive(RequestId(100), GEN_BLOCKS.to_vec(), ticket)
         .unwrap();
     let g = gen.take(1, Some(WAIT));

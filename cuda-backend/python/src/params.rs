@@ -34,10 +34,16 @@ impl ContextParams {
         self.ticket.request.0
     }
 
-    /// The context rank's address.
+    /// The context instance's rank 0 address.
     #[getter]
     fn ctx_address(&self) -> String {
-        self.ticket.addr.to_string()
+        self.ticket.addrs[0].to_string()
+    }
+
+    /// Every context rank's address, in rank order.
+    #[getter]
+    fn ctx_addresses(&self) -> Vec<String> {
+        self.ticket.addrs.iter().map(ToString::to_string).collect()
     }
 
     /// Pickle support: rebuilt through `from_bytes`, so an unpickled object is checked too.
@@ -50,9 +56,9 @@ impl ContextParams {
 
     fn __repr__(&self) -> String {
         format!(
-            "ContextParams(ctx_request_id={}, ctx_address={:?}, blocks={})",
+            "ContextParams(ctx_request_id={}, ctx_addresses={:?}, blocks={})",
             self.ticket.request.0,
-            self.ticket.addr.to_string(),
+            self.ctx_addresses(),
             self.ticket.blocks.len()
         )
     }

@@ -1,5 +1,6 @@
 //! The engine's KV pool with the host backend: any writable, C-contiguous buffer (a numpy
-//! array) whose element type and size fit the layout, lent to the rank without a copy. Checked
+//! array) whose element type and size fit the layout, lent to its rank without a copy (one pool
+//! per rank of the layout's `tp_size`). Checked
 //! before anything points into it, each refusal a `PoolError` naming what is wrong and what
 //! was expected. The buffer stays exported (so it can neither be resized nor freed) for as
 //! long as this holds it. (The CUDA backend's pool is `cuda_pool`'s.)
@@ -10,6 +11,7 @@ use kvferry_backends::host::kv::HostKv;
 use kvferry_backends::node::backend_parts::LentKv;
 use kvferry_backends::node::spec::MAX_POOL_BLOCKS;
 use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
 use std::sync::Arc;
 
 /// A checked pool and the Python objects that keep its memory in place.
@@ -26,7 +28,52 @@ pub fn bad(py: Python<'_>, reason: &str, msg: String) -> PyErr {
     error::<PoolError>(py, reason, msg)
 }
 
-/// Checks `obj` against `layout` and lends its memory.
+/// One pool per rank of `layout`, each checked and lent by `lend_one`: for TP1 `obj` itself
+/// (so a list is a buffer or nothing, as ever), for TP > 1 a list or tuple of them in rank
+/// order. A refusal names the rank.
+pub fn lend_ranks(
+    py: Python<'_>,
+    obj: &Bound<'_, PyAny>,
+    layout: &Layout,
+    lend_one: impl Fn(&Bound<'_, PyAny>) -> PyResult<LentPool>,
+) -> PyResult<Vec<LentPool>> {
+    let tp = layout.tp_size as usize;
+    if tp == 1 {
+        return Ok(vec![lend_one(obj)?]);
+    }
+    let listed = obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>();
+    let pools: Vec<Bound<'_, PyAny>> = match listed {
+        true => obj.try_iter()?.collect::<PyResult<_>>()?,
+        false => Vec::new(),
+    };
+    if pools.len() != tp {
+        let got = match listed {
+            true => format!("{} pools", pools.len()),
+            false => format!("one {}", obj.get_type().name()?),
+        };
+        let msg = format!(
+            "layout tp_size is {tp}: pass one pool per rank, a list or tuple of {tp} in rank order (got {got})"
+        );
+        return Err(bad(py, "ranks", msg));
+    }
+    let in_rank = |r: usize, e: PyErr| {
+        if !e.is_instance_of::<PoolError>(py) {
+            return e;
+        }
+        let value = e.value(py);
+        let reason: String = value
+            .getattr("reason")
+            .and_then(|r| r.extract())
+            .unwrap_or_else(|_| "pool".into());
+        bad(py, &reason, format!("rank {r}: {value}"))
+    };
+    (pools.iter().enumerate())
+        .map(|(r, p)| lend_one(p).map_err(|e| in_rank(r, e)))
+        .collect()
+}
+
+/// Checks `obj` against `layout` (one rank's pool: every rank's blocks have the same shape) and
+/// lends its memory.
 pub fn lend(py: Python<'_>, obj: &Bound<'_, PyAny>, layout: &Layout) -> PyResult<LentPool> {
     if crate::device_array::on_a_gpu(obj)? {
         let msg = "the KV pool is in GPU memory; it needs config backend \"cuda\"".to_string();

@@ -1,4 +1,5 @@
-//! `kvferry.KvCacheTransceiver`: the reference transceiver's API over an embedded rank.
+//! `kvferry.KvCacheTransceiver`: the reference transceiver's API over an embedded instance
+//! (every TP rank of the layout, one pool each, in this process).
 //! Every call returns at once (the driver thread does the I/O and answers commands without
 //! waiting on the network); the status checks wait only when asked to (`at_least`), with the
 //! GIL released and Ctrl-C honoured.
@@ -6,10 +7,10 @@
 use crate::errors::{command, error, ClosedError, ConfigError, KvFerryError};
 use crate::layout::Layout;
 use crate::params::{self, ContextParams};
-use crate::pool::{lend, LentPool};
+use crate::pool::{lend, lend_ranks, LentPool};
 use crate::request::id_and_blocks;
 use crate::status::TransferStatus;
-use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedRank};
+use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedInstance};
 use kvferry_backends::node::spec::NodeSpec;
 use kvferry_core::config::TransceiverConfig;
 use kvferry_core::transceiver::Side;
@@ -22,21 +23,22 @@ use std::time::{Duration, Instant};
 /// How long a status wait runs between checks for Python signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
-/// The rank and the engine memory it works on; dropped rank first, so the driver thread is
-/// joined before the buffer is released.
+/// The instance and the engine memory it works on (a pool per rank); dropped instance first,
+/// so the driver thread is joined before the buffers are released.
 #[derive(Debug)]
 struct Open {
-    rank: EmbeddedRank,
-    pool: Option<LentPool>,
+    rank: EmbeddedInstance,
+    pools: Vec<LentPool>,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
         self.rank.close();
-        if self.pool.as_ref().is_some_and(|p| p.kv.is_shared()) {
-            // Something still points into the buffer (it cannot, once the driver is joined;
-            // this guards the guarantee): keep the buffer exported for ever rather than free it.
-            std::mem::forget(self.pool.take());
+        if self.pools.iter().any(|p| p.kv.is_shared()) {
+            // Something still points into a buffer (it cannot, once the driver is joined;
+            // this guards the guarantee): keep the buffers exported for ever rather than free
+            // them.
+            std::mem::forget(std::mem::take(&mut self.pools));
         }
     }
 }
@@ -48,6 +50,7 @@ pub struct KvCacheTransceiver {
     open: Mutex<Option<Arc<Open>>>,
     side: Side,
     layout: Layout,
+    /// Rank 0's bound address (context side).
     listening: Option<String>,
 }
 
@@ -63,20 +66,26 @@ fn side_of(py: Python<'_>, role: &str) -> PyResult<Side> {
     }
 }
 
-/// Checks and lends `pool` for the configured backend: a host buffer, or (feature `cuda`) a
-/// CUDA tensor.
+/// Checks and lends `pool` for the configured backend, one per rank: host buffers, or
+/// (feature `cuda`, TP1 only) a CUDA tensor.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn lend_for(
     py: Python<'_>,
     config: &TransceiverConfig,
     pool: &Bound<'_, PyAny>,
     layout: &Layout,
-) -> PyResult<LentPool> {
+) -> PyResult<Vec<LentPool>> {
     #[cfg(feature = "cuda")]
     if config.backend == kvferry_core::config::Backend::Cuda {
-        return crate::cuda_pool::lend_cuda(py, pool, layout);
+        if layout.tp_size != 1 {
+            // Several ranks' CUDA pools in one process are untested over CUDA IPC (the
+            // ranks of a CUDA instance would each export and map pools): refused, not guessed.
+            let msg = "backend \"cuda\" serves tp_size 1; use backend \"host\" for tp_size > 1";
+            return Err(error::<ConfigError>(py, "tp_size", msg.into()));
+        }
+        return Ok(vec![crate::cuda_pool::lend_cuda(py, pool, layout)?]);
     }
-    lend(py, pool, layout)
+    lend_ranks(py, pool, layout, |p| lend(py, p, layout))
 }
 
 impl KvCacheTransceiver {
@@ -135,8 +144,10 @@ impl KvCacheTransceiver {
 impl KvCacheTransceiver {
     /// A transceiver of `role` ("context" or "generation") over `pool`, the engine's KV cache
     /// (a writable C-contiguous buffer of `layout`'s dtype, a whole number of blocks; with
-    /// config backend "cuda", a CUDA tensor).
-    /// `config` takes the reference's field names; a context transceiver listens on `listen`.
+    /// config backend "cuda", a CUDA tensor); for `layout.tp_size` > 1 a list of them, one per
+    /// rank in rank order, each the same number of blocks.
+    /// `config` takes the reference's field names; a context transceiver listens on `listen`
+    /// (rank `r` on its port + `r`, or each on a port of its own for port 0).
     #[new]
     #[pyo3(signature = (role, layout, pool, config = None, listen = "127.0.0.1:0"))]
     fn new(
@@ -152,26 +163,31 @@ impl KvCacheTransceiver {
         let listen = listen.parse().map_err(|e| {
             error::<ConfigError>(py, "listen", format!("listen address {listen:?}: {e}"))
         })?;
-        let lent = lend_for(py, &config, pool, &layout)?;
+        let pools = lend_for(py, &config, pool, &layout)?;
+        let blocks = pools[0].blocks;
+        if let Some(r) = pools.iter().position(|p| p.blocks != blocks) {
+            let msg = format!(
+                "rank {r}'s pool has {} blocks, rank 0's {blocks}: every rank's must have as many",
+                pools[r].blocks
+            );
+            return Err(crate::pool::bad(py, "size", msg));
+        }
         let spec = EmbedSpec {
             side,
             node: NodeSpec {
                 layout: layout.core,
-                pool_blocks: lent.blocks,
+                pool_blocks: blocks,
                 config,
                 limits: Default::default(),
             },
             listen,
         };
-        let kv = lent.kv.clone();
+        let kvs = pools.iter().map(|p| p.kv.clone()).collect();
         let rank = py
-            .allow_threads(|| EmbeddedRank::start(spec, kv))
+            .allow_threads(|| EmbeddedInstance::start(spec, kvs))
             .map_err(|e| error::<KvFerryError>(py, "start", e.to_string()))?;
-        let listening = rank.listening().map(|a| a.to_string());
-        let open = Open {
-            rank,
-            pool: Some(lent),
-        };
+        let listening = rank.listening().first().map(|a| a.to_string());
+        let open = Open { rank, pools };
         Ok(KvCacheTransceiver {
             open: Mutex::new(Some(Arc::new(open))),
             side,
@@ -274,8 +290,8 @@ impl KvCacheTransceiver {
             .map_err(|e| command(py, e))
     }
 
-    /// Pool and staging occupancy: `blocks_total`, `blocks_free`, `staging_slots`,
-    /// `staging_free`, `staging_poisoned`.
+    /// Pool and staging occupancy, summed over the ranks: `blocks_total`, `blocks_free`,
+    /// `staging_slots`, `staging_free`, `staging_poisoned`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let open = self.open(py)?;
         let o = py
@@ -290,7 +306,8 @@ impl KvCacheTransceiver {
         Ok(d)
     }
 
-    /// The context side's bound address ("host:port"); None on the generation side.
+    /// The context side's bound address ("host:port"), rank 0's (`ContextParams.ctx_addresses`
+    /// has every rank's); None on the generation side.
     #[getter]
     fn listening(&self) -> Option<String> {
         self.listening.clone()

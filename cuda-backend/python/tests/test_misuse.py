@@ -148,3 +148,78 @@ def test_status_checks_do_not_wait_unless_asked(ctx):
     assert ctx.check_context_transfer_status() == []
     ctx.respond_and_send_async(kvferry.Request(1, [0]))
     assert ctx.check_context_transfer_status(1, timeout_ms=50) == []
+
+
+TP2 = kvferry.Layout(num_layers=2, num_kv_heads=4, head_dim=16, tokens_per_block=4, tp_size=2)
+
+
+def test_a_layout_splits_its_heads_over_tp_ranks():
+    assert TP2.tp_size == 2 and TP2.num_kv_heads == 4
+    # Each rank's block holds its two heads: half the model's bytes.
+    assert TP2.block_shape == (2, 2, 2, 4, 16)
+    assert TP2.block_bytes * 2 == kvferry.Layout(2, 4, 16, 4).block_bytes
+    assert [TP2.rank_heads(r) for r in range(2)] == [(0, 2), (2, 4)]
+    # Fewer heads than ranks: each head replicated on tp / heads ranks.
+    rep = kvferry.Layout(2, 2, 16, 4, tp_size=4)
+    assert rep.block_shape[2] == 1
+    assert [rep.rank_heads(r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    raises(kvferry.ConfigError, "rank", TP2.rank_heads, 2)
+    assert "tp_size=2" in repr(TP2)
+
+
+@pytest.mark.parametrize("heads, tp", [(3, 2), (4, 3), (2, 0), (16, 32)])
+def test_a_tp_size_the_heads_cannot_share_is_refused(heads, tp):
+    raises(kvferry.ConfigError, "tp_size", kvferry.Layout, 2, heads, 16, 4, "float16", False, tp)
+
+
+def tp2_pool(blocks=BLOCKS):
+    return np.zeros(TP2.pool_shape(blocks), np.float16)
+
+
+@pytest.mark.parametrize("pools", [
+    lambda: tp2_pool(),
+    lambda: [tp2_pool()],
+    lambda: (tp2_pool(), tp2_pool(), tp2_pool()),
+    lambda: [],
+])
+def test_tp_needs_one_pool_per_rank(pools):
+    msg = raises(kvferry.PoolError, "ranks", kvferry.KvCacheTransceiver, "context", TP2, pools())
+    assert "tp_size is 2" in msg
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (np.zeros(TP2.block_bytes // 2 * 3 + 1, np.float16), "size"),
+    # The whole model's block shape: not one rank's.
+    (np.zeros(kvferry.Layout(2, 4, 16, 4).pool_shape(BLOCKS), np.float16), "shape"),
+    (np.zeros(TP2.pool_shape(BLOCKS), np.float32), "dtype"),
+    # A whole number of blocks, but not as many as rank 0's.
+    (tp2_pool(BLOCKS + 1), "size"),
+])
+def test_a_rank_pool_that_does_not_fit_names_the_rank(bad, reason):
+    for role in ("context", "generation"):
+        msg = raises(kvferry.PoolError, reason, kvferry.KvCacheTransceiver, role, TP2,
+                     [tp2_pool(), bad])
+        assert "rank 1" in msg, msg
+
+
+def test_tp_ranks_serve_and_report_together():
+    pools = [tp2_pool(), tp2_pool()]
+    with kvferry.KvCacheTransceiver("context", TP2, pools) as tx:
+        p = tx.respond_and_send_async(kvferry.Request(1, [0, 3]))
+        assert len(p.ctx_addresses) == 2 and len(set(p.ctx_addresses)) == 2
+        assert p.ctx_address == p.ctx_addresses[0] == tx.listening
+        # The engine's block ids are taken on every rank.
+        assert tx.stats()["blocks_free"] == 2 * BLOCKS - 4
+        raises(kvferry.RequestError, "blocks", tx.respond_and_send_async, kvferry.Request(2, [3]))
+        assert tx.cancel_request(1)
+        [s] = tx.check_context_transfer_status(1, timeout_ms=10_000)
+        assert (s.request_id, s.state) == (1, "cancelled")
+        assert tx.stats()["blocks_free"] == tx.stats()["blocks_total"] == 2 * BLOCKS
+
+
+def test_context_params_of_another_tp_model_are_refused():
+    with kvferry.KvCacheTransceiver("context", TP2, [tp2_pool(), tp2_pool()]) as ctx, \
+            kvferry.KvCacheTransceiver("generation", LAYOUT, pool()) as gen:
+        params = ctx.respond_and_send_async(kvferry.Request(1, [0]))
+        raises(kvferry.RequestError, "other-model", gen.request_and_receive_async,
+               kvferry.Request(1, [0]), params)

@@ -1,7 +1,7 @@
 """Two Python processes on loopback: a context and a generation transceiver, each over its own
 numpy KV pool shaped like a real model's (blocks x layers x K/V x kv heads x tokens per block x
-head dim). One context rank and one generation rank (TP1): the embedded node serves one rank
-per instance, so heterogeneous TP is not exercised here."""
+head dim). One context rank and one generation rank (TP1); heterogeneous TP is
+test_hetero_tp.py's."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-//! What the embedding program asks of its rank's driver, and why the driver can refuse.
+//! What the embedding program asks of its instance's driver, and why the driver can refuse.
 
 use super::ticket::ContextTicket;
 use crate::node::rank::Occupancy;
@@ -57,7 +57,7 @@ pub enum CommandError {
     #[error("{0} unclaimed statuses: poll the transfer status before adding requests")]
     Unclaimed(usize),
     #[error(
-        "this rank already reads from {} context ranks",
+        "this instance already reads from {} context instances",
         super::dialers::MAX_CTX_PEERS
     )]
     TooManyPeers,

@@ -1,7 +1,9 @@
-//! The generation side's connections: one dialer per context address a ticket names, started
-//! on the first request for it and again after it gave up. A request for a context rank that is
-//! not connected yet is parked here until the connection is up (its `RequestInfo` would have
-//! nowhere to go), and fails if the dialer gives up.
+//! The generation side's connections: a context instance is named by its ranks' address list
+//! (a ticket's `addrs`); each local rank dials each of its ranks, a dialer per (local rank,
+//! context rank), started on the first request for the instance and again after it gave up.
+//! A request is parked here until every connection it needs is up (its `RequestInfo`s would
+//! have nowhere to go; the ranks register it together or not at all, so the instance's
+//! tables move in lockstep), and fails if any of the instance's dialers gives up.
 
 use crate::node::conn::Attach;
 use crate::node::gen::dial_loop;
@@ -12,111 +14,152 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Distinct context addresses one generation rank dials at most (each keeps a connection).
+/// Distinct context instances one generation instance reads from at most (each keeps a
+/// connection from every local rank to every one of its ranks).
 pub const MAX_CTX_PEERS: usize = 1024;
+
+/// One request, one `Request` per local rank (in rank order), to submit together.
+pub type Parked = Vec<Arc<Request>>;
 
 #[derive(Debug)]
 struct Dialer {
-    /// `None` once the dialer gave up; the next request for the address starts a new one.
+    /// `None` once the dialer gave up; the next request for its instance starts a new one.
     task: Option<OwnedTask<()>>,
+    /// Up and ready to carry requests (a CUDA rank's: with the context's pool mapped).
     up: bool,
-    /// Requests waiting for the connection (bounded by the pool: each holds blocks).
-    parked: Vec<Arc<Request>>,
+}
+
+#[derive(Debug)]
+struct CtxInstance {
+    addrs: Vec<SocketAddr>,
+    /// Indexed by local rank, then context rank.
+    dialers: Vec<Vec<Dialer>>,
+    /// Requests waiting for the connections (bounded by the pools: each holds blocks).
+    parked: Vec<Parked>,
+}
+
+impl CtxInstance {
+    fn all_up(&self) -> bool {
+        self.dialers.iter().flatten().all(|d| d.up)
+    }
 }
 
 #[derive(Debug)]
 pub struct Dialers {
-    attach: Attach,
-    by_addr: HashMap<SocketAddr, PeerId>,
-    dialers: HashMap<PeerId, Dialer>,
+    /// One per local rank, in rank order.
+    attach: Vec<Attach>,
+    by_addrs: HashMap<Vec<SocketAddr>, u32>,
+    /// Indexed by the instance id `instance_for` handed out.
+    instances: Vec<CtxInstance>,
 }
 
 impl Dialers {
-    pub fn new(attach: Attach) -> Dialers {
+    pub fn new(attach: Vec<Attach>) -> Dialers {
         Dialers {
             attach,
-            by_addr: HashMap::new(),
-            dialers: HashMap::new(),
+            by_addrs: HashMap::new(),
+            instances: Vec::new(),
         }
     }
 
-    /// The peer id of the context rank at `addr` (a context instance of its own, rank 0),
-    /// dialing it if no dialer runs; `None` past `MAX_CTX_PEERS` addresses.
-    pub fn peer_for(&mut self, addr: SocketAddr) -> Option<PeerId> {
-        let peer = match self.by_addr.get(&addr) {
-            Some(p) => *p,
-            None if self.by_addr.len() >= MAX_CTX_PEERS => return None,
+    /// The instance id of the context instance whose ranks listen on `addrs` (its rank `r` is
+    /// `PeerId { instance, rank: r }`), starting every dialer of it that does not run; `None`
+    /// past `MAX_CTX_PEERS` instances.
+    pub fn instance_for(&mut self, addrs: &[SocketAddr]) -> Option<u32> {
+        let instance = match self.by_addrs.get(addrs) {
+            Some(i) => *i,
+            None if self.instances.len() >= MAX_CTX_PEERS => return None,
             None => {
-                let peer = PeerId {
-                    instance: self.by_addr.len() as u32,
-                    rank: 0,
+                let i = self.instances.len() as u32;
+                self.by_addrs.insert(addrs.to_vec(), i);
+                let idle = || Dialer {
+                    task: None,
+                    up: false,
                 };
-                self.by_addr.insert(addr, peer);
-                peer
+                self.instances.push(CtxInstance {
+                    addrs: addrs.to_vec(),
+                    dialers: self
+                        .attach
+                        .iter()
+                        .map(|_| addrs.iter().map(|_| idle()).collect())
+                        .collect(),
+                    parked: Vec::new(),
+                });
+                i
             }
         };
-        let d = self.dialers.entry(peer).or_insert(Dialer {
-            task: None,
-            up: false,
-            parked: Vec::new(),
-        });
-        if d.task.is_none() {
-            let a = self.attach.clone();
-            d.task = Some(OwnedTask(tokio::spawn(dial_loop(addr, peer, a))));
+        let inst = &mut self.instances[instance as usize];
+        for (g, row) in inst.dialers.iter_mut().enumerate() {
+            for (r, d) in row.iter_mut().enumerate() {
+                if d.task.is_none() {
+                    let peer = PeerId {
+                        instance,
+                        rank: r as u32,
+                    };
+                    let dial = dial_loop(inst.addrs[r], peer, self.attach[g].clone());
+                    d.task = Some(OwnedTask(tokio::spawn(dial)));
+                }
+            }
         }
-        Some(peer)
+        Some(instance)
     }
 
-    pub fn is_up(&self, peer: PeerId) -> bool {
-        self.dialers.get(&peer).is_some_and(|d| d.up)
+    /// Every connection of every local rank to context instance `instance` is up.
+    pub fn is_up(&self, instance: u32) -> bool {
+        self.instances
+            .get(instance as usize)
+            .is_some_and(CtxInstance::all_up)
     }
 
-    pub fn park(&mut self, peer: PeerId, req: Arc<Request>) {
-        self.dialers
-            .get_mut(&peer)
-            .expect("a request is parked for a dialed peer")
+    pub fn park(&mut self, instance: u32, req: Parked) {
+        self.instances
+            .get_mut(instance as usize)
+            .expect("a request is parked for a dialed instance")
             .parked
             .push(req);
     }
 
-    /// The connection to `peer` is up: the requests parked for it, to submit now.
-    pub fn up(&mut self, peer: PeerId) -> Vec<Arc<Request>> {
-        let Some(d) = self.dialers.get_mut(&peer) else {
+    fn dialer(&mut self, g: usize, peer: PeerId) -> Option<&mut Dialer> {
+        let inst = self.instances.get_mut(peer.instance as usize)?;
+        inst.dialers.get_mut(g)?.get_mut(peer.rank as usize)
+    }
+
+    /// Local rank `g`'s connection to `peer` is up (and ready): the requests parked for its
+    /// instance, to submit now, if that was the last connection they waited for.
+    pub fn up(&mut self, g: usize, peer: PeerId) -> Vec<Parked> {
+        let Some(d) = self.dialer(g, peer) else {
             return Vec::new();
         };
         d.up = true;
-        std::mem::take(&mut d.parked)
+        let inst = &mut self.instances[peer.instance as usize];
+        if !inst.all_up() {
+            return Vec::new();
+        }
+        std::mem::take(&mut inst.parked)
     }
 
-    pub fn down(&mut self, peer: PeerId) {
-        if let Some(d) = self.dialers.get_mut(&peer) {
+    pub fn down(&mut self, g: usize, peer: PeerId) {
+        if let Some(d) = self.dialer(g, peer) {
             d.up = false;
         }
     }
 
-    /// The dialer for `peer` stopped trying: the requests parked for it, to fail.
-    pub fn gave_up(&mut self, peer: PeerId) -> Vec<Arc<Request>> {
-        let Some(d) = self.dialers.get_mut(&peer) else {
+    /// Local rank `g`'s dialer for `peer` stopped trying: the requests parked for its
+    /// instance, to fail (they would wait for that connection for ever).
+    pub fn gave_up(&mut self, g: usize, peer: PeerId) -> Vec<Parked> {
+        let Some(d) = self.dialer(g, peer) else {
             return Vec::new();
         };
         d.task = None;
         d.up = false;
-        std::mem::take(&mut d.parked)
+        std::mem::take(&mut self.instances[peer.instance as usize].parked)
     }
 
     /// Takes request `id` out of the parked ones, if it is parked.
-    pub fn unpark(&mut self, id: RequestId) -> Option<Arc<Request>> {
-        self.dialers.values_mut().find_map(|d| {
-            let i = d.parked.iter().position(|r| r.id == id)?;
-            Some(d.parked.swap_remove(i))
+    pub fn unpark(&mut self, id: RequestId) -> Option<Parked> {
+        self.instances.iter_mut().find_map(|inst| {
+            let i = inst.parked.iter().position(|p| p[0].id == id)?;
+            Some(inst.parked.swap_remove(i))
         })
-    }
-
-    /// Every parked request (on close).
-    pub fn unpark_all(&mut self) -> Vec<Arc<Request>> {
-        self.dialers
-            .values_mut()
-            .flat_map(|d| std::mem::take(&mut d.parked))
-            .collect()
     }
 }

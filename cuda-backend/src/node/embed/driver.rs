@@ -1,20 +1,28 @@
-//! The embedded rank's loop, for either side: the program's commands, connection events and
-//! agent completions in; the rank's completion step every turn; a terminal status out for
-//! each request once it has ended *and* its blocks are the engine's again (a block that a
-//! fencing transfer still pins is not, I1/I5), so the engine may reuse a block the moment it
-//! sees its request's status.
+//! The embedded instance's loop, for either side: the program's commands, connection events
+//! (tagged with the local rank whose connection it is) and agent completions in; the
+//! instance's completion step every turn; a terminal status out for each request once it has
+//! ended on every rank *and* none of its blocks on any rank is still pinned (a block that a
+//! fencing transfer still pins is not the engine's, I1/I5), so the engine may reuse a block
+//! the moment it sees its request's status.
+//!
+//! Every request is registered on every rank in one call (the same engine block ids and, on
+//! the context side, one token), cancelled on every rank together, and ended by
+//! `Instance::step` on every rank in the same step (I7): the ranks' tables move in lockstep,
+//! so only rank 0 can refuse a request and the others are asserted to take it.
 
 use super::command::{Command, CommandError};
-use super::dialers::Dialers;
+use super::dialers::{Dialers, Parked};
 use super::outcomes::{Outcome, Outcomes, MAX_UNCLAIMED};
 use super::ticket::ContextTicket;
 use crate::node::conn::{Delivery, Inbound};
 use crate::node::frame::{Answer, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use crate::node::instance::Instance;
 use crate::node::link::Outgoing;
+use crate::node::rank::Rank;
 use crate::node::{drain_inbox, sleep_until, NodeError, OwnedTask};
+use kvferry_core::blocks::{BlockError, BlockRef};
 use kvferry_core::request::{ContextSource, Request, RequestState};
-use kvferry_core::transceiver::{FailCause, Finished, TxEvent};
+use kvferry_core::transceiver::{FailCause, Finished, TransceiverError, TxEvent};
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::collections::HashMap;
@@ -28,15 +36,29 @@ pub const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// Bytes of a peer's error text kept for a status (the peer is not trusted to be brief).
 const MAX_DETAIL: usize = 256;
 
-/// Which side the rank serves, with what only that side has.
+/// Which side the instance serves, with what only that side has.
 #[derive(Debug)]
 pub enum Role {
-    /// The address tickets name, and the accept loop (ends with the driver).
+    /// The addresses tickets name (one per rank, in rank order), and the accept loops (end
+    /// with the driver).
     Context {
-        addr: SocketAddr,
-        _accept: OwnedTask<()>,
+        addrs: Vec<SocketAddr>,
+        _accept: Vec<OwnedTask<()>>,
     },
     Generation(Dialers),
+}
+
+/// How a request is registered on one rank.
+type Register = fn(&mut Rank, Arc<Request>) -> Result<(), TransceiverError>;
+
+fn respond_on(rank: &mut Rank, req: Arc<Request>) -> Result<(), TransceiverError> {
+    let now = rank.now();
+    rank.tx.respond_and_send(now, req)
+}
+
+fn receive_on(rank: &mut Rank, req: Arc<Request>) -> Result<(), TransceiverError> {
+    let now = rank.now();
+    rank.tx.request_and_receive(now, req)
 }
 
 #[derive(Debug)]
@@ -52,9 +74,11 @@ pub struct Driver {
     /// Why requests failed: the core's cause, and what the driver learnt (known requests only).
     causes: HashMap<RequestId, FailCause>,
     details: HashMap<RequestId, String>,
-    /// Ended requests whose blocks are still pinned by a fencing transfer.
-    fencing: Vec<Finished>,
-    lost: Vec<PeerId>,
+    /// Ended requests not reported yet: each rank's end so far, with its local rank. Reported
+    /// once every rank's is here and none of their blocks is pinned.
+    fencing: HashMap<RequestId, Vec<(usize, Finished)>>,
+    /// Connections lost (local rank, peer), handled after the step.
+    lost: Vec<(usize, PeerId)>,
 }
 
 impl Driver {
@@ -67,7 +91,7 @@ impl Driver {
             core: HashMap::new(),
             causes: HashMap::new(),
             details: HashMap::new(),
-            fencing: Vec::new(),
+            fencing: HashMap::new(),
             lost: Vec::new(),
         }
     }
@@ -101,10 +125,9 @@ impl Driver {
     }
 
     async fn shut_down(&mut self, inbox: &mut mpsc::Receiver<Delivery>) -> Result<(), NodeError> {
-        let now = self.inst.ranks[0].now();
         let ids: Vec<RequestId> = self.engine.keys().copied().collect();
         for id in ids {
-            self.cancel(now, id);
+            self.cancel(id);
         }
         let wake = self.inst.wake.clone();
         let until = Instant::now() + CLOSE_DRAIN;
@@ -117,9 +140,11 @@ impl Driver {
             }
             self.step()?;
         }
-        for peer in self.inst.ranks[0].links.peers() {
-            if let Some(l) = self.inst.ranks[0].links.get(peer) {
-                let _ = l.control.try_send(Outgoing::Close);
+        for rank in &self.inst.ranks {
+            for peer in rank.links.peers() {
+                if let Some(l) = rank.links.get(peer) {
+                    let _ = l.control.try_send(Outgoing::Close);
+                }
             }
         }
         self.out.close();
@@ -128,7 +153,6 @@ impl Driver {
 
     fn step(&mut self) -> Result<(), NodeError> {
         let stepped = self.inst.step()?;
-        let finished = stepped.finished.into_iter().map(|(_, f)| f);
         for (_, e) in stepped.events {
             if let TxEvent::LocallyFinished {
                 request,
@@ -139,37 +163,44 @@ impl Driver {
                 self.causes.entry(request).or_insert(c);
             }
         }
-        for f in finished {
-            self.inst.ranks[0].release(&f);
-            self.fencing.push(f);
+        for (r, f) in stepped.finished {
+            self.inst.ranks[r].release(&f);
+            self.fencing.entry(f.request.id).or_default().push((r, f));
         }
         self.report_fenced();
-        let now = self.inst.ranks[0].now();
-        for peer in std::mem::take(&mut self.lost) {
-            self.inst.ranks[0].tx.handle_peer_lost(now, peer);
-            self.inst.ranks[0].backend.peer_lost(peer);
+        for (r, peer) in std::mem::take(&mut self.lost) {
+            let rank = &mut self.inst.ranks[r];
+            let now = rank.now();
+            rank.tx.handle_peer_lost(now, peer);
+            rank.backend.peer_lost(peer);
         }
         self.inst.update_metrics();
         Ok(())
     }
 
-    /// Reports every ended request none of whose blocks is still pinned.
+    /// Reports every request that has ended on every rank and none of whose blocks, on any
+    /// rank, is still pinned. Its state is the first rank's that did not complete, if any.
     fn report_fenced(&mut self) {
-        let pool = self.inst.ranks[0].pool.clone();
-        let pool = pool.lock().expect("pool lock");
-        let (free, held): (Vec<Finished>, Vec<Finished>) = std::mem::take(&mut self.fencing)
-            .into_iter()
-            .partition(|f| {
-                f.request
-                    .blocks
-                    .iter()
-                    .all(|b| pool.current(b.id).is_none_or(|(_, now)| now != *b))
-            });
-        drop(pool);
-        self.fencing = held;
-        for f in free {
-            self.report(f.request.id, f.state);
+        let ranks = self.inst.ranks.len();
+        let free: Vec<RequestId> = (self.fencing.iter())
+            .filter(|(_, ends)| {
+                ends.len() == ranks && ends.iter().all(|(r, f)| self.unpinned(*r, f))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in free {
+            let ends = self.fencing.remove(&id).expect("just seen");
+            let state = (ends.iter().map(|(_, f)| f.state))
+                .find(|s| !matches!(s, RequestState::ContextComplete | RequestState::GenComplete))
+                .unwrap_or(ends[0].1.state);
+            self.report(id, state);
         }
+    }
+
+    /// None of `f`'s blocks on rank `r` is pinned by a transfer still fencing.
+    fn unpinned(&self, r: usize, f: &Finished) -> bool {
+        let pool = self.inst.ranks[r].pool.lock().expect("pool lock");
+        (f.request.blocks.iter()).all(|b| pool.current(b.id).is_none_or(|(_, now)| now != *b))
     }
 
     fn report(&mut self, core: RequestId, state: RequestState) {
@@ -186,7 +217,7 @@ impl Driver {
     }
 
     fn on_inbound(&mut self, d: Delivery) {
-        let now = self.inst.ranks[0].now();
+        let g = d.rank;
         match d.event {
             Inbound::Frame {
                 peer,
@@ -200,29 +231,35 @@ impl Driver {
                 {
                     self.note(*request, format!("peer refused ({code:?}): {detail}"));
                 }
-                self.inst.ranks[0].tx.handle_message(now, peer, msg);
+                let rank = &mut self.inst.ranks[g];
+                let now = rank.now();
+                rank.tx.handle_message(now, peer, msg);
             }
             Inbound::Frame {
                 peer,
                 frame: Frame::Node(f),
-            } => self.on_node_frame(peer, f),
-            Inbound::Up { peer } => self.on_up(peer),
+            } => self.on_node_frame(g, peer, f),
+            Inbound::Up { peer } => self.on_up(g, peer),
             Inbound::Down { peer, reason } => {
-                tracing::info!(%peer, %reason, "peer disconnected");
+                tracing::info!(%peer, rank = g, %reason, "peer disconnected");
                 if let Role::Generation(d) = &mut self.role {
-                    d.down(peer);
+                    d.down(g, peer);
                 }
-                self.lost.push(peer);
+                self.lost.push((g, peer));
             }
             Inbound::GaveUp { peer, reason } => {
                 let parked = match &mut self.role {
-                    Role::Generation(d) => d.gave_up(peer),
+                    Role::Generation(d) => d.gave_up(g, peer),
                     Role::Context { .. } => Vec::new(),
                 };
-                for req in parked {
-                    self.note(req.id, format!("context rank unreachable: {reason}"));
-                    self.causes.insert(req.id, FailCause::Unreachable);
-                    self.drop_unregistered(&req, RequestState::TransferError);
+                for reqs in parked {
+                    let id = reqs[0].id;
+                    self.note(
+                        id,
+                        format!("context rank {} unreachable: {reason}", peer.rank),
+                    );
+                    self.causes.insert(id, FailCause::Unreachable);
+                    self.drop_unregistered(&reqs, RequestState::TransferError);
                 }
             }
         }
@@ -243,7 +280,13 @@ impl Driver {
         self.details.entry(request).or_insert(detail);
     }
 
-    fn on_node_frame(&mut self, peer: PeerId, f: NodeFrame) {
+    fn close_link(&self, g: usize, peer: PeerId) {
+        if let Some(l) = self.inst.ranks[g].links.get(peer) {
+            let _ = l.control.try_send(Outgoing::Close);
+        }
+    }
+
+    fn on_node_frame(&mut self, g: usize, peer: PeerId, f: NodeFrame) {
         if let (NodeFrame::Prepare { asks }, Role::Context { .. }) = (&f, &self.role) {
             let reason = "this ctx serves its engine's requests, not synthetic ones";
             let answers = asks
@@ -256,76 +299,126 @@ impl Driver {
                 .collect();
             let layout = *self.inst.ranks[0].tx.layout();
             let reply = Frame::Node(NodeFrame::Prepared { layout, answers });
-            let _ = self.inst.ranks[0].links.send_frame(peer, reply);
+            let _ = self.inst.ranks[g].links.send_frame(peer, reply);
             return;
         }
         let pool = matches!(f, NodeFrame::CudaPool { .. });
-        match self.inst.ranks[0].backend.on_backend_frame(peer, f) {
+        match self.inst.ranks[g].backend.on_backend_frame(peer, f) {
             // A CUDA generation rank launches once it has mapped the context's pool.
-            Ok(()) if pool => self.launch_parked(peer),
+            Ok(()) if pool => self.launch_parked(g, peer),
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(peer = %self.inst.ranks[0].links.describe(peer), error = %e, "closing");
-                if let Some(l) = self.inst.ranks[0].links.get(peer) {
-                    let _ = l.control.try_send(Outgoing::Close);
-                }
+                let who = self.inst.ranks[g].links.describe(peer);
+                tracing::warn!(peer = %who, rank = g, error = %e, "closing");
+                self.close_link(g, peer);
             }
         }
     }
 
-    /// A connection is up: a context rank greets it with what its backend needs the peer to
-    /// know first (a CUDA pool's IPC handle); a generation rank launches what was parked for
-    /// it, unless its backend must first hear that greeting.
-    fn on_up(&mut self, peer: PeerId) {
-        if let Some(hello) = self.inst.ranks[0].backend.greeting() {
-            if let Err(e) = self.inst.ranks[0]
+    /// Local rank `g`'s connection is up: a context rank greets it with what its backend
+    /// needs the peer to know first (a CUDA pool's IPC handle); a generation rank launches
+    /// what was parked for it, unless its backend must first hear that greeting.
+    fn on_up(&mut self, g: usize, peer: PeerId) {
+        if let Some(hello) = self.inst.ranks[g].backend.greeting() {
+            let sent = self.inst.ranks[g]
                 .links
-                .send_frame(peer, Frame::Node(hello))
-            {
-                tracing::warn!(%peer, error = %e, "greeting not sent, closing");
-                if let Some(l) = self.inst.ranks[0].links.get(peer) {
-                    let _ = l.control.try_send(Outgoing::Close);
-                }
+                .send_frame(peer, Frame::Node(hello));
+            if let Err(e) = sent {
+                tracing::warn!(%peer, rank = g, error = %e, "greeting not sent, closing");
+                self.close_link(g, peer);
             }
         }
-        if self.inst.ranks[0].backend.ready_on_connect() {
-            self.launch_parked(peer);
+        if self.inst.ranks[g].backend.ready_on_connect() {
+            self.launch_parked(g, peer);
         }
     }
 
-    fn launch_parked(&mut self, peer: PeerId) {
+    /// Submits what waited for local rank `g`'s connection to `peer`, if that was the last
+    /// connection it waited for.
+    fn launch_parked(&mut self, g: usize, peer: PeerId) {
         let Role::Generation(d) = &mut self.role else {
             return;
         };
-        let now = self.inst.ranks[0].now();
-        for req in d.up(peer) {
-            if let Err(e) = self.inst.ranks[0].tx.request_and_receive(now, req.clone()) {
-                self.note(req.id, e.to_string());
-                self.drop_unregistered(&req, RequestState::TransferError);
+        for reqs in d.up(g, peer) {
+            if let Err(e) = self.on_every_rank(&reqs, receive_on) {
+                self.note(reqs[0].id, e.to_string());
+                self.drop_unregistered(&reqs, RequestState::TransferError);
             }
+        }
+    }
+
+    /// Registers one request on every rank (`reqs`: its `Request` on each, in rank order).
+    fn on_every_rank(
+        &mut self,
+        reqs: &[Arc<Request>],
+        register: Register,
+    ) -> Result<(), TransceiverError> {
+        for (r, (rank, req)) in self.inst.ranks.iter_mut().zip(reqs).enumerate() {
+            if let Err(e) = register(rank, req.clone()) {
+                // The ranks' tables move in lockstep: only the first can refuse.
+                assert_eq!(r, 0, "rank {r} refused what rank 0 took: {e}");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's `blocks` for core request `id` on every rank, each rank's references in
+    /// rank order; all or nothing.
+    fn allocate_ids(
+        &self,
+        id: RequestId,
+        blocks: &[u32],
+    ) -> Result<Vec<Vec<BlockRef>>, BlockError> {
+        let mut refs = Vec::with_capacity(self.inst.ranks.len());
+        for rank in &self.inst.ranks {
+            match rank
+                .pool
+                .lock()
+                .expect("pool lock")
+                .allocate_ids(id, blocks)
+            {
+                Ok(r) => refs.push(r),
+                Err(e) => {
+                    for (rank, r) in self.inst.ranks.iter().zip(&refs) {
+                        rank.pool.lock().expect("pool lock").free(r);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Frees a request's blocks on every rank (it was never registered, or refused).
+    fn free(&self, reqs: &[Arc<Request>]) {
+        for (rank, req) in self.inst.ranks.iter().zip(reqs) {
+            rank.pool.lock().expect("pool lock").free(&req.blocks);
         }
     }
 
     /// Ends a request the core never registered (parked, then failed or cancelled).
-    fn drop_unregistered(&mut self, req: &Request, state: RequestState) {
-        self.inst.ranks[0]
-            .pool
-            .lock()
-            .expect("pool lock")
-            .free(&req.blocks);
-        self.report(req.id, state);
+    fn drop_unregistered(&mut self, reqs: &Parked, state: RequestState) {
+        self.free(reqs);
+        self.report(reqs[0].id, state);
     }
 
-    /// Cancels core request `core`, parked or registered; false if it is neither.
-    fn cancel(&mut self, now: Duration, core: RequestId) -> bool {
+    /// Cancels core request `core` on every rank, parked or registered; false if it is
+    /// neither.
+    fn cancel(&mut self, core: RequestId) -> bool {
         if let Role::Generation(d) = &mut self.role {
-            if let Some(req) = d.unpark(core) {
+            if let Some(reqs) = d.unpark(core) {
                 self.causes.insert(core, FailCause::Cancelled);
-                self.drop_unregistered(&req, RequestState::Cancelled);
+                self.drop_unregistered(&reqs, RequestState::Cancelled);
                 return true;
             }
         }
-        self.inst.ranks[0].tx.cancel(now, core)
+        let mut any = false;
+        for rank in &mut self.inst.ranks {
+            let now = rank.now();
+            any |= rank.tx.cancel(now, core);
+        }
+        any
     }
 
     fn on_command(&mut self, c: Command) {
@@ -342,16 +435,11 @@ impl Driver {
                 let _ = reply.send(self.receive(id, blocks, ticket));
             }
             Command::Cancel { id, reply } => {
-                let now = self.inst.ranks[0].now();
-                let done = self
-                    .core
-                    .get(&id)
-                    .copied()
-                    .is_some_and(|c| self.cancel(now, c));
+                let done = (self.core.get(&id).copied()).is_some_and(|c| self.cancel(c));
                 let _ = reply.send(done);
             }
             Command::Occupancy { reply } => {
-                let _ = reply.send(self.inst.ranks[0].occupancy());
+                let _ = reply.send(self.inst.occupancy());
             }
         }
     }
@@ -385,31 +473,25 @@ impl Driver {
         self.out.expect_one();
     }
 
+    /// Context side: the engine's `blocks` of request `id`, registered on every rank with one
+    /// token (I9: each rank serves them only to a peer that presents it).
     fn send(&mut self, id: RequestId, blocks: Vec<u32>) -> Result<ContextTicket, CommandError> {
-        let Role::Context { addr, .. } = &self.role else {
+        let Role::Context { addrs, .. } = &self.role else {
             return Err(CommandError::WrongSide("generation"));
         };
-        let addr = *addr;
+        let addrs = addrs.clone();
         self.admissible(id, id, &blocks)?;
-        let refs = self.inst.ranks[0]
-            .pool
-            .lock()
-            .expect("pool lock")
-            .allocate_ids(id, &blocks)?;
         let token = TransferToken(rand::random());
-        let req = Arc::new(Request::new_context(id, token, refs.clone()));
-        let now = self.inst.ranks[0].now();
-        if let Err(e) = self.inst.ranks[0].tx.respond_and_send(now, req) {
-            self.inst.ranks[0]
-                .pool
-                .lock()
-                .expect("pool lock")
-                .free(&refs);
+        let reqs: Vec<Arc<Request>> = (self.allocate_ids(id, &blocks)?.into_iter())
+            .map(|refs| Arc::new(Request::new_context(id, token, refs)))
+            .collect();
+        if let Err(e) = self.on_every_rank(&reqs, respond_on) {
+            self.free(&reqs);
             return Err(e.into());
         }
         self.register(id, id);
         Ok(ContextTicket {
-            addr,
+            addrs,
             request: id,
             token,
             layout: *self.inst.ranks[0].tx.layout(),
@@ -417,6 +499,8 @@ impl Driver {
         })
     }
 
+    /// Generation side: `t`'s request into the engine's `blocks` on every rank, each rank
+    /// reading its share from the context ranks that hold it (the core splits by heads).
     fn receive(
         &mut self,
         id: RequestId,
@@ -434,40 +518,36 @@ impl Driver {
             });
         }
         let mine = self.inst.ranks[0].tx.layout();
-        if !t.layout.same_model(mine) || t.layout.world_size() != 1 {
+        let world = t.layout.world_size() as usize;
+        if !t.layout.same_model(mine) || t.addrs.len() != world {
             return Err(CommandError::OtherModel(format!(
-                "context {:?}, this rank {:?} (one context rank per instance is supported)",
-                t.layout, mine
+                "context {:?} at {} addresses, this instance {mine:?}",
+                t.layout,
+                t.addrs.len()
             )));
         }
-        let peer = dialers.peer_for(t.addr).ok_or(CommandError::TooManyPeers)?;
+        let instance = dialers
+            .instance_for(&t.addrs)
+            .ok_or(CommandError::TooManyPeers)?;
         self.admissible(id, core, &blocks)?;
-        let refs = self.inst.ranks[0]
-            .pool
-            .lock()
-            .expect("pool lock")
-            .allocate_ids(core, &blocks)?;
         let source = ContextSource {
-            instance: peer.instance,
+            instance,
             layout: t.layout,
             blocks: t.blocks,
         };
-        let req = Arc::new(Request::new_generation(core, t.token, refs.clone(), source));
+        let reqs: Parked = (self.allocate_ids(core, &blocks)?.into_iter())
+            .map(|refs| Arc::new(Request::new_generation(core, t.token, refs, source.clone())))
+            .collect();
         let Role::Generation(dialers) = &mut self.role else {
             unreachable!("checked above");
         };
-        if dialers.is_up(peer) {
-            let now = self.inst.ranks[0].now();
-            if let Err(e) = self.inst.ranks[0].tx.request_and_receive(now, req) {
-                self.inst.ranks[0]
-                    .pool
-                    .lock()
-                    .expect("pool lock")
-                    .free(&refs);
+        if dialers.is_up(instance) {
+            if let Err(e) = self.on_every_rank(&reqs, receive_on) {
+                self.free(&reqs);
                 return Err(e.into());
             }
         } else {
-            dialers.park(peer, req);
+            dialers.park(instance, reqs);
         }
         self.register(id, core);
         Ok(())

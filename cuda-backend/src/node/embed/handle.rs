@@ -1,5 +1,6 @@
-//! The embedding program's handle on its rank: starts the driver on a thread of its own (a
-//! one-thread tokio runtime), passes the program's calls to it and waits for the answer (the
+//! The embedding program's handle on its instance (every TP rank of one process, each over a
+//! pool the program lends): starts the driver on a thread of its own (a one-thread tokio
+//! runtime), passes the program's calls to it and waits for the answer (the
 //! driver answers at once: no call waits on the network), hands out terminal statuses, and on
 //! close stops the driver and joins its thread. Every method is blocking-safe to call from any
 //! thread that is not inside a tokio runtime.
@@ -11,9 +12,9 @@ use super::outcomes::{Outcome, Outcomes};
 use super::ticket::ContextTicket;
 use crate::node::backend::{BackendError, BackendSpec};
 use crate::node::backend_parts::LentKv;
-use crate::node::conn::Attach;
+use crate::node::conn::{Attach, Delivery};
 use crate::node::ctx::accept_loop;
-use crate::node::instance::Instance;
+use crate::node::instance::{Instance, MAX_LOCAL_RANKS};
 use crate::node::rank::Occupancy;
 use crate::node::spec::NodeSpec;
 use crate::node::{runtime, OwnedTask, INBOX};
@@ -27,12 +28,14 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-/// What an embedded rank is.
+/// What an embedded instance is: its side and its layout (`node.layout`, rank 0's; one rank
+/// per rank of it).
 #[derive(Clone, Debug)]
 pub struct EmbedSpec {
     pub side: Side,
     pub node: NodeSpec,
-    /// Context side: where to listen (port 0 picks one); tickets name the bound address.
+    /// Context side: where rank 0 listens; rank `r` listens on the port `r` above it, or, for
+    /// port 0, on a port of its own. Tickets name the bound addresses.
     pub listen: SocketAddr,
 }
 
@@ -43,6 +46,10 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "{pools} pools for a layout of {world} ranks (one per rank, {MAX_LOCAL_RANKS} at most)"
+    )]
+    Ranks { pools: usize, world: usize },
     #[error("starting the driver thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -51,19 +58,25 @@ pub enum StartError {
 
 /// Shared by the program's threads: one may wait for statuses while another closes.
 #[derive(Debug)]
-pub struct EmbeddedRank {
+pub struct EmbeddedInstance {
     side: Side,
     /// `None` once closed.
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     outcomes: Arc<Outcomes>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    listening: Option<SocketAddr>,
+    listening: Vec<SocketAddr>,
 }
 
-impl EmbeddedRank {
-    /// Starts a rank over `kv`, the program's memory: host memory (`HostKv::lent`, the host
-    /// backend) or device memory (`DeviceBuffer::adopt`, the CUDA backend).
-    pub fn start(spec: EmbedSpec, kv: LentKv) -> Result<EmbeddedRank, StartError> {
+impl EmbeddedInstance {
+    /// Starts an instance over `kvs`, the program's memory, one pool per rank of the layout
+    /// in rank order: host memory (`HostKv::lent`, the host backend) or device memory
+    /// (`DeviceBuffer::adopt`, the CUDA backend).
+    pub fn start(spec: EmbedSpec, kvs: Vec<LentKv>) -> Result<EmbeddedInstance, StartError> {
+        let world = spec.node.layout.world_size() as usize;
+        if kvs.len() != world || world > MAX_LOCAL_RANKS {
+            let pools = kvs.len();
+            return Err(StartError::Ranks { pools, world });
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let outcomes = Arc::new(Outcomes::default());
@@ -72,7 +85,7 @@ impl EmbeddedRank {
         let thread = std::thread::Builder::new()
             .name("kvferry-driver".into())
             .spawn(move || {
-                drive(spec, kv, out.clone(), cmd_rx, ready_tx);
+                drive(spec, kvs, out.clone(), cmd_rx, ready_tx);
                 out.close();
             })
             .map_err(StartError::Thread)?;
@@ -85,7 +98,7 @@ impl EmbeddedRank {
                 )));
             }
         };
-        Ok(EmbeddedRank {
+        Ok(EmbeddedInstance {
             side,
             commands: Mutex::new(Some(cmd_tx)),
             outcomes,
@@ -98,9 +111,9 @@ impl EmbeddedRank {
         self.side
     }
 
-    /// The context side's bound address.
-    pub fn listening(&self) -> Option<SocketAddr> {
-        self.listening
+    /// The context side's bound addresses, in rank order (none on the generation side).
+    pub fn listening(&self) -> &[SocketAddr] {
+        &self.listening
     }
 
     pub fn is_closed(&self) -> bool {
@@ -169,19 +182,20 @@ impl EmbeddedRank {
     }
 }
 
-impl Drop for EmbeddedRank {
+impl Drop for EmbeddedInstance {
     fn drop(&mut self) {
         self.close();
     }
 }
 
-/// The driver thread's body: builds the rank in its runtime, says whether that worked, runs.
+/// The driver thread's body: builds the instance in its runtime, says whether that worked,
+/// runs.
 fn drive(
     spec: EmbedSpec,
-    kv: LentKv,
+    kvs: Vec<LentKv>,
     out: Arc<Outcomes>,
     commands: mpsc::Receiver<Command>,
-    ready: std::sync::mpsc::SyncSender<Result<Option<SocketAddr>, StartError>>,
+    ready: std::sync::mpsc::SyncSender<Result<Vec<SocketAddr>, StartError>>,
 ) {
     let rt = match runtime(1) {
         Ok(rt) => rt,
@@ -192,7 +206,7 @@ fn drive(
     };
     rt.block_on(async move {
         let (inbox_tx, inbox) = mpsc::channel(INBOX);
-        let (driver, listening) = match build(&spec, kv, inbox_tx, out).await {
+        let (driver, listening) = match build(&spec, kvs, inbox_tx, out).await {
             Ok(x) => x,
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -201,45 +215,64 @@ fn drive(
         };
         let _ = ready.send(Ok(listening));
         if let Err(e) = driver.run(inbox, commands).await {
-            tracing::error!(error = %e, "embedded rank stopped");
+            tracing::error!(error = %e, "embedded instance stopped");
         }
     });
 }
 
 async fn build(
     spec: &EmbedSpec,
-    kv: LentKv,
-    inbox: mpsc::Sender<crate::node::conn::Delivery>,
+    kvs: Vec<LentKv>,
+    inbox: mpsc::Sender<Delivery>,
     out: Arc<Outcomes>,
-) -> Result<(Driver, Option<SocketAddr>), StartError> {
-    // A generation rank names its context peers 0, 1, ... (`Dialers`): it takes the top id.
+) -> Result<(Driver, Vec<SocketAddr>), StartError> {
+    // A generation instance names its context instances 0, 1, ... (`Dialers`): it takes the
+    // top id.
     let instance = match spec.side {
         Side::Context => crate::node::spec::CTX_INSTANCE,
         Side::Generation => u32::MAX,
     };
-    let inst = Instance::build(
-        instance,
-        spec.side,
-        &spec.node,
-        vec![(BackendSpec::Host, Some(kv))],
-    )?;
-    let attach = Attach::new(&inst.ranks[0], inbox);
+    let backends = kvs.into_iter().map(|kv| (BackendSpec::Host, Some(kv)));
+    let inst = Instance::build(instance, spec.side, &spec.node, backends.collect())?;
+    let attach: Vec<Attach> = (inst.ranks.iter())
+        .map(|r| Attach::new(r, inbox.clone()))
+        .collect();
     let (role, listening) = match spec.side {
         Side::Context => {
-            let listen = |source| StartError::Listen {
-                addr: spec.listen,
-                source,
-            };
-            let listener = TcpListener::bind(spec.listen).await.map_err(listen)?;
-            let addr = listener.local_addr().map_err(listen)?;
-            let accept = OwnedTask(tokio::spawn(accept_loop(listener, attach)));
+            let mut addrs = Vec::with_capacity(attach.len());
+            let mut accept = Vec::with_capacity(attach.len());
+            for (r, a) in attach.into_iter().enumerate() {
+                let listener = listen(spec.listen, r).await?;
+                addrs.push(listener.local_addr().map_err(|source| StartError::Listen {
+                    addr: spec.listen,
+                    source,
+                })?);
+                accept.push(OwnedTask(tokio::spawn(accept_loop(listener, a))));
+            }
             let role = Role::Context {
-                addr,
+                addrs: addrs.clone(),
                 _accept: accept,
             };
-            (role, Some(addr))
+            (role, addrs)
         }
-        Side::Generation => (Role::Generation(Dialers::new(attach)), None),
+        Side::Generation => (Role::Generation(Dialers::new(attach)), Vec::new()),
     };
     Ok((Driver::new(inst, role, out), listening))
+}
+
+/// Rank `r`'s listener: on `base`'s port plus `r`, or on a port of its own for port 0.
+async fn listen(base: SocketAddr, r: usize) -> Result<TcpListener, StartError> {
+    let mut addr = base;
+    if base.port() != 0 {
+        let port = u16::try_from(r)
+            .ok()
+            .and_then(|r| base.port().checked_add(r));
+        let Some(port) = port else {
+            let source = std::io::Error::other(format!("no port {r} above {}", base.port()));
+            return Err(StartError::Listen { addr: base, source });
+        };
+        addr.set_port(port);
+    }
+    let listener = TcpListener::bind(addr).await;
+    listener.map_err(|source| StartError::Listen { addr, source })
 }
