@@ -344,3 +344,51 @@ fn a_cancelled_waiter_leaves_the_others_in_the_queue() {
         RequestState::ContextComplete | RequestState::GenComplete
     )));
 }
+
+/// The ranks of a context instance that closes after its statuses go in any order: a context
+/// rank whose part of a request has landed on this generation rank may go without failing
+/// the request, which completes from the rank still sending. A rank it still reads from
+/// going fails it.
+#[test]
+fn a_lost_peer_fails_only_what_still_needs_it() {
+    let mut c = Cluster::new(2, 1, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    c.submit(2, 1, 4, 4);
+    c.pump();
+    let ctx = |rank| PeerId {
+        instance: CTX,
+        rank,
+    };
+    let from = |j: &kvferry_core::agent::TransferJob| match j.direction {
+        kvferry_core::agent::Direction::Receive { from } => from,
+        kvferry_core::agent::Direction::Send { .. } => unreachable!("a generation rank receives"),
+    };
+    let jobs = c.gen[0].agent.pending();
+    assert_eq!(jobs.len(), 4, "two legs for each request");
+    // Request 1: ctx rank 1's part landed; request 2: nothing landed yet.
+    for j in jobs
+        .iter()
+        .filter(|j| j.request == RequestId(1) && from(j) == ctx(1))
+    {
+        c.gen[0].agent.complete(j.id, Ok(j.bytes));
+    }
+    c.gen[0].tx.handle_peer_lost(c.now, ctx(1));
+    assert!(c.step(GEN).is_empty(), "nothing ends before its legs do");
+    c.gen[0].agent.complete_all();
+    for r in &c.ctx {
+        r.agent.complete_all();
+    }
+    let mut ended: Vec<_> = c
+        .step(GEN)
+        .iter()
+        .map(|f| (f.request.id, f.state))
+        .collect();
+    ended.sort_by_key(|(id, _)| *id);
+    assert_eq!(
+        ended,
+        vec![
+            (RequestId(1), RequestState::GenComplete),
+            (RequestId(2), RequestState::TransferError)
+        ]
+    );
+}

@@ -73,3 +73,11 @@ pub(super) fn is_bound(e: &Entry, from: PeerId) -> bool {
     let source = e.req.source.as_ref().map(|s| s.instance);
     source == Some(from.instance) || e.legs.values().any(|l| l.peer == from)
 }
+
+/// A request still needs `peer` when a leg with it is open: its bytes have not all moved.
+/// A lost peer fails only such requests. A context rank whose part has landed (or that holds
+/// no part for this rank) may go, as a context instance closing after its statuses does: its
+/// ranks' connections end in any order, and a status means sent, not read by every reader.
+pub(super) fn needs(e: &Entry, peer: PeerId) -> bool {
+    e.legs.values().any(|l| l.peer == peer && l.is_open())
+}

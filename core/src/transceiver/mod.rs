@@ -70,7 +70,7 @@ pub use early::{
     MAX_EARLY_INFO_BYTES, MAX_EARLY_INFO_BYTES_PER_PEER,
 };
 use early::{EarlyQueue, Parked, Refused};
-use entry::{is_bound, Entry, Leg, LegState};
+use entry::{is_bound, needs, Entry, Leg, LegState};
 pub use events::{FailCause, Finished, Side, StatusCheck, TxCounters, TxEvent};
 use liveness::Liveness;
 pub use liveness::MAX_WATCHED_PEERS;
@@ -302,16 +302,20 @@ impl Transceiver {
     }
 
     /// The connection to `peer` is gone (reset, closed, or silent past the driver's liveness
-    /// bound): every request bound to it fails now instead of waiting out a timeout. On a
-    /// generation rank that is every request whose source instance is `peer`'s; on a context
-    /// rank every request with a leg to `peer`. What `peer` parked here is dropped, so a peer
+    /// bound): every request that still needs it fails now instead of waiting out a timeout:
+    /// every request with an open leg to `peer` (on a generation rank, bytes still to come
+    /// from that context rank; on a context rank, bytes still to go to that generation rank).
+    /// A peer whose part is done ends nothing (`entry::needs`). What `peer` parked here is dropped, so a peer
     /// that reconnects under a new id cannot hold two shares.
     pub fn handle_peer_lost(&mut self, now: Duration, peer: PeerId) {
+        // Completions the agent already queued count: a leg whose bytes landed before the
+        // loss was heard of is done, not open.
+        self.drain_completions(now);
         self.early.forget_peer(peer);
         let bound: Vec<RequestId> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.cause.is_none() && is_bound(e, peer))
+            .filter(|(_, e)| e.cause.is_none() && needs(e, peer))
             .map(|(id, _)| *id)
             .collect();
         for id in bound {

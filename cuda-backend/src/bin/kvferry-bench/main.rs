@@ -83,6 +83,10 @@ struct RunArgs {
     /// Skip the kernel launch-shape sweep (use the defaults).
     #[arg(long)]
     no_sweep: bool,
+    /// Launch shape of the two-process rows as THREADSxCTAS_PER_SMxUNROLL (e.g. 512x4x4), to
+    /// compare shapes on the production path (default: the production agent's).
+    #[arg(long, value_parser = parse_shape)]
+    two_process_kernel: Option<KernelConfig>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -99,6 +103,24 @@ struct ChildArgs {
     pool_bytes: usize,
     #[arg(long)]
     seed: u64,
+}
+
+/// `THREADSxCTAS_PER_SMxUNROLL`, on the default's piece size, validated.
+fn parse_shape(s: &str) -> Result<KernelConfig, String> {
+    let n: Vec<u32> = (s.split('x').map(str::parse))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    let [threads, ctas_per_sm, unroll] = n[..] else {
+        return Err(format!("{s:?}: want THREADSxCTAS_PER_SMxUNROLL"));
+    };
+    let c = KernelConfig {
+        threads,
+        ctas_per_sm,
+        unroll,
+        ..KernelConfig::default()
+    };
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
 }
 
 fn main() -> Result<()> {
@@ -312,7 +334,7 @@ fn run(a: RunArgs) -> Result<()> {
         // The production agent's shape, not the sweep's pick: these rows measure what a node
         // runs, and the sweep's 16 KiB micro cannot tell shapes apart that differ by 13 points
         // on a TP4 -> TP1 request (BENCHMARKS.md, "Re-measured on one H200").
-        let production = CudaAgentConfig::default().kernel;
+        let production = (a.two_process_kernel).unwrap_or(CudaAgentConfig::default().kernel);
         for &tokens in &a.tokens {
             for case in &a.cases {
                 let row = two_process(&a, (case, tokens), production, rep.ceiling_gbps, &ptx)
