@@ -45,8 +45,6 @@ def test_paged_cache_moves_byte_for_byte_across_tp(ctx_tp, gen_tp):
     g = json.loads(line(gen))
     c = json.loads(line(ctx))
     assert gen.wait(30) == 0
-    ctx.stdin.write("done\n")
-    ctx.stdin.flush()
     assert ctx.wait(30) == 0
     assert sorted(s["state"] for s in g["statuses"]) == ["complete"] * 4, g
     assert sorted(s["id"] for s in g["statuses"]) == [5000, 5001, 5002, 5003]
