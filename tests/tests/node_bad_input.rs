@@ -55,36 +55,48 @@ fn hostile_peers_are_refused_and_others_still_served() {
     let ctx = NodeProc::spawn(BIN, &args);
     let metrics = ctx.addr("metrics ");
     let addr = ctx.addr("listening ");
+    for (bytes, end_stream) in malformed() {
+        let mut p = RawPeer::connect(addr);
+        p.send_raw(&bytes);
+        if end_stream {
+            p.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        expect_closed(&mut p);
+        expect_warn(&ctx, p.local_addr());
+    }
+    over_bound_prepare_is_cut_off(&ctx, addr);
+    wrong_token_and_foreign_blocks_get_typed_errors(&ctx, addr, metrics);
 
-    // Garbage.
-    let mut p = RawPeer::connect(addr);
-    p.send_raw(&[0xAB; 64]);
-    expect_closed(&mut p);
-    expect_warn(&ctx, p.local_addr());
+    // Everyone else is still served.
+    let peer = addr.to_string();
+    let mut args = vec!["gen", "--peer", &peer, "--requests", "10"];
+    args.extend(SMALL_LAYOUT);
+    let mut g = NodeProc::spawn(BIN, &args);
+    let status = g.wait_exit(Duration::from_secs(120));
+    let s = g.summary();
+    assert!(status.success(), "{s}");
+    assert_eq!(s["done"], 10, "{s}");
+}
 
-    // A valid frame cut short, then end of stream.
-    let mut p = RawPeer::connect(addr);
-    let mut b = BytesMut::new();
-    wire::encode(&Message::Heartbeat { seq: 1 }, &mut b);
-    p.send_raw(&b[..b.len() - 3]);
-    p.stream.shutdown(std::net::Shutdown::Write).unwrap();
-    expect_closed(&mut p);
-    expect_warn(&ctx, p.local_addr());
+/// Byte strings the node must refuse by closing, each with whether the stream ends after it:
+/// garbage; a valid frame cut short, then end of stream; a header claiming a 4 GiB body,
+/// refused before any body is read.
+fn malformed() -> [(Vec<u8>, bool); 3] {
+    let mut cut = BytesMut::new();
+    wire::encode(&Message::Heartbeat { seq: 1 }, &mut cut);
+    let cut = cut[..cut.len() - 3].to_vec();
+    let mut huge = BytesMut::with_capacity(HEADER_LEN);
+    huge.put_u32(MAGIC);
+    huge.put_u8(VERSION);
+    huge.put_u8(1);
+    huge.put_u16(0);
+    huge.put_u32(u32::MAX - 1);
+    huge.put_u32(0);
+    [(vec![0xAB; 64], false), (cut, true), (huge.to_vec(), false)]
+}
 
-    // A header claiming a 4 GiB body: refused before any body is read.
-    let mut p = RawPeer::connect(addr);
-    let mut h = BytesMut::with_capacity(HEADER_LEN);
-    h.put_u32(MAGIC);
-    h.put_u8(VERSION);
-    h.put_u8(1);
-    h.put_u16(0);
-    h.put_u32(u32::MAX - 1);
-    h.put_u32(0);
-    p.send_raw(&h);
-    expect_closed(&mut p);
-    expect_warn(&ctx, p.local_addr());
-
-    // A Prepare over its ask bound: nothing prepared, the connection cut off.
+/// A Prepare over its ask bound: nothing prepared, the connection cut off.
+fn over_bound_prepare_is_cut_off(ctx: &NodeProc, addr: SocketAddr) {
     let mut p = RawPeer::connect(addr);
     let ask = |tag| Ask {
         tag,
@@ -95,50 +107,29 @@ fn hostile_peers_are_refused_and_others_still_served() {
         asks: (0..=MAX_PREPARE_ASKS as u64).map(ask).collect(),
     }));
     expect_closed(&mut p);
-    expect_warn(&ctx, p.local_addr());
+    expect_warn(ctx, p.local_addr());
+}
 
-    // A real request, then a wrong token and foreign blocks for it: typed errors, no bytes.
+/// A real request, then a wrong token and foreign blocks for it: typed errors, no bytes.
+fn wrong_token_and_foreign_blocks_get_typed_errors(
+    ctx: &NodeProc,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+) {
     let mut p = RawPeer::connect(addr);
-    p.send(&Frame::Node(NodeFrame::Prepare {
-        asks: vec![Ask {
-            tag: 1,
-            blocks: 2,
-            seed: Some(3),
-        }],
-    }));
-    let Some(Frame::Node(NodeFrame::Prepared { layout, answers })) = p.recv() else {
-        panic!("prepare not answered");
-    };
-    let Ok(
-        [Answer::Prepared {
-            request,
-            token,
-            ctx_blocks,
-            ..
-        }],
-    ) = <[Answer; 1]>::try_from(answers)
-    else {
-        panic!("one ask, one prepared answer");
-    };
-    let token = kvferry_core::TransferToken(token);
-    let gen_blocks = vec![
-        kvferry_core::blocks::BlockRef { id: 0, epoch: 1 },
-        kvferry_core::blocks::BlockRef { id: 1, epoch: 2 },
-    ];
+    let info = prepared_request(&mut p);
+    let token = info.token;
     let info = RequestInfo {
-        request,
         token: kvferry_core::TransferToken(token.0 ^ 1),
-        gen_layout: layout,
-        ctx_blocks: ctx_blocks.clone(),
-        gen_blocks: gen_blocks.clone(),
+        ..info
     };
     p.send(&Frame::Core(Message::RequestInfo(info.clone())));
     let is_error =
         |f: &Frame| matches!(f, Frame::Core(Message::Error { .. } | Message::Data { .. }));
     assert_eq!(error_code(p.recv_until(is_error)), ErrorCode::BadToken);
-    expect_warn(&ctx, p.local_addr());
+    expect_warn(ctx, p.local_addr());
 
-    let foreign: Vec<u32> = ctx_blocks.iter().map(|b| b + 100).collect();
+    let foreign: Vec<u32> = info.ctx_blocks.iter().map(|b| b + 100).collect();
     let info = RequestInfo {
         token,
         ctx_blocks: foreign,
@@ -160,17 +151,41 @@ fn hostile_peers_are_refused_and_others_still_served() {
         m["kvferry_transfers_started_total"], 0.0,
         "no byte served: {m:?}"
     );
-    drop(p);
+}
 
-    // Everyone else is still served.
-    let peer = addr.to_string();
-    let mut args = vec!["gen", "--peer", &peer, "--requests", "10"];
-    args.extend(SMALL_LAYOUT);
-    let mut g = NodeProc::spawn(BIN, &args);
-    let status = g.wait_exit(Duration::from_secs(120));
-    let s = g.summary();
-    assert!(status.success(), "{s}");
-    assert_eq!(s["done"], 10, "{s}");
+/// Asks the ctx for one request of 2 blocks; its `RequestInfo` as a gen would send it.
+fn prepared_request(p: &mut RawPeer) -> RequestInfo {
+    p.send(&Frame::Node(NodeFrame::Prepare {
+        asks: vec![Ask {
+            tag: 1,
+            blocks: 2,
+            seed: Some(3),
+        }],
+    }));
+    let Some(Frame::Node(NodeFrame::Prepared { layout, answers })) = p.recv() else {
+        panic!("prepare not answered");
+    };
+    let Ok(
+        [Answer::Prepared {
+            request,
+            token,
+            ctx_blocks,
+            ..
+        }],
+    ) = <[Answer; 1]>::try_from(answers)
+    else {
+        panic!("one ask, one prepared answer");
+    };
+    RequestInfo {
+        request,
+        token: kvferry_core::TransferToken(token),
+        gen_layout: layout,
+        ctx_blocks,
+        gen_blocks: vec![
+            kvferry_core::blocks::BlockRef { id: 0, epoch: 1 },
+            kvferry_core::blocks::BlockRef { id: 1, epoch: 2 },
+        ],
+    }
 }
 
 /// A newcomer's mistake: a gen pointed where nothing listens says so within seconds and exits
