@@ -306,12 +306,11 @@ mod tests {
         assert_eq!(c.slot_bytes_for(1024, 16).unwrap(), (1 << 20) * 1024);
     }
 
-    /// Every limit at its edge: the last valid value passes, the first invalid one fails and
-    /// names its field.
-    #[test]
-    fn every_limit_is_inclusive_and_names_its_field() {
-        type Edit = fn(&mut TransceiverConfig);
-        let ok: [(&str, Edit); 17] = [
+    type Edit = fn(&mut TransceiverConfig);
+
+    /// Every limit at its last valid value (each field at both ends where it has two).
+    fn valid_edges() -> [(&'static str, Edit); 17] {
+        [
             ("heartbeat_interval_ms", |c| c.heartbeat_interval_ms = 1),
             ("heartbeat_interval_ms", |c| {
                 c.heartbeat_interval_ms = MAX_TIMEOUT_MS
@@ -350,14 +349,12 @@ mod tests {
                 c.inflight_cancel = true;
                 c.kv_transfer_timeout_ms = Some(1);
             }),
-        ];
-        for (field, edit) in ok {
-            let mut c = TransceiverConfig::default();
-            edit(&mut c);
-            c.validate()
-                .unwrap_or_else(|e| panic!("{field} at its edge refused: {e}"));
-        }
-        let bad: [(&str, Edit); 18] = [
+        ]
+    }
+
+    /// Every limit at its first invalid value.
+    fn invalid_edges() -> [(&'static str, Edit); 18] {
+        [
             ("heartbeat_interval_ms", |c| c.heartbeat_interval_ms = 0),
             ("heartbeat_interval_ms", |c| {
                 c.heartbeat_interval_ms = MAX_TIMEOUT_MS + 1
@@ -397,8 +394,24 @@ mod tests {
                 c.inflight_cancel = true;
                 c.kv_transfer_timeout_ms = None;
             }),
-        ];
-        for (field, edit) in bad {
+        ]
+    }
+
+    /// Every limit is inclusive: its last valid value passes.
+    #[test]
+    fn every_limit_is_inclusive() {
+        for (field, edit) in valid_edges() {
+            let mut c = TransceiverConfig::default();
+            edit(&mut c);
+            c.validate()
+                .unwrap_or_else(|e| panic!("{field} at its edge refused: {e}"));
+        }
+    }
+
+    /// The first value past every limit fails and names its field.
+    #[test]
+    fn every_limit_past_its_edge_names_its_field() {
+        for (field, edit) in invalid_edges() {
             let mut c = TransceiverConfig::default();
             edit(&mut c);
             match c.validate() {
