@@ -123,8 +123,10 @@ struct GenNode {
     rng: StdRng,
     /// Connections up and ready to carry requests (a CUDA gen's: with the ctx's pool mapped).
     ready: HashSet<ConnId>,
-    /// Some connection has been up, waiting for a ctx's CUDA pool, since then.
-    pool_wait: Option<Instant>,
+    /// Connections up and waiting for their ctx rank's CUDA pool, since when.
+    pool_wait: HashMap<ConnId, Instant>,
+    /// A connection went down since the last one came up: the next `Up` is a reconnect.
+    lost_since_up: bool,
     launched: u64,
     next_tag: u64,
     pending: HashMap<u64, Launch>,
@@ -156,7 +158,8 @@ impl GenNode {
             inst,
             opts,
             ready: HashSet::new(),
-            pool_wait: None,
+            pool_wait: HashMap::new(),
+            lost_since_up: false,
             launched: 0,
             next_tag: 0,
             pending: HashMap::new(),
@@ -364,7 +367,8 @@ impl GenNode {
             Inbound::Down { peer, reason } => {
                 tracing::warn!(%peer, rank = g, %reason, "lost a ctx connection");
                 self.ready.remove(&(g, peer.rank));
-                self.pool_wait = None;
+                self.pool_wait.remove(&(g, peer.rank));
+                self.lost_since_up = true;
                 self.abandon_all(&format!("ctx connection lost: {reason}"));
                 self.inst.ranks[g].backend.peer_lost(peer);
             }
@@ -398,7 +402,8 @@ impl GenNode {
     }
 
     fn on_up(&mut self, conn @ (g, r): ConnId) {
-        if self.s.done + self.s.failed > 0 && self.ready.is_empty() {
+        // One reconnect per loss, however many of the instance's links it took down.
+        if std::mem::take(&mut self.lost_since_up) && self.s.done + self.s.failed > 0 {
             self.s.reconnects += 1;
         }
         tracing::info!(rank = g, ctx_rank = r, "connected to ctx");
@@ -407,16 +412,15 @@ impl GenNode {
         if self.rank(g).backend.ready_on_connect() {
             self.ready.insert(conn);
         } else {
-            self.pool_wait.get_or_insert_with(Instant::now);
+            self.pool_wait.insert(conn, Instant::now());
         }
     }
 
     /// The earliest instant anything of this gen waits on: the transceivers' next deadline,
     /// the CUDA pool wait, the next progress line, the final drain.
     fn next_wake(&self, progress: &Progress, drain_until: Option<Instant>) -> Option<Instant> {
-        let pool = self
-            .pool_wait
-            .map(|t| t + POOL_WAIT + Duration::from_millis(1));
+        let pool =
+            (self.pool_wait.values().min()).map(|t| *t + POOL_WAIT + Duration::from_millis(1));
         [
             self.inst.next_deadline(),
             pool.filter(|_| self.s.gave_up.is_none()),
@@ -444,7 +448,8 @@ impl GenNode {
     }
 
     fn check_pool_wait(&mut self) {
-        if self.s.gave_up.is_some() || self.pool_wait.is_none_or(|t| t.elapsed() <= POOL_WAIT) {
+        let overdue = self.pool_wait.values().any(|t| t.elapsed() > POOL_WAIT);
+        if self.s.gave_up.is_some() || !overdue {
             return;
         }
         let cause = format!(
@@ -495,9 +500,7 @@ impl GenNode {
                     Ok(()) => {
                         tracing::info!(%peer, rank = g, "mapped the ctx's KV pool");
                         self.ready.insert((g, peer.rank));
-                        if self.connected() {
-                            self.pool_wait = None;
-                        }
+                        self.pool_wait.remove(&(g, peer.rank));
                     }
                     // The ctx cannot be read from: nothing would ever complete, so give up now.
                     Err(e) => self.give_up(peer, &format!("ctx pool not usable: {e}")),
@@ -515,22 +518,22 @@ impl GenNode {
         }
     }
 
-    /// Starts the request the ctx prepared for a pending launch, or fails the launch.
+    /// Starts the request the ctx prepared for a pending launch, or fails the launch. A
+    /// prepared request this gen will not receive (its launch was abandoned, or it cannot
+    /// start) is cancelled on every ctx rank, so the ctx frees it now, not at its sender budget.
     fn on_answer(&mut self, a: Answer, layout: CacheLayout) {
         let tag = match &a {
             Answer::Prepared { tag, .. } | Answer::Failed { tag, .. } => *tag,
         };
         let Some(l) = self.pending.remove(&tag) else {
             tracing::warn!(tag, "prepare answer for no pending launch");
+            if let Answer::Prepared { request, token, .. } = a {
+                self.release_prepared(request, TransferToken(token));
+            }
             return;
         };
         self.reserved -= l.blocks as usize;
-        let ctx_ranks = self.opts.peers.len();
-        if layout.validate().is_err() || layout.world_size() as usize != ctx_ranks {
-            let cause = format!(
-                "the ctx serves {} ranks (layout {layout:?}), --peer names {ctx_ranks}",
-                layout.world_size()
-            );
+        if let Err(cause) = ctx_ranks_match(&layout, self.opts.peers.len()) {
             self.record_error(cause.clone());
             self.give_up(ctx_peer(0), &cause);
             return;
@@ -541,11 +544,29 @@ impl GenNode {
                 token,
                 ctx_blocks,
                 ..
-            } => self.start(l, request, TransferToken(token), ctx_blocks, layout),
+            } => {
+                let token = TransferToken(token);
+                let r = self.start(l, request, token, ctx_blocks, layout);
+                // Not a live request's id (a ctx naming one twice): that one stays.
+                if r.is_err() && !self.active.contains_key(&request) {
+                    self.release_prepared(request, token);
+                }
+                r
+            }
             Answer::Failed { reason, .. } => Err(format!("ctx could not prepare: {reason}")),
         };
         if let Err(cause) = started {
             self.record_error(cause);
+        }
+    }
+
+    /// Cancels, with its token, a request the ctx prepared for this gen on every ctx rank.
+    fn release_prepared(&self, request: RequestId, token: TransferToken) {
+        for r in 0..self.opts.peers.len() as u32 {
+            let cancel = Frame::Core(Message::Cancel { request, token });
+            if let Err(e) = self.rank(0).links.send_frame(ctx_peer(r), cancel) {
+                tracing::debug!(%request, ctx_rank = r, error = %e, "cancel not sent");
+            }
         }
     }
 
@@ -557,6 +578,11 @@ impl GenNode {
         ctx_blocks: Vec<u32>,
         layout: CacheLayout,
     ) -> Result<(), String> {
+        if self.active.contains_key(&id) {
+            // A ctx that names a live request again is not to be believed: the first keeps
+            // its blocks and its seed.
+            return Err(format!("ctx prepared request {id} twice"));
+        }
         if ctx_blocks.len() != l.blocks as usize {
             return Err(format!(
                 "ctx prepared {} blocks, {} asked",
@@ -726,21 +752,25 @@ impl GenNode {
 
     /// Hangs up cleanly: whatever the connections still owe the ctx is written before they
     /// close (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
-    /// for them, and would fail on the disconnect instead).
+    /// for them, and would fail on the disconnect instead). Waits for the `Down` of each link
+    /// it closed, bounded; a stale `Down` of another link counts for nothing.
     async fn hang_up(&self, inbox: &mut mpsc::Receiver<Delivery>) {
-        let mut open = 0;
-        for rank in &self.inst.ranks {
+        let mut open = HashSet::new();
+        for (g, rank) in self.inst.ranks.iter().enumerate() {
             for peer in rank.links.peers() {
-                if let Some(link) = rank.links.get(peer) {
-                    open += usize::from(link.control.send(Outgoing::Close).await.is_ok());
+                let Some(link) = rank.links.get(peer) else {
+                    continue;
+                };
+                if link.control.send(Outgoing::Close).await.is_ok() {
+                    open.insert((g, peer));
                 }
             }
         }
         let closed = async {
-            while open > 0 {
+            while !open.is_empty() {
                 let Some(d) = inbox.recv().await else { return };
-                if matches!(d.event, Inbound::Down { .. } | Inbound::GaveUp { .. }) {
-                    open -= 1;
+                if let Inbound::Down { peer, .. } = d.event {
+                    open.remove(&(d.rank, peer));
                 }
             }
         };
@@ -791,6 +821,21 @@ impl GenNode {
             ..self.s
         }
     }
+}
+
+/// `Ok` when the ctx's layout (from the wire: not trusted) is valid and has as many ranks as
+/// `--peer` names addresses; else why not. Never multiplies an unvalidated layout's fields.
+fn ctx_ranks_match(layout: &CacheLayout, peers: usize) -> Result<(), String> {
+    if let Err(e) = layout.validate() {
+        return Err(format!("the ctx sent an invalid layout: {e}"));
+    }
+    let ranks = layout.world_size() as usize;
+    if ranks != peers {
+        return Err(format!(
+            "the ctx serves {ranks} ranks (layout {layout:?}), --peer names {peers}"
+        ));
+    }
+    Ok(())
 }
 
 /// Progress on stderr: a rewritten line on a terminal, plain lines otherwise.
@@ -846,5 +891,24 @@ impl Progress {
         if self.enabled && self.tty {
             let _ = writeln!(std::io::stderr(), "\r{}\x1b[K", Self::line(s, 0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::sharded;
+
+    /// A ctx's layout comes off the wire: one whose rank count overflows is refused as
+    /// invalid, not multiplied (which panics where overflow checks are on).
+    #[test]
+    fn a_layout_from_the_wire_is_validated_before_its_ranks_are_counted() {
+        let mut l = sharded(1, 2, 16, 4, 2, 2);
+        assert_eq!(ctx_ranks_match(&l, 2), Ok(()));
+        let e = ctx_ranks_match(&l, 1).unwrap_err();
+        assert!(e.contains("serves 2 ranks") && e.contains("names 1"), "{e}");
+        (l.tp_size, l.pp_size) = (1 << 16, 1 << 16);
+        let e = ctx_ranks_match(&l, 2).unwrap_err();
+        assert!(e.contains("invalid layout"), "{e}");
     }
 }
