@@ -392,3 +392,39 @@ fn a_lost_peer_fails_only_what_still_needs_it() {
         ]
     );
 }
+
+/// A generation rank asks every context rank, also those holding nothing for it (so each
+/// learns how many ranks to expect). If that ask cannot leave, the context instance can never
+/// finish the request: it fails on both sides at once, though the lost rank had no leg here.
+#[test]
+fn an_ask_that_cannot_leave_fails_the_request_everywhere() {
+    let mut c = Cluster::new(2, 2, TransceiverConfig::default());
+    c.submit(1, 1, 3, 3);
+    let ctx1 = PeerId {
+        instance: CTX,
+        rank: 1,
+    };
+    let gen0 = PeerId {
+        instance: GEN,
+        rank: 0,
+    };
+    // Gen rank 0 reads only from ctx rank 0 (TP2 -> TP2); its ask to ctx rank 1 is lost.
+    while let Some(t) = c.gen[0].tx.poll_transmit() {
+        match (&t.msg, t.to == ctx1) {
+            (Message::RequestInfo(i), true) => {
+                c.gen[0].tx.handle_info_unsent(c.now, ctx1, i.request)
+            }
+            _ => c.ctx[t.to.rank as usize]
+                .tx
+                .handle_message(c.now, gen0, t.msg),
+        }
+    }
+    let fin = c.run_until_quiet();
+    let states: Vec<_> = fin.iter().map(|f| f.state).collect();
+    assert!(
+        fin.iter().all(|f| f.state == RequestState::TransferError),
+        "every rank of both instances fails it: {states:?}"
+    );
+    assert_eq!(fin.len(), 4, "two ranks a side: {states:?}");
+    c.assert_pools_full();
+}

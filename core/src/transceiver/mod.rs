@@ -323,6 +323,19 @@ impl Transceiver {
         }
     }
 
+    /// The driver could not hand the `RequestInfo` of `request` to any connection to `to`.
+    /// An info that never left means that context rank never learns of this generation rank,
+    /// so the request cannot end well anywhere: it fails now, as it does when the outbox
+    /// refuses the info (`ask`). A context rank that holds no bytes for this rank has no open
+    /// leg here, so losing it alone (`handle_peer_lost`, which follows) would not fail it.
+    pub fn handle_info_unsent(&mut self, now: Duration, to: PeerId, request: RequestId) {
+        let live = (self.entries.get(&request)).is_some_and(|e| e.cause.is_none());
+        if live {
+            self.abort_entry(now, request, FailCause::Unreachable);
+        }
+        self.handle_peer_lost(now, to);
+    }
+
     /// The next control message to send, oldest first. Drain it after every call.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outbox.pop()

@@ -11,6 +11,7 @@ use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::{Agreed, Contribution};
 use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
+use kvferry_core::wire::Message;
 use kvferry_core::PeerId;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -107,15 +108,23 @@ impl Rank {
         self.tx.poll_timeout().map(|d| self.start + d)
     }
 
-    /// Sends what the transceiver wants sent. A peer with no connection left is lost: what
-    /// depended on it fails now.
+    /// Sends what the transceiver wants sent. A peer with no connection left is lost, and a
+    /// `RequestInfo` that could not leave fails its request (`handle_info_unsent`).
     pub fn flush(&mut self) {
         while let Some(t) = self.tx.poll_transmit() {
+            // A `RequestInfo` is the one message whose loss the core must hear of.
+            let info = match &t.msg {
+                Message::RequestInfo(i) => Some(i.request),
+                _ => None,
+            };
             match self.links.send_frame(t.to, Frame::Core(t.msg)) {
                 Ok(()) => {}
                 Err(LinkError::Unreachable(peer)) => {
                     let now = self.now();
-                    self.tx.handle_peer_lost(now, peer);
+                    match info {
+                        Some(request) => self.tx.handle_info_unsent(now, peer, request),
+                        None => self.tx.handle_peer_lost(now, peer),
+                    }
                 }
                 Err(e @ LinkError::Backpressure(_)) => {
                     tracing::warn!(error = %e, "control frame dropped");
