@@ -61,6 +61,11 @@ pub enum CommandError {
         super::dialers::MAX_CTX_PEERS
     )]
     TooManyPeers,
+    #[error(
+        "this context instance needs {needed} more connections, and {dialed} of at most {} are dialed",
+        super::dialers::MAX_DIALS
+    )]
+    TooManyConnections { needed: usize, dialed: usize },
     #[error("the transceiver is closed")]
     Closed,
 }
@@ -78,6 +83,7 @@ impl CommandError {
             CommandError::Refused(_) => "refused",
             CommandError::Unclaimed(_) => "unclaimed",
             CommandError::TooManyPeers => "too-many-peers",
+            CommandError::TooManyConnections { .. } => "too-many-connections",
             CommandError::Closed => "closed",
         }
     }
