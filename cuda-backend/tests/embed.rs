@@ -254,3 +254,41 @@ fn connections_dialed_are_bounded() {
         .unwrap();
     assert!(gen.close());
 }
+
+/// A TP2 context instance closes the moment its statuses are in, while the TP1 generation
+/// instance may still be reading the tail (megabytes a request, and a generation side that
+/// heartbeats every millisecond, so the context ranks always have inbound bytes to read):
+/// closing must end its connections with FIN, never a reset that loses the tail.
+#[test]
+fn a_context_instance_closing_after_its_statuses_loses_nothing() {
+    let tp2 = sharded(8, 2, 128, 64, 2, 2);
+    let tp1 = single_rank(8, 2, 128, 64, 2);
+    let (cbb, gbb) = (tp2.block_bytes() as usize, tp1.block_bytes() as usize);
+    let mut gen_spec = spec_of(Side::Generation, tp1);
+    gen_spec.node.limits.heartbeat = Duration::from_millis(1);
+    // Its own reader's idle bound is heartbeat × misses: a second, as by default, not 6 ms.
+    gen_spec.node.limits.heartbeat_misses = 1000;
+    for round in 0..10 {
+        let mut ctx_mem: Vec<Vec<u8>> = (0..2)
+            .map(|r| vec![(round * 2 + r + 1) as u8; cbb * BLOCKS as usize])
+            .collect();
+        let mut gen_mem = vec![0u8; gbb * BLOCKS as usize];
+        let mems = ctx_mem.iter_mut().map(|m| &mut m[..]).collect();
+        let ctx = start_ranks(spec_of(Side::Context, tp2), mems).unwrap();
+        let gen = start_ranks(gen_spec.clone(), vec![&mut gen_mem]).unwrap();
+        let all: Vec<u32> = (0..BLOCKS).collect();
+        let ticket = ctx.send(RequestId(7), all.clone()).unwrap();
+        gen.receive(RequestId(100), all, ticket).unwrap();
+        let c = ctx.take(1, Some(Duration::from_secs(20)));
+        assert_eq!(c[0].state, RequestState::ContextComplete, "{c:?}");
+        assert!(ctx.close());
+        let g = gen.take(1, Some(Duration::from_secs(20)));
+        assert_eq!(
+            g[0].state,
+            RequestState::GenComplete,
+            "round {round}: {g:?}"
+        );
+        assert!(gen.close());
+        assert!(!gen_mem.contains(&0), "round {round}: every byte landed");
+    }
+}
