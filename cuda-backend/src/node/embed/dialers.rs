@@ -9,7 +9,6 @@
 //! dial is bounded, in instances (`MAX_CTX_PEERS`) and in connections (`MAX_DIALS`), and a
 //! ticket past either is refused before anything is dialed.
 
-use super::command::CommandError;
 use crate::node::conn::Attach;
 use crate::node::gen::dial_loop;
 use crate::node::OwnedTask;
@@ -18,6 +17,7 @@ use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use thiserror::Error;
 
 /// Distinct context instances one generation instance reads from at most (each keeps a
 /// connection from every local rank to every one of its ranks).
@@ -29,6 +29,15 @@ pub const MAX_CTX_PEERS: usize = 1024;
 /// `READ_BUFFER`): 4096 is at most half a GiB of buffers, and serves, say, a TP8 generation
 /// instance reading from 64 TP8 context instances.
 pub const MAX_DIALS: usize = 4096;
+
+/// Why a ticket's context instance is not dialed (nothing of it is).
+#[derive(Debug, Error)]
+pub enum DialError {
+    #[error("this instance already reads from {MAX_CTX_PEERS} context instances")]
+    TooManyPeers,
+    #[error("this context instance needs {needed} more connections, and {dialed} of at most {MAX_DIALS} are dialed")]
+    TooManyConnections { needed: usize, dialed: usize },
+}
 
 /// One request, one `Request` per local rank (in rank order), to submit together.
 pub type Parked = Vec<Arc<Request>>;
@@ -81,7 +90,7 @@ impl Dialers {
     /// The instance id of the context instance whose ranks listen on `addrs` (its rank `r` is
     /// `PeerId { instance, rank: r }`), starting every dialer of it that does not run; refused,
     /// with nothing dialed, past `MAX_CTX_PEERS` instances or `MAX_DIALS` connections.
-    pub fn instance_for(&mut self, addrs: &[SocketAddr]) -> Result<u32, CommandError> {
+    pub fn instance_for(&mut self, addrs: &[SocketAddr]) -> Result<u32, DialError> {
         let instance = match self.by_addrs.get(addrs) {
             Some(i) => *i,
             None => self.add(addrs)?,
@@ -103,13 +112,13 @@ impl Dialers {
     }
 
     /// A new context instance at `addrs`, its dialers idle, if the bounds allow it.
-    fn add(&mut self, addrs: &[SocketAddr]) -> Result<u32, CommandError> {
+    fn add(&mut self, addrs: &[SocketAddr]) -> Result<u32, DialError> {
         if self.instances.len() >= MAX_CTX_PEERS {
-            return Err(CommandError::TooManyPeers);
+            return Err(DialError::TooManyPeers);
         }
         let needed = self.attach.len() * addrs.len();
         if self.dials + needed > MAX_DIALS {
-            return Err(CommandError::TooManyConnections {
+            return Err(DialError::TooManyConnections {
                 needed,
                 dialed: self.dials,
             });

@@ -568,7 +568,7 @@ impl Driver {
                 for (rank, r) in self.inst.ranks.iter().zip(&refs) {
                     rank.pool.lock().expect("pool lock").free(r);
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         let source = ContextSource {
