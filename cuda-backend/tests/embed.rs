@@ -6,12 +6,15 @@ use kvferry_backends::host::kv::HostKv;
 use kvferry_backends::layout::{sharded, single_rank};
 use kvferry_backends::node::backend_parts::LentKv;
 use kvferry_backends::node::embed::command::CommandError;
+use kvferry_backends::node::embed::dialers::{MAX_CTX_PEERS, MAX_DIALS};
 use kvferry_backends::node::embed::handle::{EmbedSpec, EmbeddedInstance, StartError};
+use kvferry_backends::node::embed::ticket::ContextTicket;
 use kvferry_backends::node::spec::NodeSpec;
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::RequestState;
 use kvferry_core::transceiver::Side;
-use kvferry_core::RequestId;
+use kvferry_core::{RequestId, TransferToken};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,4 +195,100 @@ fn an_instance_needs_one_pool_per_rank() {
         matches!(got, Err(StartError::Ranks { pools: 1, world: 2 })),
         "{got:?}"
     );
+}
+
+/// A ticket for a context instance of `layout` whose ranks are at loopback addresses of their
+/// own (`n` tells instances apart); port 0, so every dial is refused at once.
+fn ticket_at(n: usize, layout: CacheLayout, blocks: Vec<u32>) -> ContextTicket {
+    let addrs = (0..layout.world_size() as usize)
+        .map(|r| {
+            let ip = Ipv4Addr::new(127, 1 + (n >> 8) as u8, n as u8, 1 + r as u8);
+            SocketAddr::from((ip, 0))
+        })
+        .collect();
+    ContextTicket {
+        addrs,
+        request: RequestId(1),
+        token: TransferToken(1),
+        layout,
+        blocks,
+    }
+}
+
+/// A receive refused for what it is (here: no blocks) dials nothing, so no number of them
+/// uses up the context instances this one may read from.
+#[test]
+fn a_refused_receive_dials_nothing() {
+    let bb = spec(Side::Generation).node.layout.block_bytes() as usize;
+    let mut gen_mem = vec![0u8; bb * BLOCKS as usize];
+    let gen = start(Side::Generation, &mut gen_mem);
+    let layout = spec(Side::Generation).node.layout;
+    for n in 0..=MAX_CTX_PEERS {
+        let t = ticket_at(n, layout, vec![]);
+        assert_eq!(reason(gen.receive(RequestId(1), vec![], t)), "no-blocks");
+    }
+    assert!(gen.close());
+}
+
+/// Tickets naming context instances of 16 ranks: each costs 16 connections of a TP1
+/// generation instance, and the one past `MAX_DIALS` is refused; an instance already dialed
+/// costs nothing more.
+#[test]
+fn connections_dialed_are_bounded() {
+    let gen_layout = single_rank(2, 16, 16, 4, 2);
+    let ctx_layout = sharded(2, 16, 16, 4, 2, 16);
+    let mut gen_mem = vec![0u8; gen_layout.block_bytes() as usize * BLOCKS as usize];
+    let gen = start_ranks(spec_of(Side::Generation, gen_layout), vec![&mut gen_mem]).unwrap();
+    let fits = MAX_DIALS / 16;
+    for n in 0..fits {
+        let id = RequestId(n as u64);
+        gen.receive(id, vec![0], ticket_at(n, ctx_layout, vec![0]))
+            .unwrap();
+        // Cancelled or failed (its dials are refused): either way its block is free again.
+        gen.cancel(id).unwrap();
+        assert_eq!(gen.take(1, Some(Duration::from_secs(20))).len(), 1);
+    }
+    let past = gen.receive(RequestId(0), vec![0], ticket_at(fits, ctx_layout, vec![0]));
+    assert_eq!(reason(past), "too-many-connections");
+    gen.receive(RequestId(0), vec![0], ticket_at(0, ctx_layout, vec![0]))
+        .unwrap();
+    assert!(gen.close());
+}
+
+/// A TP2 context instance closes the moment its statuses are in, while the TP1 generation
+/// instance may still be reading the tail (megabytes a request, and a generation side that
+/// heartbeats every millisecond, so the context ranks always have inbound bytes to read):
+/// closing must end its connections with FIN, never a reset that loses the tail.
+#[test]
+fn a_context_instance_closing_after_its_statuses_loses_nothing() {
+    let tp2 = sharded(8, 2, 128, 64, 2, 2);
+    let tp1 = single_rank(8, 2, 128, 64, 2);
+    let (cbb, gbb) = (tp2.block_bytes() as usize, tp1.block_bytes() as usize);
+    let mut gen_spec = spec_of(Side::Generation, tp1);
+    gen_spec.node.limits.heartbeat = Duration::from_millis(1);
+    // Its own reader's idle bound is heartbeat × misses: a second, as by default, not 6 ms.
+    gen_spec.node.limits.heartbeat_misses = 1000;
+    for round in 0..10 {
+        let mut ctx_mem: Vec<Vec<u8>> = (0..2)
+            .map(|r| vec![(round * 2 + r + 1) as u8; cbb * BLOCKS as usize])
+            .collect();
+        let mut gen_mem = vec![0u8; gbb * BLOCKS as usize];
+        let mems = ctx_mem.iter_mut().map(|m| &mut m[..]).collect();
+        let ctx = start_ranks(spec_of(Side::Context, tp2), mems).unwrap();
+        let gen = start_ranks(gen_spec.clone(), vec![&mut gen_mem]).unwrap();
+        let all: Vec<u32> = (0..BLOCKS).collect();
+        let ticket = ctx.send(RequestId(7), all.clone()).unwrap();
+        gen.receive(RequestId(100), all, ticket).unwrap();
+        let c = ctx.take(1, Some(Duration::from_secs(20)));
+        assert_eq!(c[0].state, RequestState::ContextComplete, "{c:?}");
+        assert!(ctx.close());
+        let g = gen.take(1, Some(Duration::from_secs(20)));
+        assert_eq!(
+            g[0].state,
+            RequestState::GenComplete,
+            "round {round}: {g:?}"
+        );
+        assert!(gen.close());
+        assert!(!gen_mem.contains(&0), "round {round}: every byte landed");
+    }
 }

@@ -108,6 +108,8 @@ impl InboxTx {
 enum Closed {
     /// The peer hung up cleanly between frames.
     Eof,
+    /// This side closed the connection (`Outgoing::Close`).
+    Here,
     Io(std::io::Error),
     /// The peer broke the protocol: it is told why, then cut off.
     Violation(String),
@@ -225,7 +227,7 @@ impl Attached {
 pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> String {
     // Control frames are small and latency-bound; batching happens in the writer.
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let (mut rd, wr) = stream.into_split();
     // Owned: if this future is dropped (its connection task aborted), the writer goes too.
     let mut writer = OwnedTask(tokio::spawn(writer::write_loop(
         wr,
@@ -233,17 +235,24 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
         WRITE_STALL,
         Some(ctx.heartbeat),
     )));
+    // Boxed, to be dropped (giving `rd` back) when this side closes.
+    let mut read = Box::pin(read_loop(&mut rd, &ctx));
     let closed = tokio::select! {
-        c = read_loop(rd, &ctx) => c,
+        c = &mut read => c,
         _ = ctx.seat.evict.notified() => Closed::Evicted,
         w = &mut writer.0 => match w {
-            Ok(Ok(())) => Closed::Eof,
+            Ok(Ok(())) => Closed::Here,
             Ok(Err(e)) => Closed::Io(e),
             Err(e) => Closed::Io(std::io::Error::other(e)),
         },
     };
+    drop(read);
+    if let Closed::Here = closed {
+        linger(&mut rd).await;
+    }
     match closed {
         Closed::Eof => "peer closed the connection".into(),
+        Closed::Here => "closed here".into(),
         Closed::Io(e) => format!("connection error: {e}"),
         Closed::Evicted => {
             ctx.metrics.connections_evicted.inc();
@@ -268,6 +277,22 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx, queues: LinkQueues) -> Strin
             format!("protocol violation: {why}")
         }
     }
+}
+
+/// This side closed the connection (its FIN is out): reads, and drops, what the peer still
+/// sends until its FIN, for at most `FLUSH_ON_CLOSE`. A socket dropped with inbound bytes
+/// unread is reset, not closed, and the peer loses what it had not read yet of ours (the
+/// tail of a send it is still taking in).
+async fn linger(rd: &mut OwnedReadHalf) {
+    let mut sink = vec![0u8; READ_CHUNK];
+    let until_fin = async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(FLUSH_ON_CLOSE, until_fin).await;
 }
 
 /// When the reader next needs a whole frame by.
@@ -306,7 +331,7 @@ impl Deadline {
     }
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
+async fn read_loop(rd: &mut OwnedReadHalf, ctx: &ConnCtx) -> Closed {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut due = Deadline::new(ctx.deadlines);
     loop {
@@ -314,7 +339,7 @@ async fn read_loop(mut rd: OwnedReadHalf, ctx: &ConnCtx) -> Closed {
             if let Some(agent) = &ctx.agent {
                 match frame::decode_data_head(&mut buf) {
                     Ok(Some(head)) => {
-                        if let Err(c) = land(&mut rd, &mut buf, ctx, agent, head, &due).await {
+                        if let Err(c) = land(rd, &mut buf, ctx, agent, head, &due).await {
                             return c;
                         }
                         due.frame(ctx);

@@ -1,5 +1,6 @@
 //! What the embedding program asks of its instance's driver, and why the driver can refuse.
 
+use super::dialers::DialError;
 use super::ticket::ContextTicket;
 use crate::node::rank::Occupancy;
 use kvferry_core::blocks::BlockError;
@@ -56,11 +57,8 @@ pub enum CommandError {
     Refused(#[from] TransceiverError),
     #[error("{0} unclaimed statuses: poll the transfer status before adding requests")]
     Unclaimed(usize),
-    #[error(
-        "this instance already reads from {} context instances",
-        super::dialers::MAX_CTX_PEERS
-    )]
-    TooManyPeers,
+    #[error(transparent)]
+    Dials(#[from] DialError),
     #[error("the transceiver is closed")]
     Closed,
 }
@@ -77,7 +75,8 @@ impl CommandError {
             CommandError::OtherModel(_) => "other-model",
             CommandError::Refused(_) => "refused",
             CommandError::Unclaimed(_) => "unclaimed",
-            CommandError::TooManyPeers => "too-many-peers",
+            CommandError::Dials(DialError::TooManyPeers) => "too-many-peers",
+            CommandError::Dials(DialError::TooManyConnections { .. }) => "too-many-connections",
             CommandError::Closed => "closed",
         }
     }

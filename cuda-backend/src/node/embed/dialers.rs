@@ -4,6 +4,10 @@
 //! A request is parked here until every connection it needs is up (its `RequestInfo`s would
 //! have nowhere to go; the ranks register it together or not at all, so the instance's
 //! tables move in lockstep), and fails if any of the instance's dialers gives up.
+//!
+//! Tickets come from the router, which is not trusted to be sane: what they make this side
+//! dial is bounded, in instances (`MAX_CTX_PEERS`) and in connections (`MAX_DIALS`), and a
+//! ticket past either is refused before anything is dialed.
 
 use crate::node::conn::Attach;
 use crate::node::gen::dial_loop;
@@ -13,10 +17,27 @@ use kvferry_core::{PeerId, RequestId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use thiserror::Error;
 
 /// Distinct context instances one generation instance reads from at most (each keeps a
 /// connection from every local rank to every one of its ranks).
 pub const MAX_CTX_PEERS: usize = 1024;
+/// Connections (local rank, context rank) one generation instance dials at most, over every
+/// context instance it has read from. `MAX_CTX_PEERS` alone would allow 1024 instances of
+/// `MAX_LOCAL_RANKS` ranks each dialed by as many local ranks, ~262k connections. Each costs a
+/// socket, a reader and a writer task and a receive buffer of 128 KiB (`conn`'s
+/// `READ_BUFFER`): 4096 is at most half a GiB of buffers, and serves, say, a TP8 generation
+/// instance reading from 64 TP8 context instances.
+pub const MAX_DIALS: usize = 4096;
+
+/// Why a ticket's context instance is not dialed (nothing of it is).
+#[derive(Debug, Error)]
+pub enum DialError {
+    #[error("this instance already reads from {MAX_CTX_PEERS} context instances")]
+    TooManyPeers,
+    #[error("this context instance needs {needed} more connections, and {dialed} of at most {MAX_DIALS} are dialed")]
+    TooManyConnections { needed: usize, dialed: usize },
+}
 
 /// One request, one `Request` per local rank (in rank order), to submit together.
 pub type Parked = Vec<Arc<Request>>;
@@ -51,6 +72,9 @@ pub struct Dialers {
     by_addrs: HashMap<Vec<SocketAddr>, u32>,
     /// Indexed by the instance id `instance_for` handed out.
     instances: Vec<CtxInstance>,
+    /// Dialers of all `instances` (each dials at most one connection at a time); an instance
+    /// is never forgotten (its id is in requests), so neither are its dialers.
+    dials: usize,
 }
 
 impl Dialers {
@@ -59,34 +83,17 @@ impl Dialers {
             attach,
             by_addrs: HashMap::new(),
             instances: Vec::new(),
+            dials: 0,
         }
     }
 
     /// The instance id of the context instance whose ranks listen on `addrs` (its rank `r` is
-    /// `PeerId { instance, rank: r }`), starting every dialer of it that does not run; `None`
-    /// past `MAX_CTX_PEERS` instances.
-    pub fn instance_for(&mut self, addrs: &[SocketAddr]) -> Option<u32> {
+    /// `PeerId { instance, rank: r }`), starting every dialer of it that does not run; refused,
+    /// with nothing dialed, past `MAX_CTX_PEERS` instances or `MAX_DIALS` connections.
+    pub fn instance_for(&mut self, addrs: &[SocketAddr]) -> Result<u32, DialError> {
         let instance = match self.by_addrs.get(addrs) {
             Some(i) => *i,
-            None if self.instances.len() >= MAX_CTX_PEERS => return None,
-            None => {
-                let i = self.instances.len() as u32;
-                self.by_addrs.insert(addrs.to_vec(), i);
-                let idle = || Dialer {
-                    task: None,
-                    up: false,
-                };
-                self.instances.push(CtxInstance {
-                    addrs: addrs.to_vec(),
-                    dialers: self
-                        .attach
-                        .iter()
-                        .map(|_| addrs.iter().map(|_| idle()).collect())
-                        .collect(),
-                    parked: Vec::new(),
-                });
-                i
-            }
+            None => self.add(addrs)?,
         };
         let inst = &mut self.instances[instance as usize];
         for (g, row) in inst.dialers.iter_mut().enumerate() {
@@ -101,7 +108,36 @@ impl Dialers {
                 }
             }
         }
-        Some(instance)
+        Ok(instance)
+    }
+
+    /// A new context instance at `addrs`, its dialers idle, if the bounds allow it.
+    fn add(&mut self, addrs: &[SocketAddr]) -> Result<u32, DialError> {
+        if self.instances.len() >= MAX_CTX_PEERS {
+            return Err(DialError::TooManyPeers);
+        }
+        let needed = self.attach.len() * addrs.len();
+        if self.dials + needed > MAX_DIALS {
+            return Err(DialError::TooManyConnections {
+                needed,
+                dialed: self.dials,
+            });
+        }
+        self.dials += needed;
+        let i = self.instances.len() as u32;
+        self.by_addrs.insert(addrs.to_vec(), i);
+        let idle = || Dialer {
+            task: None,
+            up: false,
+        };
+        self.instances.push(CtxInstance {
+            addrs: addrs.to_vec(),
+            dialers: (self.attach.iter())
+                .map(|_| addrs.iter().map(|_| idle()).collect())
+                .collect(),
+            parked: Vec::new(),
+        });
+        Ok(i)
     }
 
     /// Every connection of every local rank to context instance `instance` is up.
@@ -153,6 +189,14 @@ impl Dialers {
         d.task = None;
         d.up = false;
         std::mem::take(&mut self.instances[peer.instance as usize].parked)
+    }
+
+    /// Stops local rank `g`'s dialer for `peer` (the instance is closing); it is not restarted.
+    pub fn stop(&mut self, g: usize, peer: PeerId) {
+        if let Some(d) = self.dialer(g, peer) {
+            d.task = None;
+            d.up = false;
+        }
     }
 
     /// Takes request `id` out of the parked ones, if it is parked.

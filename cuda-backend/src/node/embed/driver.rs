@@ -25,7 +25,7 @@ use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{FailCause, Finished, TransceiverError, TxEvent};
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId, TransferToken};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,10 @@ use tokio::sync::mpsc;
 
 /// How long `close` waits for cancelled transfers to reach their fences.
 pub const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+/// How long `close` then waits for its connections to end: each flushes what it owes, then
+/// reads for at most `conn::FLUSH_ON_CLOSE` until the peer's FIN; one more second for the
+/// flush (loopback or LAN: a peer that reads takes a tail of queued frames well within it).
+const HANG_UP: Duration = Duration::from_secs(2);
 /// Bytes of a peer's error text kept for a status (the peer is not trusted to be brief).
 const MAX_DETAIL: usize = 256;
 
@@ -140,15 +144,55 @@ impl Driver {
             }
             self.step()?;
         }
-        for rank in &self.inst.ranks {
+        // What came before the close (an old connection's `Down`) is not the closed links'.
+        drain_inbox(inbox, |ev| self.on_inbound(ev));
+        self.step()?;
+        self.hang_up(inbox).await;
+        self.out.close();
+        Ok(())
+    }
+
+    /// Closes every connection and waits (bounded by `HANG_UP`) for each to end: its writer
+    /// flushes what it owes the peer (a context rank: the tail of a send its status already
+    /// called sent), and its reader reads on until the peer's FIN. A socket dropped with
+    /// inbound bytes unread (the peer's heartbeats) makes Linux reset it, and the peer loses
+    /// what it had not read yet; dropping the runtime at once would do just that.
+    async fn hang_up(&mut self, inbox: &mut mpsc::Receiver<Delivery>) {
+        let mut open = HashSet::new();
+        for (g, rank) in self.inst.ranks.iter().enumerate() {
             for peer in rank.links.peers() {
-                if let Some(l) = rank.links.get(peer) {
-                    let _ = l.control.try_send(Outgoing::Close);
+                // A link gone from the table since has ended; its `Down` is not awaited.
+                let Some(l) = rank.links.get(peer) else {
+                    continue;
+                };
+                if l.control.send(Outgoing::Close).await.is_ok() {
+                    open.insert((g, peer));
                 }
             }
         }
-        self.out.close();
-        Ok(())
+        let closed = async {
+            while !open.is_empty() {
+                let Some(d) = inbox.recv().await else { return };
+                // Other events (frames, other connections' ends) are read only to keep the
+                // readers going: every request has been reported or given up on.
+                if let Inbound::Down { peer, .. } = d.event {
+                    if open.remove(&(d.rank, peer)) {
+                        self.stop_dialing(d.rank, peer);
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(HANG_UP, closed).await.is_err() {
+            tracing::warn!("connections did not close in time, dropping them");
+        }
+    }
+
+    /// A generation rank's dialer redials a lost connection: one the driver closed is not.
+    /// Its connection ran inside its task, so the task is stopped only once that has ended.
+    fn stop_dialing(&mut self, g: usize, peer: PeerId) {
+        if let Role::Generation(d) = &mut self.role {
+            d.stop(g, peer);
+        }
     }
 
     fn step(&mut self) -> Result<(), NodeError> {
@@ -501,16 +545,54 @@ impl Driver {
 
     /// Generation side: `t`'s request into the engine's `blocks` on every rank, each rank
     /// reading its share from the context ranks that hold it (the core splits by heads).
+    /// Every check comes before the dialers start: a refused ticket dials nothing.
     fn receive(
         &mut self,
         id: RequestId,
         blocks: Vec<u32>,
         t: ContextTicket,
     ) -> Result<(), CommandError> {
-        let Role::Generation(dialers) = &mut self.role else {
+        if !matches!(self.role, Role::Generation(_)) {
             return Err(CommandError::WrongSide("context"));
-        };
+        }
         let core = t.request;
+        self.fits(&blocks, &t)?;
+        self.admissible(id, core, &blocks)?;
+        let refs = self.allocate_ids(core, &blocks)?;
+        let Role::Generation(dialers) = &mut self.role else {
+            unreachable!("checked above");
+        };
+        let instance = match dialers.instance_for(&t.addrs) {
+            Ok(i) => i,
+            Err(e) => {
+                for (rank, r) in self.inst.ranks.iter().zip(&refs) {
+                    rank.pool.lock().expect("pool lock").free(r);
+                }
+                return Err(e.into());
+            }
+        };
+        let source = ContextSource {
+            instance,
+            layout: t.layout,
+            blocks: t.blocks,
+        };
+        let reqs: Parked = (refs.into_iter())
+            .map(|refs| Arc::new(Request::new_generation(core, t.token, refs, source.clone())))
+            .collect();
+        if dialers.is_up(instance) {
+            if let Err(e) = self.on_every_rank(&reqs, receive_on) {
+                self.free(&reqs);
+                return Err(e.into());
+            }
+        } else {
+            dialers.park(instance, reqs);
+        }
+        self.register(id, core);
+        Ok(())
+    }
+
+    /// Ticket `t` describes this model's cache and as many blocks as `blocks`.
+    fn fits(&self, blocks: &[u32], t: &ContextTicket) -> Result<(), CommandError> {
         if t.blocks.len() != blocks.len() {
             return Err(CommandError::BlockCount {
                 ctx: t.blocks.len(),
@@ -526,30 +608,6 @@ impl Driver {
                 t.addrs.len()
             )));
         }
-        let instance = dialers
-            .instance_for(&t.addrs)
-            .ok_or(CommandError::TooManyPeers)?;
-        self.admissible(id, core, &blocks)?;
-        let source = ContextSource {
-            instance,
-            layout: t.layout,
-            blocks: t.blocks,
-        };
-        let reqs: Parked = (self.allocate_ids(core, &blocks)?.into_iter())
-            .map(|refs| Arc::new(Request::new_generation(core, t.token, refs, source.clone())))
-            .collect();
-        let Role::Generation(dialers) = &mut self.role else {
-            unreachable!("checked above");
-        };
-        if dialers.is_up(instance) {
-            if let Err(e) = self.on_every_rank(&reqs, receive_on) {
-                self.free(&reqs);
-                return Err(e.into());
-            }
-        } else {
-            dialers.park(instance, reqs);
-        }
-        self.register(id, core);
         Ok(())
     }
 }
