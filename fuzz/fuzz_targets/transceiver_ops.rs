@@ -3,7 +3,8 @@
 //! executor with faults: submissions (tokens matching or not, optional deadlines), agent jobs
 //! completed or failed in any order, cancels on either side, time jumps (timeout WARNs,
 //! `inflight_cancel` evictions, staging waits), executor recycles, refusing agents, partial
-//! message delivery and collective steps.
+//! message delivery, collective steps and lost peers (one rank hears that a rank of the other
+//! instance is gone; its messages still flow, as after a reset and a reconnect).
 //!
 //! Checked after every operation and after a final drain (see `cluster.rs`): every request
 //! ends exactly once on every rank it was registered on and all ranks of an instance agree
@@ -98,6 +99,14 @@ enum Op {
     },
     Step {
         gen: bool,
+    },
+    /// A rank loses its connection to a rank of the other instance (a reset, or a peer silent
+    /// past its heartbeat limit), as its driver would report it; only that rank hears of it.
+    /// What still needs that peer fails there; the rest must still end everywhere.
+    Lose {
+        gen: bool,
+        rank: u8,
+        peer: u8,
     },
 }
 
@@ -198,6 +207,15 @@ fn run(c: &mut Cluster, op: Op) {
         Op::Pump => c.pump(None),
         Op::PumpSome { n } => c.pump(Some(usize::from(n % 8))),
         Op::Step { gen } => c.step(instance(gen)),
+        Op::Lose { gen, rank, peer } => {
+            let (now, other) = (c.now, instance(!gen));
+            let ranks = c.instance(other).len();
+            let peer = PeerId {
+                instance: other,
+                rank: u32::from(peer) % ranks as u32,
+            };
+            rank_of(c, gen, rank).tx.handle_peer_lost(now, peer);
+        }
     }
 }
 
