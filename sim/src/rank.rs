@@ -394,13 +394,21 @@ fn new_agent(
 }
 
 /// Sends what the transceiver wants sent. A message for an instance that is gone tells the
-/// transceiver the peer is lost, so what depended on it fails now.
+/// transceiver the peer is lost, so what still needs it fails now; a `RequestInfo` that could
+/// not leave fails its request (`handle_info_unsent`), as in the node's driver.
 fn flush(world: &Arc<World>, tx: &mut Transceiver, now: Duration) {
     while let Some(t) = tx.poll_transmit() {
         let to = t.to;
+        let info = match &t.msg {
+            Message::RequestInfo(i) => Some(i.request),
+            _ => None,
+        };
         match net::send(world, tx.me(), t) {
             Ok(()) => {}
-            Err(SendError::Unreachable) => tx.handle_peer_lost(now, to),
+            Err(SendError::Unreachable) => match info {
+                Some(request) => tx.handle_info_unsent(now, to, request),
+                None => tx.handle_peer_lost(now, to),
+            },
             Err(SendError::Backpressure) => {
                 world.trace(
                     "net",
