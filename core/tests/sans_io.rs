@@ -395,10 +395,15 @@ fn a_lost_peer_fails_only_what_still_needs_it() {
 
 /// A generation rank asks every context rank, also those holding nothing for it (so each
 /// learns how many ranks to expect). If that ask cannot leave, the context instance can never
-/// finish the request: it fails on both sides at once, though the lost rank had no leg here.
+/// finish the request: the generation side fails it at once, though the lost rank had no leg
+/// there, and a context rank that hears nothing more from it ends it at its sender budget.
 #[test]
 fn an_ask_that_cannot_leave_fails_the_request_everywhere() {
-    let mut c = Cluster::new(2, 2, TransceiverConfig::default());
+    let config = TransceiverConfig {
+        kv_transfer_sender_future_timeout_ms: Some(100),
+        ..TransceiverConfig::default()
+    };
+    let mut c = Cluster::new(2, 2, config);
     c.submit(1, 1, 3, 3);
     let ctx1 = PeerId {
         instance: CTX,
@@ -408,23 +413,41 @@ fn an_ask_that_cannot_leave_fails_the_request_everywhere() {
         instance: GEN,
         rank: 0,
     };
-    // Gen rank 0 reads only from ctx rank 0 (TP2 -> TP2); its ask to ctx rank 1 is lost.
-    while let Some(t) = c.gen[0].tx.poll_transmit() {
-        match (&t.msg, t.to == ctx1) {
-            (Message::RequestInfo(i), true) => {
-                c.gen[0].tx.handle_info_unsent(c.now, ctx1, i.request)
+    // Gen rank 0 reads only from ctx rank 0 (TP2 -> TP2); nothing it sends reaches ctx rank 1.
+    let mut gen_done = Vec::new();
+    for _ in 0..10 {
+        while let Some(env) = c.pop() {
+            if env.from == gen0 && env.to == ctx1 {
+                if let Message::RequestInfo(i) = &env.msg {
+                    c.gen[0].tx.handle_info_unsent(c.now, i.request);
+                }
+                continue;
             }
-            _ => c.ctx[t.to.rank as usize]
-                .tx
-                .handle_message(c.now, gen0, t.msg),
+            let now = c.now;
+            let r = &mut c.instance(env.to.instance)[env.to.rank as usize];
+            r.tx.handle_message(now, env.from, env.msg);
         }
+        for r in c.ctx.iter().chain(&c.gen) {
+            r.agent.complete_all();
+        }
+        gen_done.extend(c.step(GEN));
+        assert!(
+            c.step(CTX).is_empty(),
+            "ctx rank 1 waits for gen rank 0's ask"
+        );
     }
-    let fin = c.run_until_quiet();
-    let states: Vec<_> = fin.iter().map(|f| f.state).collect();
-    assert!(
-        fin.iter().all(|f| f.state == RequestState::TransferError),
-        "every rank of both instances fails it: {states:?}"
+    let states: Vec<_> = gen_done.iter().map(|f| f.state).collect();
+    assert_eq!(
+        states,
+        vec![RequestState::TransferError; 2],
+        "no time has passed"
     );
-    assert_eq!(fin.len(), 4, "two ranks a side: {states:?}");
+    c.now += Duration::from_millis(101);
+    let ctx_done: Vec<_> = c.step(CTX).iter().map(|f| f.state).collect();
+    assert_eq!(
+        ctx_done,
+        vec![RequestState::TransferError; 2],
+        "at its sender budget"
+    );
     c.assert_pools_full();
 }

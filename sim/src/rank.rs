@@ -403,12 +403,13 @@ fn flush(world: &Arc<World>, tx: &mut Transceiver, now: Duration) {
             Message::RequestInfo(i) => Some(i.request),
             _ => None,
         };
-        match net::send(world, tx.me(), t) {
+        let sent = net::send(world, tx.me(), t);
+        if let (Err(_), Some(request)) = (&sent, info) {
+            tx.handle_info_unsent(now, request);
+        }
+        match sent {
             Ok(()) => {}
-            Err(SendError::Unreachable) => match info {
-                Some(request) => tx.handle_info_unsent(now, to, request),
-                None => tx.handle_peer_lost(now, to),
-            },
+            Err(SendError::Unreachable) => tx.handle_peer_lost(now, to),
             Err(SendError::Backpressure) => {
                 world.trace(
                     "net",

@@ -323,17 +323,18 @@ impl Transceiver {
         }
     }
 
-    /// The driver could not hand the `RequestInfo` of `request` to any connection to `to`.
-    /// An info that never left means that context rank never learns of this generation rank,
-    /// so the request cannot end well anywhere: it fails now, as it does when the outbox
-    /// refuses the info (`ask`). A context rank that holds no bytes for this rank has no open
-    /// leg here, so losing it alone (`handle_peer_lost`, which follows) would not fail it.
-    pub fn handle_info_unsent(&mut self, now: Duration, to: PeerId, request: RequestId) {
+    /// The driver could not send the `RequestInfo` of `request` (no connection to its context
+    /// rank, or its control queue full). An info that never left means that context rank
+    /// never learns of this generation rank, so the request cannot end well: it fails here
+    /// now, as it does when the outbox refuses the info (`ask`), and the abort's `Cancel`
+    /// tells every context rank it can still reach. (Under the lost-peer rule a context rank
+    /// holding no bytes for this rank has no open leg, so its loss alone would not fail it.)
+    /// A context rank the `Cancel` cannot reach either ends the request at its sender budget.
+    pub fn handle_info_unsent(&mut self, now: Duration, request: RequestId) {
         let live = (self.entries.get(&request)).is_some_and(|e| e.cause.is_none());
         if live {
             self.abort_entry(now, request, FailCause::Unreachable);
         }
-        self.handle_peer_lost(now, to);
     }
 
     /// The next control message to send, oldest first. Drain it after every call.

@@ -5,7 +5,7 @@
 
 use super::admit::SeatSignals;
 use super::backend::BackendSpec;
-use super::conn::{self, Attach, Delivery, Inbound, ReadDeadlines};
+use super::conn::{Attach, Delivery, Inbound, ReadDeadlines};
 use super::cpu;
 use super::frame::{Answer, Ask, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use super::instance::Instance;
@@ -44,6 +44,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(1);
 const MAX_ERROR_KINDS: usize = 16;
 /// After the last request ends, how long to wait for late fences before summarising.
 const FINAL_DRAIN: Duration = Duration::from_secs(5);
+/// How long hanging up may take: the writer's flush, then the reader's wait for the ctx's FIN
+/// (`conn::FLUSH_ON_CLOSE` each).
+const HANG_UP: Duration = Duration::from_secs(2);
 /// How long a CUDA gen waits for its ctx's pool after connecting. A ctx sends it first thing,
 /// so only a ctx on another backend (or not a kvferry ctx) keeps it waiting.
 const POOL_WAIT: Duration = Duration::from_secs(15);
@@ -527,8 +530,12 @@ impl GenNode {
         };
         let Some(l) = self.pending.remove(&tag) else {
             tracing::warn!(tag, "prepare answer for no pending launch");
-            if let Answer::Prepared { request, token, .. } = a {
-                self.release_prepared(request, TransferToken(token));
+            match a {
+                // Not a live request's id (an answer repeated): that one stays.
+                Answer::Prepared { request, token, .. } if !self.active.contains_key(&request) => {
+                    self.release_prepared(request, TransferToken(token))
+                }
+                _ => {}
             }
             return;
         };
@@ -753,15 +760,19 @@ impl GenNode {
     /// Hangs up cleanly: whatever the connections still owe the ctx is written before they
     /// close (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
     /// for them, and would fail on the disconnect instead). Waits for the `Down` of each link
-    /// it closed, bounded; a stale `Down` of another link counts for nothing.
+    /// it closed, within `HANG_UP`; the events already queued are dropped first, so an older
+    /// connection's `Down` is not taken for one of these.
     async fn hang_up(&self, inbox: &mut mpsc::Receiver<Delivery>) {
+        let until = tokio::time::Instant::now() + HANG_UP;
+        while inbox.try_recv().is_ok() {}
         let mut open = HashSet::new();
         for (g, rank) in self.inst.ranks.iter().enumerate() {
             for peer in rank.links.peers() {
                 let Some(link) = rank.links.get(peer) else {
                     continue;
                 };
-                if link.control.send(Outgoing::Close).await.is_ok() {
+                let sent = tokio::time::timeout_at(until, link.control.send(Outgoing::Close));
+                if matches!(sent.await, Ok(Ok(()))) {
                     open.insert((g, peer));
                 }
             }
@@ -774,10 +785,7 @@ impl GenNode {
                 }
             }
         };
-        if tokio::time::timeout(conn::FLUSH_ON_CLOSE, closed)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(until, closed).await.is_err() {
             tracing::warn!("connections did not close in time, dropping them");
         }
     }

@@ -109,7 +109,8 @@ impl Rank {
     }
 
     /// Sends what the transceiver wants sent. A peer with no connection left is lost, and a
-    /// `RequestInfo` that could not leave fails its request (`handle_info_unsent`).
+    /// `RequestInfo` that could not leave, for want of a connection or of room in its queue,
+    /// fails its request (`handle_info_unsent`).
     pub fn flush(&mut self) {
         while let Some(t) = self.tx.poll_transmit() {
             // A `RequestInfo` is the one message whose loss the core must hear of.
@@ -117,15 +118,14 @@ impl Rank {
                 Message::RequestInfo(i) => Some(i.request),
                 _ => None,
             };
-            match self.links.send_frame(t.to, Frame::Core(t.msg)) {
+            let sent = self.links.send_frame(t.to, Frame::Core(t.msg));
+            let now = self.now();
+            if let (Err(_), Some(request)) = (&sent, info) {
+                self.tx.handle_info_unsent(now, request);
+            }
+            match sent {
                 Ok(()) => {}
-                Err(LinkError::Unreachable(peer)) => {
-                    let now = self.now();
-                    match info {
-                        Some(request) => self.tx.handle_info_unsent(now, peer, request),
-                        None => self.tx.handle_peer_lost(now, peer),
-                    }
-                }
+                Err(LinkError::Unreachable(peer)) => self.tx.handle_peer_lost(now, peer),
                 Err(e @ LinkError::Backpressure(_)) => {
                     tracing::warn!(error = %e, "control frame dropped");
                 }

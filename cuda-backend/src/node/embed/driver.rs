@@ -158,6 +158,8 @@ impl Driver {
     /// inbound bytes unread (the peer's heartbeats) makes Linux reset it, and the peer loses
     /// what it had not read yet; dropping the runtime at once would do just that.
     async fn hang_up(&mut self, inbox: &mut mpsc::Receiver<Delivery>) {
+        // One deadline for the sends too: a peer that stopped reading fills its queue.
+        let until = tokio::time::Instant::now() + HANG_UP;
         let mut open = HashSet::new();
         for (g, rank) in self.inst.ranks.iter().enumerate() {
             for peer in rank.links.peers() {
@@ -165,7 +167,8 @@ impl Driver {
                 let Some(l) = rank.links.get(peer) else {
                     continue;
                 };
-                if l.control.send(Outgoing::Close).await.is_ok() {
+                let sent = tokio::time::timeout_at(until, l.control.send(Outgoing::Close));
+                if matches!(sent.await, Ok(Ok(()))) {
                     open.insert((g, peer));
                 }
             }
@@ -182,7 +185,7 @@ impl Driver {
                 }
             }
         };
-        if tokio::time::timeout(HANG_UP, closed).await.is_err() {
+        if tokio::time::timeout_at(until, closed).await.is_err() {
             tracing::warn!("connections did not close in time, dropping them");
         }
     }
