@@ -172,52 +172,61 @@ fn gpu_agent_all_legs_in_one_launch_replicated_ctx_tp8_to_gen_tp2() {
     pull_case(8, 2, true);
 }
 
-#[test]
-fn gpu_agent_typed_errors_cancel_parking_and_teardown() {
-    let Some(s) = setup() else { return };
-    let (ctx_dev, _) = ctx_pools(&s, 1);
+/// ctx rank 0 as a peer, and the generation side as the context's peer for pull-mode sends.
+const CTX0: PeerId = PeerId {
+    instance: 0,
+    rank: 0,
+};
+const GEN0: PeerId = PeerId {
+    instance: 1,
+    rank: 0,
+};
+
+/// A generation agent on a fresh pool of `s`'s generation device, with ctx rank 0's pool as
+/// its peer `CTX0` (the returned buffers must outlive it), and a TP1 -> TP1 plan.
+fn gen_agent(s: &Setup) -> (Arc<CudaAgent>, Vec<Arc<DeviceBuffer>>, Arc<TransferPlan>) {
+    let (ctx_dev, _) = ctx_pools(s, 1);
     let gl = layout(1, 0);
-    let pool = Arc::new(
-        DeviceBuffer::alloc(&s.gen_gpu, gl.block_bytes() as usize * POOL_BLOCKS as usize).unwrap(),
-    );
-    let agent = CudaAgent::new(
-        s.gen_gpu.clone(),
-        0,
-        Region::from_buffer(pool.clone()),
-        CudaAgentConfig::default(),
-    )
-    .unwrap();
+    let bytes = gl.block_bytes() as usize * POOL_BLOCKS as usize;
+    let pool = Arc::new(DeviceBuffer::alloc(&s.gen_gpu, bytes).unwrap());
+    let region = Region::from_buffer(pool);
+    let config = CudaAgentConfig::default();
+    let agent = CudaAgent::new(s.gen_gpu.clone(), 0, region, config).unwrap();
+    let plan = Arc::new(TransferPlan::new(&layout(1, 0), &gl, &blocks()).unwrap());
+    (agent, ctx_dev, plan)
+}
+
+/// An unknown peer and a plan naming blocks beyond the pool: typed refusals, nothing queued,
+/// no byte moved.
+#[test]
+fn gpu_agent_refuses_an_unknown_peer_and_foreign_blocks() {
+    let Some(s) = setup() else { return };
+    let (agent, ctx_dev, plan) = gen_agent(&s);
     let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
     let q = CompletionQueue::new(64);
-    let peer = PeerId {
-        instance: 0,
-        rank: 0,
-    };
-    let plan = Arc::new(TransferPlan::new(&layout(1, 0), &gl, &blocks()).unwrap());
-
-    // Unknown peer: typed, nothing queued.
-    let r = dyn_agent.submit(
-        job(1, Direction::Receive { from: peer }, &plan, 0),
-        q.clone(),
-    );
-    assert_eq!(r, Err(AgentError::PeerUnreachable(peer)));
-
-    // A plan naming blocks beyond the pool: rejected before any byte moves.
-    agent.register_peer(peer, Region::from_buffer(ctx_dev[0].clone()));
-    let far = Arc::new(TransferPlan::new(&layout(1, 0), &gl, &[(0, POOL_BLOCKS + 5)]).unwrap());
-    let r = dyn_agent.submit(
-        job(2, Direction::Receive { from: peer }, &far, 0),
-        q.clone(),
-    );
+    let receive = Direction::Receive { from: CTX0 };
+    let r = dyn_agent.submit(job(1, receive.clone(), &plan, 0), q.clone());
+    assert_eq!(r, Err(AgentError::PeerUnreachable(CTX0)));
+    agent.register_peer(CTX0, Region::from_buffer(ctx_dev[0].clone()));
+    let far = [(0, POOL_BLOCKS + 5)];
+    let far = Arc::new(TransferPlan::new(&layout(1, 0), &layout(1, 0), &far).unwrap());
+    let r = dyn_agent.submit(job(2, receive, &far, 0), q.clone());
     assert!(matches!(r, Err(AgentError::Rejected(_))), "{r:?}");
     assert!(q.is_empty());
+}
 
-    // Cancel after launch: exactly one completion, Cancelled (the kernel's end is the fence).
+/// A cancel after launch completes the job exactly once (the kernel's end is the fence); a
+/// pull-mode send stays parked until the control plane reports the peer's end, once.
+#[test]
+fn gpu_agent_cancel_after_launch_and_a_parked_send_complete_once() {
+    let Some(s) = setup() else { return };
+    let (agent, ctx_dev, plan) = gen_agent(&s);
+    agent.register_peer(CTX0, Region::from_buffer(ctx_dev[0].clone()));
+    let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
+    let q = CompletionQueue::new(64);
+    let receive = Direction::Receive { from: CTX0 };
     dyn_agent
-        .submit(
-            job(3, Direction::Receive { from: peer }, &plan, 0),
-            q.clone(),
-        )
+        .submit(job(3, receive, &plan, 0), q.clone())
         .unwrap();
     dyn_agent.cancel(TransferId(3));
     let c = wait(&q, 1);
@@ -225,37 +234,30 @@ fn gpu_agent_typed_errors_cancel_parking_and_teardown() {
         c[0].result == Err(AgentError::Cancelled) || c[0].result.is_ok(),
         "{c:?}"
     );
-
-    // Pull mode send: parked until the control plane reports the peer's end.
-    let gen_peer = PeerId {
-        instance: 1,
-        rank: 0,
-    };
-    dyn_agent
-        .submit(
-            job(4, Direction::Send { to: gen_peer }, &plan, 0),
-            q.clone(),
-        )
-        .unwrap();
+    let send = Direction::Send { to: GEN0 };
+    dyn_agent.submit(job(4, send, &plan, 0), q.clone()).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert!(q.is_empty(), "a parked send must not complete on its own");
     assert!(agent.peer_finished(TransferId(4), Ok(77)));
     assert_eq!(wait(&q, 1)[0].result, Ok(77));
     assert!(!agent.peer_finished(TransferId(4), Ok(77)));
+}
 
-    // Teardown with a launched job and a parked send: both complete exactly once.
+/// Teardown with a launched job and a parked send: both complete exactly once, the launch
+/// with its bytes, the parked send as shut down.
+#[test]
+fn gpu_agent_teardown_completes_launched_and_parked_jobs_once() {
+    let Some(s) = setup() else { return };
+    let (agent, ctx_dev, plan) = gen_agent(&s);
+    agent.register_peer(CTX0, Region::from_buffer(ctx_dev[0].clone()));
+    let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
+    let q = CompletionQueue::new(64);
+    let receive = Direction::Receive { from: CTX0 };
     dyn_agent
-        .submit(
-            job(5, Direction::Receive { from: peer }, &plan, 0),
-            q.clone(),
-        )
+        .submit(job(5, receive, &plan, 0), q.clone())
         .unwrap();
-    dyn_agent
-        .submit(
-            job(6, Direction::Send { to: gen_peer }, &plan, 0),
-            q.clone(),
-        )
-        .unwrap();
+    let send = Direction::Send { to: GEN0 };
+    dyn_agent.submit(job(6, send, &plan, 0), q.clone()).unwrap();
     drop(dyn_agent);
     drop(agent);
     let mut c = wait(&q, 2);

@@ -17,7 +17,7 @@ use kvferry_core::layout::CacheLayout;
 use kvferry_core::plan::TransferPlan;
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,13 +56,9 @@ fn ipc_child_role() {
     std::io::stdin().read_line(&mut line).unwrap();
 }
 
-#[test]
-fn gpu_ipc_two_process_pull_matches_host_plan_copy() {
-    if std::env::var(CHILD_ENV).is_ok() {
-        return;
-    }
-    let Some(n) = gpus() else { return };
-    let ctx_tp = 2;
+/// A context process per rank, each holding its pool (exported, printed) until its stdin
+/// closes; with the pipes kept open, since each child's libtest still writes its result line.
+fn spawn_ctx_children(ctx_tp: u32) -> (Vec<(Child, BufReader<ChildStdout>)>, Vec<PoolExport>) {
     let mut children = Vec::new();
     let mut exports = Vec::new();
     for r in 0..ctx_tp {
@@ -87,30 +83,29 @@ fn gpu_ipc_two_process_pull_matches_host_plan_copy() {
                 break serde_json::from_str(line[at + 7..].trim()).unwrap();
             }
         };
-        // Keep the pipe open: the child's libtest still writes its result line.
         children.push((child, out));
         exports.push(export);
     }
-    let gpu = Gpu::open(if n > 1 { 1 } else { 0 }).unwrap();
-    let gl = layout(1, 0);
-    let blocks: Vec<(u32, u32)> = (0..8u32)
-        .map(|i| (11 - i, (i * 5 + 2) % POOL_BLOCKS))
-        .collect();
-    let plan = Arc::new(TransferPlan::new(&layout(ctx_tp, 0), &gl, &blocks).unwrap());
-    let pool_bytes = gl.block_bytes() as usize * POOL_BLOCKS as usize;
-    let pool = Arc::new(DeviceBuffer::alloc(&gpu, pool_bytes).unwrap());
+    (children, exports)
+}
+
+/// Pulls every context rank's leg of `plan` through a `CudaAgent` into a fresh pool on `gpu`,
+/// mapping each child's export; returns the pool and the host plan copy it must equal.
+fn pull_every_leg(
+    gpu: &Arc<Gpu>,
+    plan: &Arc<TransferPlan>,
+    exports: &[PoolExport],
+) -> (Arc<DeviceBuffer>, Vec<u8>) {
+    let ctx_tp = exports.len() as u32;
+    let pool_bytes = layout(1, 0).block_bytes() as usize * POOL_BLOCKS as usize;
+    let pool = Arc::new(DeviceBuffer::alloc(gpu, pool_bytes).unwrap());
     pool.fill_byte(POISON).unwrap();
-    let agent = CudaAgent::new(
-        gpu.clone(),
-        0,
-        Region::from_buffer(pool.clone()),
-        CudaAgentConfig::default(),
-    )
-    .unwrap();
+    let region = Region::from_buffer(pool.clone());
+    let agent = CudaAgent::new(gpu.clone(), 0, region, CudaAgentConfig::default()).unwrap();
     let q = CompletionQueue::new(8);
     let mut expected = vec![POISON; pool_bytes];
-    for c in 0..ctx_tp {
-        let map = IpcMapping::open(&gpu, &exports[c as usize]).unwrap();
+    for (c, export) in (0..ctx_tp).zip(exports) {
+        let map = IpcMapping::open(gpu, export).unwrap();
         let peer = PeerId {
             instance: 0,
             rank: c,
@@ -142,22 +137,46 @@ fn gpu_ipc_two_process_pull_matches_host_plan_copy() {
     for c in &got {
         assert_eq!(c.result, Ok(plan.bytes_from(c.id.0 as u32)));
     }
-    let mut back = vec![0u8; pool_bytes];
+    (pool, expected)
+}
+
+#[test]
+fn gpu_ipc_two_process_pull_matches_host_plan_copy() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let Some(n) = gpus() else { return };
+    let ctx_tp = 2;
+    let (children, exports) = spawn_ctx_children(ctx_tp);
+    let gpu = Gpu::open(if n > 1 { 1 } else { 0 }).unwrap();
+    let blocks: Vec<(u32, u32)> = (0..8u32)
+        .map(|i| (11 - i, (i * 5 + 2) % POOL_BLOCKS))
+        .collect();
+    let plan = Arc::new(TransferPlan::new(&layout(ctx_tp, 0), &layout(1, 0), &blocks).unwrap());
+    let (pool, expected) = pull_every_leg(&gpu, &plan, &exports);
+    let mut back = vec![0u8; expected.len()];
     pool.read(0, &mut back).unwrap();
     if let Err(m) = compare(&expected, &back) {
         panic!("IPC pull differs from host plan copy: {m}");
     }
-    drop(agent);
     for (mut c, _out) in children {
         drop(c.stdin.take());
         assert!(c.wait().unwrap().success());
     }
-    // A forged handle is refused with a typed error, not a crash.
+}
+
+/// A forged handle is refused with a typed error, not a crash.
+#[test]
+fn a_forged_ipc_handle_is_refused() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let Some(_) = gpus() else { return };
     let bad = PoolExport {
         device: 0,
         len: 1 << 20,
         offset: 0,
         handle: "00".repeat(64),
     };
-    assert!(IpcMapping::open(&gpu, &bad).is_err());
+    assert!(IpcMapping::open(&Gpu::open(0).unwrap(), &bad).is_err());
 }
