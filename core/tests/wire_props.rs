@@ -585,15 +585,9 @@ fn frames_append_to_existing_buffer() {
 // None so far: the campaigns run for this change found no crash. Add one test per fixed finding,
 // feeding the minimised input (`cargo fuzz tmin`) as a byte literal; see fuzz/README.md.
 
-/// Writes the `wire_decode` fuzz seed corpus: one valid frame of each kind, a multi-frame
-/// stream, and a few near misses. Run once after a format change:
-/// `cargo test -p kvferry-core --test wire_props -- --ignored write_fuzz_seeds`
-#[test]
-#[ignore = "writes fuzz/corpus/wire_decode; run by hand"]
-fn write_fuzz_seeds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/wire_decode");
-    std::fs::create_dir_all(&dir).unwrap();
-    let layout = CacheLayout {
+/// The seeds' layout: a rank of a TP4 x PP2 instance of an 80-layer model.
+fn seed_layout() -> CacheLayout {
+    CacheLayout {
         num_layers: 80,
         num_kv_heads: 8,
         head_dim: 128,
@@ -604,72 +598,83 @@ fn write_fuzz_seeds() {
         pp_size: 2,
         pp_rank: 1,
         mla: false,
+    }
+}
+
+/// One `RequestInfo` with blocks and one empty MLA one.
+fn request_info_seeds(req: RequestId) -> Vec<(&'static str, Message)> {
+    let layout = seed_layout();
+    let full = RequestInfo {
+        request: req,
+        token: TransferToken(0xfeed_beef_0000_1111_2222_3333_4444_5555),
+        gen_layout: layout,
+        ctx_blocks: vec![3, 1, 4, 1],
+        gen_blocks: (0..4)
+            .map(|i| BlockRef {
+                id: 10 + i,
+                epoch: 7,
+            })
+            .collect(),
     };
-    let req = RequestId(0x0102_0304);
-    let seeds: Vec<(&str, Message)> = vec![
-        (
-            "request_info",
-            Message::RequestInfo(RequestInfo {
-                request: req,
-                token: TransferToken(0xfeed_beef_0000_1111_2222_3333_4444_5555),
-                gen_layout: layout,
-                ctx_blocks: vec![3, 1, 4, 1],
-                gen_blocks: (0..4)
-                    .map(|i| BlockRef {
-                        id: 10 + i,
-                        epoch: 7,
-                    })
-                    .collect(),
-            }),
-        ),
-        (
-            "request_info_empty_mla",
-            Message::RequestInfo(RequestInfo {
-                request: req,
-                token: TransferToken(1),
-                gen_layout: CacheLayout {
-                    num_kv_heads: 1,
-                    mla: true,
-                    ..layout
-                },
-                ctx_blocks: vec![],
-                gen_blocks: vec![],
-            }),
-        ),
-        (
-            "cancel",
-            Message::Cancel {
-                request: req,
-                token: TransferToken(u128::MAX - 1),
-            },
-        ),
-        (
-            "error",
-            Message::Error {
-                request: req,
-                code: ErrorCode::ForeignBlocks,
-                detail: "block 9 is not owned by req#16909060 (épocha 3)".into(),
-            },
-        ),
-        (
-            "error_empty",
-            Message::Error {
-                request: req,
-                code: ErrorCode::Busy,
-                detail: String::new(),
-            },
-        ),
+    let empty_mla = RequestInfo {
+        request: req,
+        token: TransferToken(1),
+        gen_layout: CacheLayout {
+            num_kv_heads: 1,
+            mla: true,
+            ..layout
+        },
+        ctx_blocks: vec![],
+        gen_blocks: vec![],
+    };
+    vec![
+        ("request_info", Message::RequestInfo(full)),
+        ("request_info_empty_mla", Message::RequestInfo(empty_mla)),
+    ]
+}
+
+/// One frame of every other kind.
+fn other_seeds(req: RequestId) -> Vec<(&'static str, Message)> {
+    let cancel = Message::Cancel {
+        request: req,
+        token: TransferToken(u128::MAX - 1),
+    };
+    let error = Message::Error {
+        request: req,
+        code: ErrorCode::ForeignBlocks,
+        detail: "block 9 is not owned by req#16909060 (épocha 3)".into(),
+    };
+    let error_empty = Message::Error {
+        request: req,
+        code: ErrorCode::Busy,
+        detail: String::new(),
+    };
+    let data = Message::Data {
+        request: req,
+        ctx_rank: 1,
+        offset: 4096,
+        payload: Bytes::from((0..64u8).collect::<Vec<_>>()),
+    };
+    vec![
+        ("cancel", cancel),
+        ("error", error),
+        ("error_empty", error_empty),
         ("heartbeat", Message::Heartbeat { seq: 42 }),
-        (
-            "data",
-            Message::Data {
-                request: req,
-                ctx_rank: 1,
-                offset: 4096,
-                payload: Bytes::from((0..64u8).collect::<Vec<_>>()),
-            },
-        ),
-    ];
+        ("data", data),
+    ]
+}
+
+/// Writes the `wire_decode` fuzz seed corpus: one valid frame of each kind, a multi-frame
+/// stream, and a few near misses. Run once after a format change:
+/// `cargo test -p kvferry-core --test wire_props -- --ignored write_fuzz_seeds`
+#[test]
+#[ignore = "writes fuzz/corpus/wire_decode; run by hand"]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/wire_decode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let req = RequestId(0x0102_0304);
+    let mut seeds = request_info_seeds(req);
+    seeds.extend(other_seeds(req));
     let mut stream = BytesMut::new();
     for (name, msg) in &seeds {
         std::fs::write(dir.join(name), encoded(msg)).unwrap();
