@@ -9,7 +9,6 @@ use super::conn::{Attach, Delivery, Inbound, ReadDeadlines};
 use super::cpu;
 use super::frame::{Answer, Ask, Frame, NodeFrame, MAX_PREPARE_ASKS};
 use super::instance::Instance;
-use super::link::Outgoing;
 use super::rank::{Occupancy, Rank};
 use super::spec::{NodeSpec, CTX_INSTANCE};
 use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
@@ -759,35 +758,11 @@ impl GenNode {
 
     /// Hangs up cleanly: whatever the connections still owe the ctx is written before they
     /// close (a CUDA gen's last `PullFinished` frames above all: the ctx's parked sends wait
-    /// for them, and would fail on the disconnect instead). Waits for the `Down` of each link
-    /// it closed, within `HANG_UP`; the events already queued are dropped first, so an older
-    /// connection's `Down` is not taken for one of these.
+    /// for them, and would fail on the disconnect instead). The events already queued are
+    /// dropped first, so an older connection's `Down` is not taken for one of these.
     async fn hang_up(&self, inbox: &mut mpsc::Receiver<Delivery>) {
-        let until = tokio::time::Instant::now() + HANG_UP;
         while inbox.try_recv().is_ok() {}
-        let mut open = HashSet::new();
-        for (g, rank) in self.inst.ranks.iter().enumerate() {
-            for peer in rank.links.peers() {
-                let Some(link) = rank.links.get(peer) else {
-                    continue;
-                };
-                let sent = tokio::time::timeout_at(until, link.control.send(Outgoing::Close));
-                if matches!(sent.await, Ok(Ok(()))) {
-                    open.insert((g, peer));
-                }
-            }
-        }
-        let closed = async {
-            while !open.is_empty() {
-                let Some(d) = inbox.recv().await else { return };
-                if let Inbound::Down { peer, .. } = d.event {
-                    open.remove(&(d.rank, peer));
-                }
-            }
-        };
-        if tokio::time::timeout_at(until, closed).await.is_err() {
-            tracing::warn!("connections did not close in time, dropping them");
-        }
+        self.inst.hang_up(inbox, HANG_UP, |_, _| {}).await;
     }
 
     fn summarize(mut self, elapsed: Duration, cpu_time: Duration) -> Summary {

@@ -9,15 +9,18 @@
 
 use super::backend::{BackendError, BackendSpec};
 use super::backend_parts::LentKv;
+use super::conn::{Delivery, Inbound};
+use super::link::Outgoing;
 use super::metrics::Metrics;
 use super::rank::{Occupancy, Rank};
 use super::spec::NodeSpec;
 use kvferry_core::collective::{agree, CollectiveError};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
 use kvferry_core::PeerId;
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::Notify;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
 
 /// Ranks one process serves at most (the layout's own bound on TP × PP is larger).
 pub const MAX_LOCAL_RANKS: usize = 16;
@@ -133,5 +136,48 @@ impl Instance {
     pub fn update_metrics(&self) {
         let samples: Vec<_> = self.ranks.iter().map(Rank::sample).collect();
         self.metrics.update(&samples);
+    }
+}
+
+impl Instance {
+    /// Closes every connection of every rank and waits, within `within` (the sends included:
+    /// a peer that stopped reading fills its queue), for each one's own `Down`: its writer
+    /// has flushed what it owed the peer and its reader has seen the peer's FIN (`conn`), so
+    /// no socket is dropped with bytes unread, which would reset it and cost the peer the
+    /// tail it had not read yet. `on_closed` hears each (local rank, peer) that ended in time.
+    /// Other events are read and dropped: the caller has handled those queued before.
+    pub async fn hang_up(
+        &self,
+        inbox: &mut mpsc::Receiver<Delivery>,
+        within: Duration,
+        mut on_closed: impl FnMut(usize, PeerId),
+    ) {
+        let until = tokio::time::Instant::now() + within;
+        let mut open = HashSet::new();
+        for (g, rank) in self.ranks.iter().enumerate() {
+            for peer in rank.links.peers() {
+                // A link gone from the table since has ended; its `Down` is not awaited.
+                let Some(link) = rank.links.get(peer) else {
+                    continue;
+                };
+                let sent = tokio::time::timeout_at(until, link.control.send(Outgoing::Close));
+                if matches!(sent.await, Ok(Ok(()))) {
+                    open.insert((g, peer));
+                }
+            }
+        }
+        let closed = async {
+            while !open.is_empty() {
+                let Some(d) = inbox.recv().await else { return };
+                if let Inbound::Down { peer, .. } = d.event {
+                    if open.remove(&(d.rank, peer)) {
+                        on_closed(d.rank, peer);
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout_at(until, closed).await.is_err() {
+            tracing::warn!("connections did not close in time, dropping them");
+        }
     }
 }

@@ -25,7 +25,7 @@ use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{FailCause, Finished, TransceiverError, TxEvent};
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId, TransferToken};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,50 +152,18 @@ impl Driver {
         Ok(())
     }
 
-    /// Closes every connection and waits (bounded by `HANG_UP`) for each to end: its writer
-    /// flushes what it owes the peer (a context rank: the tail of a send its status already
-    /// called sent), and its reader reads on until the peer's FIN. A socket dropped with
-    /// inbound bytes unread (the peer's heartbeats) makes Linux reset it, and the peer loses
-    /// what it had not read yet; dropping the runtime at once would do just that.
+    /// Closes every connection and waits (bounded by `HANG_UP`) for each to end
+    /// (`Instance::hang_up`): a context rank's writer flushes the tail of a send its status
+    /// already called sent, and dropping the runtime at once would reset the sockets. A
+    /// generation rank's dialer is stopped as its connection ends, so it does not redial.
     async fn hang_up(&mut self, inbox: &mut mpsc::Receiver<Delivery>) {
-        // One deadline for the sends too: a peer that stopped reading fills its queue.
-        let until = tokio::time::Instant::now() + HANG_UP;
-        let mut open = HashSet::new();
-        for (g, rank) in self.inst.ranks.iter().enumerate() {
-            for peer in rank.links.peers() {
-                // A link gone from the table since has ended; its `Down` is not awaited.
-                let Some(l) = rank.links.get(peer) else {
-                    continue;
-                };
-                let sent = tokio::time::timeout_at(until, l.control.send(Outgoing::Close));
-                if matches!(sent.await, Ok(Ok(()))) {
-                    open.insert((g, peer));
-                }
+        let Driver { inst, role, .. } = self;
+        inst.hang_up(inbox, HANG_UP, |g, peer| {
+            if let Role::Generation(d) = role {
+                d.stop(g, peer);
             }
-        }
-        let closed = async {
-            while !open.is_empty() {
-                let Some(d) = inbox.recv().await else { return };
-                // Other events (frames, other connections' ends) are read only to keep the
-                // readers going: every request has been reported or given up on.
-                if let Inbound::Down { peer, .. } = d.event {
-                    if open.remove(&(d.rank, peer)) {
-                        self.stop_dialing(d.rank, peer);
-                    }
-                }
-            }
-        };
-        if tokio::time::timeout_at(until, closed).await.is_err() {
-            tracing::warn!("connections did not close in time, dropping them");
-        }
-    }
-
-    /// A generation rank's dialer redials a lost connection: one the driver closed is not.
-    /// Its connection ran inside its task, so the task is stopped only once that has ended.
-    fn stop_dialing(&mut self, g: usize, peer: PeerId) {
-        if let Role::Generation(d) = &mut self.role {
-            d.stop(g, peer);
-        }
+        })
+        .await;
     }
 
     fn step(&mut self) -> Result<(), NodeError> {
