@@ -321,24 +321,14 @@ impl CtxNode {
         let refs = self.allocate(id, n, seed)?;
         let ids: Vec<u32> = refs[0].iter().map(|b| b.id).collect();
         let token = TransferToken(rand::random());
-        for (r, (rank, blocks)) in self.inst.ranks.iter_mut().zip(&refs).enumerate() {
-            let req = Arc::new(Request::new_context(id, token, blocks.clone()));
-            if let Err(e) = rank.tx.respond_and_send(rank.now(), req) {
-                // The ranks' tables move in lockstep: only the first can refuse.
-                assert_eq!(r, 0, "rank {r} refused what rank 0 took: {e}");
-                for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
-                    rank.pool.lock().expect("pool lock").free(blocks);
-                }
-                return Err(e.to_string());
-            }
+        let reqs: Vec<Arc<Request>> = (refs.into_iter())
+            .map(|blocks| Arc::new(Request::new_context(id, token, blocks)))
+            .collect();
+        if let Err(e) = self.inst.register_each(&reqs, Rank::respond_and_send) {
+            self.inst.free_each(reqs.iter().map(|r| &r.blocks[..]));
+            return Err(e.to_string());
         }
-        let bytes = u64::from(n)
-            * self
-                .inst
-                .ranks
-                .iter()
-                .map(|r| r.backend.block_bytes())
-                .sum::<u64>();
+        let bytes = u64::from(n) * self.inst.block_bytes();
         // DEBUG, not INFO: a span the default filter lets through is formatted on creation,
         // some µs a request (BENCHMARKS.md, "per-request cost").
         let span = tracing::debug_span!("transfer", request = %id, side = "ctx", bytes, outcome = tracing::field::Empty);
@@ -356,46 +346,35 @@ impl CtxNode {
     }
 
     /// The same block ids for request `id` on every rank (a `RequestInfo` names one list for
-    /// the instance), filled with the request's seeded bytes when `seed` is given; each rank's
-    /// references, in rank order. On failure nothing stays allocated.
+    /// the instance: rank 0 picks them), filled with the request's seeded bytes when `seed` is
+    /// given; each rank's references, in rank order. On failure nothing stays allocated.
     fn allocate(
         &self,
         id: RequestId,
         n: u32,
         seed: Option<u64>,
     ) -> Result<Vec<Vec<BlockRef>>, String> {
-        let busy = |e: kvferry_core::blocks::BlockError| format!("busy: {e}");
-        let first = self
-            .rank(0)
-            .pool
-            .lock()
-            .expect("pool lock")
-            .allocate(id, n as usize);
-        let mut refs = vec![first.map_err(busy)?];
-        let ids: Vec<u32> = refs[0].iter().map(|b| b.id).collect();
-        let mut failed = None;
-        for rank in &self.inst.ranks[1..] {
-            match rank.pool.lock().expect("pool lock").allocate_ids(id, &ids) {
-                Ok(r) => refs.push(r),
-                Err(e) => {
-                    failed = Some(busy(e));
-                    break;
+        let mut ids = Vec::new();
+        let refs = (self.inst)
+            .allocate_each(|r, pool| {
+                if r > 0 {
+                    return pool.allocate_ids(id, &ids);
                 }
-            }
-        }
-        if let (None, Some(seed)) = (&failed, seed) {
-            failed = self.inst.ranks.iter().find_map(|r| {
-                let e = r.backend.fill(seed, &ids, r.tx.layout()).err()?;
-                Some(format!("filling blocks: {e}"))
-            });
-        }
-        let Some(why) = failed else {
+                let blocks = pool.allocate(id, n as usize)?;
+                ids = blocks.iter().map(|b| b.id).collect();
+                Ok(blocks)
+            })
+            .map_err(|e| format!("busy: {e}"))?;
+        let Some(seed) = seed else {
             return Ok(refs);
         };
-        for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
-            rank.pool.lock().expect("pool lock").free(blocks);
+        let filled =
+            (self.inst.ranks.iter()).try_for_each(|r| r.backend.fill(seed, &ids, r.tx.layout()));
+        if let Err(e) = filled {
+            self.inst.free_each(refs.iter().map(Vec::as_slice));
+            return Err(format!("filling blocks: {e}"));
         }
-        Err(why)
+        Ok(refs)
     }
 
     /// The asking connection's host, if `n` more blocks stay within its share

@@ -12,7 +12,6 @@ use super::instance::Instance;
 use super::rank::{Occupancy, Rank};
 use super::spec::{NodeSpec, CTX_INSTANCE};
 use super::{drain_inbox, sleep_until, NodeError, OwnedTask, INBOX};
-use kvferry_core::blocks::BlockRef;
 use kvferry_core::layout::CacheLayout;
 use kvferry_core::request::{ContextSource, Request, RequestState};
 use kvferry_core::transceiver::{Finished, Side, TxEvent};
@@ -596,32 +595,23 @@ impl GenNode {
                 l.blocks
             ));
         }
-        let refs = self.allocate(id, l.blocks)?;
+        // Each rank names its own blocks in its `RequestInfo`: any free ones will do.
+        let refs = (self.inst)
+            .allocate_each(|_, pool| pool.allocate(id, l.blocks as usize))
+            .map_err(|e| e.to_string())?;
         let source = ContextSource {
             instance: CTX_INSTANCE,
             layout,
             blocks: ctx_blocks,
         };
-        for (g, (rank, blocks)) in self.inst.ranks.iter_mut().zip(&refs).enumerate() {
-            let req = Arc::new(Request::new_generation(
-                id,
-                token,
-                blocks.clone(),
-                source.clone(),
-            ));
-            if let Err(e) = rank.tx.request_and_receive(rank.now(), req) {
-                // The ranks' tables move in lockstep: only the first can refuse.
-                assert_eq!(g, 0, "rank {g} refused what rank 0 took: {e}");
-                for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
-                    rank.pool.lock().expect("pool lock").free(blocks);
-                }
-                return Err(e.to_string());
-            }
+        let reqs: Vec<Arc<Request>> = (refs.into_iter())
+            .map(|blocks| Arc::new(Request::new_generation(id, token, blocks, source.clone())))
+            .collect();
+        if let Err(e) = self.inst.register_each(&reqs, Rank::request_and_receive) {
+            self.inst.free_each(reqs.iter().map(|r| &r.blocks[..]));
+            return Err(e.to_string());
         }
-        let bytes = u64::from(l.blocks)
-            * (self.inst.ranks.iter())
-                .map(|r| r.backend.block_bytes())
-                .sum::<u64>();
+        let bytes = u64::from(l.blocks) * self.inst.block_bytes();
         // DEBUG, not INFO: a span the default filter lets through is formatted on creation,
         // some µs a request (BENCHMARKS.md, "per-request cost").
         let span = tracing::debug_span!("transfer", request = %id, side = "gen", bytes, outcome = tracing::field::Empty);
@@ -637,29 +627,6 @@ impl GenNode {
             },
         );
         Ok(())
-    }
-
-    /// `n` blocks for request `id` on every rank (each rank names its own in its
-    /// `RequestInfo`); on failure none stays allocated.
-    fn allocate(&self, id: RequestId, n: u32) -> Result<Vec<Vec<BlockRef>>, String> {
-        let mut refs = Vec::with_capacity(self.inst.ranks.len());
-        for rank in &self.inst.ranks {
-            match rank
-                .pool
-                .lock()
-                .expect("pool lock")
-                .allocate(id, n as usize)
-            {
-                Ok(r) => refs.push(r),
-                Err(e) => {
-                    for (rank, blocks) in self.inst.ranks.iter().zip(&refs) {
-                        rank.pool.lock().expect("pool lock").free(blocks);
-                    }
-                    return Err(e.to_string());
-                }
-            }
-        }
-        Ok(refs)
     }
 
     fn on_events(&mut self, events: &[(usize, TxEvent)]) {

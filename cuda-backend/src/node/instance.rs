@@ -14,8 +14,10 @@ use super::link::Outgoing;
 use super::metrics::Metrics;
 use super::rank::{Occupancy, Rank};
 use super::spec::NodeSpec;
+use kvferry_core::blocks::{BlockPool, BlockRef};
 use kvferry_core::collective::{agree, CollectiveError};
-use kvferry_core::transceiver::{Finished, Side, TxEvent};
+use kvferry_core::request::Request;
+use kvferry_core::transceiver::{Finished, Side, TransceiverError, TxEvent};
 use kvferry_core::PeerId;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -102,6 +104,56 @@ impl Instance {
             out.events.extend(events.into_iter().map(|e| (i, e)));
         }
         Ok(out)
+    }
+
+    /// One request's blocks on every rank, each taken by `take(rank index, its pool)` in rank
+    /// order; all or nothing: on a refusal, what the earlier ranks took is freed.
+    pub fn allocate_each<E>(
+        &self,
+        mut take: impl FnMut(usize, &mut BlockPool) -> Result<Vec<BlockRef>, E>,
+    ) -> Result<Vec<Vec<BlockRef>>, E> {
+        let mut refs = Vec::with_capacity(self.ranks.len());
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let taken = take(r, &mut rank.pool.lock().expect("pool lock"));
+            match taken {
+                Ok(blocks) => refs.push(blocks),
+                Err(e) => {
+                    self.free_each(refs.iter().map(Vec::as_slice));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Frees one request's blocks on every rank (`refs` in rank order).
+    pub fn free_each<'a>(&self, refs: impl IntoIterator<Item = &'a [BlockRef]>) {
+        for (rank, blocks) in self.ranks.iter().zip(refs) {
+            rank.pool.lock().expect("pool lock").free(blocks);
+        }
+    }
+
+    /// Registers one request on every rank (`reqs`: its `Request` on each, in rank order)
+    /// with `register` (`Rank::respond_and_send` or `Rank::request_and_receive`). The ranks'
+    /// tables move in lockstep (a request reaches all of them in one call and ends on all of
+    /// them in one step), so only rank 0 can refuse, and then nothing is registered.
+    pub fn register_each(
+        &mut self,
+        reqs: &[Arc<Request>],
+        mut register: impl FnMut(&mut Rank, Arc<Request>) -> Result<(), TransceiverError>,
+    ) -> Result<(), TransceiverError> {
+        for (r, (rank, req)) in self.ranks.iter_mut().zip(reqs).enumerate() {
+            if let Err(e) = register(rank, req.clone()) {
+                assert_eq!(r, 0, "rank {r} refused what rank 0 took: {e}");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of one block over every rank: what one block of a request moves.
+    pub fn block_bytes(&self) -> u64 {
+        self.ranks.iter().map(|r| r.backend.block_bytes()).sum()
     }
 
     /// The earliest deadline of any rank.

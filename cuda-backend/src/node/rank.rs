@@ -10,7 +10,10 @@ use super::spec::{NodeLimits, NodeSpec};
 use kvferry_core::blocks::BlockPool;
 use kvferry_core::bugs::BugSet;
 use kvferry_core::collective::{Agreed, Contribution};
-use kvferry_core::transceiver::{Finished, Side, Transceiver, TransceiverParts, TxEvent};
+use kvferry_core::request::Request;
+use kvferry_core::transceiver::{
+    Finished, Side, Transceiver, TransceiverError, TransceiverParts, TxEvent,
+};
 use kvferry_core::wire::Message;
 use kvferry_core::PeerId;
 use std::sync::{Arc, Mutex};
@@ -95,6 +98,18 @@ impl Rank {
             start: Instant::now(),
             timeout_ms: spec.config.kv_transfer_timeout_ms.unwrap_or(0),
         })
+    }
+
+    /// Registers a context request on this rank, now.
+    pub fn respond_and_send(&mut self, req: Arc<Request>) -> Result<(), TransceiverError> {
+        let now = self.now();
+        self.tx.respond_and_send(now, req)
+    }
+
+    /// Registers a generation request on this rank, now.
+    pub fn request_and_receive(&mut self, req: Arc<Request>) -> Result<(), TransceiverError> {
+        let now = self.now();
+        self.tx.request_and_receive(now, req)
     }
 
     /// The transceiver's clock: time since the node started.

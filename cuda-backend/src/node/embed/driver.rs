@@ -22,7 +22,7 @@ use crate::node::rank::Rank;
 use crate::node::{drain_inbox, sleep_until, NodeError, OwnedTask};
 use kvferry_core::blocks::{BlockError, BlockRef};
 use kvferry_core::request::{ContextSource, Request, RequestState};
-use kvferry_core::transceiver::{FailCause, Finished, TransceiverError, TxEvent};
+use kvferry_core::transceiver::{FailCause, Finished, TxEvent};
 use kvferry_core::wire::Message;
 use kvferry_core::{PeerId, RequestId, TransferToken};
 use std::collections::HashMap;
@@ -50,19 +50,6 @@ pub enum Role {
         _accept: Vec<OwnedTask<()>>,
     },
     Generation(Dialers),
-}
-
-/// How a request is registered on one rank.
-type Register = fn(&mut Rank, Arc<Request>) -> Result<(), TransceiverError>;
-
-fn respond_on(rank: &mut Rank, req: Arc<Request>) -> Result<(), TransceiverError> {
-    let now = rank.now();
-    rank.tx.respond_and_send(now, req)
-}
-
-fn receive_on(rank: &mut Rank, req: Arc<Request>) -> Result<(), TransceiverError> {
-    let now = rank.now();
-    rank.tx.request_and_receive(now, req)
 }
 
 #[derive(Debug)]
@@ -355,27 +342,11 @@ impl Driver {
             return;
         };
         for reqs in d.up(g, peer) {
-            if let Err(e) = self.on_every_rank(&reqs, receive_on) {
+            if let Err(e) = self.inst.register_each(&reqs, Rank::request_and_receive) {
                 self.note(reqs[0].id, e.to_string());
                 self.drop_unregistered(&reqs, RequestState::TransferError);
             }
         }
-    }
-
-    /// Registers one request on every rank (`reqs`: its `Request` on each, in rank order).
-    fn on_every_rank(
-        &mut self,
-        reqs: &[Arc<Request>],
-        register: Register,
-    ) -> Result<(), TransceiverError> {
-        for (r, (rank, req)) in self.inst.ranks.iter_mut().zip(reqs).enumerate() {
-            if let Err(e) = register(rank, req.clone()) {
-                // The ranks' tables move in lockstep: only the first can refuse.
-                assert_eq!(r, 0, "rank {r} refused what rank 0 took: {e}");
-                return Err(e);
-            }
-        }
-        Ok(())
     }
 
     /// The engine's `blocks` for core request `id` on every rank, each rank's references in
@@ -385,31 +356,13 @@ impl Driver {
         id: RequestId,
         blocks: &[u32],
     ) -> Result<Vec<Vec<BlockRef>>, BlockError> {
-        let mut refs = Vec::with_capacity(self.inst.ranks.len());
-        for rank in &self.inst.ranks {
-            match rank
-                .pool
-                .lock()
-                .expect("pool lock")
-                .allocate_ids(id, blocks)
-            {
-                Ok(r) => refs.push(r),
-                Err(e) => {
-                    for (rank, r) in self.inst.ranks.iter().zip(&refs) {
-                        rank.pool.lock().expect("pool lock").free(r);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(refs)
+        self.inst
+            .allocate_each(|_, pool| pool.allocate_ids(id, blocks))
     }
 
     /// Frees a request's blocks on every rank (it was never registered, or refused).
     fn free(&self, reqs: &[Arc<Request>]) {
-        for (rank, req) in self.inst.ranks.iter().zip(reqs) {
-            rank.pool.lock().expect("pool lock").free(&req.blocks);
-        }
+        self.inst.free_each(reqs.iter().map(|r| &r.blocks[..]));
     }
 
     /// Ends a request the core never registered (parked, then failed or cancelled).
@@ -500,7 +453,7 @@ impl Driver {
         let reqs: Vec<Arc<Request>> = (self.allocate_ids(id, &blocks)?.into_iter())
             .map(|refs| Arc::new(Request::new_context(id, token, refs)))
             .collect();
-        if let Err(e) = self.on_every_rank(&reqs, respond_on) {
+        if let Err(e) = self.inst.register_each(&reqs, Rank::respond_and_send) {
             self.free(&reqs);
             return Err(e.into());
         }
@@ -536,9 +489,7 @@ impl Driver {
         let instance = match dialers.instance_for(&t.addrs) {
             Ok(i) => i,
             Err(e) => {
-                for (rank, r) in self.inst.ranks.iter().zip(&refs) {
-                    rank.pool.lock().expect("pool lock").free(r);
-                }
+                self.inst.free_each(refs.iter().map(Vec::as_slice));
                 return Err(e.into());
             }
         };
@@ -551,7 +502,7 @@ impl Driver {
             .map(|refs| Arc::new(Request::new_generation(core, t.token, refs, source.clone())))
             .collect();
         if dialers.is_up(instance) {
-            if let Err(e) = self.on_every_rank(&reqs, receive_on) {
+            if let Err(e) = self.inst.register_each(&reqs, Rank::request_and_receive) {
                 self.free(&reqs);
                 return Err(e.into());
             }
