@@ -18,6 +18,7 @@ import sys
 import torch
 
 import kvferry
+from procs import emit, statuses
 
 POISON = 0x5A5A
 
@@ -53,15 +54,6 @@ class CaiOnly:
     @property
     def __cuda_array_interface__(self):
         return self.t.__cuda_array_interface__
-
-
-def emit(obj):
-    print(json.dumps(obj), flush=True)
-
-
-def statuses(items):
-    return [{"id": s.request_id, "state": s.state, "reason": s.reason, "detail": s.detail}
-            for s in items]
 
 
 def run_ctx(spec):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 import kvferry
+from procs import emit, statuses
 
 
 def layout(spec):
@@ -24,17 +25,6 @@ def ctx_pool(spec):
     rng = np.random.default_rng(spec["seed"])
     bits = rng.integers(0, 1 << 16, size=lay.pool_shape(spec["blocks"]), dtype=np.uint16)
     return bits.view(np.float16)
-
-
-def emit(obj):
-    print(json.dumps(obj), flush=True)
-
-
-def statuses(items):
-    return [
-        {"id": s.request_id, "state": s.state, "reason": s.reason, "detail": s.detail}
-        for s in items
-    ]
 
 
 def run_ctx(spec):

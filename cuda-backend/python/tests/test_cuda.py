@@ -3,14 +3,15 @@ pulled over CUDA IPC between two processes, verified byte for byte; and the pool
 refuse what does not fit. Skips (with the reason) without torch, without a GPU, or in a build of
 the package without the `cuda` feature."""
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import kvferry
+import procs
+from procs import line
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 if not torch.cuda.is_available():
@@ -20,20 +21,10 @@ if "cuda" not in kvferry.BACKENDS:
                 allow_module_level=True)
 
 PEER = os.path.join(os.path.dirname(__file__), "cuda_peer.py")
+start = functools.partial(procs.start, PEER)
 MODEL = {"num_layers": 4, "num_kv_heads": 2, "head_dim": 64, "tokens_per_block": 16,
          "dtype": "float16"}
 CUDA = {"backend": "cuda"}
-
-
-def start(role, spec):
-    return subprocess.Popen([sys.executable, PEER, role, json.dumps(spec)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def line(proc):
-    out = proc.stdout.readline()
-    assert out, f"peer exited early with {proc.wait()}"
-    return out.strip()
 
 
 def transfer(**extra):

@@ -3,31 +3,18 @@ one instance holding all its TP ranks' numpy pools, shaped like a real model's p
 (blocks x layers x K/V x the rank's kv heads x tokens per block x head dim). Every head's bytes
 depend on its global head index, and the generation side checks every byte of every rank."""
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+import procs
+from procs import line
+
 PEER = os.path.join(os.path.dirname(__file__), "tp_peer.py")
-# A Llama-3-8B-like cache: 32 layers, 8 kv heads, head dim 128, 16 tokens per block, fp16
-# (2 MiB a block over the whole model).
-MODEL = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "tokens_per_block": 16,
-         "dtype": "float16"}
-
-
-def start(role, spec):
-    return subprocess.Popen(
-        [sys.executable, PEER, role, json.dumps(spec)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-
-
-def line(proc):
-    out = proc.stdout.readline()
-    assert out, f"peer exited early with {proc.wait()}"
-    return out.strip()
+start = functools.partial(procs.start, PEER)
+MODEL = procs.LLAMA3_8B
 
 
 @pytest.mark.parametrize("ctx_tp, gen_tp", [(2, 1), (1, 2), (4, 2)])

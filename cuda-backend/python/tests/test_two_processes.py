@@ -3,30 +3,17 @@ numpy KV pool shaped like a real model's (blocks x layers x K/V x kv heads x tok
 head dim). One context rank and one generation rank (TP1); heterogeneous TP is
 test_hetero_tp.py's."""
 
+import functools
 import json
 import os
 import signal
-import subprocess
-import sys
+
+import procs
+from procs import line
 
 PEER = os.path.join(os.path.dirname(__file__), "peer.py")
-# A Llama-3-8B-like cache: 32 layers, 8 kv heads, head dim 128, 16 tokens per block, fp16
-# (2 MiB a block).
-MODEL = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "tokens_per_block": 16,
-         "dtype": "float16"}
-
-
-def start(role, spec):
-    return subprocess.Popen(
-        [sys.executable, PEER, role, json.dumps(spec)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-
-
-def line(proc):
-    out = proc.stdout.readline()
-    assert out, f"peer exited early with {proc.wait()}"
-    return out.strip()
+start = functools.partial(procs.start, PEER)
+MODEL = procs.LLAMA3_8B
 
 
 def spec(requests, gen_blocks, blocks, **extra):

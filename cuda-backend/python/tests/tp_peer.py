@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 import kvferry
+from procs import emit, statuses
 
 
 def layout(spec, tp):
@@ -39,17 +40,6 @@ def pattern(lay, request, index):
 def rank_slice(lay, rank, block):
     lo, hi = lay.rank_heads(rank)
     return block[:, :, lo:hi]
-
-
-def emit(obj):
-    print(json.dumps(obj), flush=True)
-
-
-def statuses(items):
-    return [
-        {"id": s.request_id, "state": s.state, "reason": s.reason, "detail": s.detail}
-        for s in items
-    ]
 
 
 def pools(lay, blocks):
