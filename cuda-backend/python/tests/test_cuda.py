@@ -6,6 +6,7 @@ the package without the `cuda` feature."""
 import functools
 import json
 import os
+import sys
 
 import pytest
 
