@@ -110,10 +110,12 @@ struct Common {
     /// CUDA device ordinal of the pool (with `--backend cuda` or `nixl-cuda`).
     #[arg(long, default_value_t = 0)]
     device: usize,
-    /// Runtime threads (0: one per core). Default: 1 on a machine of fewer than 4 cores, else
-    /// 2. One thread drives a connection without cross-thread wakeups; a second lets send
-    /// tasks checksum frames while the writer copies, which pays where cores are not scarce
-    /// (BENCHMARKS.md, host node). `bench` gives each side its own runtime of this size.
+    /// Runtime threads (0: one per core). Default: a ctx 2 on a machine of 4 or more cores,
+    /// else 1; a gen 1. A ctx's connection writers copy into the kernel on the second thread
+    /// while its driver works; a gen's work per request is a chain of handoffs (reader,
+    /// driver, writer) that cost more across threads than they save, so one thread moves more
+    /// and spends half the CPU (BENCHMARKS.md, host node). `bench` gives its ctx and gen sides
+    /// the same defaults, or both this many.
     #[arg(long)]
     threads: Option<usize>,
     #[command(flatten)]
@@ -194,25 +196,21 @@ struct Load {
 }
 
 impl Role {
-    fn common(&self) -> &Common {
+    /// Threads of the process's runtime: `--threads`, else this role's default (see
+    /// `--threads`). `bench` runs its gen side on this runtime.
+    fn threads(&self) -> usize {
         match self {
-            Role::Ctx { common, .. } | Role::Gen { common, .. } | Role::Bench { common, .. } => {
-                common
-            }
+            Role::Ctx { common, .. } => common.ctx_threads(),
+            Role::Gen { common, .. } | Role::Bench { common, .. } => common.threads.unwrap_or(1),
         }
     }
 }
 
 impl Common {
-    fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if cores < 4 {
-                1
-            } else {
-                2
-            }
-        })
+    /// A ctx's runtime threads: `--threads`, else 2 where there are 4 cores or more.
+    fn ctx_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.threads.unwrap_or(if cores >= 4 { 2 } else { 1 })
     }
 
     fn spec(&self) -> Result<NodeSpec> {
@@ -317,7 +315,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let rt = runtime(cli.role.common().threads()).context("starting the tokio runtime")?;
+    let rt = runtime(cli.role.threads()).context("starting the tokio runtime")?;
     rt.block_on(run(cli))
 }
 
@@ -434,11 +432,12 @@ async fn run_bench(
         concurrency,
         rounds: rounds.max(1),
         verify,
-        threads: common.threads(),
+        ctx_threads: common.ctx_threads(),
         backend,
     };
     let rows = bench::run(&spec, &o).await.context("bench")?;
-    print_bench(&spec, &o, &rows);
+    // The gen side runs on this process's runtime (`Role::threads`).
+    print_bench(&spec, &o, common.threads.unwrap_or(1), &rows);
     Ok(())
 }
 
@@ -513,17 +512,17 @@ fn print_host_beside(rows: &[bench::Round]) {
     }
 }
 
-fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
+fn print_bench(spec: &NodeSpec, o: &BenchOptions, gen_threads: usize, rows: &[bench::Round]) {
     println!("machine {}", bench::machine());
     println!(
-        "block {} KiB, {} requests x {} blocks, concurrency {}, verify {}, pool {} blocks, {} runtime thread(s) a side",
+        "block {} KiB, {} requests x {} blocks, concurrency {}, verify {}, pool {} blocks, runtime threads: ctx {}, gen {gen_threads}",
         spec.layout.block_bytes() >> 10,
         o.requests,
         o.blocks_per_request,
         o.concurrency,
         o.verify,
         spec.pool_blocks,
-        o.threads
+        o.ctx_threads
     );
     println!("node path: {:?}", o.backend);
     print_host_beside(rows);

@@ -26,8 +26,9 @@ pub struct BenchOptions {
     pub concurrency: usize,
     pub rounds: usize,
     pub verify: bool,
-    /// Runtime threads of each side (see `node::runtime`).
-    pub threads: usize,
+    /// Runtime threads of the ctx side and the raw copy's receiver (see `node::runtime`); the
+    /// gen side runs on the caller's runtime.
+    pub ctx_threads: usize,
     /// The node path measured (the host node is measured beside any other).
     pub backend: BackendSpec,
 }
@@ -187,7 +188,7 @@ pub async fn node_round(
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let ctx_spec = spec.clone();
-    let ctx_side = spawn_side(o.threads, move || async move {
+    let ctx_side = spawn_side(o.ctx_threads, move || async move {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind ctx"))?;
@@ -245,8 +246,8 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
         };
         let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
         let nixl = nixl_probe(spec, o, s.bytes, pool_bytes).await?;
-        let raw = raw_copy(s.bytes.max(1), o.threads, DATA_CHUNK).await?;
-        let raw_pool = raw_copy(s.bytes.max(1), o.threads, pool_bytes).await?;
+        let raw = raw_copy(s.bytes.max(1), o.ctx_threads, DATA_CHUNK).await?;
+        let raw_pool = raw_copy(s.bytes.max(1), o.ctx_threads, pool_bytes).await?;
         let node_cpu_s_per_gib = s.cpu_s_per_gib.unwrap_or(f64::NAN);
         // Per request: the bytes one request moved, at each path's CPU cost per byte.
         let per_request = s.bytes as f64 / s.done.max(1) as f64;

@@ -215,7 +215,7 @@ fn each_way(
         c.verify()?;
     }
     let bytes: u64 = cases.iter().map(|c| c.total).sum();
-    let med = median(times);
+    let med = median(times.wall_ms);
     let label = format!("{} each way", cases[0].label);
     println!(
         "bidirectional {label}: {:.1} MiB in {med:.3} ms, {:.1} GB/s, {:.1}% of the bidirectional ceiling",

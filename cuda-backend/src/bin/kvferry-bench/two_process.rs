@@ -295,12 +295,24 @@ fn receive_job(plan: &Arc<TransferPlan>, from: PeerId, id: usize) -> TransferJob
     }
 }
 
-/// One warm-up and `iters` timed rounds of every case submitted together; wall clock per
-/// timed round, from the first submit to the last completion, in milliseconds.
-pub fn timed_rounds(cases: &[&Case], iters: usize) -> Result<Vec<f64>> {
+/// What [`timed_rounds`] measured, one entry per timed round.
+pub struct Timed {
+    /// Wall clock from the first submit to the last completion, in milliseconds.
+    pub wall_ms: Vec<f64>,
+    /// Host time inside the submits (expansion, descriptor upload, launch, event record) in
+    /// microseconds: the part of the fixed cost a host timer sees; the rest is the GPU's
+    /// launch latency, the kernel's shortfall and finding the completion.
+    pub submit_us: Vec<f64>,
+}
+
+/// One warm-up and `iters` timed rounds of every case submitted together.
+pub fn timed_rounds(cases: &[&Case], iters: usize) -> Result<Timed> {
     let total: u64 = cases.iter().map(|c| c.total).sum();
     let done = CompletionQueue::new(1024);
-    let mut times = Vec::new();
+    let mut times = Timed {
+        wall_ms: Vec::new(),
+        submit_us: Vec::new(),
+    };
     for it in 0..=iters {
         for c in cases {
             c.poison()?;
@@ -310,6 +322,7 @@ pub fn timed_rounds(cases: &[&Case], iters: usize) -> Result<Vec<f64>> {
         for c in cases {
             want += c.submit(&done)?;
         }
+        let submitted = t0.elapsed().as_secs_f64() * 1e6;
         let mut got: Vec<Completion> = Vec::new();
         while got.len() < want {
             done.drain_into(&mut got);
@@ -330,16 +343,17 @@ pub fn timed_rounds(cases: &[&Case], iters: usize) -> Result<Vec<f64>> {
             bail!("moved {moved} bytes, the plans say {total}");
         }
         if it > 0 {
-            times.push(dt);
+            times.wall_ms.push(dt);
+            times.submit_us.push(submitted);
         }
     }
     Ok(times)
 }
 
 /// The table row of `times` for `bytes` against `ceiling` (GB/s).
-pub fn case_row(case: &Case, shape: &Shape, times: &[f64], ceiling: f64) -> CaseRow {
-    let med = median(times.to_vec());
-    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+pub fn case_row(case: &Case, shape: &Shape, times: &Timed, ceiling: f64) -> CaseRow {
+    let med = median(times.wall_ms.clone());
+    let best = times.wall_ms.iter().copied().fold(f64::INFINITY, f64::min);
     CaseRow {
         case: case.label.clone(),
         ctx_processes: shape.ctx_tp,
@@ -352,6 +366,7 @@ pub fn case_row(case: &Case, shape: &Shape, times: &[f64], ceiling: f64) -> Case
         gbps: gbps(case.total, med),
         of_ceiling: gbps(case.total, med) / ceiling,
         fixed_us: med * 1e3 - case.total as f64 / (ceiling * 1e3),
+        submit_us: median(times.submit_us.clone()),
         verified: true,
     }
 }
@@ -379,7 +394,7 @@ pub fn two_process(
     c.verify()?;
     let row = case_row(&c, &shape, &times, ceiling);
     println!(
-        "two-process {:<22} {:>6} frags of {:>6} KiB  {:>7.1} MiB  {:>7.3} ms  {:>6.1} GB/s  {:>5.1}%  fixed {:>7.1} µs",
+        "two-process {:<22} {:>6} frags of {:>6} KiB  {:>7.1} MiB  {:>7.3} ms  {:>6.1} GB/s  {:>5.1}%  fixed {:>7.1} µs (submit {:>5.1} µs)",
         row.case,
         row.fragments,
         row.fragment_kib,
@@ -387,7 +402,8 @@ pub fn two_process(
         row.median_ms,
         row.gbps,
         100.0 * row.of_ceiling,
-        row.fixed_us
+        row.fixed_us,
+        row.submit_us
     );
     Ok(row)
 }
