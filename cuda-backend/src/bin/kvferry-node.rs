@@ -74,6 +74,10 @@ enum Role {
         /// Also verify every received byte (costs gen CPU the raw copy does not pay).
         #[arg(long)]
         verify: bool,
+        /// Gen instances against the one ctx, each on its own thread and runtime as separate
+        /// processes would be, started together; `--requests` is each one's.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        gens: u16,
         #[command(flatten)]
         common: Common,
     },
@@ -329,10 +333,11 @@ async fn run(cli: Cli) -> Result<()> {
             concurrency,
             rounds,
             verify,
+            gens,
             common,
         } => {
             let o = (requests, blocks_per_request, concurrency, rounds, verify);
-            run_bench(o, common).await
+            run_bench(o, usize::from(gens), common).await
         }
     }
 }
@@ -413,9 +418,10 @@ async fn run_gen(peers: Vec<SocketAddr>, load: Load, common: Common) -> Result<(
     Ok(())
 }
 
-/// `bench` with (requests, blocks per request, concurrency, rounds, verify).
+/// `bench` with (requests, blocks per request, concurrency, rounds, verify) and `gens` loads.
 async fn run_bench(
     (requests, blocks_per_request, concurrency, rounds, verify): (u64, u32, usize, usize, bool),
+    gens: usize,
     common: Common,
 ) -> Result<()> {
     let spec = common.spec()?;
@@ -433,11 +439,12 @@ async fn run_bench(
         rounds: rounds.max(1),
         verify,
         ctx_threads: common.ctx_threads(),
+        gens,
+        gen_threads: common.threads.unwrap_or(1),
         backend,
     };
     let rows = bench::run(&spec, &o).await.context("bench")?;
-    // The gen side runs on this process's runtime (`Role::threads`).
-    print_bench(&spec, &o, common.threads.unwrap_or(1), &rows);
+    print_bench(&spec, &o, &rows);
     Ok(())
 }
 
@@ -512,17 +519,19 @@ fn print_host_beside(rows: &[bench::Round]) {
     }
 }
 
-fn print_bench(spec: &NodeSpec, o: &BenchOptions, gen_threads: usize, rows: &[bench::Round]) {
+fn print_bench(spec: &NodeSpec, o: &BenchOptions, rows: &[bench::Round]) {
     println!("machine {}", bench::machine());
     println!(
-        "block {} KiB, {} requests x {} blocks, concurrency {}, verify {}, pool {} blocks, runtime threads: ctx {}, gen {gen_threads}",
+        "block {} KiB, {} gen(s) x {} requests x {} blocks, concurrency {} each, verify {}, pool {} blocks, runtime threads: ctx {}, gen {}",
         spec.layout.block_bytes() >> 10,
+        o.gens,
         o.requests,
         o.blocks_per_request,
         o.concurrency,
         o.verify,
         spec.pool_blocks,
-        o.ctx_threads
+        o.ctx_threads,
+        o.gen_threads
     );
     println!("node path: {:?}", o.backend);
     print_host_beside(rows);
@@ -563,6 +572,12 @@ fn print_bench(spec: &NodeSpec, o: &BenchOptions, gen_threads: usize, rows: &[be
         med(|r| r.p99_ms),
         med(|r| r.node_cpu_s_per_gib),
         med(|r| r.raw_cpu_s_per_gib),
+    );
+    let done: Vec<String> = rows.iter().map(|r| r.done.to_string()).collect();
+    println!(
+        "requests done per round: {} of {}",
+        done.join(", "),
+        o.requests * o.gens as u64
     );
     println!(
         "median {:.0} requests/s, cpu {:.1} µs/request, fixed {:.1} µs/request (beyond the raw copy's cpu for the same bytes)",

@@ -2,9 +2,11 @@
 //! plain TCP copy of the same bytes, measured in the same run, round after round. With another
 //! backend (`--backend nixl`) each round also runs the host node, so all three are side by side.
 //!
-//! Both are set up alike: each side (ctx and gen; raw sender and raw receiver) runs on its own
-//! OS thread with its own runtime of `threads` threads, as two node processes would, and the
-//! raw copy reads and writes `DATA_CHUNK` at a time, the node's frame size.
+//! Both are set up alike: each side (the ctx and every gen; raw sender and raw receiver) runs on
+//! its own OS thread with its own runtime, as node processes would, and the raw copy reads and
+//! writes `DATA_CHUNK` at a time, the node's frame size. With several gens (`gens`) the node
+//! moves their requests over as many connections; the raw copy stays one socket, so its CPU per
+//! byte is what the fixed cost is measured beyond.
 
 use super::backend::BackendSpec;
 use super::instance::Instance;
@@ -14,10 +16,12 @@ use crate::host::kv::prefaulted;
 use crate::host::DATA_CHUNK;
 use kvferry_core::transceiver::Side;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Barrier};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -26,9 +30,12 @@ pub struct BenchOptions {
     pub concurrency: usize,
     pub rounds: usize,
     pub verify: bool,
-    /// Runtime threads of the ctx side and the raw copy's receiver (see `node::runtime`); the
-    /// gen side runs on the caller's runtime.
+    /// Runtime threads of the ctx side and the raw copy's receiver (see `node::runtime`).
     pub ctx_threads: usize,
+    /// Gen instances against the one ctx, each on its own thread and runtime.
+    pub gens: usize,
+    /// Runtime threads of each gen side.
+    pub gen_threads: usize,
     /// The node path measured (the host node is measured beside any other).
     pub backend: BackendSpec,
 }
@@ -48,6 +55,8 @@ pub struct Round {
     pub raw_pool_mib_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Requests completed and failed, over all gens.
+    pub done: u64,
     pub failed: u64,
     /// CPU seconds per GiB of each path (this process: both ends of each).
     pub node_cpu_s_per_gib: f64,
@@ -179,12 +188,58 @@ fn instance(spec: &NodeSpec, side: Side, backend: BackendSpec) -> Result<Instanc
         .map_err(|e| io("backend")(std::io::Error::other(e.to_string())))
 }
 
-/// One node round on `backend`: a ctx node on its own thread and a gen load on this runtime.
+/// What the gen loads of one node round did together.
+#[derive(Clone, Debug)]
+pub struct Loads {
+    pub done: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    /// The longest load's time: the loads start together.
+    pub seconds: f64,
+    /// CPU seconds of this process (ctx and gens) per GiB moved, over the longest load's
+    /// window, which holds the others; NaN when nothing moved.
+    pub cpu_s_per_gib: f64,
+    /// The loads' median p50 and largest p99 (NaN when none completed a request).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Loads {
+    fn merge(all: &[gen::Summary]) -> Loads {
+        let bytes: u64 = all.iter().map(|s| s.bytes).sum();
+        let window = |s: &gen::Summary| {
+            s.cpu_s_per_gib.unwrap_or(0.0) * s.bytes as f64 / f64::from(1u32 << 30)
+        };
+        let cpu = all.iter().map(window).fold(0.0, f64::max);
+        let p50s: Vec<f64> = all.iter().filter_map(|s| s.p50_ms).collect();
+        let p99 = all.iter().filter_map(|s| s.p99_ms).reduce(f64::max);
+        Loads {
+            done: all.iter().map(|s| s.done).sum(),
+            failed: all.iter().map(|s| s.failed).sum(),
+            bytes,
+            seconds: all.iter().map(|s| s.seconds).fold(0.0, f64::max),
+            cpu_s_per_gib: cpu::s_per_gib(Duration::from_secs_f64(cpu), bytes).unwrap_or(f64::NAN),
+            p50_ms: if p50s.is_empty() {
+                f64::NAN
+            } else {
+                median(p50s)
+            },
+            p99_ms: p99.unwrap_or(f64::NAN),
+        }
+    }
+
+    pub fn throughput_mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// One node round on `backend`: a ctx node and `o.gens` gen loads against it, each on its own
+/// thread and runtime as separate processes would be, the loads released together.
 pub async fn node_round(
     spec: &NodeSpec,
     o: &BenchOptions,
     backend: BackendSpec,
-) -> Result<gen::Summary, NodeError> {
+) -> Result<Loads, NodeError> {
     let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let ctx_spec = spec.clone();
@@ -192,7 +247,7 @@ pub async fn node_round(
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind ctx"))?;
-        // Built before the load starts: the gen's clock starts after its own rank is built,
+        // Built before the loads start: each gen's clock starts after its own rank is built,
         // so the ctx's (its KV pool above all) is kept out of the measurement the same way.
         let inst = instance(&ctx_spec, Side::Context, backend)?;
         let _ = addr_tx.send(listener.local_addr().map_err(io("ctx addr"))?);
@@ -210,25 +265,48 @@ pub async fn node_round(
             "ended before listening",
         )));
     };
-    let load = gen::LoadOptions {
-        peers: vec![peer],
-        requests: o.requests,
-        concurrency: o.concurrency,
-        min_blocks: o.blocks_per_request,
-        max_blocks: o.blocks_per_request,
-        seed: 1,
-        verify: o.verify,
-        progress: None,
-    };
-    let summary = match instance(spec, Side::Generation, backend) {
-        Ok(r) => gen::run_with(r, load).await,
-        Err(e) => Err(e),
-    };
+    let loads = gen_loads(spec, o, backend, peer).await;
     // Wait for the ctx to be gone so the next measurement does not share the CPU with its
     // teardown, and no round leaks into the next.
     let _ = stop_tx.send(());
     joined(ctx_side, "ctx side").await?;
-    summary
+    Ok(Loads::merge(&loads?))
+}
+
+/// Runs `o.gens` gen loads against `peer`, each instance built before any load starts.
+async fn gen_loads(
+    spec: &NodeSpec,
+    o: &BenchOptions,
+    backend: BackendSpec,
+    peer: SocketAddr,
+) -> Result<Vec<gen::Summary>, NodeError> {
+    let go = Arc::new(Barrier::new(o.gens));
+    let sides: Vec<_> = (0..o.gens)
+        .map(|i| {
+            let (spec, go) = (spec.clone(), go.clone());
+            let load = gen::LoadOptions {
+                peers: vec![peer],
+                requests: o.requests,
+                concurrency: o.concurrency,
+                min_blocks: o.blocks_per_request,
+                max_blocks: o.blocks_per_request,
+                seed: 1 + i as u64,
+                verify: o.verify,
+                progress: None,
+            };
+            spawn_side(o.gen_threads, move || async move {
+                let inst = instance(&spec, Side::Generation, backend);
+                // Every side reaches the barrier, built or not, so none waits forever.
+                go.wait().await;
+                gen::run_with(inst?, load).await
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(sides.len());
+    for side in sides {
+        out.push(joined(side, "gen side").await?);
+    }
+    Ok(out)
 }
 
 pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeError> {
@@ -241,19 +319,19 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
             _ => Some(
                 node_round(spec, o, BackendSpec::Host)
                     .await?
-                    .throughput_mib_s,
+                    .throughput_mib_s(),
             ),
         };
         let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
         let nixl = nixl_probe(spec, o, s.bytes, pool_bytes).await?;
         let raw = raw_copy(s.bytes.max(1), o.ctx_threads, DATA_CHUNK).await?;
         let raw_pool = raw_copy(s.bytes.max(1), o.ctx_threads, pool_bytes).await?;
-        let node_cpu_s_per_gib = s.cpu_s_per_gib.unwrap_or(f64::NAN);
+        let node_cpu_s_per_gib = s.cpu_s_per_gib;
         // Per request: the bytes one request moved, at each path's CPU cost per byte.
         let per_request = s.bytes as f64 / s.done.max(1) as f64;
         let node_us = cpu_us(node_cpu_s_per_gib, per_request);
         rounds.push(Round {
-            node_mib_s: s.throughput_mib_s,
+            node_mib_s: s.throughput_mib_s(),
             host_mib_s: host,
             nixl_mib_s: nixl,
             raw_mib_s: raw.mib_s,
@@ -264,8 +342,9 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
             requests_s: s.done as f64 / s.seconds.max(1e-9),
             node_cpu_us_per_request: node_us,
             fixed_us_per_request: node_us - cpu_us(raw.cpu_s_per_gib, per_request),
-            p50_ms: s.p50_ms.unwrap_or(f64::NAN),
-            p99_ms: s.p99_ms.unwrap_or(f64::NAN),
+            p50_ms: s.p50_ms,
+            p99_ms: s.p99_ms,
+            done: s.done,
             failed: s.failed,
         });
     }
