@@ -262,26 +262,7 @@ fn markdown(rep: &Report) -> String {
             r.note
         );
     }
-    if !rep.two_process.is_empty() {
-        s += "\n| two-process case | fragments | fragment KiB | MiB | median ms | best ms | GB/s | of ceiling | fixed µs | submit µs | bytes checked |\n";
-        s += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |\n";
-        for r in &rep.two_process {
-            s += &format!(
-                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {:.1}% | {:.1} | {:.1} | {} |\n",
-                r.case,
-                r.fragments,
-                r.fragment_kib,
-                r.bytes as f64 / (1 << 20) as f64,
-                r.median_ms,
-                r.best_ms,
-                r.gbps,
-                100.0 * r.of_ceiling,
-                r.fixed_us,
-                r.submit_us,
-                if r.verified { "yes" } else { "no" }
-            );
-        }
-    }
+    s += &two_process_table(&rep.two_process);
     if let Some(b) = &rep.bidir {
         s += &format!(
             "\nBoth directions at once: bidirectional ceiling (two contiguous peer copies together) {:.1} GB/s; gather kernel alone both ways: pull {:.1} GB/s ({:.1}%), push {:.1} GB/s ({:.1}%); {} : {:.0} MiB in {:.3} ms, {:.1} GB/s, **{:.1}%** of the ceiling; the same pushing (launched on each ctx's device) {:.1} GB/s, **{:.1}%**; bytes checked: {}\n",
@@ -298,6 +279,33 @@ fn markdown(rep: &Report) -> String {
             b.push_gbps,
             100.0 * b.push_of_ceiling,
             if b.verified { "yes" } else { "no" }
+        );
+    }
+    s
+}
+
+/// The two-process rows as a markdown table (nothing when there are none).
+fn two_process_table(rows: &[CaseRow]) -> String {
+    let mut s = String::new();
+    if rows.is_empty() {
+        return s;
+    }
+    s += "\n| two-process case | fragments | fragment KiB | MiB | median ms | best ms | GB/s | of ceiling | fixed µs | submit µs | bytes checked |\n";
+    s += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |\n";
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {:.1}% | {:.1} | {:.1} | {} |\n",
+            r.case,
+            r.fragments,
+            r.fragment_kib,
+            r.bytes as f64 / (1 << 20) as f64,
+            r.median_ms,
+            r.best_ms,
+            r.gbps,
+            100.0 * r.of_ceiling,
+            r.fixed_us,
+            r.submit_us,
+            if r.verified { "yes" } else { "no" }
         );
     }
     s
