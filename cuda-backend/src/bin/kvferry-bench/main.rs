@@ -10,6 +10,7 @@
 //! peer copies together (the bidirectional ceiling) beside one two-process CASE each way.
 
 mod bidir;
+mod floor;
 mod micro;
 mod two_process;
 
@@ -190,6 +191,8 @@ struct Report {
     kernel_pull: Option<String>,
     sweep: Vec<(String, String, f64)>,
     micro: Vec<Row>,
+    /// The fixed cost's floor: a 512-byte request through the agent (`floor.rs`).
+    floor: Option<floor::Floor>,
     two_process: Vec<CaseRow>,
     bidir: Option<BidirReport>,
 }
@@ -260,6 +263,12 @@ fn markdown(rep: &Report) -> String {
             100.0 * r.of_ceiling,
             if r.verified { "yes" } else { "no" },
             r.note
+        );
+    }
+    if let Some(f) = &rep.floor {
+        s += &format!(
+            "\nFloor of the fixed cost (a 512-byte request through the agent, submit to completion seen): {:.1} µs, of which {:.1} µs inside submit\n",
+            f.total_us, f.submit_us
         );
     }
     s += &two_process_table(&rep.two_process);
@@ -342,6 +351,12 @@ fn run(a: RunArgs) -> Result<()> {
     }
     let ptx = compile_ptx(Gpu::open(a.dst_device)?.compute_capability()?)?;
     if !a.skip_two_process {
+        let f = floor::floor(&a).context("the fixed cost's floor")?;
+        println!(
+            "floor: a 512-byte request through the agent, submit to completion seen {:.1} µs (submit {:.1} µs), median of {}",
+            f.total_us, f.submit_us, floor::FLOOR_ITERS
+        );
+        rep.floor = Some(f);
         // The production agent's shape, not the sweep's pick: these rows measure what a node
         // runs, and the sweep's 16 KiB micro cannot tell shapes apart that differ by 13 points
         // on a TP4 -> TP1 request (BENCHMARKS.md, "Re-measured on one H200").

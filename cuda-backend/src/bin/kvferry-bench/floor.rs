@@ -1,0 +1,102 @@
+//! The floor of a request's fixed cost: a request of one 256-byte fragment through the
+//! production `CudaAgent` (descriptor upload, one launch, its event, the poller's spin, the
+//! completion), from submit until the completion is seen. What a request of any size pays
+//! beyond its copy can be no less than this; on one H200 it decides which request sizes can
+//! reach a given share of the ceiling at all (BENCHMARKS.md, "Per-request cost").
+
+use crate::{median, RunArgs};
+use anyhow::{anyhow, bail, Result};
+use kvferry_backends::cuda::{CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, Region};
+use kvferry_backends::layout::single_rank;
+use kvferry_core::agent::TransferJob;
+use kvferry_core::agent::{Completion, CompletionQueue, Direction, TransferAgent, TransferId};
+use kvferry_core::plan::TransferPlan;
+use kvferry_core::{PeerId, RequestId, TransferToken};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Timed requests (after as many untimed ones).
+pub const FLOOR_ITERS: usize = 2_000;
+/// Bound on one request: longer means a lost completion.
+const FLOOR_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct Floor {
+    /// Median host time inside `submit`.
+    pub submit_us: f64,
+    /// Median time from submit to the completion seen by the submitter.
+    pub total_us: f64,
+}
+
+/// One layer, one head of 64 two-byte values, two tokens a block: K and V of a block are two
+/// 256-byte fragments, and a one-block request moves 512 bytes.
+fn tiny_plan() -> Result<Arc<TransferPlan>> {
+    let layout = single_rank(1, 1, 64, 2, 2);
+    let plan = TransferPlan::new(&layout, &layout, &[(1, 2)])?;
+    Ok(Arc::new(plan))
+}
+
+pub fn floor(a: &RunArgs) -> Result<Floor> {
+    let src_gpu = Gpu::open(a.src_device)?;
+    let dst_gpu = Gpu::open(a.dst_device)?;
+    if a.src_device != a.dst_device {
+        dst_gpu.enable_peer_access(&src_gpu)?;
+    }
+    let src = Arc::new(DeviceBuffer::alloc(&src_gpu, 4 << 10)?);
+    let dst = Arc::new(DeviceBuffer::alloc(&dst_gpu, 4 << 10)?);
+    let config = CudaAgentConfig::default();
+    let agent = CudaAgent::new(dst_gpu, 0, Region::from_buffer(dst), config)?;
+    let peer = PeerId {
+        instance: 0,
+        rank: 0,
+    };
+    agent.register_peer(peer, Region::from_buffer(src));
+    let plan = tiny_plan()?;
+    let done = CompletionQueue::new(4);
+    let (mut submit, mut total) = (Vec::new(), Vec::new());
+    for i in 0..2 * FLOOR_ITERS {
+        let job = TransferJob {
+            id: TransferId(i as u64),
+            request: RequestId(1),
+            token: TransferToken(1),
+            direction: Direction::Receive { from: peer },
+            plan: plan.clone(),
+            local_blocks: Vec::new(),
+            remote_blocks: Vec::new(),
+            bytes: 512,
+            staging: Default::default(),
+        };
+        let t0 = Instant::now();
+        agent
+            .submit(job, done.clone())
+            .map_err(|e| anyhow!("submit: {e}"))?;
+        let t1 = Instant::now();
+        let c = wait_one(&done, t0)?;
+        let t2 = Instant::now();
+        if c.result != Ok(512) {
+            bail!("floor request {i}: {:?}", c.result);
+        }
+        if i >= FLOOR_ITERS {
+            submit.push((t1 - t0).as_secs_f64() * 1e6);
+            total.push((t2 - t0).as_secs_f64() * 1e6);
+        }
+    }
+    Ok(Floor {
+        submit_us: median(submit),
+        total_us: median(total),
+    })
+}
+
+/// Spins until one completion arrives (as the two-process rounds do).
+fn wait_one(done: &CompletionQueue, t0: Instant) -> Result<Completion> {
+    let mut got = Vec::with_capacity(1);
+    while got.is_empty() {
+        done.drain_into(&mut got);
+        if t0.elapsed() > FLOOR_TIMEOUT {
+            bail!("no completion after {FLOOR_TIMEOUT:?}");
+        }
+        std::hint::spin_loop();
+    }
+    Ok(got.remove(0))
+}
