@@ -117,7 +117,7 @@ fn prepare(p: &mut RawPeer, tag: u64, blocks: u32) -> Result<RequestId, String> 
     };
     match <[Answer; 1]>::try_from(answers) {
         Ok([Answer::Prepared { request, .. }]) => Ok(request),
-        Ok([Answer::Failed { reason, .. }]) => Err(reason),
+        Ok([Answer::Failed { reason, .. } | Answer::Busy { reason, .. }]) => Err(reason),
         Err(more) => panic!("one ask answered with {more:?}"),
     }
 }

@@ -85,3 +85,41 @@ fn hetero_tp_ctx1_to_gen2_verifies_every_byte() {
 fn hetero_tp_ctx4_to_gen2_verifies_every_byte() {
     hetero_load("4", "2");
 }
+
+/// A gen that keeps more blocks in flight than its host's share of the ctx's pool (16 × 8
+/// blocks against a 64-block pool, of which a host may hold 32): the ctx answers the asks
+/// past the share busy, the gen asks them again as its requests end, and every request
+/// completes, verified, with every block free on both sides after.
+#[test]
+fn asks_past_the_hosts_share_wait_and_complete() {
+    let mut args = vec!["ctx", "--blocks", "64", "--metrics", "127.0.0.1:0"];
+    args.extend(SMALL_LAYOUT);
+    let ctx = NodeProc::spawn(BIN, &args);
+    let metrics = ctx.addr("metrics ");
+    let peer = ctx.addr("listening ").to_string();
+    let mut args = vec!["gen", "--peer", &peer, "--requests", "200"];
+    args.extend([
+        "--concurrency",
+        "16",
+        "--min-blocks",
+        "8",
+        "--max-blocks",
+        "8",
+    ]);
+    args.extend(SMALL_LAYOUT);
+    let mut gen = NodeProc::spawn(BIN, &args);
+    let status = gen.wait_exit(Duration::from_secs(120));
+    let s = gen.summary();
+    assert!(status.success(), "gen failed: {s}");
+    assert_eq!(s["done"], 200, "{s}");
+    assert_eq!(s["failed"], 0, "{s}");
+    assert!(
+        s["busy_answers"].as_u64().unwrap() > 0,
+        "never over the share: {s}"
+    );
+    assert_eq!(s["blocks_free"], s["blocks_total"], "{s}");
+    kvferry_tests::wait_released(metrics);
+    let m = scrape(metrics);
+    assert_eq!(m["kvferry_requests_done_total"], 200.0, "{m:?}");
+    assert!(m["kvferry_prepares_refused_total"] > 0.0, "{m:?}");
+}

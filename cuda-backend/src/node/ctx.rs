@@ -46,12 +46,18 @@ const REPLY_BYTES: usize = MAX_NODE_BODY / 2;
 fn answer_bytes(a: &Answer) -> usize {
     match a {
         Answer::Prepared { ctx_blocks, .. } => 1 + 9 + 9 + 17 + 9 + 5 * ctx_blocks.len(),
-        Answer::Failed { reason, .. } => 1 + 9 + 9 + reason.len(),
+        Answer::Failed { reason, .. } | Answer::Busy { reason, .. } => 1 + 9 + 9 + reason.len(),
     }
 }
 
 /// A connection of the instance: the local rank it reaches and the peer id that rank gave it.
 type ConnId = (usize, PeerId);
+
+/// Why an ask was not prepared: `Busy` may pass once requests end, `Failed` will not.
+enum Refusal {
+    Busy(String),
+    Failed(String),
+}
 
 #[derive(Debug)]
 struct Owned {
@@ -285,7 +291,8 @@ impl CtxNode {
         for Ask { tag, blocks, seed } in asks {
             let answer = match self.prepare(conn, blocks, seed) {
                 Ok((id, token, ctx_blocks)) => Answer::prepared(tag, id, token, ctx_blocks),
-                Err(reason) => Answer::Failed { tag, reason },
+                Err(Refusal::Busy(reason)) => Answer::Busy { tag, reason },
+                Err(Refusal::Failed(reason)) => Answer::Failed { tag, reason },
             };
             let size = answer_bytes(&answer);
             if bytes + size > REPLY_BYTES {
@@ -311,9 +318,13 @@ impl CtxNode {
         conn: ConnId,
         n: u32,
         seed: Option<u64>,
-    ) -> Result<(RequestId, TransferToken, Vec<u32>), String> {
-        if n == 0 || n > MAX_PREPARE_BLOCKS {
-            return Err(format!("block count {n} outside 1..={MAX_PREPARE_BLOCKS}"));
+    ) -> Result<(RequestId, TransferToken, Vec<u32>), Refusal> {
+        let most = MAX_PREPARE_BLOCKS.min(self.blocks_per_ip as u32);
+        if n == 0 || n > most {
+            // Past the host's share no wait helps: `Failed`, not `Busy`.
+            return Err(Refusal::Failed(format!(
+                "block count {n} outside 1..={most} (this host's share of the pool)"
+            )));
         }
         let ip = self.share_left(conn, n)?;
         let id = RequestId(self.next_id);
@@ -326,7 +337,7 @@ impl CtxNode {
             .collect();
         if let Err(e) = self.inst.register_each(&reqs, Rank::respond_and_send) {
             self.inst.free_each(reqs.iter().map(|r| &r.blocks[..]));
-            return Err(e.to_string());
+            return Err(Refusal::Failed(e.to_string()));
         }
         let bytes = u64::from(n) * self.inst.block_bytes();
         // DEBUG, not INFO: a span the default filter lets through is formatted on creation,
@@ -353,7 +364,7 @@ impl CtxNode {
         id: RequestId,
         n: u32,
         seed: Option<u64>,
-    ) -> Result<Vec<Vec<BlockRef>>, String> {
+    ) -> Result<Vec<Vec<BlockRef>>, Refusal> {
         let mut ids = Vec::new();
         let refs = (self.inst)
             .allocate_each(|r, pool| {
@@ -364,7 +375,7 @@ impl CtxNode {
                 ids = blocks.iter().map(|b| b.id).collect();
                 Ok(blocks)
             })
-            .map_err(|e| format!("busy: {e}"))?;
+            .map_err(|e| Refusal::Busy(format!("busy: {e}")))?;
         let Some(seed) = seed else {
             return Ok(refs);
         };
@@ -372,25 +383,27 @@ impl CtxNode {
             (self.inst.ranks.iter()).try_for_each(|r| r.backend.fill(seed, &ids, r.tx.layout()));
         if let Err(e) = filled {
             self.inst.free_each(refs.iter().map(Vec::as_slice));
-            return Err(format!("filling blocks: {e}"));
+            return Err(Refusal::Failed(format!("filling blocks: {e}")));
         }
         Ok(refs)
     }
 
     /// The asking connection's host, if `n` more blocks stay within its share
-    /// (`NodeLimits::max_blocks_per_ip`); else why not, for its `Answer::Failed`.
-    fn share_left(&self, conn: ConnId, n: u32) -> Result<IpAddr, String> {
+    /// (`NodeLimits::max_blocks_per_ip`); else why not, for its `Answer::Busy`.
+    fn share_left(&self, conn: ConnId, n: u32) -> Result<IpAddr, Refusal> {
         let Some(&ip) = self.peer_ips.get(&conn) else {
-            return Err("the connection is closing".into());
+            return Err(Refusal::Failed("the connection is closing".into()));
         };
         let held = self.held.get(&ip).copied().unwrap_or(0);
         if held + n as usize > self.blocks_per_ip {
             self.inst.metrics.prepares_refused.inc();
-            tracing::warn!(peer = %self.describe(conn), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
-            return Err(format!(
+            // DEBUG, not WARN: a gen load at its share asks again (`Answer::Busy`) as its
+            // requests end, so this is backpressure; the counter shows a host that hoards.
+            tracing::debug!(peer = %self.describe(conn), held, asked = n, share = self.blocks_per_ip, "prepare refused: host over its block share");
+            return Err(Refusal::Busy(format!(
                 "over this host's block share: {ip} holds {held} of {} blocks, asked {n} more (--max-blocks-per-ip)",
                 self.blocks_per_ip
-            ));
+            )));
         }
         Ok(ip)
     }

@@ -5,7 +5,8 @@
 //! `magic "KVFN" u32 | version u8 | reserved u8 x3 | length u32 | body`, big-endian header;
 //! the body is the frame in bincode (version 2; version 1 was JSON, whose encoding and
 //! parsing cost several µs of every small request's CPU, BENCHMARKS.md "per-request cost";
-//! version 3 batches `Prepare`/`Prepared` and carries tokens as integers, not hex).
+//! version 3 batches `Prepare`/`Prepared` and carries tokens as integers, not hex; version 4
+//! tells a refusal that may pass (`Answer::Busy`) from one that will not).
 //! A connection carries both kinds; the first four bytes of each frame pick the decoder.
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const NODE_MAGIC: u32 = 0x4B56_464E; // "KVFN"
-pub const NODE_VERSION: u8 = 3;
+pub const NODE_VERSION: u8 = 4;
 pub const NODE_HEADER_LEN: usize = 12;
 /// Bound on a node frame body: a `Prepared` naming `MAX_PREPARE_BLOCKS` ids fits easily.
 pub const MAX_NODE_BODY: usize = 64 << 10;
@@ -110,10 +111,11 @@ pub enum Answer {
         token: u128,
         ctx_blocks: Vec<u32>,
     },
-    Failed {
-        tag: u64,
-        reason: String,
-    },
+    /// Refused for good: asking again gets the same answer.
+    Failed { tag: u64, reason: String },
+    /// Nothing prepared for now: the ctx's pool or the asker's host share is full until
+    /// requests end. The asker may ask again later (a gen load does, bounded).
+    Busy { tag: u64, reason: String },
 }
 
 impl Answer {

@@ -20,7 +20,7 @@ use kvferry_core::{PeerId, RequestId, TransferToken};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +48,12 @@ const HANG_UP: Duration = Duration::from_secs(2);
 /// How long a CUDA gen waits for its ctx's pool after connecting. A ctx sends it first thing,
 /// so only a ctx on another backend (or not a kvferry ctx) keeps it waiting.
 const POOL_WAIT: Duration = Duration::from_secs(15);
+/// After a busy answer (`Answer::Busy`), the gen asks again when one of its requests ends, or
+/// after this long when none does (the ctx's room may be held by other gens).
+const BUSY_BACKOFF: Duration = Duration::from_millis(5);
+/// A launch the ctx keeps answering busy for this long fails with the ctx's reason: a ctx
+/// that is always busy cannot hold a load forever.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -93,13 +99,18 @@ pub struct Summary {
     pub blocks_free: usize,
     /// The backend's own counters (`Backend::counters`).
     pub backend: BTreeMap<String, u64>,
+    /// Asks the ctx answered busy (each asked again, or failed past `MAX_BUSY_WAIT`).
+    pub busy_answers: u64,
 }
 
 #[derive(Debug)]
 struct Launch {
     blocks: u32,
     seed: u64,
+    /// The first ask: latency counts from here, busy answers included.
     at: Instant,
+    /// The first busy answer, if the ctx gave one.
+    busy_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -131,6 +142,11 @@ struct GenNode {
     launched: u64,
     next_tag: u64,
     pending: HashMap<u64, Launch>,
+    /// Launches to ask again before new ones: answered busy, or their `Prepare` not sent (at
+    /// most `concurrency` with `pending` and `active`).
+    retry: VecDeque<Launch>,
+    /// No asks before this (set by a busy answer, cleared when a request ends).
+    busy_until: Option<Instant>,
     active: HashMap<RequestId, Active>,
     /// Blocks promised to pending launches, so a `Prepared` always finds its blocks.
     reserved: usize,
@@ -164,6 +180,8 @@ impl GenNode {
             launched: 0,
             next_tag: 0,
             pending: HashMap::new(),
+            retry: VecDeque::new(),
+            busy_until: None,
             active: HashMap::new(),
             reserved: 0,
             latencies_us: Vec::new(),
@@ -288,6 +306,7 @@ impl GenNode {
     fn all_ended(&self) -> bool {
         (self.launched == self.opts.requests || self.s.gave_up.is_some())
             && self.pending.is_empty()
+            && self.retry.is_empty()
             && self.active.is_empty()
     }
 
@@ -308,57 +327,76 @@ impl GenNode {
     }
 
     /// Asks ctx rank 0 for as many requests as the concurrency and the pools allow, all in
-    /// one `Prepare` frame (at most `MAX_PREPARE_ASKS` asks).
+    /// one `Prepare` frame (at most `MAX_PREPARE_ASKS` asks): launches answered busy first,
+    /// then new ones.
     fn launch_more(&mut self) {
         if !self.connected() || self.s.gave_up.is_some() {
             return;
         }
-        let max = self.opts.max_blocks as usize;
+        if self.busy_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         let free = (self.inst.ranks.iter())
             .map(|r| r.pool.lock().expect("pool lock").free_count())
             .min()
             .unwrap_or(0);
-        let mut asks = Vec::new();
-        let mut reserved = self.reserved;
-        while self.launched + (asks.len() as u64) < self.opts.requests
-            && self.pending.len() + self.active.len() + asks.len() < self.opts.concurrency
-            && asks.len() < MAX_PREPARE_ASKS
-            && free >= reserved + max
-        {
-            let blocks = self
-                .rng
-                .random_range(self.opts.min_blocks..=self.opts.max_blocks);
-            let seed = self.rng.random();
-            reserved += blocks as usize;
-            asks.push((self.next_tag + asks.len() as u64, blocks, seed));
-        }
+        let asks = self.next_asks(free);
         if asks.is_empty() {
             return;
         }
         let verify = self.opts.verify;
         let frame = Frame::Node(NodeFrame::Prepare {
-            asks: asks
-                .iter()
-                .map(|&(tag, blocks, seed)| Ask {
-                    tag,
-                    blocks,
-                    seed: verify.then_some(seed),
+            asks: (asks.iter().enumerate())
+                .map(|(i, l)| Ask {
+                    tag: self.next_tag + i as u64,
+                    blocks: l.blocks,
+                    seed: verify.then_some(l.seed),
                 })
                 .collect(),
         });
         if let Err(e) = self.rank(0).links.send_frame(ctx_peer(0), frame) {
-            // The asks' seeds were drawn: a retry draws new ones, which only the seed's
-            // stream, not correctness, depends on.
             tracing::debug!(error = %e, "prepare not sent; retrying after reconnect");
+            self.retry.extend(asks);
             return;
         }
-        let at = Instant::now();
-        for (tag, blocks, seed) in asks {
+        for l in asks {
+            self.reserved += l.blocks as usize;
+            self.pending.insert(self.next_tag, l);
             self.next_tag += 1;
-            self.launched += 1;
-            self.reserved += blocks as usize;
-            self.pending.insert(tag, Launch { blocks, seed, at });
         }
+        assert!(self.pending.len() + self.active.len() + self.retry.len() <= self.opts.concurrency);
+    }
+
+    /// The launches of the next `Prepare`: busy ones first, then new ones (counted in
+    /// `launched`), while the concurrency, the ask bound and the `free` blocks of the
+    /// smallest pool allow.
+    fn next_asks(&mut self, free: usize) -> Vec<Launch> {
+        let max = self.opts.max_blocks as usize;
+        let mut asks = Vec::new();
+        let mut reserved = self.reserved;
+        let at = Instant::now();
+        while asks.len() < MAX_PREPARE_ASKS && free >= reserved + max {
+            let l = if let Some(l) = self.retry.pop_front() {
+                l
+            } else if self.launched < self.opts.requests
+                && self.pending.len() + self.active.len() + asks.len() < self.opts.concurrency
+            {
+                self.launched += 1;
+                let blocks = (self.rng).random_range(self.opts.min_blocks..=self.opts.max_blocks);
+                let seed = self.rng.random();
+                Launch {
+                    blocks,
+                    seed,
+                    at,
+                    busy_since: None,
+                }
+            } else {
+                break;
+            };
+            reserved += l.blocks as usize;
+            asks.push(l);
+        }
+        asks
     }
 
     fn on_inbound(&mut self, d: Delivery) {
@@ -418,12 +456,14 @@ impl GenNode {
     }
 
     /// The earliest instant anything of this gen waits on: the transceivers' next deadline,
-    /// the CUDA pool wait, the next progress line, the final drain.
+    /// asking again after a busy answer, the CUDA pool wait, the next progress line, the
+    /// final drain.
     fn next_wake(&self, progress: &Progress, drain_until: Option<Instant>) -> Option<Instant> {
         let pool =
             (self.pool_wait.values().min()).map(|t| *t + POOL_WAIT + Duration::from_millis(1));
         [
             self.inst.next_deadline(),
+            self.busy_until.filter(|_| !self.retry.is_empty()),
             pool.filter(|_| self.s.gave_up.is_none()),
             progress.next(),
             drain_until,
@@ -468,10 +508,13 @@ impl GenNode {
         self.s.skipped = self.opts.requests - self.launched;
     }
 
-    /// Fails every pending launch and cancels every active request with `cause`.
+    /// Fails every pending or retried launch and cancels every active request with `cause`.
     fn abandon_all(&mut self, cause: &str) {
         for (_, l) in std::mem::take(&mut self.pending) {
             self.reserved -= l.blocks as usize;
+            self.record_error(cause.to_string());
+        }
+        for _ in std::mem::take(&mut self.retry) {
             self.record_error(cause.to_string());
         }
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
@@ -524,7 +567,9 @@ impl GenNode {
     /// start) is cancelled on every ctx rank, so the ctx frees it now, not at its sender budget.
     fn on_answer(&mut self, a: Answer, layout: CacheLayout) {
         let tag = match &a {
-            Answer::Prepared { tag, .. } | Answer::Failed { tag, .. } => *tag,
+            Answer::Prepared { tag, .. }
+            | Answer::Failed { tag, .. }
+            | Answer::Busy { tag, .. } => *tag,
         };
         let Some(l) = self.pending.remove(&tag) else {
             tracing::warn!(tag, "prepare answer for no pending launch");
@@ -559,10 +604,28 @@ impl GenNode {
                 r
             }
             Answer::Failed { reason, .. } => Err(format!("ctx could not prepare: {reason}")),
+            Answer::Busy { reason, .. } => return self.on_busy(l, reason),
         };
         if let Err(cause) = started {
             self.record_error(cause);
         }
+    }
+
+    /// The ctx had no room for `l` yet: it is asked again once one of this gen's requests
+    /// ends, or after `BUSY_BACKOFF`; past `MAX_BUSY_WAIT` of busy answers it fails.
+    fn on_busy(&mut self, l: Launch, reason: String) {
+        self.s.busy_answers += 1;
+        let now = Instant::now();
+        let since = l.busy_since.unwrap_or(now);
+        if now.duration_since(since) > MAX_BUSY_WAIT {
+            self.record_error(format!("ctx stayed busy for {MAX_BUSY_WAIT:?}: {reason}"));
+            return;
+        }
+        self.retry.push_back(Launch {
+            busy_since: Some(since),
+            ..l
+        });
+        self.busy_until = Some(now + BUSY_BACKOFF);
     }
 
     /// Cancels, with its token, a request the ctx prepared for this gen on every ctx rank.
@@ -674,6 +737,8 @@ impl GenNode {
             return;
         }
         let a = self.active.remove(&id).expect("just seen");
+        // Its ctx blocks are being freed: launches answered busy may fit now.
+        self.busy_until = None;
         let outcome = match a
             .ended
             .iter()
