@@ -72,3 +72,22 @@ fn a_gen_count_out_of_range_is_refused() {
         );
     }
 }
+
+/// All gens dial from one host: more blocks in flight than its share of the ctx's pool would
+/// measure waiting for busy answers, so the bench refuses it and says what to raise.
+#[test]
+fn gens_past_one_hosts_share_are_refused() {
+    let out = Command::new(BIN)
+        .args(["bench", "--gens", "5", "--blocks", "1024"])
+        .output()
+        .expect("run the bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "5 x 8 x 16 blocks over a 512-block share was accepted"
+    );
+    assert!(
+        stderr.contains("640 blocks") && stderr.contains("--max-blocks-per-ip"),
+        "the refusal does not say why:\n{stderr}"
+    );
+}

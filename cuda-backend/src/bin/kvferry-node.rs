@@ -118,8 +118,8 @@ struct Common {
     /// else 1; a gen 1. A ctx's connection writers copy into the kernel on the second thread
     /// while its driver works; a gen's work per request is a chain of handoffs (reader,
     /// driver, writer) that cost more across threads than they save, so one thread moves more
-    /// and spends half the CPU (BENCHMARKS.md, host node). `bench` gives its ctx and gen sides
-    /// the same defaults, or both this many.
+    /// and spends half the CPU (BENCHMARKS.md, "Where the fixed cost ends"). `bench` gives its
+    /// ctx and gen sides the same defaults, or both this many.
     #[arg(long)]
     threads: Option<usize>,
     #[command(flatten)]
@@ -201,11 +201,11 @@ struct Load {
 
 impl Role {
     /// Threads of the process's runtime: `--threads`, else this role's default (see
-    /// `--threads`). `bench` runs its gen side on this runtime.
+    /// `--threads`). `bench` only waits on this runtime: its sides have their own.
     fn threads(&self) -> usize {
         match self {
             Role::Ctx { common, .. } => common.ctx_threads(),
-            Role::Gen { common, .. } | Role::Bench { common, .. } => common.threads.unwrap_or(1),
+            Role::Gen { common, .. } | Role::Bench { common, .. } => common.gen_threads(),
         }
     }
 }
@@ -215,6 +215,11 @@ impl Common {
     fn ctx_threads(&self) -> usize {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         self.threads.unwrap_or(if cores >= 4 { 2 } else { 1 })
+    }
+
+    /// A gen's runtime threads: `--threads`, else 1.
+    fn gen_threads(&self) -> usize {
+        self.threads.unwrap_or(1)
     }
 
     fn spec(&self) -> Result<NodeSpec> {
@@ -431,6 +436,17 @@ async fn run_bench(
     if common.tp != 1 {
         bail!("bench runs one rank a side, against a raw copy of the same bytes: leave out --tp (ctx and gen take it)");
     }
+    // All gens dial from 127.0.0.1, so they share one host's block share of the ctx's pool:
+    // past it the ctx answers busy and the bench would measure the waiting.
+    let share = spec.limits.blocks_per_ip(spec.pool_blocks);
+    let want = gens as u64 * concurrency as u64 * u64::from(blocks_per_request);
+    if want > u64::from(share) {
+        bail!(
+            "{gens} gen(s) x {concurrency} in flight x {blocks_per_request} blocks = {want} blocks, over the \
+             {share} one host may hold of the ctx's {} (raise --blocks or --max-blocks-per-ip)",
+            spec.pool_blocks
+        );
+    }
     let backend = backend(&spec, &common)?;
     let o = BenchOptions {
         requests,
@@ -440,7 +456,7 @@ async fn run_bench(
         verify,
         ctx_threads: common.ctx_threads(),
         gens,
-        gen_threads: common.threads.unwrap_or(1),
+        gen_threads: common.gen_threads(),
         backend,
     };
     let rows = bench::run(&spec, &o).await.context("bench")?;

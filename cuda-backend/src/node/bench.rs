@@ -17,11 +17,10 @@ use crate::host::DATA_CHUNK;
 use kvferry_core::transceiver::Side;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Barrier};
+use tokio::sync::{oneshot, watch};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -30,11 +29,11 @@ pub struct BenchOptions {
     pub concurrency: usize,
     pub rounds: usize,
     pub verify: bool,
-    /// Runtime threads of the ctx side and the raw copy's receiver (see `node::runtime`).
+    /// Runtime threads of the ctx side and of the raw copy's sender (see `node::runtime`).
     pub ctx_threads: usize,
     /// Gen instances against the one ctx, each on its own thread and runtime.
     pub gens: usize,
-    /// Runtime threads of each gen side.
+    /// Runtime threads of each gen side and of the raw copy's receiver.
     pub gen_threads: usize,
     /// The node path measured (the host node is measured beside any other).
     pub backend: BackendSpec,
@@ -55,8 +54,9 @@ pub struct Round {
     pub raw_pool_mib_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    /// Requests completed and failed, over all gens.
+    /// Requests completed, over all gens.
     pub done: u64,
+    /// Requests failed, over all gens.
     pub failed: u64,
     /// CPU seconds per GiB of each path (this process: both ends of each).
     pub node_cpu_s_per_gib: f64,
@@ -123,14 +123,19 @@ async fn joined<T>(
         .map_err(|_| io(what)(std::io::Error::other("the side's thread panicked")))?
 }
 
-/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, from this runtime to a
-/// receiver on its own thread; measured from connect to the receiver's last byte. Each side
+/// Streams `bytes` over one loopback socket in `DATA_CHUNK` writes, sender and receiver each
+/// on its own thread and runtime (`threads`: the sender's, as the ctx's; the receiver's, as
+/// the gen's); measured from the sender's start to the receiver's last byte. Each side
 /// cycles through a buffer of `span` bytes: `DATA_CHUNK` is the plain copy (one buffer, always
 /// in cache); the KV pool's size touches as much memory as the node does.
-pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy, NodeError> {
+pub async fn raw_copy(
+    bytes: u64,
+    (send_threads, recv_threads): (usize, usize),
+    span: usize,
+) -> Result<RawCopy, NodeError> {
     let span = span.max(DATA_CHUNK);
     let (addr_tx, addr_rx) = oneshot::channel();
-    let receiver = spawn_side(threads, move || async move {
+    let receiver = spawn_side(recv_threads, move || async move {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind raw"))?;
@@ -158,19 +163,23 @@ pub async fn raw_copy(bytes: u64, threads: usize, span: usize) -> Result<RawCopy
     let source = prefaulted(span);
     let start = Instant::now();
     let cpu_start = cpu::process_cpu();
-    let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
-    let mut sent = 0u64;
-    let mut at = 0;
-    while sent < bytes {
-        let n = (bytes - sent)
-            .min(DATA_CHUNK as u64)
-            .min((span - at) as u64) as usize;
-        s.write_all(&source[at..at + n])
-            .await
-            .map_err(io("raw write"))?;
-        sent += n as u64;
-        at = (at + n) % span;
-    }
+    let sender = spawn_side(send_threads, move || async move {
+        let mut s = TcpStream::connect(addr).await.map_err(io("raw connect"))?;
+        let mut sent = 0u64;
+        let mut at = 0;
+        while sent < bytes {
+            let n = (bytes - sent)
+                .min(DATA_CHUNK as u64)
+                .min((span - at) as u64) as usize;
+            s.write_all(&source[at..at + n])
+                .await
+                .map_err(io("raw write"))?;
+            sent += n as u64;
+            at = (at + n) % span;
+        }
+        Ok(())
+    });
+    joined(sender, "raw sender").await?;
     let end = joined(receiver, "raw receiver").await?;
     let cpu_time = cpu::process_cpu() - cpu_start;
     Ok(RawCopy {
@@ -199,7 +208,8 @@ pub struct Loads {
     /// CPU seconds of this process (ctx and gens) per GiB moved, over the longest load's
     /// window, which holds the others; NaN when nothing moved.
     pub cpu_s_per_gib: f64,
-    /// The loads' median p50 and largest p99 (NaN when none completed a request).
+    /// With one load its p50 and p99; with several, the loads' median p50 and largest p99
+    /// (not percentiles of all requests together). NaN when none completed a request.
     pub p50_ms: f64,
     pub p99_ms: f64,
 }
@@ -207,10 +217,7 @@ pub struct Loads {
 impl Loads {
     fn merge(all: &[gen::Summary]) -> Loads {
         let bytes: u64 = all.iter().map(|s| s.bytes).sum();
-        let window = |s: &gen::Summary| {
-            s.cpu_s_per_gib.unwrap_or(0.0) * s.bytes as f64 / f64::from(1u32 << 30)
-        };
-        let cpu = all.iter().map(window).fold(0.0, f64::max);
+        let cpu = all.iter().map(|s| s.cpu_seconds).fold(0.0, f64::max);
         let p50s: Vec<f64> = all.iter().filter_map(|s| s.p50_ms).collect();
         let p99 = all.iter().filter_map(|s| s.p99_ms).reduce(f64::max);
         Loads {
@@ -273,40 +280,66 @@ pub async fn node_round(
     Ok(Loads::merge(&loads?))
 }
 
-/// Runs `o.gens` gen loads against `peer`, each instance built before any load starts.
+/// Runs `o.gens` gen loads against `peer`, released together once every instance is built.
+/// A side that cannot build (or whose thread or runtime fails) aborts the others instead of
+/// leaving them waiting: each reports ready, and only then do all get the go.
 async fn gen_loads(
     spec: &NodeSpec,
     o: &BenchOptions,
     backend: BackendSpec,
     peer: SocketAddr,
 ) -> Result<Vec<gen::Summary>, NodeError> {
-    let go = Arc::new(Barrier::new(o.gens));
-    let sides: Vec<_> = (0..o.gens)
-        .map(|i| {
-            let (spec, go) = (spec.clone(), go.clone());
-            let load = gen::LoadOptions {
-                peers: vec![peer],
-                requests: o.requests,
-                concurrency: o.concurrency,
-                min_blocks: o.blocks_per_request,
-                max_blocks: o.blocks_per_request,
-                seed: 1 + i as u64,
-                verify: o.verify,
-                progress: None,
-            };
-            spawn_side(o.gen_threads, move || async move {
-                let inst = instance(&spec, Side::Generation, backend);
-                // Every side reaches the barrier, built or not, so none waits forever.
-                go.wait().await;
-                gen::run_with(inst?, load).await
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(sides.len());
-    for side in sides {
-        out.push(joined(side, "gen side").await?);
+    let (go_tx, go_rx) = watch::channel(false);
+    let (mut ready, mut sides) = (Vec::new(), Vec::new());
+    for i in 0..o.gens {
+        let (spec, mut go) = (spec.clone(), go_rx.clone());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let load = gen::LoadOptions {
+            peers: vec![peer],
+            requests: o.requests,
+            concurrency: o.concurrency,
+            min_blocks: o.blocks_per_request,
+            max_blocks: o.blocks_per_request,
+            seed: 1 + i as u64,
+            verify: o.verify,
+            progress: None,
+        };
+        sides.push(spawn_side(o.gen_threads, move || async move {
+            let inst = instance(&spec, Side::Generation, backend)?;
+            let _ = ready_tx.send(());
+            if go.wait_for(|&g| g).await.is_err() {
+                return Ok(None); // another side failed: its error is the one to report
+            }
+            gen::run_with(inst, load).await.map(Some)
+        }));
+        ready.push(ready_rx);
     }
-    Ok(out)
+    let mut all_ready = true;
+    for r in ready {
+        all_ready &= r.await.is_ok();
+    }
+    if all_ready {
+        let _ = go_tx.send(true);
+    }
+    drop(go_tx);
+    let mut out = Vec::with_capacity(sides.len());
+    let mut first_err = None;
+    for side in sides {
+        match joined(side, "gen side").await {
+            Ok(Some(s)) => out.push(s),
+            Ok(None) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None if out.len() < o.gens => Err(io("gen side")(std::io::Error::other(
+            "a gen side ended before it was ready",
+        ))),
+        None => Ok(out),
+    }
 }
 
 pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeError> {
@@ -324,8 +357,9 @@ pub async fn run(spec: &NodeSpec, o: &BenchOptions) -> Result<Vec<Round>, NodeEr
         };
         let pool_bytes = spec.layout.block_bytes() as usize * spec.pool_blocks as usize;
         let nixl = nixl_probe(spec, o, s.bytes, pool_bytes).await?;
-        let raw = raw_copy(s.bytes.max(1), o.ctx_threads, DATA_CHUNK).await?;
-        let raw_pool = raw_copy(s.bytes.max(1), o.ctx_threads, pool_bytes).await?;
+        let threads = (o.ctx_threads, o.gen_threads);
+        let raw = raw_copy(s.bytes.max(1), threads, DATA_CHUNK).await?;
+        let raw_pool = raw_copy(s.bytes.max(1), threads, pool_bytes).await?;
         let node_cpu_s_per_gib = s.cpu_s_per_gib;
         // Per request: the bytes one request moved, at each path's CPU cost per byte.
         let per_request = s.bytes as f64 / s.done.max(1) as f64;
@@ -365,7 +399,8 @@ async fn nixl_probe(
         let shape = crate::nixl::probe::ProbeShape {
             bytes: bytes.max(1),
             read_bytes: spec.layout.block_bytes() * u64::from(o.blocks_per_request),
-            concurrency: o.concurrency,
+            // As many READs in flight as the node's gens had requests.
+            concurrency: o.concurrency * o.gens,
             pool_bytes: pool_bytes as u64,
         };
         let probe = tokio::task::spawn_blocking(move || crate::nixl::probe::read_mib_s(shape));

@@ -83,6 +83,8 @@ pub struct Summary {
     /// CPU seconds this process spent per GiB moved, over the same window (in `bench`, both
     /// nodes live in this process); `None` when no byte moved.
     pub cpu_s_per_gib: Option<f64>,
+    /// The same CPU time in seconds, whatever moved.
+    pub cpu_seconds: f64,
     /// Latency percentiles of the requests that completed; `None` when none did.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -825,6 +827,7 @@ impl GenNode {
             seconds: secs,
             throughput_mib_s: self.s.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
             cpu_s_per_gib: cpu::s_per_gib(cpu_time, self.s.bytes),
+            cpu_seconds: cpu_time.as_secs_f64(),
             p50_ms: pct(0.50),
             p99_ms: pct(0.99),
             staging_slots,

@@ -1,5 +1,5 @@
-//! The floor of a request's fixed cost: a request of one 256-byte fragment through the
-//! production `CudaAgent` (descriptor upload, one launch, its event, the poller's spin, the
+//! The floor of a request's fixed cost: a one-block request of 512 bytes (K and V, 256 bytes
+//! each) through the production `CudaAgent` (descriptor upload, one launch, its event, the poller's spin, the
 //! completion), from submit until the completion is seen. What a request of any size pays
 //! beyond its copy can be no less than this; on one H200 it decides which request sizes can
 //! reach a given share of the ceiling at all (BENCHMARKS.md, "Per-request cost").
@@ -29,8 +29,8 @@ pub struct Floor {
     pub total_us: f64,
 }
 
-/// One layer, one head of 64 two-byte values, two tokens a block: K and V of a block are two
-/// 256-byte fragments, and a one-block request moves 512 bytes.
+/// One layer, one head of 64 two-byte values, two tokens a block: K and V of a block are 256
+/// bytes each, and a one-block request moves 512.
 fn tiny_plan() -> Result<Arc<TransferPlan>> {
     let layout = single_rank(1, 1, 64, 2, 2);
     let plan = TransferPlan::new(&layout, &layout, &[(1, 2)])?;
@@ -53,6 +53,7 @@ pub fn floor(a: &RunArgs) -> Result<Floor> {
     };
     agent.register_peer(peer, Region::from_buffer(src));
     let plan = tiny_plan()?;
+    let bytes = plan.bytes_from(0);
     let done = CompletionQueue::new(4);
     let (mut submit, mut total) = (Vec::new(), Vec::new());
     for i in 0..2 * FLOOR_ITERS {
@@ -64,7 +65,7 @@ pub fn floor(a: &RunArgs) -> Result<Floor> {
             plan: plan.clone(),
             local_blocks: Vec::new(),
             remote_blocks: Vec::new(),
-            bytes: 512,
+            bytes,
             staging: Default::default(),
         };
         let t0 = Instant::now();
@@ -74,7 +75,7 @@ pub fn floor(a: &RunArgs) -> Result<Floor> {
         let t1 = Instant::now();
         let c = wait_one(&done, t0)?;
         let t2 = Instant::now();
-        if c.result != Ok(512) {
+        if c.result != Ok(bytes) {
             bail!("floor request {i}: {:?}", c.result);
         }
         if i >= FLOOR_ITERS {

@@ -52,7 +52,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     dst_device: usize,
     /// Timed iterations per measurement (after one verified warm-up).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     iters: usize,
     /// Fragment sizes in KiB for the fragmented copies.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
@@ -177,7 +177,9 @@ struct CaseRow {
     of_ceiling: f64,
     /// The fixed cost per request: median wall time beyond a copy of its bytes at the ceiling.
     fixed_us: f64,
-    /// Median host time inside the submits, the part of `fixed_us` a host timer sees.
+    /// Median host time from the first submit to the last one's return. The copy starts
+    /// with the first launch, so this overlaps it and can exceed `fixed_us` (several ranks
+    /// submitted one after another).
     submit_us: f64,
     verified: bool,
 }
@@ -353,8 +355,8 @@ fn run(a: RunArgs) -> Result<()> {
     if !a.skip_two_process {
         let f = floor::floor(&a).context("the fixed cost's floor")?;
         println!(
-            "floor: a 512-byte request through the agent, submit to completion seen {:.1} µs (submit {:.1} µs), median of {}",
-            f.total_us, f.submit_us, floor::FLOOR_ITERS
+            "floor: a 512-byte request through the agent, device {} -> {}, submit to completion seen {:.1} µs (submit {:.1} µs), median of {}",
+            a.src_device, a.dst_device, f.total_us, f.submit_us, floor::FLOOR_ITERS
         );
         rep.floor = Some(f);
         // The production agent's shape, not the sweep's pick: these rows measure what a node

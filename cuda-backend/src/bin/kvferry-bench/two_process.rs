@@ -299,9 +299,10 @@ fn receive_job(plan: &Arc<TransferPlan>, from: PeerId, id: usize) -> TransferJob
 pub struct Timed {
     /// Wall clock from the first submit to the last completion, in milliseconds.
     pub wall_ms: Vec<f64>,
-    /// Host time inside the submits (expansion, descriptor upload, launch, event record) in
-    /// microseconds: the part of the fixed cost a host timer sees; the rest is the GPU's
-    /// launch latency, the kernel's shortfall and finding the completion.
+    /// Host time from the first submit to the last one's return (expansion, descriptor
+    /// upload, launch, event record), in microseconds. The copy runs from the first launch
+    /// on, so with several generation ranks this overlaps it and is not a part of the fixed
+    /// cost.
     pub submit_us: Vec<f64>,
 }
 
