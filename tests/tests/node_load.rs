@@ -2,32 +2,33 @@
 //! the metrics endpoint reports it.
 
 use kvferry_tests::{scrape, NodeProc, HETERO_LAYOUT, SMALL_LAYOUT};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
 
-#[test]
-fn gen_load_completes_and_metrics_report_it() {
+/// A ctx (small layout, metrics on, `ctx_args` more) and a gen load against it (`gen_args`
+/// more) that must exit 0; the ctx, still running, its metrics address and the gen's summary.
+fn small_load(ctx_args: &[&str], gen_args: &[&str]) -> (NodeProc, SocketAddr, serde_json::Value) {
     let mut args = vec!["ctx", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
+    args.extend(ctx_args);
     args.extend(SMALL_LAYOUT);
     let ctx = NodeProc::spawn(BIN, &args);
     let metrics = ctx.addr("metrics ");
     let peer = ctx.addr("listening ").to_string();
-
-    let mut args = vec![
-        "gen",
-        "--peer",
-        &peer,
-        "--requests",
-        "50",
-        "--max-blocks",
-        "8",
-    ];
+    let mut args = vec!["gen", "--peer", &peer];
+    args.extend(gen_args);
     args.extend(SMALL_LAYOUT);
     let mut gen = NodeProc::spawn(BIN, &args);
     let status = gen.wait_exit(Duration::from_secs(120));
     let s = gen.summary();
     assert!(status.success(), "gen failed: {s}");
+    (ctx, metrics, s)
+}
+
+#[test]
+fn gen_load_completes_and_metrics_report_it() {
+    let (_ctx, metrics, s) = small_load(&[], &["--requests", "50", "--max-blocks", "8"]);
     assert_eq!(s["done"], 50, "{s}");
     assert_eq!(s["failed"], 0, "{s}");
     assert_eq!(s["staging_free"], s["staging_slots"], "{s}");
@@ -92,25 +93,9 @@ fn hetero_tp_ctx4_to_gen2_verifies_every_byte() {
 /// completes, verified, with every block free on both sides after.
 #[test]
 fn asks_past_the_hosts_share_wait_and_complete() {
-    let mut args = vec!["ctx", "--blocks", "64", "--metrics", "127.0.0.1:0"];
-    args.extend(SMALL_LAYOUT);
-    let ctx = NodeProc::spawn(BIN, &args);
-    let metrics = ctx.addr("metrics ");
-    let peer = ctx.addr("listening ").to_string();
-    let mut args = vec!["gen", "--peer", &peer, "--requests", "200"];
-    args.extend([
-        "--concurrency",
-        "16",
-        "--min-blocks",
-        "8",
-        "--max-blocks",
-        "8",
-    ]);
-    args.extend(SMALL_LAYOUT);
-    let mut gen = NodeProc::spawn(BIN, &args);
-    let status = gen.wait_exit(Duration::from_secs(120));
-    let s = gen.summary();
-    assert!(status.success(), "gen failed: {s}");
+    let load = ["--requests", "200", "--concurrency", "16"];
+    let blocks = ["--min-blocks", "8", "--max-blocks", "8"];
+    let (_ctx, metrics, s) = small_load(&["--blocks", "64"], &[&load[..], &blocks[..]].concat());
     assert_eq!(s["done"], 200, "{s}");
     assert_eq!(s["failed"], 0, "{s}");
     assert!(
