@@ -69,7 +69,22 @@ fn hetero_load(ctx_tp: &str, gen_tp: &str) {
     assert_eq!(s["blocks_free"], s["blocks_total"], "{s}");
     assert_eq!(s["staging_free"], s["staging_slots"], "{s}");
     kvferry_tests::wait_released(metrics);
-    assert_eq!(scrape(metrics)["kvferry_requests_done_total"], 40.0);
+    let m = scrape(metrics);
+    assert_eq!(m["kvferry_requests_done_total"], 40.0);
+    // Each ctx rank has its own series, and they add up to the instance's.
+    let per_rank = |name: &str| -> f64 {
+        (0..ctx_tp.parse::<u32>().unwrap())
+            .map(|r| m[&format!("{name}{{rank=\"{r}\"}}")])
+            .sum()
+    };
+    assert_eq!(
+        per_rank("kvferry_rank_blocks_free"),
+        m["kvferry_blocks_free"]
+    );
+    assert_eq!(
+        per_rank("kvferry_rank_transfers_completed_total"),
+        m["kvferry_transfers_completed_total"]
+    );
 }
 
 #[test]

@@ -121,6 +121,37 @@ pub struct TxCounters {
     pub peers_unwatched: u64,
 }
 
+/// The counters of several transceivers together (an instance's ranks, for its metrics). The
+/// destructuring names every field, so a counter added later cannot be left out of the sum.
+impl std::ops::AddAssign for TxCounters {
+    fn add_assign(&mut self, o: TxCounters) {
+        let TxCounters {
+            transfers_started,
+            transfers_completed,
+            transfers_failed,
+            timeouts_warned,
+            evictions,
+            rejected,
+            bytes,
+            events_dropped,
+            transmits_dropped,
+            peers_silent,
+            peers_unwatched,
+        } = o;
+        self.transfers_started += transfers_started;
+        self.transfers_completed += transfers_completed;
+        self.transfers_failed += transfers_failed;
+        self.timeouts_warned += timeouts_warned;
+        self.evictions += evictions;
+        self.rejected += rejected;
+        self.bytes += bytes;
+        self.events_dropped += events_dropped;
+        self.transmits_dropped += transmits_dropped;
+        self.peers_silent += peers_silent;
+        self.peers_unwatched += peers_unwatched;
+    }
+}
+
 /// What `check_*_status` hands the driver for this step's collective.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusCheck {
@@ -158,5 +189,41 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         assert_eq!(FailCause::Timeout.name(), "timeout");
+    }
+
+    #[test]
+    fn counters_add_field_by_field() {
+        let a = TxCounters {
+            transfers_started: 1,
+            transfers_completed: 2,
+            transfers_failed: 3,
+            timeouts_warned: 4,
+            evictions: 5,
+            rejected: 6,
+            bytes: 7,
+            events_dropped: 8,
+            transmits_dropped: 9,
+            peers_silent: 10,
+            peers_unwatched: 11,
+        };
+        let mut sum = a;
+        sum += a;
+        sum += TxCounters::default();
+        assert_eq!(
+            sum,
+            TxCounters {
+                transfers_started: 2,
+                transfers_completed: 4,
+                transfers_failed: 6,
+                timeouts_warned: 8,
+                evictions: 10,
+                rejected: 12,
+                bytes: 14,
+                events_dropped: 16,
+                transmits_dropped: 18,
+                peers_silent: 20,
+                peers_unwatched: 22,
+            }
+        );
     }
 }

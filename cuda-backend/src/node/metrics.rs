@@ -15,8 +15,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use kvferry_core::staging::StagingCounters;
 use kvferry_core::transceiver::{EarlyCounts, TxCounters};
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -62,6 +63,67 @@ struct TxMirror {
     bytes: Counter,
 }
 
+/// The `rank` label of the per-rank series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RankLabel {
+    rank: u32,
+}
+
+/// Per-rank occupancy and outcomes: the instance's sums hide which of its ranks holds the
+/// blocks or slots, or fails the transfers. One series per rank (an instance's ranks are few).
+#[derive(Debug, Default)]
+struct PerRank {
+    blocks_free: Family<RankLabel, U64Gauge>,
+    staging_free: Family<RankLabel, U64Gauge>,
+    transfers_completed: Family<RankLabel, Counter>,
+    transfers_failed: Family<RankLabel, Counter>,
+}
+
+impl PerRank {
+    fn register(r: &mut Registry) -> PerRank {
+        let p = PerRank::default();
+        let (blocks, staging) = (p.blocks_free.clone(), p.staging_free.clone());
+        r.register(
+            "kvferry_rank_blocks_free",
+            "KV blocks free, per rank",
+            blocks,
+        );
+        r.register(
+            "kvferry_rank_staging_free",
+            "Staging slots free, per rank",
+            staging,
+        );
+        // Counters: the encoder appends `_total`, as for the instance's own.
+        let (done, failed) = (p.transfers_completed.clone(), p.transfers_failed.clone());
+        r.register(
+            "kvferry_rank_transfers_completed",
+            "Transfers completed, per rank",
+            done,
+        );
+        r.register(
+            "kvferry_rank_transfers_failed",
+            "Transfers failed, per rank",
+            failed,
+        );
+        p
+    }
+
+    fn copy(&self, rank: u32, s: &RankSample) {
+        let l = RankLabel { rank };
+        self.blocks_free.get_or_create(&l).set(s.blocks_free as u64);
+        self.staging_free
+            .get_or_create(&l)
+            .set(s.staging.free as u64);
+        let counters = [
+            (&self.transfers_completed, s.tx.transfers_completed),
+            (&self.transfers_failed, s.tx.transfers_failed),
+        ];
+        for (family, v) in counters {
+            family.get_or_create(&l).inner().store(v, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Pools {
     staging_slots: U64Gauge,
@@ -81,6 +143,7 @@ pub struct Metrics {
     registry: Registry,
     tx: TxMirror,
     pools: Pools,
+    per_rank: PerRank,
     pub requests_done: Counter,
     pub requests_failed: Counter,
     /// Connections refused a seat (their host's share and the table full of proven peers).
@@ -222,6 +285,7 @@ impl Metrics {
         let tx = TxMirror::register(&mut r);
         let [done, failed, refused, evicted, silent, prepares] = node_counters(&mut r);
         let pools = Pools::register(&mut r);
+        let per_rank = PerRank::register(&mut r);
         let buckets = LATENCY_BUCKETS_MS.map(|ms| ms as f64 / 1000.0);
         let latency = reg(
             &mut r,
@@ -233,6 +297,7 @@ impl Metrics {
             registry: r,
             tx,
             pools,
+            per_rank,
             requests_done: done,
             requests_failed: failed,
             connections_refused: refused,
@@ -243,38 +308,37 @@ impl Metrics {
         })
     }
 
-    /// Copies the instance's lifetime counters and occupancy: the sums over its ranks.
+    /// Copies the instance's lifetime counters and occupancy: the sums over its ranks, and
+    /// each rank's own series.
     pub fn update(&self, ranks: &[RankSample]) {
         let mut c = TxCounters::default();
-        let p = &self.pools;
-        let (mut slots, mut free, mut in_use, mut poisoned) = (0, 0, 0, 0);
+        let mut st = StagingCounters::default();
+        let mut early = EarlyCounts::default();
         let (mut blocks, mut blocks_free) = (0, 0);
-        let (mut infos, mut info_bytes, mut aborts) = (0, 0, 0);
-        for r in ranks {
-            c.transfers_started += r.tx.transfers_started;
-            c.transfers_completed += r.tx.transfers_completed;
-            c.transfers_failed += r.tx.transfers_failed;
-            c.timeouts_warned += r.tx.timeouts_warned;
-            c.evictions += r.tx.evictions;
-            c.rejected += r.tx.rejected;
-            c.bytes += r.tx.bytes;
-            (slots, free) = (slots + r.staging.slots, free + r.staging.free);
-            (in_use, poisoned) = (in_use + r.staging.in_use, poisoned + r.staging.poisoned);
+        for (i, r) in ranks.iter().enumerate() {
+            c += r.tx;
+            st.slots += r.staging.slots;
+            st.free += r.staging.free;
+            st.in_use += r.staging.in_use;
+            st.poisoned += r.staging.poisoned;
+            early.infos += r.early.infos;
+            early.info_bytes += r.early.info_bytes;
+            early.aborts += r.early.aborts;
             (blocks, blocks_free) = (blocks + r.blocks, blocks_free + r.blocks_free);
-            (infos, info_bytes) = (infos + r.early.infos, info_bytes + r.early.info_bytes);
-            aborts += r.early.aborts;
+            self.per_rank.copy(i as u32, r);
         }
         self.tx.copy(&c);
+        let p = &self.pools;
         for (g, v) in [
-            (&p.staging_slots, slots),
-            (&p.staging_free, free),
-            (&p.staging_in_use, in_use),
-            (&p.staging_poisoned, poisoned),
+            (&p.staging_slots, st.slots),
+            (&p.staging_free, st.free),
+            (&p.staging_in_use, st.in_use),
+            (&p.staging_poisoned, st.poisoned),
             (&p.blocks_total, blocks),
             (&p.blocks_free, blocks_free),
-            (&p.early_infos, infos),
-            (&p.early_info_bytes, info_bytes),
-            (&p.early_aborts, aborts),
+            (&p.early_infos, early.infos),
+            (&p.early_info_bytes, early.info_bytes),
+            (&p.early_aborts, early.aborts),
         ] {
             g.set(v as u64);
         }
@@ -364,10 +428,11 @@ mod tests {
     #[test]
     fn every_name_is_exposed_with_its_value() {
         let m = Metrics::new();
-        // Two ranks: the instance exposes their sums.
+        // Two ranks: the instance exposes their sums, and each rank its own series.
         let sample = |started, bytes, (slots, free, in_use), (blocks, blocks_free)| RankSample {
             tx: TxCounters {
                 transfers_started: started,
+                transfers_completed: started - 1,
                 bytes,
                 ..Default::default()
             },
@@ -391,7 +456,7 @@ mod tests {
         let s = samples(&m.render());
         let expect = [
             ("kvferry_transfers_started_total", 7.0),
-            ("kvferry_transfers_completed_total", 0.0),
+            ("kvferry_transfers_completed_total", 5.0),
             ("kvferry_transfers_failed_total", 0.0),
             ("kvferry_transfers_timed_out_total", 0.0),
             ("kvferry_transfers_evicted_total", 0.0),
@@ -412,6 +477,13 @@ mod tests {
             ("kvferry_early_infos", 0.0),
             ("kvferry_early_info_bytes", 0.0),
             ("kvferry_early_aborts", 0.0),
+            ("kvferry_rank_blocks_free{rank=\"0\"}", 6.0),
+            ("kvferry_rank_blocks_free{rank=\"1\"}", 4.0),
+            ("kvferry_rank_staging_free{rank=\"0\"}", 2.0),
+            ("kvferry_rank_staging_free{rank=\"1\"}", 1.0),
+            ("kvferry_rank_transfers_completed_total{rank=\"0\"}", 4.0),
+            ("kvferry_rank_transfers_completed_total{rank=\"1\"}", 1.0),
+            ("kvferry_rank_transfers_failed_total{rank=\"0\"}", 0.0),
             ("kvferry_transfer_latency_seconds_count", 2.0),
             ("kvferry_transfer_latency_seconds_bucket{le=\"0.001\"}", 0.0),
             ("kvferry_transfer_latency_seconds_bucket{le=\"0.002\"}", 1.0),
