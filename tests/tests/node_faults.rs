@@ -1,11 +1,13 @@
 //! SIGKILL on the real path: a killed ctx fails the gen's affected requests with a clear error
 //! and returns every slot and block, and the gen is served again once a ctx is back on the
-//! same address; a killed gen makes the ctx release everything it held for it.
+//! same address; a killed gen makes the ctx release everything it held for it; asks a lost
+//! connection took with it are asked again of the ctx that comes back.
 
+use kvferry_backends::node::frame::{Frame, NodeFrame};
 use kvferry_tests::{
-    assert_survived_ctx_restart, wait_released, write_config, NodeProc, SMALL_LAYOUT,
+    assert_survived_ctx_restart, wait_released, write_config, NodeProc, RawPeer, SMALL_LAYOUT,
 };
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvferry-node-under-test");
@@ -90,4 +92,34 @@ fn killed_gen_makes_ctx_release_everything_and_serve_the_next() {
     let s = g2.summary();
     assert!(status.success(), "{s}");
     assert_eq!(s["done"], 20, "{s}");
+}
+
+/// A ctx that takes the gen's first `Prepare` and hangs up without answering, then a real ctx
+/// on the same address: the unanswered asks held nothing anywhere, so the gen asks them again
+/// after it reconnects, and every request completes; none fails for the lost connection.
+#[test]
+fn asks_a_lost_connection_took_are_asked_again() {
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let peer = addr.to_string();
+    let mut args = vec!["gen", "--peer", &peer, "--requests", "40"];
+    args.extend(["--concurrency", "4", "--max-blocks", "4"]);
+    args.extend(SMALL_LAYOUT);
+    let mut g = NodeProc::spawn(BIN, &args);
+    let (stream, _) = fake.accept().unwrap();
+    let mut p = RawPeer::wrap(stream);
+    let asked = p.recv_until(|f| matches!(f, Frame::Node(NodeFrame::Prepare { .. })));
+    let Some(Frame::Node(NodeFrame::Prepare { asks })) = asked else {
+        panic!("the gen asked nothing: {asked:?}")
+    };
+    assert!(!asks.is_empty());
+    drop((p, fake));
+    let ctx_cfg = write_config("");
+    let real = ctx(&addr.to_string(), ctx_cfg.to_str().unwrap(), false);
+    assert_eq!(real.addr("listening "), addr);
+    g.wait_exit(GEN_TIMEOUT);
+    let s = g.summary();
+    assert_eq!(s["done"], 40, "{s}");
+    assert_eq!(s["failed"], 0, "asks lost with the connection failed: {s}");
+    assert_eq!(s["blocks_free"], s["blocks_total"], "{s}");
 }

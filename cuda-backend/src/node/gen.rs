@@ -103,6 +103,8 @@ pub struct Summary {
     pub backend: BTreeMap<String, u64>,
     /// Asks the ctx answered busy (each asked again, or failed past `MAX_BUSY_WAIT`).
     pub busy_answers: u64,
+    /// Asks unanswered when their connection was lost, asked again after the reconnect.
+    pub asks_repeated: u64,
 }
 
 #[derive(Debug)]
@@ -410,7 +412,7 @@ impl GenNode {
                 self.ready.remove(&(g, peer.rank));
                 self.pool_wait.remove(&(g, peer.rank));
                 self.lost_since_up = true;
-                self.abandon_all(&format!("ctx connection lost: {reason}"));
+                self.on_link_lost((g, peer.rank), &format!("ctx connection lost: {reason}"));
                 self.inst.ranks[g].backend.peer_lost(peer);
             }
             Inbound::GaveUp { peer, reason } => {
@@ -519,6 +521,29 @@ impl GenNode {
         for _ in std::mem::take(&mut self.retry) {
             self.record_error(cause.to_string());
         }
+        self.cancel_active(cause);
+    }
+
+    /// A connection to the ctx is gone: active requests end with `cause`. Asks sent over it
+    /// (the `Prepare`s go gen rank 0 → ctx rank 0) and not answered are asked again after the
+    /// reconnect: the ctx cancels whatever a lost connection owned, so nothing of theirs is
+    /// left there, and they had started nothing here. Launches waiting to be asked again stay.
+    fn on_link_lost(&mut self, conn: ConnId, cause: &str) {
+        let asked_over_it = conn == (0, 0);
+        for (_, l) in std::mem::take(&mut self.pending) {
+            self.reserved -= l.blocks as usize;
+            if asked_over_it {
+                self.s.asks_repeated += 1;
+                self.retry.push_back(l);
+            } else {
+                self.record_error(cause.to_string());
+            }
+        }
+        self.cancel_active(cause);
+    }
+
+    /// Cancels every active request, its failure cause `cause` unless it has one.
+    fn cancel_active(&mut self, cause: &str) {
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
         for id in ids {
             if let Some(a) = self.active.get_mut(&id) {
