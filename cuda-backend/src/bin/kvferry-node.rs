@@ -438,10 +438,7 @@ async fn run_bench(
     }
     // All gens dial from 127.0.0.1, so they share one host's block share of the ctx's pool:
     // past it the ctx answers busy and the bench would measure the waiting.
-    let share = spec
-        .limits
-        .blocks_per_ip(spec.pool_blocks)
-        .min(spec.pool_blocks);
+    let share = spec.limits.blocks_per_ip(spec.pool_blocks);
     let want = gens as u64 * concurrency as u64 * u64::from(blocks_per_request);
     if want > u64::from(share) {
         bail!(

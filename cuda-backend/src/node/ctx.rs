@@ -116,8 +116,7 @@ pub async fn run_with(listeners: Vec<TcpListener>, inst: Instance) -> Result<(),
     let mut node = CtxNode {
         peer_ips: HashMap::new(),
         held: HashMap::new(),
-        // Never more than the pool: an ask within the share can then be met once requests end.
-        blocks_per_ip: rank0.limits.blocks_per_ip(pool_blocks).min(pool_blocks) as usize,
+        blocks_per_ip: rank0.limits.blocks_per_ip(pool_blocks) as usize,
         inst,
         owned: HashMap::new(),
         // Ids from a fresh random base: a restarted ctx never reuses ids a gen still knows.

@@ -99,10 +99,12 @@ impl NodeLimits {
         self.heartbeat * self.heartbeat_misses
     }
 
-    /// The block share of one source IP on a pool of `pool_blocks`.
+    /// The block share of one source IP on a pool of `pool_blocks`; never more than the pool,
+    /// so an ask within the share can be met once requests end (`Answer::Busy`).
     pub fn blocks_per_ip(&self, pool_blocks: u32) -> u32 {
         self.max_blocks_per_ip
             .unwrap_or_else(|| default_blocks_per_ip(pool_blocks))
+            .min(pool_blocks)
     }
 
     pub fn validate(&self) -> Result<(), LimitError> {
@@ -131,5 +133,21 @@ impl NodeLimits {
             return bad("--max-blocks-per-ip", "must be at least 1");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A share set past the pool is the pool: the ctx answers busy only what can be met.
+    #[test]
+    fn a_hosts_share_is_never_more_than_the_pool() {
+        let mut l = NodeLimits::default();
+        assert_eq!(l.blocks_per_ip(1024), 512);
+        l.max_blocks_per_ip = Some(300);
+        assert_eq!(l.blocks_per_ip(1024), 300);
+        l.max_blocks_per_ip = Some(5000);
+        assert_eq!(l.blocks_per_ip(1024), 1024);
     }
 }
