@@ -514,11 +514,11 @@ impl GenNode {
 
     /// Fails every pending or retried launch and cancels every active request with `cause`.
     fn abandon_all(&mut self, cause: &str) {
-        for (_, l) in std::mem::take(&mut self.pending) {
-            self.reserved -= l.blocks as usize;
-            self.record_error(cause.to_string());
-        }
-        for _ in std::mem::take(&mut self.retry) {
+        let unanswered = self.take_pending();
+        for _ in unanswered
+            .into_iter()
+            .chain(std::mem::take(&mut self.retry))
+        {
             self.record_error(cause.to_string());
         }
         self.cancel_active(cause);
@@ -529,17 +529,23 @@ impl GenNode {
     /// reconnect: the ctx cancels whatever a lost connection owned, so nothing of theirs is
     /// left there, and they had started nothing here. Launches waiting to be asked again stay.
     fn on_link_lost(&mut self, conn: ConnId, cause: &str) {
-        let asked_over_it = conn == (0, 0);
-        for (_, l) in std::mem::take(&mut self.pending) {
-            self.reserved -= l.blocks as usize;
-            if asked_over_it {
-                self.s.asks_repeated += 1;
-                self.retry.push_back(l);
-            } else {
+        let unanswered = self.take_pending();
+        if conn == (0, 0) {
+            self.s.asks_repeated += unanswered.len() as u64;
+            self.retry.extend(unanswered);
+        } else {
+            for _ in unanswered {
                 self.record_error(cause.to_string());
             }
         }
         self.cancel_active(cause);
+    }
+
+    /// Every pending launch, its blocks no longer reserved: their answers will not come.
+    fn take_pending(&mut self) -> Vec<Launch> {
+        let unanswered: Vec<Launch> = std::mem::take(&mut self.pending).into_values().collect();
+        self.reserved -= unanswered.iter().map(|l| l.blocks as usize).sum::<usize>();
+        unanswered
     }
 
     /// Cancels every active request, its failure cause `cause` unless it has one.
