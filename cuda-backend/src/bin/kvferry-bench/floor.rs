@@ -1,17 +1,17 @@
 //! The floor of a request's fixed cost: a one-block request of 512 bytes (K and V, 256 bytes
-//! each) through the production `CudaAgent` (descriptor upload, one launch, its event, the poller's spin, the
-//! completion), from submit until the completion is seen. What a request of any size pays
+//! each) through the production `CudaAgent` (descriptor upload, one launch, its event, the
+//! poller's spin, the completion), from submit until the completion is seen. What a request of any size pays
 //! beyond its copy can be no less than this; on one H200 it decides which request sizes can
 //! reach a given share of the ceiling at all (BENCHMARKS.md, "Per-request cost").
 
+use crate::two_process::{receive_job, spin_for};
 use crate::{median, RunArgs};
 use anyhow::{anyhow, bail, Result};
 use kvferry_backends::cuda::{CudaAgent, CudaAgentConfig, DeviceBuffer, Gpu, Region};
 use kvferry_backends::layout::single_rank;
-use kvferry_core::agent::TransferJob;
-use kvferry_core::agent::{Completion, CompletionQueue, Direction, TransferAgent, TransferId};
+use kvferry_core::agent::{CompletionQueue, TransferAgent};
 use kvferry_core::plan::TransferPlan;
-use kvferry_core::{PeerId, RequestId, TransferToken};
+use kvferry_core::PeerId;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,26 +57,16 @@ pub fn floor(a: &RunArgs) -> Result<Floor> {
     let done = CompletionQueue::new(4);
     let (mut submit, mut total) = (Vec::new(), Vec::new());
     for i in 0..2 * FLOOR_ITERS {
-        let job = TransferJob {
-            id: TransferId(i as u64),
-            request: RequestId(1),
-            token: TransferToken(1),
-            direction: Direction::Receive { from: peer },
-            plan: plan.clone(),
-            local_blocks: Vec::new(),
-            remote_blocks: Vec::new(),
-            bytes,
-            staging: Default::default(),
-        };
+        let job = receive_job(&plan, peer, i);
         let t0 = Instant::now();
         agent
             .submit(job, done.clone())
             .map_err(|e| anyhow!("submit: {e}"))?;
         let t1 = Instant::now();
-        let c = wait_one(&done, t0)?;
+        let c = spin_for(&done, 1, t0 + FLOOR_TIMEOUT)?;
         let t2 = Instant::now();
-        if c.result != Ok(bytes) {
-            bail!("floor request {i}: {:?}", c.result);
+        if c[0].result != Ok(bytes) {
+            bail!("floor request {i}: {:?}", c[0].result);
         }
         if i >= FLOOR_ITERS {
             submit.push((t1 - t0).as_secs_f64() * 1e6);
@@ -87,17 +77,4 @@ pub fn floor(a: &RunArgs) -> Result<Floor> {
         submit_us: median(submit),
         total_us: median(total),
     })
-}
-
-/// Spins until one completion arrives (as the two-process rounds do).
-fn wait_one(done: &CompletionQueue, t0: Instant) -> Result<Completion> {
-    let mut got = Vec::with_capacity(1);
-    while got.is_empty() {
-        done.drain_into(&mut got);
-        if t0.elapsed() > FLOOR_TIMEOUT {
-            bail!("no completion after {FLOOR_TIMEOUT:?}");
-        }
-        std::hint::spin_loop();
-    }
-    Ok(got.remove(0))
 }

@@ -280,7 +280,7 @@ fn gen_agent(
     Ok((agent, pool))
 }
 
-fn receive_job(plan: &Arc<TransferPlan>, from: PeerId, id: usize) -> TransferJob {
+pub fn receive_job(plan: &Arc<TransferPlan>, from: PeerId, id: usize) -> TransferJob {
     let src = from.rank;
     TransferJob {
         id: TransferId(id as u64),
@@ -293,6 +293,20 @@ fn receive_job(plan: &Arc<TransferPlan>, from: PeerId, id: usize) -> TransferJob
         bytes: plan.bytes_from(src),
         staging: Default::default(),
     }
+}
+
+/// Spins on `done` until `want` completions came (a poller's latency is what is measured, so
+/// no sleep), or fails at `deadline`: a completion that never comes is lost.
+pub fn spin_for(done: &CompletionQueue, want: usize, deadline: Instant) -> Result<Vec<Completion>> {
+    let mut got = Vec::with_capacity(want);
+    while got.len() < want {
+        done.drain_into(&mut got);
+        if Instant::now() > deadline {
+            bail!("{} of {want} completions by the deadline", got.len());
+        }
+        std::hint::spin_loop();
+    }
+    Ok(got)
 }
 
 /// What [`timed_rounds`] measured, one entry per timed round.
@@ -324,17 +338,7 @@ pub fn timed_rounds(cases: &[&Case], iters: usize) -> Result<Timed> {
             want += c.submit(&done)?;
         }
         let submitted = t0.elapsed().as_secs_f64() * 1e6;
-        let mut got: Vec<Completion> = Vec::new();
-        while got.len() < want {
-            done.drain_into(&mut got);
-            if t0.elapsed() > ROUND_TIMEOUT {
-                bail!(
-                    "round not complete after {ROUND_TIMEOUT:?} ({} of {want})",
-                    got.len()
-                );
-            }
-            std::hint::spin_loop();
-        }
+        let got = spin_for(&done, want, t0 + ROUND_TIMEOUT)?;
         let dt = t0.elapsed().as_secs_f64() * 1e3;
         let moved: u64 = got
             .iter()
