@@ -215,27 +215,39 @@ fn gpu_agent_refuses_an_unknown_peer_and_foreign_blocks() {
     assert!(q.is_empty());
 }
 
+/// `gen_agent` with ctx rank 0's pool registered and a pull of the plan from it submitted as
+/// job `id`: the agent, its completion queue, the plan and the ctx buffers.
+fn pulling(
+    s: &Setup,
+    id: u64,
+) -> (
+    Arc<CudaAgent>,
+    CompletionQueue,
+    Arc<TransferPlan>,
+    Vec<Arc<DeviceBuffer>>,
+) {
+    let (agent, ctx_dev, plan) = gen_agent(s);
+    agent.register_peer(CTX0, Region::from_buffer(ctx_dev[0].clone()));
+    let q = CompletionQueue::new(64);
+    let receive = Direction::Receive { from: CTX0 };
+    agent.submit(job(id, receive, &plan, 0), q.clone()).unwrap();
+    (agent, q, plan, ctx_dev)
+}
+
 /// A cancel after launch completes the job exactly once (the kernel's end is the fence); a
 /// pull-mode send stays parked until the control plane reports the peer's end, once.
 #[test]
 fn gpu_agent_cancel_after_launch_and_a_parked_send_complete_once() {
     let Some(s) = setup() else { return };
-    let (agent, ctx_dev, plan) = gen_agent(&s);
-    agent.register_peer(CTX0, Region::from_buffer(ctx_dev[0].clone()));
-    let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
-    let q = CompletionQueue::new(64);
-    let receive = Direction::Receive { from: CTX0 };
-    dyn_agent
-        .submit(job(3, receive, &plan, 0), q.clone())
-        .unwrap();
-    dyn_agent.cancel(TransferId(3));
+    let (agent, q, plan, _ctx) = pulling(&s, 3);
+    agent.cancel(TransferId(3));
     let c = wait(&q, 1);
     assert!(
         c[0].result == Err(AgentError::Cancelled) || c[0].result.is_ok(),
         "{c:?}"
     );
     let send = Direction::Send { to: GEN0 };
-    dyn_agent.submit(job(4, send, &plan, 0), q.clone()).unwrap();
+    agent.submit(job(4, send, &plan, 0), q.clone()).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert!(q.is_empty(), "a parked send must not complete on its own");
     assert!(agent.peer_finished(TransferId(4), Ok(77)));
@@ -248,17 +260,9 @@ fn gpu_agent_cancel_after_launch_and_a_parked_send_complete_once() {
 #[test]
 fn gpu_agent_teardown_completes_launched_and_parked_jobs_once() {
     let Some(s) = setup() else { return };
-    let (agent, ctx_dev, plan) = gen_agent(&s);
-    agent.register_peer(CTX0, Region::from_buffer(ctx_dev[0].clone()));
-    let dyn_agent: Arc<dyn TransferAgent> = agent.clone();
-    let q = CompletionQueue::new(64);
-    let receive = Direction::Receive { from: CTX0 };
-    dyn_agent
-        .submit(job(5, receive, &plan, 0), q.clone())
-        .unwrap();
+    let (agent, q, plan, _ctx) = pulling(&s, 5);
     let send = Direction::Send { to: GEN0 };
-    dyn_agent.submit(job(6, send, &plan, 0), q.clone()).unwrap();
-    drop(dyn_agent);
+    agent.submit(job(6, send, &plan, 0), q.clone()).unwrap();
     drop(agent);
     let mut c = wait(&q, 2);
     c.sort_by_key(|c| c.id);
